@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-heavy bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision pinned: these builds install from local disk on our machines.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m remat.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -m heavy
+
+bench: $(STAMP)
+	$(PY) benchmarks/chain_scaling.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
