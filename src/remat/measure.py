@@ -1,0 +1,388 @@
+"""Exact, deterministic measurement of memory and FLOPs of one training step.
+
+On CPU, ``meta`` and fake tensors, memory is counted at the dispatcher: every
+tensor storage created by an operator is registered once (views, aliases and
+in-place results share their input's storage and are not counted again) and is
+un-registered by a weakref finalizer when PyTorch frees it. The result is
+byte-exact and does not depend on threads or timing, and it works under
+``FakeTensorMode``, so a model that does not fit anywhere can be measured in
+milliseconds. On CUDA the allocator's own statistics give the peak.
+
+Example:
+    >>> import torch
+    >>> from remat import track_memory
+    >>> with track_memory() as mem:
+    ...     y = torch.ones(1024) * 2        # 4 KiB
+    ...     del y
+    ...     z = torch.ones(256)             # 1 KiB
+    >>> mem.peak_bytes, mem.current_bytes
+    (4096, 1024)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils.flop_counter import flop_registry
+
+__all__ = ["MemoryTracker", "StepMeasurement", "track_memory", "measure_step", "default_loss"]
+
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
+
+# Ops whose output never counts as a new allocation. ``lift_fresh`` returns its
+# (already allocated) input on real tensors but a fresh storage under
+# FakeTensorMode; treating it as an alias keeps real and fake runs equal.
+_ALIAS_OPS = {torch.ops.aten.lift_fresh.default}
+
+
+def _storage_bytes(storage: torch.UntypedStorage, round_to: int) -> int:
+    nbytes = storage.nbytes()
+    return -(-nbytes // round_to) * round_to
+
+
+@dataclasses.dataclass
+class _StorageRecord:
+    nbytes: int
+    born: int  # index into the timeline when the storage was created
+    died: int | None = None
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages created while it is active.
+
+    Use it through :func:`track_memory`. Attributes after (or during) use:
+
+    * ``peak_bytes`` / ``current_bytes``: bytes of storages created inside the
+      context, at their peak and now (on CUDA, the allocator's figures relative
+      to what was allocated on entry).
+    * ``timeline``: ``(op name, live bytes)`` after every operator, for plots.
+    * ``flops``: FLOPs of the operators run inside (``torch.utils.flop_counter``
+      formulas; operators without a formula count zero).
+    """
+
+    def __init__(self, round_to: int = 1, cuda_device: torch.device | None = None):
+        super().__init__()
+        self.round_to = round_to
+        self.cuda_device = cuda_device
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.flops = 0
+        self.timeline: list[tuple[str, int]] = []
+        self._live: dict[int, _StorageRecord] = {}  # keyed by id(storage) while alive
+        self._records: list[_StorageRecord] = []
+        self._cuda_start = 0
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Without this, torch.compile silently falls back to eager under the mode.
+        return True
+
+    # -- storage bookkeeping ---------------------------------------------------
+    def _register(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._live:
+            return
+        record = _StorageRecord(_storage_bytes(storage, self.round_to), len(self.timeline))
+        self._live[key] = record
+        self._records.append(record)
+        self.current_bytes += record.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        weakref.finalize(storage, self._release, key, record)
+
+    def _release(self, key: int, record: _StorageRecord) -> None:
+        record.died = len(self.timeline)
+        self.current_bytes -= record.nbytes
+        if self._live.get(key) is record:
+            del self._live[key]
+
+    def record_of(self, tensor: torch.Tensor) -> _StorageRecord | None:
+        """The record of ``tensor``'s storage if it was created here and is alive."""
+        return self._live.get(id(tensor.untyped_storage()))
+
+    # -- dispatch --------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.flops += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        if func not in _ALIAS_OPS:
+            inputs = {
+                id(t.untyped_storage())
+                for t in tree_flatten((args, kwargs))[0]
+                if isinstance(t, torch.Tensor) and _has_storage(t)
+            }
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and _has_storage(t):
+                    storage = t.untyped_storage()
+                    if id(storage) not in inputs:
+                        self._register(storage)
+        live = self.current_bytes
+        if self.cuda_device is not None:
+            live = torch.cuda.memory_allocated(self.cuda_device) - self._cuda_start
+        self.timeline.append((str(packet), live))
+        return out
+
+    def __enter__(self):
+        if self.cuda_device is not None:
+            torch.cuda.synchronize(self.cuda_device)
+            torch.cuda.reset_peak_memory_stats(self.cuda_device)
+            self._cuda_start = torch.cuda.memory_allocated(self.cuda_device)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        result = super().__exit__(*exc)
+        if self.cuda_device is not None:
+            torch.cuda.synchronize(self.cuda_device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.cuda_device) - self._cuda_start
+            self.current_bytes = torch.cuda.memory_allocated(self.cuda_device) - self._cuda_start
+        return result
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    # Nested/sparse/functional wrappers have no plain storage to key on.
+    return t.layout == torch.strided and not t.is_nested and type(t).__name__ != "FunctionalTensor"
+
+
+@contextlib.contextmanager
+def track_memory(
+    device: torch.device | str | None = None, *, exact: bool | None = None
+) -> Iterator[MemoryTracker]:
+    """Track live tensor memory of everything run inside the ``with`` block.
+
+    Args:
+        device: ``None`` or a CPU/meta device counts storages exactly at the
+            dispatcher. A CUDA device takes the peak from the CUDA allocator
+            (``max_memory_allocated``) and still records the op timeline, with
+            sizes rounded to the allocator's 512-byte blocks.
+        exact: force dispatcher counting (with CUDA rounding on a CUDA
+            device), e.g. for fake tensors that stand for CUDA tensors.
+
+    Example:
+        >>> import torch, remat
+        >>> with remat.track_memory() as mem:
+        ...     x = torch.zeros(256, 256)   # 256 KiB
+        >>> mem.peak_bytes
+        262144
+    """
+    device = torch.device(device) if device is not None else None
+    on_cuda = device is not None and device.type == "cuda"
+    if on_cuda and not exact:
+        tracker = MemoryTracker(round_to=CUDA_BLOCK_BYTES, cuda_device=device)
+    else:
+        tracker = MemoryTracker(round_to=CUDA_BLOCK_BYTES if on_cuda else 1)
+    with tracker:
+        yield tracker
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """Mean of squares of the (first) output, in float32.
+
+    Works for a tensor, a tuple/list, a dict or a Hugging Face ``ModelOutput``.
+    """
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise TypeError(
+            f"default_loss found no tensor in the model output ({type(output).__name__}); "
+            "pass loss_fn=... that turns the output into a scalar"
+        )
+    return tensor.float().pow(2).mean()
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMeasurement:
+    """What one training step (forward, loss, backward) cost.
+
+    All sizes are bytes. ``peak_bytes`` is the whole step (parameters, buffers,
+    inputs, activations, gradients); ``activation_peak_bytes`` is the peak of
+    what remains after taking away parameters, buffers, inputs and the
+    gradients alive at that moment.
+    """
+
+    peak_bytes: int
+    activation_peak_bytes: int
+    saved_bytes: int
+    parameter_bytes: int
+    input_bytes: int
+    gradient_bytes: int
+    forward_flops: int
+    backward_flops: int
+    seconds: float
+    timeline: tuple[tuple[str, int], ...] = dataclasses.field(repr=False, default=())
+    forward_ops: int = dataclasses.field(repr=False, default=0)
+
+
+def _unique_storage_bytes(tensors, round_to: int = 1) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _has_storage(t):
+            storage = t.untyped_storage()
+            seen[id(storage)] = _storage_bytes(storage, round_to)
+    return sum(seen.values())
+
+
+def as_tuple(example_inputs: Any) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+@contextlib.contextmanager
+def step_tensors(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
+    """Parameters, buffers and inputs to run one step without touching ``model``.
+
+    Parameters become new leaf tensors that share the user's storage (real) or
+    are fake copies (fake), so ``.grad`` of the user's parameters is never
+    written. Buffers are cloned so BatchNorm running statistics stay as they
+    are. Yields ``(tensors_by_name, inputs, fake_mode_or_None)``.
+    """
+    inputs = as_tuple(example_inputs)
+    params = {n: p.detach().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    if not fake:
+        yield {**params, **buffers}, inputs, None
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+
+    def to_fake(t: torch.Tensor) -> torch.Tensor:
+        f = mode.from_tensor(t)
+        return f.requires_grad_(t.requires_grad) if t.is_leaf else f
+
+    tensors = {n: to_fake(t) for n, t in {**params, **buffers}.items()}
+    fake_inputs = tree_map_only(torch.Tensor, to_fake, inputs)
+    with mode:
+        yield tensors, fake_inputs, mode
+
+
+def measure_step(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    *,
+    fake: bool = False,
+) -> StepMeasurement:
+    """Run one training step and measure its memory, FLOPs and time.
+
+    The user's model is not changed: parameters are used through aliases (their
+    ``.grad`` stays as it was) and buffers through copies (BatchNorm running
+    statistics stay as they were).
+
+    Args:
+        model: the module to train.
+        example_inputs: a tensor or a tuple of positional inputs.
+        loss_fn: output -> scalar loss; default :func:`default_loss`.
+        fake: simulate on fake tensors (no memory used, any size, any machine).
+
+    Example:
+        >>> import torch, remat
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+        >>> m = remat.measure_step(mlp, torch.randn(32, 64), fake=True)
+        >>> m.peak_bytes >= m.activation_peak_bytes > 0
+        True
+    """
+    loss_fn = loss_fn or default_loss
+    device = _model_device(model, example_inputs)
+    with step_tensors(model, example_inputs, fake=fake) as (tensors, inputs, _):
+        params = [t for n, t in tensors.items() if t.requires_grad]
+        round_to = CUDA_BLOCK_BYTES if device.type == "cuda" else 1
+        parameter_bytes = _unique_storage_bytes(tensors.values(), round_to)
+        input_bytes = _unique_storage_bytes(tree_flatten(inputs)[0], round_to)
+        saved: dict[int, torch.Tensor] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if _has_storage(t):
+                saved[id(t.untyped_storage())] = t
+            return t
+
+        start = time.perf_counter()
+        with track_memory(device, exact=fake) as mem:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                output = torch.func.functional_call(model, tensors, inputs)
+                loss = loss_fn(output)
+            forward_flops, forward_ops = mem.flops, len(mem.timeline)
+            saved_bytes = sum(
+                _storage_bytes(t.untyped_storage(), round_to)
+                for t in saved.values()
+                if mem.record_of(t) is not None
+            )
+            saved.clear()
+            _backward(loss, params)
+            grads = [p.grad for p in params if p.grad is not None]
+            del output, loss
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+
+        grad_records = {id(r) for r in map(mem.record_of, grads) if r is not None}
+        base = parameter_bytes + input_bytes
+        activation_peak = _activation_peak(mem, grad_records)
+        gradient_bytes = _unique_storage_bytes(grads, round_to)
+        return StepMeasurement(
+            peak_bytes=base + mem.peak_bytes,
+            activation_peak_bytes=activation_peak,
+            saved_bytes=saved_bytes,
+            parameter_bytes=parameter_bytes,
+            input_bytes=input_bytes,
+            gradient_bytes=gradient_bytes,
+            forward_flops=forward_flops,
+            backward_flops=mem.flops - forward_flops,
+            seconds=seconds,
+            timeline=tuple(mem.timeline),
+            forward_ops=forward_ops,
+        )
+
+
+def _backward(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not require grad: no parameter of the model requires grad and no "
+            "input requires grad, so there is no backward pass to measure or optimize"
+        )
+    loss.backward()
+
+
+def _activation_peak(mem: MemoryTracker, grad_records: set[int]) -> int:
+    """Peak of tracked bytes minus the gradients already produced at each moment."""
+    if mem.cuda_device is not None:
+        grad_bytes = sum(r.nbytes for r in mem._records if id(r) in grad_records)
+        return max(0, mem.peak_bytes - grad_bytes)
+    n = len(mem.timeline) + 1
+    delta = [0] * (n + 1)
+    for record in mem._records:
+        if id(record) in grad_records:
+            continue
+        delta[record.born] += record.nbytes
+        delta[record.died if record.died is not None else n] -= record.nbytes
+    peak = live = 0
+    for change in delta:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def _model_device(model: torch.nn.Module, example_inputs: Any) -> torch.device:
+    for t in list(model.parameters()) + tree_flatten(as_tuple(example_inputs))[0]:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
