@@ -41,6 +41,10 @@ CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to th
 # (already allocated) input on real tensors but a fresh storage under
 # FakeTensorMode; treating it as an alias keeps real and fake runs equal.
 _ALIAS_OPS = {torch.ops.aten.lift_fresh.default}
+# Metadata queries, not computations: fake tensors answer ``.device`` through
+# the dispatcher, real tensors do not. Leaving them out of the timeline keeps
+# real and fake timelines (and op counts) equal.
+_METADATA_OPS = {torch.ops.prim.device.default}
 
 
 def _storage_bytes(storage: torch.UntypedStorage, round_to: int) -> int:
@@ -111,6 +115,8 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func in _METADATA_OPS:
+            return out
         packet = func._overloadpacket
         if packet in flop_registry:
             self.flops += int(flop_registry[packet](*args, **kwargs, out_val=out))
