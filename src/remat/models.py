@@ -227,7 +227,6 @@ def _huggingface(name: str, options: dict[str, Any], input_shape):
     # the same operators on real and fake tensors, so fake-tensor measurements
     # equal real ones to the byte.
     config._attn_implementation = "eager"
-    model = getattr(transformers, model_name)(config)
     if input_shape is not None:
         if len(input_shape) != 1:
             raise ValueError(
@@ -235,6 +234,7 @@ def _huggingface(name: str, options: dict[str, Any], input_shape):
             )
         seq = input_shape[0]
     seq = seq or getattr(config, max_seq_field)
+    model = getattr(transformers, model_name)(config)
 
     def make_inputs(batch_size: int) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(SEED)
