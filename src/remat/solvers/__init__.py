@@ -1,0 +1,1 @@
+"""Solvers: pure functions from small data structures (chains, graphs) to plans."""
