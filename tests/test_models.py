@@ -180,6 +180,11 @@ def test_bad_specs_are_explained(spec, message):
         models.load(spec)
 
 
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        models.load("remat:mlp", 0)
+
+
 def test_hf_input_shape_must_be_a_length():
     with pytest.raises(ValueError, match="sequence length"):
         models.load("hf:gpt2", input_shape=(3, 224, 224))

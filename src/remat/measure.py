@@ -12,7 +12,7 @@ Example:
     >>> import torch
     >>> from remat import track_memory
     >>> with track_memory() as mem:
-    ...     y = torch.ones(1024) * 2        # 4 KiB
+    ...     y = torch.ones(1024)            # 4 KiB
     ...     del y
     ...     z = torch.ones(256)             # 1 KiB
     >>> mem.peak_bytes, mem.current_bytes

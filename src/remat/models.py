@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "load"]
+__all__ = ["ModelSource", "PreActBottleneck", "RandomDAG", "Scale", "load"]
 
 SPEC_FORMS = (
     "torchvision:NAME, hf:gpt2, hf:bert, remat:chain, remat:preact_resnet, "
@@ -104,6 +104,8 @@ def load(
         >>> tuple(src.example_inputs[0].shape)
         (2, 3, 64, 64)
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size}")
     target, options = _split_options(spec)
     default_batch = options.pop("batch", None)
     if default_batch is not None and not (isinstance(default_batch, int) and default_batch > 0):
