@@ -20,13 +20,14 @@ of allocation and freeing, per stage, in terms of the quantities a
   ``K + a(l) + a(i-1)[i-1>l] + fwd_nosave_peak[i]``;
 * forward with saving (the last segment, or the recompute of another one,
   which also holds the output gradient ``g(r)``, the parameter gradients
-  ``W(>r)`` produced so far and the loss ``a(n)``):
+  ``W(>r)`` produced so far and what is held through the whole backward: the
+  loss ``a(n)``, its gradient ``g(n)`` and, with ``output_held``, ``a(n-1)``):
   ``K + a(l)[kept] + H(l, i-1) + a(i-1)[i-1>l] + fwd_save_peak[i]``,
   where ``H(l, j)`` is what stages ``l+1..j`` retain for backward (their
   internal saved tensors plus each activation a stage saves as input or
   output, counted once);
 * backward of stage ``i``:
-  ``K + a(l)[kept] + a(n) + W(>i) + H(l, i) + a(i)[stage i saved it] + g(i)
+  ``K + a(l)[kept] + held + W(>i) + H(l, i) + a(i)[stage i saved it] + g(i)
   + bwd_peak[i]``.
 
 The segment input ``a(l)`` is always held for a recomputed segment (its
@@ -119,6 +120,9 @@ class Chain:
         fwd_flops / bwd_flops: its cost.
         base_bytes: bytes live through the whole step (parameters, buffers,
             the chain input).
+        output_held: the caller holds ``a(n-1)`` through the backward, as
+            ``out = model(x); loss_fn(out).backward()`` does when the chain's
+            last stage is the loss.
         names: a readable name per stage.
     """
 
@@ -134,6 +138,7 @@ class Chain:
     fwd_flops: np.ndarray
     bwd_flops: np.ndarray
     base_bytes: int = 0
+    output_held: bool = False
     names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -161,7 +166,7 @@ class Chain:
         """Build a chain from lists; booleans and integers are converted."""
         converted = {}
         for key, value in arrays.items():
-            if key in ("base_bytes", "names"):
+            if key in ("base_bytes", "names", "output_held"):
                 converted[key] = value
             elif key in ("saves_input", "saves_output"):
                 converted[key] = np.asarray(value, dtype=bool)
@@ -255,6 +260,11 @@ class _Terms:
         # a(j), 1 <= j < n, is retained for backward if stage j or j+1 saves it.
         retained = np.where(keeps_out | self.keeps_in[1:], a, 0)
         retained[0] = retained[n] = 0
+        # A caller-held output a(n-1) is live through the whole backward: it
+        # is counted once, in `held`, instead of as retained by stage n.
+        pinned = chain.output_held and n >= 2
+        if pinned:
+            retained[n - 1] = 0
         h = pad(chain.saved_bytes)
         # HH(i) = sum h[1..i] + sum retained[1..i-1];  H(l, i) = HH(i) - Q(l).
         self.HH = np.cumsum(h) + np.concatenate([[0], np.cumsum(retained)[:-1]])
@@ -263,23 +273,33 @@ class _Terms:
         w = pad(chain.param_grad_bytes)
         w_after = np.concatenate([np.cumsum(w[::-1])[::-1][1:], [0]])  # W(>i)
         out_kept = np.where(keeps_out, a, 0)
-        out_kept[n] = 0  # a(n) is held through the whole backward anyway
-        self.loss = int(a[n])
+        out_kept[n] = 0
+        # Held through the whole backward: the loss a(n), its gradient g(n)
+        # (autograd.backward keeps the root gradient until it returns) and a
+        # caller-held output.
+        self.held = int(a[n] + g[n]) + (int(a[n - 1]) if pinned else 0)
+        g_bw = g.copy()
+        g_bw[n] = 0
         # Per-stage terms (index i = stage, entry 0 unused).
         self.T_ns = np.zeros(n + 1, dtype=np.int64)
         self.T_rc = np.zeros(n + 1, dtype=np.int64)
         self.T_ns[1:] = a[:-1] + self.f_ns[1:]
         self.T_rc[1:] = self.HH[:-1] + a[:-1] + self.f_s[1:]
-        self.T_bw = w_after + self.HH + out_kept + g + pad(chain.bwd_peak)
+        self.T_bw = w_after + self.HH + out_kept + g_bw + pad(chain.bwd_peak)
         self.T_bw[0] = 0
         # Extra held while a segment ending at r is recomputed.
-        self.E = self.loss + w_after + g
+        self.E = self.held + w_after + g
         # S(l), the local cost of the last segment (l, n], for every l at once.
         suffix_max = lambda t: np.maximum.accumulate(t[::-1])[::-1]  # noqa: E731
         rc_after = np.concatenate([suffix_max(self.T_rc[2:]), [0, 0]])[: n + 1]  # max T_rc[l+2..n]
-        bw_after = suffix_max(self.T_bw[1:])  # max T_bw[l+1..n], l = 0..n-1
+        # In the last segment a(n-1) is the caller's (in `held`), not a recomputed copy.
+        T_bw_last = self.T_bw.copy()
         kept = np.where(self.keeps_in[1 : n + 1], self.a_in[:n], 0)
-        tail = np.maximum(rc_after[:n] - self.Q[:n], self.loss + bw_after - self.Q[:n])
+        if pinned:
+            T_bw_last[n - 1] -= out_kept[n - 1]
+            kept[n - 1] = 0
+        bw_after = suffix_max(T_bw_last[1:])  # max T_bw[l+1..n], l = 0..n-1
+        tail = np.maximum(rc_after[:n] - self.Q[:n], self.held + bw_after - self.Q[:n])
         self.S = np.maximum(self.a_in[:n] + self.f_s[1 : n + 1], kept + tail)
 
     # Local costs, each including the segment input a(l) where it is held.
@@ -289,7 +309,7 @@ class _Terms:
         fns = max(self.f_ns[l + 1], self.T_ns[l + 2 : r + 1].max(initial=0))
         rc = max(self.f_s[l + 1], self.T_rc[l + 2 : r + 1].max(initial=0) - self.Q[l])
         bw = self.T_bw[l + 1 : r + 1].max() - self.Q[l]
-        return a_l + int(max(fns, self.E[r] + rc, self.loss + bw))
+        return a_l + int(max(fns, self.E[r] + rc, self.held + bw))
 
     @functools.cached_property
     def lists(self) -> tuple[list[int], ...]:
@@ -317,7 +337,7 @@ class _Terms:
         )
         bw = cm(self.T_bw[l + 1 : n + 1]) - self.Q[l]
         r = np.arange(l + 1, n + 1)
-        recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.loss + bw)
+        recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.held + bw)
         return recompute[:-1], self.last_segment(l)
 
 
@@ -430,7 +450,7 @@ def _prefix_feasible_linear(terms: _Terms, limit: int) -> tuple[np.ndarray, np.n
     n, big = terms.n, _UNREACHABLE
     a_in, f_ns, f_s, Q, E, T_ns, T_rc, T_bw = terms.lists
     rmq_ns, rmq_rc, rmq_bw = terms.range_max
-    loss = terms.loss
+    held = terms.held
     v = [big] * n
     parent = [-1] * n
     v[0] = 0
@@ -457,7 +477,7 @@ def _prefix_feasible_linear(terms: _Terms, limit: int) -> tuple[np.ndarray, np.n
             u = v[l] + a_in[l]
             # The forward and backward parts only grow with r: past the limit
             # once, this l never fits again.
-            cost = u + max(f_ns[l + 1], mx_ns, loss + mx_bw - Q[l])
+            cost = u + max(f_ns[l + 1], mx_ns, held + mx_bw - Q[l])
             if cost > limit:
                 queue.popleft()
                 continue
@@ -471,7 +491,7 @@ def _prefix_feasible_linear(terms: _Terms, limit: int) -> tuple[np.ndarray, np.n
                 l = queue[k]
                 u = v[l] + a_in[l]
                 rc = E[r] + max(f_s[l + 1], rmq_rc.query(l + 2, r) - Q[l])
-                mono = max(f_ns[l + 1], rmq_ns.query(l + 2, r), loss + rmq_bw.query(l + 1, r) - Q[l])
+                mono = max(f_ns[l + 1], rmq_ns.query(l + 2, r), held + rmq_bw.query(l + 1, r) - Q[l])
                 cost = u + max(rc, mono)
                 if cost <= limit:
                     chosen = l
@@ -549,7 +569,7 @@ def _least_peak_sweep(terms: _Terms) -> int:
     a_in, f_ns, f_s, Q, E, _, _, _ = terms.lists
     ns_levels, rc_levels, bw_levels = (t.levels for t in terms.range_max)
     floor_log2 = [0] + [k.bit_length() - 1 for k in range(1, n + 2)]
-    loss = terms.loss
+    held = terms.held
     S = terms.S.tolist()
     f = [0] * (n + 1)
 
@@ -561,7 +581,7 @@ def _least_peak_sweep(terms: _Terms) -> int:
         # stages l+1..r: backward, and forward without saving
         k = floor_log2[r - l]
         level, hi = bw_levels[k], r - (1 << k) + 1
-        x = loss + max(level[l + 1], level[hi]) - Q[l]
+        x = held + max(level[l + 1], level[hi]) - Q[l]
         if x > c:
             c = x
             if c > key:

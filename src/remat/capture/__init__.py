@@ -1,0 +1,1 @@
+"""Capture: a model and example inputs -> a graph (or chain) with sizes and costs."""

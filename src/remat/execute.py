@@ -1,0 +1,109 @@
+"""Execute: run a plan. Segments are recomputed in backward, gradients exact.
+
+Recomputation uses ``torch.utils.checkpoint`` (non-reentrant) with the RNG
+state restored, so dropout masks are the same as in the first forward, and
+with BatchNorm running statistics left alone during the recompute, so they
+are updated exactly once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["CheckpointedSequential", "run_segment_recomputed"]
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Recompute BatchNorm without changing its running statistics.
+
+    With momentum 0 the update ``(1 - m) * running + m * batch`` leaves the
+    running statistics exactly as they are, while the batch statistics, the
+    output and the tensors saved for backward stay the same as in the first
+    forward; the ``num_batches_tracked`` increment is undone afterwards.
+    Nothing is allocated (a copy-and-restore would show up in the peak).
+    """
+    norms = [
+        m for root in modules for m in root.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+                if m.num_batches_tracked is not None:
+                    m.num_batches_tracked.sub_(1)
+
+
+def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *args):
+    """Run ``function(*args)`` saving nothing for backward; recompute it in backward."""
+
+    def contexts():
+        return contextlib.nullcontext(), _running_stats_frozen(modules)
+
+    return checkpoint(
+        function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
+        early_stop=False,
+    )
+
+
+class CheckpointedSequential(nn.Module):
+    """A sequential model run with a checkpoint plan; a drop-in for the original.
+
+    The stages are the user's own modules (parameters shared, nothing copied),
+    so ``state_dict()`` has the same values (keys gain no prefix when the
+    original is an ``nn.Sequential``: they are ``"0.weight"``, ... as before).
+
+    Args:
+        stages: the model's stages, in order.
+        checkpoints: boundaries ``i`` (1..len(stages)) whose activation, the
+            output of stage ``i``, is kept; every segment before the last one
+            is recomputed in backward.
+        groups: optional grouping of module indices into chain stages (from
+            :func:`remat.capture.sequential.profile_sequential`); checkpoints
+            then count groups, not modules.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+        >>> fast = CheckpointedSequential(list(net), checkpoints=[2])
+        >>> torch.equal(fast(torch.ones(1, 8)), net(torch.ones(1, 8)))
+        True
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        checkpoints: Sequence[int],
+        groups: Sequence[Sequence[int]] | None = None,
+    ):
+        super().__init__()
+        for index, stage in enumerate(stages):
+            self.add_module(str(index), stage)
+        groups = groups or [[i] for i in range(len(stages))]
+        ends = [g[-1] + 1 for g in groups]  # module index after each chain stage
+        self.boundaries = [0] + [ends[c - 1] for c in checkpoints if c <= len(groups)]
+        self.checkpoints = tuple(checkpoints)
+
+    def _run(self, start: int, stop: int, x):
+        for index in range(start, stop):
+            x = self._modules[str(index)](x)
+        return x
+
+    def forward(self, x):
+        n = len(self._modules)
+        bounds = [*self.boundaries, n]
+        for start, stop in zip(bounds[:-2], bounds[1:-1]):
+            modules = [self._modules[str(i)] for i in range(start, stop)]
+            x = run_segment_recomputed(self._run, modules, start, stop, x)
+        return self._run(bounds[-2], n, x)
