@@ -239,7 +239,7 @@ class StepMeasurement:
     forward_ops: int = dataclasses.field(repr=False, default=0)
 
 
-def _unique_storage_bytes(tensors, round_to: int = 1) -> int:
+def unique_storage_bytes(tensors, round_to: int = 1) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and _has_storage(t):
@@ -312,8 +312,8 @@ def measure_step(
     with step_tensors(model, example_inputs, fake=fake) as (tensors, inputs, _):
         params = [t for n, t in tensors.items() if t.requires_grad]
         round_to = CUDA_BLOCK_BYTES if device.type == "cuda" else 1
-        parameter_bytes = _unique_storage_bytes(tensors.values(), round_to)
-        input_bytes = _unique_storage_bytes(tree_flatten(inputs)[0], round_to)
+        parameter_bytes = unique_storage_bytes(tensors.values(), round_to)
+        input_bytes = unique_storage_bytes(tree_flatten(inputs)[0], round_to)
         saved: dict[int, torch.Tensor] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -343,7 +343,7 @@ def measure_step(
         grad_records = {id(r) for r in map(mem.record_of, grads) if r is not None}
         base = parameter_bytes + input_bytes
         activation_peak = _activation_peak(mem, grad_records)
-        gradient_bytes = _unique_storage_bytes(grads, round_to)
+        gradient_bytes = unique_storage_bytes(grads, round_to)
         return StepMeasurement(
             peak_bytes=base + mem.peak_bytes,
             activation_peak_bytes=activation_peak,

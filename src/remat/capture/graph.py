@@ -1,0 +1,163 @@
+"""Capture an arbitrary model as a torch.fx graph and split it into a chain.
+
+The graph is cut wherever a single tensor carries everything the rest of the
+model needs from what came before (besides parameters and the model's own
+inputs, which stay alive anyway). ResNet blocks, Inception modules,
+transformer layers and VGG/MobileNet layers all meet at such cuts; each piece
+between two cuts becomes one stage of a :class:`~remat.solvers.chain.Chain`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+__all__ = ["TraceError", "Piece", "trace", "split_linear", "piece_module"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` with an error that says what to do."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as error:  # fx raises many kinds: report them all the same way
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}. "
+            "Models with data-dependent control flow cannot be traced; wrap the untraceable part "
+            "in a submodule and pass it in leaf_modules, or use remat.checkpoint_sequential on "
+            "a list of stages"
+        ) from error
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Nodes ``nodes`` of the graph, taking tensor ``input`` and producing ``output``.
+
+    ``input`` is ``None`` for the first piece (it reads the model's inputs).
+    """
+
+    nodes: tuple[fx.Node, ...]
+    input: fx.Node | None
+    output: fx.Node
+
+    @property
+    def name(self) -> str:
+        modules = [str(n.target) for n in self.nodes if n.op == "call_module"]
+        if not modules:
+            return self.output.name
+        first, last = modules[0], modules[-1]
+        prefix = _common_prefix(first, last)
+        return prefix or (first if first == last else f"{first}..{last}")
+
+
+def _common_prefix(a: str, b: str) -> str:
+    parts = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        parts.append(x)
+    return ".".join(parts)
+
+
+def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The node an in-place operation writes to, if ``node`` is one."""
+    target = node.target
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and (target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace")):
+        return first
+    if node.op == "call_method" and isinstance(target, str) and target.endswith("_") and not target.endswith("__"):
+        return first
+    if node.op == "call_module" and getattr(gm.get_submodule(target), "inplace", False):
+        return first
+    return None
+
+
+def split_linear(gm: fx.GraphModule) -> list[Piece]:
+    """Cut ``gm``'s graph into pieces joined by a single tensor each.
+
+    A cut after position ``k`` (in graph order) is valid when exactly one
+    computed value defined at or before ``k`` is used after ``k``, and nothing
+    after ``k`` writes to it in place (a checkpointed input must not change).
+    """
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {}
+    for n in nodes:
+        for user in n.users:
+            last_use[n] = max(last_use.get(n, -1), index[user])
+    mutated_after: dict[fx.Node, int] = {}
+    for n in nodes:
+        target = _mutates(n, gm)
+        if target is not None:
+            mutated_after[target] = max(mutated_after.get(target, -1), index[n])
+
+    def carried(n: fx.Node) -> bool:
+        # Parameters (get_attr) and the model's inputs live through the step anyway.
+        return n.op not in ("placeholder", "get_attr", "output")
+
+    pieces: list[Piece] = []
+    start, entry = 0, None
+    live: set[fx.Node] = set()
+    for k, n in enumerate(nodes):
+        if carried(n):
+            live.add(n)
+        live = {v for v in live if last_use.get(v, -1) > k}
+        if n.op == "output" or k + 1 >= len(nodes) or nodes[k + 1].op == "output":
+            continue
+        if len(live) == 1:
+            (value,) = live
+            if mutated_after.get(value, -1) > k or value in (entry,):
+                continue
+            if not _is_tensor_valued(value):
+                continue
+            pieces.append(Piece(tuple(x for x in nodes[start : k + 1] if carried(x) or x.op == "get_attr"), entry, value))
+            start, entry = k + 1, value
+    output_node = nodes[-1]
+    rest = tuple(x for x in nodes[start:] if carried(x) or x.op == "get_attr" or x.op == "output")
+    pieces.append(Piece(rest, entry, output_node))
+    return pieces
+
+
+def _is_tensor_valued(node: fx.Node) -> bool:
+    """Best effort without shapes: calls that return several values are not."""
+    if node.op == "call_function" and node.target in (operator.getitem,):
+        return True
+    meta = node.meta.get("tensor_meta") or node.meta.get("val")
+    if meta is not None:
+        return isinstance(meta, torch.Tensor) or hasattr(meta, "shape")
+    return True
+
+
+def piece_module(gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Node]) -> fx.GraphModule:
+    """A GraphModule running ``piece``: ``f(boundary_input, *model_inputs)``.
+
+    Submodules and parameters are the original model's (by reference).
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    boundary = graph.placeholder("boundary")
+    if piece.input is not None:
+        env[piece.input] = boundary
+    for p in placeholders:
+        env[p] = graph.placeholder(p.name)
+    for n in piece.nodes:
+        if n.op == "output":
+            graph.output(fx.map_arg(n.args[0], lambda a: env[a]))
+            break
+        for arg in n.all_input_nodes:
+            if arg not in env and arg.op == "get_attr":
+                env[arg] = graph.node_copy(arg, lambda a: env[a])
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    else:
+        graph.output(env[piece.output])
+    return fx.GraphModule(gm, graph)

@@ -1,0 +1,191 @@
+"""Profile a list of stages, one by one, into a :class:`~remat.solvers.chain.Chain`.
+
+Each stage is run on its own under the exact storage tracker (on fake tensors
+when the caller set them up): once forward saving nothing for backward (as
+inside a checkpointed segment), once forward saving (as normally), then
+backward. The numbers recorded are exactly what the chain cost model needs.
+Stage inputs and outputs may be tensors or nested tuples/lists/dicts of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from remat.measure import track_memory
+from remat.solvers.chain import Chain
+
+__all__ = ["StageCost", "profile_stages"]
+
+
+@dataclasses.dataclass
+class StageCost:
+    """What running one stage costs (bytes, FLOPs); see :class:`Chain`."""
+
+    out_bytes: int
+    out_aliases_input: bool
+    fwd_nosave: int
+    fwd_save: int
+    saved: int
+    saves_input: bool
+    saves_output: bool
+    bwd: int
+    param_grad_bytes: int
+    input_grad_bytes: int
+    fwd_flops: int
+    bwd_flops: int
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _storage_ids(tree: Any) -> set[int]:
+    return {id(t.untyped_storage()) for t in _tensors(tree)}
+
+
+def _unique_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _profile_stage(run: Callable[[Any], Any], x: Any, params: Sequence[torch.Tensor], device) -> tuple[StageCost, Any]:
+    """Costs of one stage on input ``x`` (leaves) and its output (detached)."""
+    x_storages = _storage_ids(x)
+    with track_memory(device, exact=True) as nosave:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
+            y = run(x)
+    y_storages = _storage_ids(y)
+    out_aliases_input = bool(y_storages) and y_storages <= x_storages
+    out_bytes = sum(r.nbytes for r in {id(r): r for r in map(nosave.record_of, _tensors(y)) if r}.values())
+    fwd_nosave, fwd_flops = nosave.peak_bytes, nosave.flops
+    del y
+
+    saved_ids: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved_ids.add(id(t.untyped_storage()))
+        return t
+
+    with track_memory(device, exact=True) as mem:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = run(x)
+        fwd_save = mem.peak_bytes
+        saves_input = bool(saved_ids & x_storages)
+        saves_output = bool(saved_ids & (_storage_ids(y) - x_storages))
+        saved = mem.current_bytes - out_bytes
+        flops_before = mem.flops
+        outputs = [t for t in _tensors(y) if t.requires_grad]
+        grads = [torch.ones_like(t) for t in outputs]
+        start, live_at_start = len(mem.timeline), mem.current_bytes
+        leaves = [t for t in [*_tensors(x), *params] if t.requires_grad]
+        if outputs and leaves:
+            torch.autograd.backward(outputs, grads, inputs=leaves)
+        del grads, outputs
+        bwd = max((live for _, live in mem.timeline[start:]), default=live_at_start) - live_at_start
+        bwd_flops = mem.flops - flops_before
+    param_grad_bytes = _unique_bytes([p.grad for p in params if p.grad is not None])
+    input_grad_bytes = _unique_bytes([t.grad for t in _tensors(x) if t.grad is not None])
+    for t in [*params, *_tensors(x)]:
+        t.grad = None
+    cost = StageCost(
+        out_bytes, out_aliases_input, fwd_nosave, fwd_save, saved, saves_input, saves_output,
+        bwd, param_grad_bytes, input_grad_bytes, fwd_flops, bwd_flops,
+    )
+    return cost, tree_map_only(torch.Tensor, torch.Tensor.detach, y)
+
+
+def _leaf(tree: Any, requires_grad: bool) -> Any:
+    def make(t: torch.Tensor) -> torch.Tensor:
+        grad = requires_grad and (t.is_floating_point() or t.is_complex())
+        return t.detach().requires_grad_(grad)
+
+    return tree_map_only(torch.Tensor, make, tree)
+
+
+def profile_stages(
+    stages: Sequence[tuple[str, Callable[[Any], Any], Sequence[torch.Tensor]]],
+    first_input: Any,
+    loss_fn: Callable[[Any], torch.Tensor],
+    *,
+    base_bytes: int,
+    device: torch.device | None = None,
+) -> tuple[Chain, list[list[int]]]:
+    """Measure every stage (plus the loss, appended) as a chain.
+
+    Args:
+        stages: ``(name, run, trainable_tensors)`` per stage; ``run(x)`` maps
+            the previous stage's output to this one's.
+        first_input: what the first stage receives (the model input).
+        loss_fn: model output -> scalar loss; the chain's last stage.
+        base_bytes: bytes live through the whole step (parameters, inputs).
+
+    Returns the chain and the grouping of stage indices into chain stages: a
+    stage whose output only aliases its input (a view, an in-place op) is
+    merged into the stage before it.
+    """
+    costs: list[StageCost] = []
+    groups: list[list[int]] = []
+    names: list[str] = []
+    current = first_input
+    first_requires_grad = any(t.requires_grad for t in _tensors(first_input))
+    for index, (name, run, params) in enumerate(stages):
+        leaf = _leaf(current, first_requires_grad or index > 0)
+        cost, current = _profile_stage(run, leaf, params, device)
+        if cost.out_aliases_input and costs:
+            groups[-1].append(index)
+            costs[-1] = _merge(costs[-1], cost)
+        else:
+            groups.append([index])
+            costs.append(cost)
+            names.append(name)
+    loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device)
+    costs.append(loss_cost)
+    names.append("loss")
+    x_bytes = _unique_bytes(_tensors(first_input))
+    return _chain_of(costs, x_bytes, base_bytes, names), groups
+
+
+def _merge(into: StageCost, alias: StageCost) -> StageCost:
+    """Fold a stage whose output aliases its input into the stage before.
+
+    Each part's transient peak is taken on top of what the first part
+    retains; exact for views and in-place activations.
+    """
+    return dataclasses.replace(
+        into,
+        fwd_nosave=max(into.fwd_nosave, into.out_bytes + alias.fwd_nosave),
+        fwd_save=max(into.fwd_save, into.out_bytes + into.saved + alias.fwd_save),
+        saved=into.saved + alias.saved,
+        saves_output=into.saves_output or alias.saves_output or alias.saves_input,
+        bwd=max(into.bwd, alias.bwd),
+        param_grad_bytes=into.param_grad_bytes + alias.param_grad_bytes,
+        fwd_flops=into.fwd_flops + alias.fwd_flops,
+        bwd_flops=into.bwd_flops + alias.bwd_flops,
+    )
+
+
+def _chain_of(costs: list[StageCost], x_bytes: int, base_bytes: int, names: list[str]) -> Chain:
+    col = lambda field: [getattr(c, field) for c in costs]  # noqa: E731
+    act = [x_bytes, *col("out_bytes")]
+    # The gradient of a(i) is produced by stage i+1's backward; the loss's by autograd (a scalar 1).
+    grad = [*col("input_grad_bytes"), act[-1]]
+    return Chain.from_arrays(
+        act_bytes=act,
+        grad_bytes=grad,
+        fwd_nosave_peak=col("fwd_nosave"),
+        fwd_save_peak=col("fwd_save"),
+        saved_bytes=col("saved"),
+        saves_input=col("saves_input"),
+        saves_output=col("saves_output"),
+        bwd_peak=col("bwd"),
+        param_grad_bytes=col("param_grad_bytes"),
+        fwd_flops=col("fwd_flops"),
+        bwd_flops=col("bwd_flops"),
+        base_bytes=base_bytes,
+        output_held=True,
+        names=tuple(names),
+    )
