@@ -4,7 +4,20 @@ The pipeline: capture (model -> graph with sizes and costs), solve (graph ->
 plan), execute (plan -> module), measure.
 """
 
+from remat.api import optimize, plan
+from remat.execute import CheckpointedSequential, RematModule
 from remat.measure import StepMeasurement, default_loss, measure_step, track_memory
+from remat.plan import Plan
 
-__all__ = ["StepMeasurement", "default_loss", "measure_step", "track_memory"]
+__all__ = [
+    "CheckpointedSequential",
+    "Plan",
+    "RematModule",
+    "StepMeasurement",
+    "default_loss",
+    "measure_step",
+    "optimize",
+    "plan",
+    "track_memory",
+]
 __version__ = "0.1.0"

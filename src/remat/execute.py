@@ -9,13 +9,15 @@ are updated exactly once per step.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CheckpointedSequential", "run_segment_recomputed"]
+__all__ = ["CheckpointedSequential", "RematModule", "run_segment_recomputed"]
 
 
 @contextlib.contextmanager
@@ -107,3 +109,58 @@ class CheckpointedSequential(nn.Module):
             modules = [self._modules[str(i)] for i in range(start, stop)]
             x = run_segment_recomputed(self._run, modules, start, stop, x)
         return self._run(bounds[-2], n, x)
+
+
+class RematModule(nn.Module):
+    """Any traced model run with a checkpoint plan; a drop-in for the original.
+
+    Made by :func:`remat.optimize`. It holds the model's own children,
+    parameters and buffers under the same names (``state_dict()`` is the
+    model's, and an optimizer over either module's parameters trains both),
+    and runs the traced graph piece by piece, recomputing every segment before
+    the last kept activation in backward. Without autograd (``torch.no_grad``
+    or inference) it simply runs the graph.
+    """
+
+    def __init__(self, model: nn.Module, captured: Any, boundaries: Sequence[int], plan: Any = None):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        self.train(model.training)
+        self._captured = captured
+        self._signature = inspect.signature(model.forward)
+        self.boundaries = tuple(boundaries)
+        self.plan = plan
+
+    def _inputs(self, args: tuple, kwargs: dict) -> tuple:
+        names = self._captured.input_names
+        if not kwargs and len(args) == len(names):
+            return args
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments[name] for name in names)
+
+    def _run(self, start: int, stop: int, x, *inputs):
+        for piece in self._captured.modules[start:stop]:
+            x = piece(x, self, *inputs)
+        return x
+
+    def forward(self, *args, **kwargs):
+        inputs = self._inputs(args, kwargs)
+        n = len(self._captured.modules)
+        if not torch.is_grad_enabled() or not self.boundaries:
+            return self._run(0, n, None, *inputs)
+        bounds = [0, *self.boundaries]
+        x = None
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            modules = self._captured.submodules(start, stop, self)
+            x = run_segment_recomputed(self._run, modules, start, stop, x, *inputs)
+        return self._run(bounds[-1], n, x, *inputs)
+
+    def extra_repr(self) -> str:
+        kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
+        return f"keeps: {kept}"

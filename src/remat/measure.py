@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import dataclasses
 import time
 import weakref
@@ -253,32 +254,44 @@ def as_tuple(example_inputs: Any) -> tuple:
 
 
 @contextlib.contextmanager
-def step_tensors(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
-    """Parameters, buffers and inputs to run one step without touching ``model``.
+def step_model(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
+    """The model and inputs to run one measured step on, leaving ``model`` as it was.
 
-    Parameters become new leaf tensors that share the user's storage (real) or
-    are fake copies (fake), so ``.grad`` of the user's parameters is never
-    written. Buffers are cloned so BatchNorm running statistics stay as they
-    are. Yields ``(tensors_by_name, inputs, fake_mode_or_None)``.
+    With ``fake``, a copy of the model whose tensors are fake (no memory, no
+    data) and fake inputs, inside their ``FakeTensorMode``. Otherwise the model
+    itself: the parameters' ``.grad`` are set aside and the buffers (BatchNorm
+    running statistics) saved, and both are put back afterwards.
+    Yields ``(module, inputs)``.
     """
     inputs = as_tuple(example_inputs)
-    params = {n: p.detach().requires_grad_(p.requires_grad) for n, p in model.named_parameters()}
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    if not fake:
-        yield {**params, **buffers}, inputs, None
+    if fake:
+        from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+        mode = FakeTensorMode()
+        with FakeCopyMode(mode):
+            copy = _copy.deepcopy(model)
+
+        def to_fake(t: torch.Tensor) -> torch.Tensor:
+            f = mode.from_tensor(t)
+            return f.requires_grad_(t.requires_grad) if t.is_leaf else f
+
+        fake_inputs = tree_map_only(torch.Tensor, to_fake, inputs)
+        with mode:
+            yield copy, fake_inputs
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
-
-    def to_fake(t: torch.Tensor) -> torch.Tensor:
-        f = mode.from_tensor(t)
-        return f.requires_grad_(t.requires_grad) if t.is_leaf else f
-
-    tensors = {n: to_fake(t) for n, t in {**params, **buffers}.items()}
-    fake_inputs = tree_map_only(torch.Tensor, to_fake, inputs)
-    with mode:
-        yield tensors, fake_inputs, mode
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    for p in params:
+        p.grad = None
+    try:
+        yield model, inputs
+    finally:
+        with torch.no_grad():
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 def measure_step(
@@ -290,9 +303,9 @@ def measure_step(
 ) -> StepMeasurement:
     """Run one training step and measure its memory, FLOPs and time.
 
-    The user's model is not changed: parameters are used through aliases (their
-    ``.grad`` stays as it was) and buffers through copies (BatchNorm running
-    statistics stay as they were).
+    The user's model is left as it was: on fake tensors a fake copy runs; on
+    real ones the parameters' ``.grad`` and the buffers (BatchNorm running
+    statistics) are put back afterwards.
 
     Args:
         model: the module to train.
@@ -309,10 +322,10 @@ def measure_step(
     """
     loss_fn = loss_fn or default_loss
     device = _model_device(model, example_inputs)
-    with step_tensors(model, example_inputs, fake=fake) as (tensors, inputs, _):
-        params = [t for n, t in tensors.items() if t.requires_grad]
+    with step_model(model, example_inputs, fake=fake) as (module, inputs):
+        params = [p for p in module.parameters() if p.requires_grad]
         round_to = CUDA_BLOCK_BYTES if device.type == "cuda" else 1
-        parameter_bytes = unique_storage_bytes(tensors.values(), round_to)
+        parameter_bytes = unique_storage_bytes([*module.parameters(), *module.buffers()], round_to)
         input_bytes = unique_storage_bytes(tree_flatten(inputs)[0], round_to)
         saved: dict[int, torch.Tensor] = {}
 
@@ -324,7 +337,7 @@ def measure_step(
         start = time.perf_counter()
         with track_memory(device, exact=fake) as mem:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                output = torch.func.functional_call(model, tensors, inputs)
+                output = module(*inputs)
                 loss = loss_fn(output)
             forward_flops, forward_ops = mem.flops, len(mem.timeline)
             saved_bytes = sum(

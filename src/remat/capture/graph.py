@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["TraceError", "Piece", "trace", "split_linear", "piece_module"]
+__all__ = ["TraceError", "Piece", "trace", "split_linear", "piece_module", "fetch_attr"]
 
 
 class TraceError(RuntimeError):
@@ -138,25 +138,46 @@ def _is_tensor_valued(node: fx.Node) -> bool:
     return True
 
 
-def piece_module(gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Node]) -> fx.GraphModule:
-    """A GraphModule running ``piece``: ``f(boundary_input, *model_inputs)``.
+def fetch_attr(root: nn.Module, target: str):
+    """``root.a.b.c`` for target ``"a.b.c"``, looked up when the graph runs."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
-    Submodules and parameters are the original model's (by reference).
+
+def piece_module(gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Node]) -> fx.GraphModule:
+    """A GraphModule running ``piece``: ``f(boundary_input, root, *model_inputs)``.
+
+    Submodules are the original model's (by reference). Parameters and
+    buffers read directly (``get_attr``) are looked up on ``root`` at run time,
+    so whoever swaps them on the model (``torch.func.functional_call``, fake
+    tensors) is seen.
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     boundary = graph.placeholder("boundary")
+    root = graph.placeholder("root")
     if piece.input is not None:
         env[piece.input] = boundary
     for p in placeholders:
         env[p] = graph.placeholder(p.name)
+
+    def attr(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.call_function(fetch_attr, (root, node.target))
+        return env[node]
+
     for n in piece.nodes:
         if n.op == "output":
             graph.output(fx.map_arg(n.args[0], lambda a: env[a]))
             break
+        if n.op == "get_attr":
+            attr(n)
+            continue
         for arg in n.all_input_nodes:
-            if arg not in env and arg.op == "get_attr":
-                env[arg] = graph.node_copy(arg, lambda a: env[a])
+            if arg.op == "get_attr":
+                attr(arg)
         env[n] = graph.node_copy(n, lambda a: env[a])
     else:
         graph.output(env[piece.output])

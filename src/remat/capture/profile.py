@@ -52,8 +52,56 @@ def _unique_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def _profile_stage(run: Callable[[Any], Any], x: Any, params: Sequence[torch.Tensor], device) -> tuple[StageCost, Any]:
-    """Costs of one stage on input ``x`` (leaves) and its output (detached)."""
+class _StageInput(torch.autograd.Function):
+    """A copy of a leaf that is not a leaf, as a stage input is in a real step.
+
+    In-place stages (``ReLU(inplace=True)``) refuse to modify a leaf that
+    requires grad. The copy is made before tracking starts; its gradient is
+    passed straight on to the leaf.
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _SeedGradient(torch.autograd.Function):
+    """A scalar root whose backward creates the stage's output gradients.
+
+    In a real step the gradient of a stage's output is created by the next
+    stage's backward and handed to autograd, which frees it as soon as the
+    stage's first backward node has used it. Seeding the stage's backward
+    with tensors we hold would keep it alive through the whole stage.
+    """
+
+    @staticmethod
+    def forward(ctx, *outputs: torch.Tensor) -> torch.Tensor:
+        ctx.outputs = outputs
+        return outputs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: torch.Tensor):
+        return tuple(torch.ones_like(t) for t in ctx.outputs)
+
+
+def _stage_input(x: Any) -> Any:
+    return tree_map_only(torch.Tensor, lambda t: _StageInput.apply(t) if t.requires_grad else t, x)
+
+
+def _profile_stage(
+    run: Callable[[Any], Any], x: Any, params: Sequence[torch.Tensor], device, *, root: bool = False
+) -> tuple[StageCost, Any]:
+    """Costs of one stage on input ``x`` (leaves) and its output (detached).
+
+    ``root``: the stage is the loss, whose gradient autograd keeps until the
+    end of the backward (the chain counts it as held).
+    """
+    leaves = x
+    x = _stage_input(leaves)
     x_storages = _storage_ids(x)
     with track_memory(device, exact=True) as nosave:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
@@ -70,6 +118,9 @@ def _profile_stage(run: Callable[[Any], Any], x: Any, params: Sequence[torch.Ten
         saved_ids.add(id(t.untyped_storage()))
         return t
 
+    del x
+    x = _stage_input(leaves)  # a fresh copy: an in-place stage changed the first one
+    x_storages = _storage_ids(x)
     with track_memory(device, exact=True) as mem:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = run(x)
@@ -79,17 +130,25 @@ def _profile_stage(run: Callable[[Any], Any], x: Any, params: Sequence[torch.Ten
         saved = mem.current_bytes - out_bytes
         flops_before = mem.flops
         outputs = [t for t in _tensors(y) if t.requires_grad]
-        grads = [torch.ones_like(t) for t in outputs]
+        grad_bytes = _unique_bytes(outputs)  # the output gradients, created in the backward
+        if root:
+            seeds, grads = outputs, [torch.ones_like(t) for t in outputs]
+        else:
+            seeds = [_SeedGradient.apply(*outputs)] if outputs else []
+            grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
         start, live_at_start = len(mem.timeline), mem.current_bytes
-        leaves = [t for t in [*_tensors(x), *params] if t.requires_grad]
-        if outputs and leaves:
-            torch.autograd.backward(outputs, grads, inputs=leaves)
-        del grads, outputs
-        bwd = max((live for _, live in mem.timeline[start:]), default=live_at_start) - live_at_start
+        inputs = [t for t in [*_tensors(leaves), *params] if t.requires_grad]
+        if outputs and inputs:
+            torch.autograd.backward(seeds, grads, inputs=inputs)
+        del grads, outputs, seeds
+        after = max((live for _, live in mem.timeline[start:]), default=live_at_start)
+        # Over what is live when the backward starts, output gradients aside
+        # (the chain counts them, g(i), separately).
+        bwd = after - live_at_start - (0 if root else grad_bytes)
         bwd_flops = mem.flops - flops_before
     param_grad_bytes = _unique_bytes([p.grad for p in params if p.grad is not None])
-    input_grad_bytes = _unique_bytes([t.grad for t in _tensors(x) if t.grad is not None])
-    for t in [*params, *_tensors(x)]:
+    input_grad_bytes = _unique_bytes([t.grad for t in _tensors(leaves) if t.grad is not None])
+    for t in [*params, *_tensors(leaves)]:
         t.grad = None
     cost = StageCost(
         out_bytes, out_aliases_input, fwd_nosave, fwd_save, saved, saves_input, saves_output,
@@ -142,7 +201,7 @@ def profile_stages(
             groups.append([index])
             costs.append(cost)
             names.append(name)
-    loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device)
+    loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device, root=True)
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = _unique_bytes(_tensors(first_input))

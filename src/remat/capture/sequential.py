@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from remat.capture.profile import profile_stages
-from remat.measure import as_tuple, default_loss, step_tensors, unique_storage_bytes
+from remat.measure import as_tuple, default_loss, step_model, unique_storage_bytes
 from remat.solvers.chain import Chain
 
 __all__ = ["SequentialProfile", "profile_sequential", "sequential_stages"]
@@ -63,17 +63,11 @@ def profile_sequential(
     inputs = as_tuple(example_input)
     if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
         raise TypeError("a sequential model takes one tensor input; pass example_input as a tensor")
-    with step_tensors(holder, inputs[0], fake=fake) as (tensors, (x,), _):
-        specs = []
-        for index, stage in enumerate(stages):
-            prefix = f"{index}."
-            params = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-            def run(t, stage=stage, params=params):
-                return torch.func.functional_call(stage, params, (t,))
-
-            trainable = [p for p in params.values() if p.requires_grad]
-            specs.append((f"{index}:{type(stage).__name__}", run, trainable))
-        base = unique_storage_bytes([*tensors.values(), x])
+    with step_model(holder, inputs[0], fake=fake) as (copy, (x,)):
+        specs = [
+            (f"{index}:{type(stage).__name__}", stage, [p for p in stage.parameters() if p.requires_grad])
+            for index, stage in enumerate(copy)
+        ]
+        base = unique_storage_bytes([*copy.parameters(), *copy.buffers(), x])
         chain, groups = profile_stages(specs, x, loss_fn or default_loss, base_bytes=base, device=x.device)
     return SequentialProfile(chain, tuple(tuple(g) for g in groups))

@@ -1,0 +1,101 @@
+"""The :class:`Plan`: which activations to keep, and what that costs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from remat.report import format_bytes, format_table
+
+__all__ = ["Plan"]
+
+_FORMAT = "remat.plan/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checkpoint plan for one model at one input size.
+
+    Attributes:
+        stage_names: the chain stages the model was cut into (module paths),
+            the loss last.
+        checkpoints: indices (1..len(stage_names)-1) of the stage outputs kept
+            in the forward pass; everything before the last one is recomputed
+            in backward.
+        predicted_peak_bytes: the training step's peak with the plan (params,
+            inputs, gradients and activations).
+        baseline_peak_bytes: the same, measured for the unmodified model.
+        forward_flops / recompute_flops: the model's forward cost, and what the
+            plan adds in backward.
+        parameter_bytes / input_bytes: what is live through the whole step.
+        solve_seconds / capture_seconds: planning time.
+        fingerprint: parameter and input shapes the plan was made for; a
+            saved plan is only reused for the same.
+
+    Example:
+        >>> import torch, remat
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+        >>> plan = remat.plan(net, torch.randn(32, 64))
+        >>> plan.predicted_peak_bytes <= plan.baseline_peak_bytes
+        True
+    """
+
+    stage_names: tuple[str, ...]
+    checkpoints: tuple[int, ...]
+    predicted_peak_bytes: int
+    baseline_peak_bytes: int
+    forward_flops: int
+    recompute_flops: int
+    parameter_bytes: int
+    input_bytes: int
+    solve_seconds: float
+    capture_seconds: float
+    fingerprint: str
+    method: str = "linear"
+
+    @property
+    def checkpoint_names(self) -> tuple[str, ...]:
+        """Readable names of the kept activations: the stage that produces each."""
+        return tuple(self.stage_names[i - 1] for i in self.checkpoints)
+
+    @property
+    def recompute_overhead(self) -> float:
+        """Recomputed FLOPs as a fraction of one forward pass."""
+        return self.recompute_flops / self.forward_flops if self.forward_flops else 0.0
+
+    def summary(self) -> str:
+        """A table of what the plan keeps and what it saves and costs."""
+        cut = 1 - self.predicted_peak_bytes / self.baseline_peak_bytes if self.baseline_peak_bytes else 0.0
+        rows = [
+            ["stages", str(len(self.stage_names))],
+            ["checkpoints", str(len(self.checkpoints))],
+            ["baseline peak (measured)", format_bytes(self.baseline_peak_bytes)],
+            ["predicted peak", format_bytes(self.predicted_peak_bytes)],
+            ["peak cut", f"{cut:.1%}"],
+            ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
+            ["capture + solve", f"{self.capture_seconds:.2f} s + {self.solve_seconds:.3f} s"],
+        ]
+        table = format_table(rows, ["", "value"])
+        kept = ", ".join(self.checkpoint_names) or "(none: store everything)"
+        return f"{table}\nkept: {kept}"
+
+    def to_json(self) -> str:
+        return json.dumps({"format": _FORMAT, **dataclasses.asdict(self)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        if data.pop("format", None) != _FORMAT:
+            raise ValueError(f"not a remat plan (expected format {_FORMAT!r})")
+        data["stage_names"] = tuple(data["stage_names"])
+        data["checkpoints"] = tuple(data["checkpoints"])
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON, to reuse with ``remat.optimize(..., plan=Plan.load(path))``."""
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        return cls.from_json(Path(path).read_text())
