@@ -34,10 +34,11 @@ class Captured:
     pieces: list[Piece]
     modules: list[fx.GraphModule]
     input_names: list[str]
+    codegen: Any  # the traced graph's input flattening / output unflattening
 
     def __deepcopy__(self, memo: dict) -> Captured:
         # The graph pieces are read-only metadata; only the modules are copied.
-        return Captured(self.pieces, copy.deepcopy(self.modules, memo), self.input_names)
+        return Captured(self.pieces, copy.deepcopy(self.modules, memo), self.input_names, self.codegen)
 
     def tensor_names(self, index: int, root: nn.Module) -> list[str]:
         """Names (on ``root``) of the parameters and buffers piece ``index`` reads."""
@@ -60,13 +61,13 @@ class Captured:
         ]
 
 
-def capture(model: nn.Module) -> Captured:
+def capture(model: nn.Module, example_inputs: tuple) -> Captured:
     """Trace ``model`` and cut it into pieces joined by single tensors."""
-    gm = trace(model)
+    gm = trace(model, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     pieces = split_linear(gm)
     modules = [piece_module(gm, p, placeholders) for p in pieces]
-    return Captured(pieces, modules, [p.target for p in placeholders])
+    return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen)
 
 
 def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
@@ -82,13 +83,14 @@ def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tu
     with step_model(host, inputs, fake=True) as (fake_host, fake_inputs):
         named = dict(fake_host.named_parameters())
         specs = []
+        last = len(captured.modules) - 1
+        finish = captured.codegen.process_outputs  # the model's output structure
         for index, piece in enumerate(fake_host._captured.modules):
-            if index == 0:
-                def run(x, piece=piece):
-                    return piece(None, fake_host, *x)
-            else:
-                def run(x, piece=piece):
-                    return piece(x, fake_host, *fake_inputs)
+
+            def run(x, piece=piece, index=index):
+                args = (None, fake_host, *x) if index == 0 else (x, fake_host, *fake_inputs)
+                return finish(piece(*args)) if index == last else piece(*args)
+
             used = captured.tensor_names(index, fake_host)
             trainable = [named[k] for k in used if k in named and named[k].requires_grad]
             specs.append((captured.pieces[index].name, run, trainable))
@@ -132,7 +134,7 @@ def _plan_and_capture(model, example_inputs, loss_fn, budget):
     inputs = as_tuple(example_inputs)
     loss_fn = loss_fn or default_loss
     start = time.perf_counter()
-    captured = capture(model)
+    captured = capture(model, inputs)
     chain, groups = _profile(model, captured, inputs, loss_fn)
     capture_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -189,7 +191,7 @@ def optimize(
                 "this plan was made for another model or input size (fingerprint mismatch); "
                 "call remat.optimize without plan= to make a new one"
             )
-        captured = capture(model)
+        captured = capture(model, inputs)
         _, groups = _profile(model, captured, inputs, loss_fn or default_loss)
         chosen = plan
     else:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.fx._pytree as fx_pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -137,6 +138,10 @@ class RematModule(nn.Module):
         self.plan = plan
 
     def _inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph's flat inputs for a call with ``args`` and ``kwargs``."""
+        codegen = self._captured.codegen
+        if getattr(codegen, "pytree_info", None) is not None:  # an exported graph
+            return tuple(fx_pytree.tree_flatten_spec(([*args], kwargs), codegen.pytree_info.in_spec))
         names = self._captured.input_names
         if not kwargs and len(args) == len(names):
             return args
@@ -153,13 +158,13 @@ class RematModule(nn.Module):
         inputs = self._inputs(args, kwargs)
         n = len(self._captured.modules)
         if not torch.is_grad_enabled() or not self.boundaries:
-            return self._run(0, n, None, *inputs)
+            return self._captured.codegen.process_outputs(self._run(0, n, None, *inputs))
         bounds = [0, *self.boundaries]
         x = None
         for start, stop in zip(bounds[:-1], bounds[1:]):
             modules = self._captured.submodules(start, stop, self)
             x = run_segment_recomputed(self._run, modules, start, stop, x, *inputs)
-        return self._run(bounds[-1], n, x, *inputs)
+        return self._captured.codegen.process_outputs(self._run(bounds[-1], n, x, *inputs))
 
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)

@@ -217,6 +217,8 @@ def _huggingface(name: str, options: dict[str, Any], input_shape):
 
     config_name, model_name, max_seq_field = _HF_MODELS[name]
     config = getattr(transformers, config_name)()
+    # Training: no key/value cache (its cache object is also not a plain tensor output).
+    config.use_cache = False
     seq = options.pop("seq", None)
     for key, value in options.items():
         if not hasattr(config, key):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["TraceError", "Piece", "trace", "split_linear", "piece_module", "fetch_attr"]
+__all__ = ["TraceError", "Piece", "trace", "split_linear", "piece_module", "fetch_attr", "input_only_nodes"]
 
 
 class TraceError(RuntimeError):
@@ -26,17 +26,39 @@ class TraceError(RuntimeError):
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` with an error that says what to do."""
+def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """The model as a graph: ``torch.fx.symbolic_trace``, else ``torch.export``.
+
+    Symbolic tracing keeps the model's own module calls (and works for any
+    input size); models it cannot trace, such as Hugging Face transformers,
+    are exported at the example inputs' shapes instead, as ATen operators.
+    """
     try:
         return fx.symbolic_trace(model)
-    except Exception as error:  # fx raises many kinds: report them all the same way
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}. "
-            "Models with data-dependent control flow cannot be traced; wrap the untraceable part "
-            "in a submodule and pass it in leaf_modules, or use remat.checkpoint_sequential on "
-            "a list of stages"
-        ) from error
+    except Exception as fx_error:  # fx raises many kinds: fall back to export for all
+        try:
+            exported = torch.export.export(model, tuple(example_inputs), strict=False)
+        except Exception as export_error:
+            raise TraceError(
+                f"could not capture {type(model).__name__} as a graph: torch.fx said "
+                f"{type(fx_error).__name__}: {fx_error}; torch.export said "
+                f"{type(export_error).__name__}: {export_error}. Models with data-dependent "
+                "control flow cannot be captured; checkpoint a list of its stages with "
+                "remat.CheckpointedSequential instead"
+            ) from export_error
+        gm = exported.module()
+        _drop_guards(gm)
+        return gm
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """Remove export's input-shape guard module: RematModule checks shapes itself."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +74,24 @@ class Piece:
 
     @property
     def name(self) -> str:
-        modules = [str(n.target) for n in self.nodes if n.op == "call_module"]
+        """The module path that produces the piece's output (e.g. ``layer2.1``)."""
+        modules = [path for path in map(_module_path, self.nodes) if path]
         if not modules:
             return self.output.name
         first, last = modules[0], modules[-1]
         prefix = _common_prefix(first, last)
         return prefix or (first if first == last else f"{first}..{last}")
+
+
+def _module_path(node: fx.Node) -> str:
+    """The module a node belongs to: its target for a module call, else export's stack."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.replace("L['self'].", "").replace("L__self__.", "")
+    return ""
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -82,14 +116,34 @@ def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
+def input_only_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Values computed from the inputs, buffers and constants alone (no parameters).
+
+    Attention masks and position ids are such values: every layer reads them.
+    Each piece that needs one recomputes it, so they never block a cut.
+    """
+    parameters = {name for name, _ in gm.named_parameters()}
+    result: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and all(
+            a.op == "placeholder" or a in result or (a.op == "get_attr" and a.target not in parameters)
+            for a in n.all_input_nodes
+        ):
+            result.add(n)
+    return result
+
+
 def split_linear(gm: fx.GraphModule) -> list[Piece]:
     """Cut ``gm``'s graph into pieces joined by a single tensor each.
 
     A cut after position ``k`` (in graph order) is valid when exactly one
-    computed value defined at or before ``k`` is used after ``k``, and nothing
-    after ``k`` writes to it in place (a checkpointed input must not change).
+    computed value defined at or before ``k`` is used after ``k`` (besides
+    values computed from the inputs alone, which pieces recompute), and
+    nothing after ``k`` writes to it in place (a checkpointed input must not
+    change).
     """
     nodes = list(gm.graph.nodes)
+    input_only = input_only_nodes(gm)
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {}
     for n in nodes:
@@ -103,7 +157,7 @@ def split_linear(gm: fx.GraphModule) -> list[Piece]:
 
     def carried(n: fx.Node) -> bool:
         # Parameters (get_attr) and the model's inputs live through the step anyway.
-        return n.op not in ("placeholder", "get_attr", "output")
+        return n.op not in ("placeholder", "get_attr", "output") and n not in input_only
 
     pieces: list[Piece] = []
     start, entry = 0, None
@@ -163,22 +217,23 @@ def piece_module(gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Nod
     for p in placeholders:
         env[p] = graph.placeholder(p.name)
 
-    def attr(node: fx.Node) -> fx.Node:
+    def value(node: fx.Node) -> fx.Node:
+        """``node`` in the new graph: parameters fetched, input-only values recomputed."""
         if node not in env:
-            env[node] = graph.call_function(fetch_attr, (root, node.target))
+            if node.op == "get_attr":
+                env[node] = graph.call_function(fetch_attr, (root, node.target))
+            else:  # an input-only value made by an earlier piece
+                env[node] = graph.node_copy(node, value)
         return env[node]
 
     for n in piece.nodes:
         if n.op == "output":
-            graph.output(fx.map_arg(n.args[0], lambda a: env[a]))
+            graph.output(fx.map_arg(n.args[0], value))
             break
         if n.op == "get_attr":
-            attr(n)
+            value(n)
             continue
-        for arg in n.all_input_nodes:
-            if arg.op == "get_attr":
-                attr(arg)
-        env[n] = graph.node_copy(n, lambda a: env[a])
+        env[n] = graph.node_copy(n, value)
     else:
-        graph.output(env[piece.output])
+        graph.output(value(piece.output))
     return fx.GraphModule(gm, graph)

@@ -75,17 +75,22 @@ class _SeedGradient(torch.autograd.Function):
     In a real step the gradient of a stage's output is created by the next
     stage's backward and handed to autograd, which frees it as soon as the
     stage's first backward node has used it. Seeding the stage's backward
-    with tensors we hold would keep it alive through the whole stage.
+    with tensors we hold would keep it alive through the whole stage. The
+    outputs themselves are not referenced either: like in a real step, they
+    stay alive only if the stage saved them for backward.
     """
 
     @staticmethod
     def forward(ctx, *outputs: torch.Tensor) -> torch.Tensor:
-        ctx.outputs = outputs
+        ctx.layouts = [(t.shape, t.stride(), t.dtype, t.device) for t in outputs]
         return outputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, _: torch.Tensor):
-        return tuple(torch.ones_like(t) for t in ctx.outputs)
+        return tuple(
+            torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
+            for shape, stride, dtype, device in ctx.layouts
+        )
 
 
 def _stage_input(x: Any) -> Any:
@@ -110,6 +115,8 @@ def _profile_stage(
     out_aliases_input = bool(y_storages) and y_storages <= x_storages
     out_bytes = sum(r.nbytes for r in {id(r): r for r in map(nosave.record_of, _tensors(y)) if r}.values())
     fwd_nosave, fwd_flops = nosave.peak_bytes, nosave.flops
+    # The next stage's input; the copy made below is let go before its backward.
+    output = tree_map_only(torch.Tensor, torch.Tensor.detach, y)
     del y
 
     saved_ids: set[int] = set()
@@ -136,11 +143,14 @@ def _profile_stage(
         else:
             seeds = [_SeedGradient.apply(*outputs)] if outputs else []
             grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
+            del y, outputs  # the output stays alive only if the stage saved it
         start, live_at_start = len(mem.timeline), mem.current_bytes
         inputs = [t for t in [*_tensors(leaves), *params] if t.requires_grad]
-        if outputs and inputs:
+        if seeds and inputs:
             torch.autograd.backward(seeds, grads, inputs=inputs)
-        del grads, outputs, seeds
+        del grads, seeds
+        if root:
+            del y, outputs
         after = max((live for _, live in mem.timeline[start:]), default=live_at_start)
         # Over what is live when the backward starts, output gradients aside
         # (the chain counts them, g(i), separately).
@@ -154,7 +164,7 @@ def _profile_stage(
         out_bytes, out_aliases_input, fwd_nosave, fwd_save, saved, saves_input, saves_output,
         bwd, param_grad_bytes, input_grad_bytes, fwd_flops, bwd_flops,
     )
-    return cost, tree_map_only(torch.Tensor, torch.Tensor.detach, y)
+    return cost, output
 
 
 def _leaf(tree: Any, requires_grad: bool) -> Any:
@@ -189,18 +199,30 @@ def profile_stages(
     costs: list[StageCost] = []
     groups: list[list[int]] = []
     names: list[str] = []
+    # Per group: its input, whether that requires grad, its runs and parameters.
+    members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor]]] = []
     current = first_input
     first_requires_grad = any(t.requires_grad for t in _tensors(first_input))
     for index, (name, run, params) in enumerate(stages):
-        leaf = _leaf(current, first_requires_grad or index > 0)
-        cost, current = _profile_stage(run, leaf, params, device)
+        requires_grad = first_requires_grad or index > 0
+        cost, output = _profile_stage(run, _leaf(current, requires_grad), params, device)
         if cost.out_aliases_input and costs:
+            # A view or an in-place op: merged into the stage before, and the
+            # merged stage profiled again as one (its backward frees the
+            # alias's saved output and gradient before the first part runs,
+            # which per-part figures cannot tell).
+            group_input, group_grad, runs, group_params = members[-1]
+            runs.append(run)
+            group_params.extend(p for p in params if all(p is not q for q in group_params))
+            cost, output = _profile_stage(_chained(runs), _leaf(group_input, group_grad), group_params, device)
             groups[-1].append(index)
-            costs[-1] = _merge(costs[-1], cost)
+            costs[-1] = cost
         else:
+            members.append((current, requires_grad, [run], list(params)))
             groups.append([index])
             costs.append(cost)
             names.append(name)
+        current = output
     loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device, root=True)
     costs.append(loss_cost)
     names.append("loss")
@@ -208,23 +230,15 @@ def profile_stages(
     return _chain_of(costs, x_bytes, base_bytes, names), groups
 
 
-def _merge(into: StageCost, alias: StageCost) -> StageCost:
-    """Fold a stage whose output aliases its input into the stage before.
+def _chained(runs: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """One run that applies ``runs`` in order."""
 
-    Each part's transient peak is taken on top of what the first part
-    retains; exact for views and in-place activations.
-    """
-    return dataclasses.replace(
-        into,
-        fwd_nosave=max(into.fwd_nosave, into.out_bytes + alias.fwd_nosave),
-        fwd_save=max(into.fwd_save, into.out_bytes + into.saved + alias.fwd_save),
-        saved=into.saved + alias.saved,
-        saves_output=into.saves_output or alias.saves_output or alias.saves_input,
-        bwd=max(into.bwd, alias.bwd),
-        param_grad_bytes=into.param_grad_bytes + alias.param_grad_bytes,
-        fwd_flops=into.fwd_flops + alias.fwd_flops,
-        bwd_flops=into.bwd_flops + alias.bwd_flops,
-    )
+    def run(x: Any) -> Any:
+        for part in runs:
+            x = part(x)
+        return x
+
+    return run
 
 
 def _chain_of(costs: list[StageCost], x_bytes: int, base_bytes: int, names: list[str]) -> Chain:
