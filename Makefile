@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench clean
+.PHONY: demo test test-heavy bench bench-e2e clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-heavy: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/chain_scaling.py
+
+# The acceptance models at standard sizes, on fake tensors: writes benchmarks/results/e2e_models.md
+bench-e2e: $(STAMP)
+	$(PY) benchmarks/e2e_models.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
