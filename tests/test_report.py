@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from remat import demo
+import remat
+from remat import demo, models
 from remat.report import format_bytes, format_table
 
 
@@ -31,13 +32,18 @@ def test_format_table_rejects_ragged_rows():
         format_table([("a", 1)], ["x", "y", "z"])
 
 
-def test_demo_prints_the_measurement(capsys):
-    demo.main(["remat:mlp?depth=2&width=64", "--batch", "16", "--real"])
+def test_demo_prints_baseline_and_plan(capsys):
+    spec = "remat:mlp?depth=8&width=64"
+    demo.main([spec, "--batch", "256", "--real"])
     out = capsys.readouterr().out
-    assert "remat:mlp?depth=2&width=64" in out
-    # activations 16 x 64 x 4 B = 4 KiB, weights 64 x 64 x 4 B = 16 KiB each
-    assert re.search(r"^parameters +32\.0 KiB$", out, re.M)
-    assert "real (CPU)" in out
+    assert spec in out and "real CPU" in out
+    source = models.load(spec, 256)
+    optimized = remat.optimize(source.model, source.example_inputs)
+    before = remat.measure_step(source.model, source.example_inputs)
+    after = remat.measure_step(optimized, source.example_inputs)
+    assert after.peak_bytes < before.peak_bytes
+    row = rf"^step peak +{re.escape(format_bytes(before.peak_bytes))} +{re.escape(format_bytes(after.peak_bytes))} "
+    assert re.search(row, out, re.M), out
 
 
 def test_demo_rejects_bad_spec(capsys):
