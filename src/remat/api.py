@@ -20,7 +20,7 @@ from torch import fx, nn
 from remat.capture.graph import Piece, piece_module, split_linear, trace
 from remat.capture.profile import profile_stages
 from remat.execute import RematModule
-from remat.measure import as_tuple, default_loss, measure_step, step_model, unique_storage_bytes
+from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
 from remat.plan import Plan
 from remat.solvers.chain import Chain, min_peak
 
@@ -94,8 +94,9 @@ def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tu
             used = captured.tensor_names(index, fake_host)
             trainable = [named[k] for k in used if k in named and named[k].requires_grad]
             specs.append((captured.pieces[index].name, run, trainable))
-        base = unique_storage_bytes([*fake_host.parameters(), *fake_host.buffers(), *fake_inputs])
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
+        tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
+        base = unique_storage_bytes(tensors, round_to_of(device))
         return profile_stages(specs, fake_inputs, loss_fn, base_bytes=base, device=device)
 
 

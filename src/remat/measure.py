@@ -48,6 +48,11 @@ _ALIAS_OPS = {torch.ops.aten.lift_fresh.default}
 _METADATA_OPS = {torch.ops.prim.device.default}
 
 
+def round_to_of(device: torch.device | str | None) -> int:
+    """Allocation granularity: 512 bytes on CUDA, exact elsewhere."""
+    return CUDA_BLOCK_BYTES if device is not None and torch.device(device).type == "cuda" else 1
+
+
 def _storage_bytes(storage: torch.UntypedStorage, round_to: int) -> int:
     nbytes = storage.nbytes()
     return -(-nbytes // round_to) * round_to
@@ -181,11 +186,10 @@ def track_memory(
         262144
     """
     device = torch.device(device) if device is not None else None
-    on_cuda = device is not None and device.type == "cuda"
-    if on_cuda and not exact:
+    if round_to_of(device) > 1 and not exact:
         tracker = MemoryTracker(round_to=CUDA_BLOCK_BYTES, cuda_device=device)
     else:
-        tracker = MemoryTracker(round_to=CUDA_BLOCK_BYTES if on_cuda else 1)
+        tracker = MemoryTracker(round_to=round_to_of(device))
     with tracker:
         yield tracker
 
@@ -324,7 +328,7 @@ def measure_step(
     device = _model_device(model, example_inputs)
     with step_model(model, example_inputs, fake=fake) as (module, inputs):
         params = [p for p in module.parameters() if p.requires_grad]
-        round_to = CUDA_BLOCK_BYTES if device.type == "cuda" else 1
+        round_to = round_to_of(device)
         parameter_bytes = unique_storage_bytes([*module.parameters(), *module.buffers()], round_to)
         input_bytes = unique_storage_bytes(tree_flatten(inputs)[0], round_to)
         saved: dict[int, torch.Tensor] = {}

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from remat.measure import track_memory
+from remat.measure import round_to_of, track_memory, unique_storage_bytes
 from remat.solvers.chain import Chain
 
 __all__ = ["StageCost", "profile_stages"]
@@ -46,10 +46,6 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 def _storage_ids(tree: Any) -> set[int]:
     return {id(t.untyped_storage()) for t in _tensors(tree)}
-
-
-def _unique_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 class _StageInput(torch.autograd.Function):
@@ -137,7 +133,7 @@ def _profile_stage(
         saved = mem.current_bytes - out_bytes
         flops_before = mem.flops
         outputs = [t for t in _tensors(y) if t.requires_grad]
-        grad_bytes = _unique_bytes(outputs)  # the output gradients, created in the backward
+        grad_bytes = unique_storage_bytes(outputs, mem.round_to)  # the output gradients, created in the backward
         if root:
             seeds, grads = outputs, [torch.ones_like(t) for t in outputs]
         else:
@@ -156,8 +152,8 @@ def _profile_stage(
         # (the chain counts them, g(i), separately).
         bwd = after - live_at_start - (0 if root else grad_bytes)
         bwd_flops = mem.flops - flops_before
-    param_grad_bytes = _unique_bytes([p.grad for p in params if p.grad is not None])
-    input_grad_bytes = _unique_bytes([t.grad for t in _tensors(leaves) if t.grad is not None])
+    param_grad_bytes = unique_storage_bytes([p.grad for p in params if p.grad is not None], mem.round_to)
+    input_grad_bytes = unique_storage_bytes([t.grad for t in _tensors(leaves) if t.grad is not None], mem.round_to)
     for t in [*params, *_tensors(leaves)]:
         t.grad = None
     cost = StageCost(
@@ -226,7 +222,7 @@ def profile_stages(
     loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device, root=True)
     costs.append(loss_cost)
     names.append("loss")
-    x_bytes = _unique_bytes(_tensors(first_input))
+    x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
     return _chain_of(costs, x_bytes, base_bytes, names), groups
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from remat.capture.profile import profile_stages
-from remat.measure import as_tuple, default_loss, step_model, unique_storage_bytes
+from remat.measure import as_tuple, default_loss, round_to_of, step_model, unique_storage_bytes
 from remat.solvers.chain import Chain
 
 __all__ = ["SequentialProfile", "profile_sequential", "sequential_stages"]
@@ -68,6 +68,6 @@ def profile_sequential(
             (f"{index}:{type(stage).__name__}", stage, [p for p in stage.parameters() if p.requires_grad])
             for index, stage in enumerate(copy)
         ]
-        base = unique_storage_bytes([*copy.parameters(), *copy.buffers(), x])
+        base = unique_storage_bytes([*copy.parameters(), *copy.buffers(), x], round_to_of(x.device))
         chain, groups = profile_stages(specs, x, loss_fn or default_loss, base_bytes=base, device=x.device)
     return SequentialProfile(chain, tuple(tuple(g) for g in groups))
