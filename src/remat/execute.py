@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx._pytree as fx_pytree
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 __all__ = ["CheckpointedSequential", "RematModule", "run_segment_recomputed"]
 
@@ -54,10 +54,11 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
     def contexts():
         return contextlib.nullcontext(), _running_stats_frozen(modules)
 
-    return checkpoint(
-        function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts,
-        early_stop=False,
-    )
+    # Recompute whole segments (no early stop): the cost model counts them so.
+    with set_checkpoint_early_stop(False):
+        return checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
+        )
 
 
 class CheckpointedSequential(nn.Module):

@@ -1,0 +1,140 @@
+"""Validate remat on a CUDA device: predicted vs allocator peak, and step-time overhead.
+
+    python benchmarks/gpu_check.py                      # resnet50 b64, gpt2 b8 seq 1024
+    python benchmarks/gpu_check.py --device cpu --quick # a dry run of the script itself
+
+For each model: the plan is made on fake tensors of the target device (no
+memory); then one real training step of the unmodified model and one of the
+optimized module are run, each after a warm-up step, with the allocator's peak
+(``torch.cuda.max_memory_allocated``) compared with the prediction. Memory that
+was already allocated before the step besides parameters, buffers and inputs
+(the cuBLAS workspace, made by the warm-up) is not part of the step and is
+taken out. Step time is the median of ``--steps`` steps of each module,
+interleaved, in the same run. Writes a markdown table (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import remat
+from remat import models
+from remat.measure import default_loss, round_to_of, unique_storage_bytes
+from remat.report import format_bytes
+
+DEFAULT_MODELS = ["torchvision:resnet50@64", "hf:gpt2@8"]
+QUICK_MODELS = ["remat:mlp?depth=8&width=256@512", "hf:gpt2?n_layer=2&n_embd=128&n_head=4&seq=64@2"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(module, inputs) -> None:
+    loss = default_loss(module(*inputs))
+    loss.backward()
+
+
+def _measured_peak(module, inputs, device, resident_step_bytes: int) -> int:
+    """Allocator peak of one step, less what was allocated before it that is not the step's."""
+    _step(module, inputs)  # warm-up: workspaces, lazy initialisation
+    module.zero_grad(set_to_none=True)
+    _sync(device)
+    if device.type != "cuda":
+        return remat.measure_step(module, inputs).peak_bytes
+    other = torch.cuda.memory_allocated(device) - resident_step_bytes
+    torch.cuda.reset_peak_memory_stats(device)
+    _step(module, inputs)
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - other
+    module.zero_grad(set_to_none=True)
+    return peak
+
+
+def _median_step_seconds(modules, inputs, device, steps: int) -> list[float]:
+    times = [[] for _ in modules]
+    for _ in range(steps):
+        for index, module in enumerate(modules):
+            _sync(device)
+            start = time.perf_counter()
+            _step(module, inputs)
+            _sync(device)
+            times[index].append(time.perf_counter() - start)
+            module.zero_grad(set_to_none=True)
+    return [statistics.median(t) for t in times]
+
+
+def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
+    source = models.load(spec, batch)
+    model = source.model.to(device)
+    inputs = tuple(t.to(device) for t in source.example_inputs)
+    predicted_baseline = remat.measure_step(model, inputs, fake=True).peak_bytes
+    optimized = remat.optimize(model, inputs)
+    plan = optimized.plan
+    resident = unique_storage_bytes([*model.parameters(), *model.buffers(), *inputs], round_to_of(device))
+    baseline_peak = _measured_peak(model, inputs, device, resident)
+    remat_peak = _measured_peak(optimized, inputs, device, resident)
+    base_s, remat_s = _median_step_seconds([model, optimized], inputs, device, steps)
+    return {
+        "model": f"{spec} b{batch}",
+        "baseline predicted": predicted_baseline,
+        "baseline measured": baseline_peak,
+        "remat predicted": plan.predicted_peak_bytes,
+        "remat measured": remat_peak,
+        "recompute": plan.recompute_overhead,
+        "time ratio": remat_s / base_s,
+        "baseline step s": base_s,
+    }
+
+
+def _error(predicted: int, measured: int) -> str:
+    return f"{predicted / measured - 1:+.2%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--models", default=None, help="comma-separated SPEC@BATCH")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small models: a dry run")
+    parser.add_argument("--out", default="benchmarks/results/gpu_check.md")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu --quick for a dry run")
+    specs = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    header = (
+        f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''}`  \n"
+        f"Device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n\n"
+        "| model | baseline peak (pred / measured, err) | remat peak (pred / measured, err) "
+        "| peak cut | recompute (% of fwd) | step time ratio |\n|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    print(header, flush=True)
+    for item in specs:
+        spec, _, batch = item.rpartition("@")
+        r = check(spec, int(batch), device, args.steps)
+        line = (
+            f"| {r['model']} | {format_bytes(r['baseline predicted'])} / {format_bytes(r['baseline measured'])}, "
+            f"{_error(r['baseline predicted'], r['baseline measured'])} "
+            f"| {format_bytes(r['remat predicted'])} / {format_bytes(r['remat measured'])}, "
+            f"{_error(r['remat predicted'], r['remat measured'])} "
+            f"| {1 - r['remat measured'] / r['baseline measured']:.1%} | {r['recompute']:.1%} "
+            f"| {r['time ratio']:.2f}x (baseline {r['baseline step s'] * 1e3:.1f} ms) |"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
