@@ -1,0 +1,57 @@
+"""Helpers shared by the chain-solver tests (plain functions, no fixtures).
+
+Test files import this module directly (``from chain_helpers import ...``):
+pytest puts the ``tests`` folder on ``sys.path`` because it is not a package.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def all_plans(n: int) -> Iterator[tuple[int, ...]]:
+    """Every checkpoint subset of a chain of ``n`` stages: subsets of ``1..n-1``."""
+    boundaries = range(1, n)
+    for size in range(n):
+        yield from itertools.combinations(boundaries, size)
+
+
+def segmentations(m: int) -> Iterator[tuple[tuple[int, int], ...]]:
+    """Every partition of ``m`` stages into consecutive segments ``(start, stop)``."""
+    for cuts in all_plans(m):
+        bounds = (0, *cuts, m)
+        yield tuple(zip(bounds[:-1], bounds[1:]))
+
+
+class StockCheckpointed(nn.Module):
+    """A sequential model run with stock ``torch.utils.checkpoint`` segments.
+
+    ``segments`` is a list of ``(start, stop, checkpointed)`` over module
+    indices: a checkpointed segment runs through
+    ``checkpoint(..., use_reentrant=False)`` with its defaults (the baseline a
+    user gets without this library), a plain one runs normally.
+    """
+
+    def __init__(self, modules, segments):
+        super().__init__()
+        for index, module in enumerate(modules):
+            self.add_module(str(index), module)
+        self.segments = list(segments)
+
+    def _run(self, start: int, stop: int, x: torch.Tensor) -> torch.Tensor:
+        for index in range(start, stop):
+            x = self._modules[str(index)](x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for start, stop, checkpointed in self.segments:
+            if checkpointed:
+                x = checkpoint(self._run, start, stop, x, use_reentrant=False)
+            else:
+                x = self._run(start, stop, x)
+        return x

@@ -1,0 +1,330 @@
+"""Acceptance tests of the least-peak chain solvers (pure: no torch models).
+
+The reference below re-derives the cost model of ``remat.solvers.chain``
+(its module docstring) phase by phase, independently of the solver's prefix
+arrays, and enumerates every plan of random chains with it. ``peak_of`` is
+checked against the reference on a sample of plans by default and on every
+plan of every chain with ``-m heavy``.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import numpy as np
+import pytest
+
+from chain_helpers import all_plans
+from remat.solvers.chain import (
+    Chain,
+    min_peak,
+    peak_of,
+    recompute_flops_of,
+    sqrt_segments,
+    store_all,
+    uniform_segments,
+)
+
+METHODS = ["dp", "linear"]
+N_CHAINS = 1000
+
+
+def random_chains():
+    """1,000 heterogeneous chains, n from 1 to 14 (seed = index)."""
+    return [Chain.random(1 + seed % 14, seed) for seed in range(N_CHAINS)]
+
+
+class Reference:
+    """The chain cost model, written out stage by stage from the docstring.
+
+    ``segment(l, r, last)`` is the peak of one segment's forward, recompute
+    and backward phases over the checkpoints kept before it (``K``); the
+    peak of a plan is ``base + max over segments of K + segment(...)``.
+    """
+
+    def __init__(self, chain: Chain):
+        self.c = chain
+        n = self.n = chain.n
+        a = [int(v) for v in chain.act_bytes]
+        self.a = a
+        self.a_in = [0, *a[1:]]  # a(0) is the caller's, counted in base_bytes
+        self.pinned = chain.output_held and n >= 2
+        # a(j) is retained for backward if stage j saves its output or stage j+1 its input.
+        self.retained = [0] * (n + 1)
+        for j in range(1, n):
+            if chain.saves_output[j - 1] or chain.saves_input[j]:
+                self.retained[j] = a[j]
+        if self.pinned:
+            self.retained[n - 1] = 0  # the caller's output: in `held`
+        self.held = a[n] + int(chain.grad_bytes[n]) + (a[n - 1] if self.pinned else 0)
+
+    def H(self, l: int, j: int) -> int:
+        """What stages l+1..j retain for backward, a(l) and a(j) excluded."""
+        c = self.c
+        return sum(int(c.saved_bytes[k - 1]) for k in range(l + 1, j + 1)) + sum(
+            self.retained[k] for k in range(l + 1, j)
+        )
+
+    def W_after(self, i: int) -> int:
+        return int(self.c.param_grad_bytes[i:].sum())
+
+    def g(self, i: int) -> int:
+        return 0 if i == self.n else int(self.c.grad_bytes[i])  # g(n) is in `held`
+
+    def backward(self, l: int, i: int, a_l_held: int, last: bool) -> int:
+        c, a = self.c, self.a
+        out = a[i] if (i < self.n and c.saves_output[i - 1]) else 0
+        if last and self.pinned and i == self.n - 1:
+            out = 0  # the caller's a(n-1), already in `held`
+        return (a_l_held + self.held + self.W_after(i) + self.H(l, i) + out + self.g(i)
+                + int(c.bwd_peak[i - 1]))
+
+    @functools.cache
+    def segment(self, l: int, r: int, last: bool) -> int:
+        c, a = self.c, self.a
+        prev = lambda i: a[i - 1] if i - 1 > l else 0  # noqa: E731  the input of stage i if not a(l)
+        peaks = []
+        if not last:
+            # forward without saving, then the recompute with saving, then backward.
+            a_l = self.a_in[l]
+            for i in range(l + 1, r + 1):
+                peaks.append(a_l + prev(i) + int(c.fwd_nosave_peak[i - 1]))
+            extra = self.held + self.W_after(r) + int(c.grad_bytes[r])
+            for i in range(l + 1, r + 1):
+                peaks.append(a_l + extra + self.H(l, i - 1) + prev(i) + int(c.fwd_save_peak[i - 1]))
+            for i in range(l + 1, r + 1):
+                peaks.append(self.backward(l, i, a_l, last=False))
+            return max(peaks)
+        # The last segment: a(l) is held after its first stage only if that stage saves it.
+        kept = self.a_in[l] if c.saves_input[l] else 0
+        if self.pinned and l == self.n - 1:
+            kept = 0
+        peaks.append(self.a_in[l] + int(c.fwd_save_peak[l]))
+        for i in range(l + 2, r + 1):
+            peaks.append(kept + self.H(l, i - 1) + a[i - 1] + int(c.fwd_save_peak[i - 1]))
+        for i in range(l + 1, r + 1):
+            peaks.append(self.backward(l, i, kept, last=True))
+        return max(peaks)
+
+    def peak(self, checkpoints) -> int:
+        bounds = [0, *checkpoints, self.n]
+        peak = kept = 0
+        for l, r in zip(bounds[:-1], bounds[1:]):
+            peak = max(peak, kept + self.segment(l, r, r == self.n))
+            kept += self.a_in[l]
+        return self.c.base_bytes + peak
+
+    def recompute_flops(self, checkpoints) -> int:
+        """Every stage before the last segment runs forward twice."""
+        return sum(int(self.c.fwd_flops[i - 1]) for i in range(1, (checkpoints or (0,))[-1] + 1))
+
+    def best(self) -> tuple[int, int]:
+        """(peak, recompute FLOPs), lexicographically least over every plan.
+
+        A depth-first enumeration over the next checkpoint, carrying the
+        bytes of the checkpoints kept so far and the peak so far.
+        """
+        n, best = self.n, [None]
+
+        def visit(l: int, kept: int, peak: int, flops: int) -> None:
+            last = (max(peak, kept + self.segment(l, n, True)), flops)
+            if best[0] is None or last < best[0]:
+                best[0] = last
+            for r in range(l + 1, n):
+                seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
+                visit(r, kept + self.a_in[l], max(peak, kept + self.segment(l, r, False)), seg_flops)
+
+        visit(0, 0, 0, 0)
+        return self.c.base_bytes + best[0][0], best[0][1]
+
+
+@pytest.fixture(scope="module")
+def chains():
+    return random_chains()
+
+
+def test_reference_matches_peak_of_on_a_sample(chains):
+    """The reference and ``peak_of`` agree (sampled plans of every chain)."""
+    rng = random.Random(0)
+    for chain in chains:
+        ref = Reference(chain)
+        plans = list(all_plans(chain.n))
+        for cps in rng.sample(plans, min(4, len(plans))):
+            assert ref.peak(cps) == peak_of(chain, cps), (chain.n, cps)
+            assert ref.recompute_flops(cps) == recompute_flops_of(chain, cps)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_solvers_find_the_exhaustive_optimum(chains, method):
+    """Both methods: least (peak, recompute) over every plan of 1,000 random chains."""
+    for chain in chains:
+        sol = min_peak(chain, method)
+        assert (sol.peak_bytes, sol.recompute_flops) == Reference(chain).best(), (chain.n, sol)
+        assert sol.peak_bytes == peak_of(chain, sol.checkpoints)
+        assert sol.recompute_flops == recompute_flops_of(chain, sol.checkpoints)
+        assert sol.method == method
+
+
+@pytest.mark.heavy
+def test_solvers_match_literal_enumeration_with_peak_of(chains):
+    """Every plan of every chain through ``peak_of`` itself (minutes)."""
+    for chain in chains:
+        ref = Reference(chain)
+        best = None
+        for cps in all_plans(chain.n):
+            peak = peak_of(chain, cps)
+            assert peak == ref.peak(cps), (chain.n, cps)
+            key = (peak, recompute_flops_of(chain, cps))
+            best = key if best is None or key < best else best
+        for method in METHODS:
+            sol = min_peak(chain, method)
+            assert (sol.peak_bytes, sol.recompute_flops) == best
+
+
+# -- hand-made chains -----------------------------------------------------------
+
+KiB = 1024
+
+
+def make_chain(n, act, *, saves_input=None, saves_output=None, saved=None, temp=None, bwd=None,
+               params=None, flops=None, base=0, output_held=False):
+    """A chain from short lists; gradients are the size of their activation (g(0) = 0)."""
+    saved = saved or [0] * n
+    temp = temp or [0] * n
+    grad = [0, *act[1:]]
+    return Chain.from_arrays(
+        act_bytes=act,
+        grad_bytes=grad,
+        fwd_nosave_peak=[act[i + 1] + temp[i] for i in range(n)],
+        fwd_save_peak=[act[i + 1] + saved[i] + temp[i] for i in range(n)],
+        saved_bytes=saved,
+        saves_input=saves_input or [False] * n,
+        saves_output=saves_output or [False] * n,
+        bwd_peak=bwd or [act[i] for i in range(n)],
+        param_grad_bytes=params or [0] * n,
+        fwd_flops=flops or [1] * n,
+        bwd_flops=[2] * n,
+        base_bytes=base,
+        output_held=output_held,
+    )
+
+
+def test_three_identical_stages_that_save_their_input():
+    # act = [x, 4, 4, 4] KiB, x = 4 KiB in base; each stage saves its input;
+    # backward of stage i makes g(i-1) (4 KiB, bwd_peak = a(i-1)); no params.
+    # Loss-free chain, so held = a(3) + g(3) = 8 KiB.
+    # Store all: stage 1 saves a(0) (the caller's), stage 2 a(1), stage 3 a(2).
+    #   backward of 3: held 8 + H(0,3) = a1 + a2 = 8 + g(3) counted in held, bwd 4 -> 20 KiB
+    #   (+ base 4 = 24 KiB).
+    # Checkpoint at 2: last segment (2,3]: a(2) kept (stage 3 saves it):
+    #   kept a(2) 4 + held 8 + bwd 4 = 16; recompute segment (0,2] on top of K = 0:
+    #   recompute of stage 2: a(0)=0 + held 8 + g(2) 4 + H(0,1) = a1 4 + fwd 4 = 20;
+    #   backward of 2: held 8 + H(0,2) = a1 4 + g(2) 4 + bwd 4 = 20. Peak 20 (+4).
+    # Checkpoint at 1: (1,3] last: kept a1 4 + H(1,2)... backward of 3: 4 + 8 + a2 4 + 4 = 20.
+    chain = make_chain(3, [4 * KiB] * 4, saves_input=[True] * 3, base=4 * KiB)
+    assert peak_of(chain, []) == 24 * KiB
+    assert peak_of(chain, [2]) == 24 * KiB
+    assert peak_of(chain, [1]) == 24 * KiB
+    # With nothing better than storing all, the solvers keep no checkpoint (no recompute).
+    for method in METHODS:
+        assert min_peak(chain, method).checkpoints == ()
+        assert min_peak(chain, method).recompute_flops == 0
+
+
+def test_stage_that_saves_nothing():
+    # Two stages that save nothing (a ReLU-free scale by a constant, say):
+    # act = [0, 8, 2] KiB (input not counted), no params.
+    # Store all: forward of 1: 8; forward of 2: a1 8 + fwd_save 2 = 10;
+    #   backward of 2: held a2 + g2 = 4, + bwd a1 = 8 -> 12; backward of 1:
+    #   held 4 + g(1) 8 + bwd a(0) 0 -> 12. Peak 12 KiB.
+    chain = make_chain(2, [0, 8 * KiB, 2 * KiB])
+    assert peak_of(chain, []) == 12 * KiB
+    # Checkpoint at 1: the recompute of stage 1 happens in backward, next to held
+    # a2 + g2 = 4 and g(1) = 8: 4 + 8 + the recomputed a(1) 8 = 20 KiB. Worse.
+    assert peak_of(chain, [1]) == 20 * KiB
+    assert min_peak(chain).checkpoints == ()
+
+
+def test_large_internal_temporary_is_only_transient():
+    # Stage 2 allocates a 100 KiB temporary freed before it returns; nothing saved
+    # (a fused kernel's workspace). act = [0, 1, 1, 1] KiB; stages save their input.
+    # Forward of 2: a1 1 + a1 as retained ... = a(1) 1 + fwd 1 + 100 = 102 KiB peak,
+    # whatever the plan (the temporary is there in forward and in any recompute).
+    chain = make_chain(3, [0, KiB, KiB, KiB], saves_input=[True] * 3, temp=[0, 100 * KiB, 0])
+    assert peak_of(chain, []) == 102 * KiB
+    # Recomputing stage 2 runs the temporary again, on top of held a(3)+g(3) = 2 KiB
+    # and g(2) = 1 KiB: 1 (a1, input) + 2 + 1 + 101 = 105 KiB, worse.
+    assert peak_of(chain, [2]) == 105 * KiB
+    assert min_peak(chain, "dp").checkpoints == min_peak(chain, "linear").checkpoints == ()
+
+
+def test_large_saved_internal_is_what_checkpointing_removes():
+    # Four stages, each saving a 16 KiB internal tensor, act = 1 KiB everywhere,
+    # stages save their input. Storing all holds 4 x 16 KiB at the last backward.
+    # backward of 4 (store all): held a4 + g4 = 2, H(0,4) = 64 + a1 + a2 + a3 = 67,
+    #   g(4) in held, bwd a(3) = 1: 70 KiB.
+    # Checkpoint at 2: last segment (2,4]: kept a2 1 + held 2 + H(2,4) = 32 + a3 1
+    #   + bwd 1 = 37. Recompute (0,2]: backward of 2: held 2 + W 0 + H(0,2) 32 + a1 1
+    #   + g(2) 1 + bwd 1 = 37. Both 37 KiB; K before (0,2] is 0.
+    act = [0] + [KiB] * 4
+    chain = make_chain(4, act, saves_input=[True] * 4, saved=[16 * KiB] * 4)
+    assert peak_of(chain, []) == 70 * KiB
+    assert peak_of(chain, [2]) == 37 * KiB
+    for method in METHODS:
+        sol = min_peak(chain, method)
+        assert sol.peak_bytes <= 37 * KiB < store_all(chain).peak_bytes
+
+
+# -- validation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "checkpoints", [[0], [5], [3, 2], [2, 2], [-1], [1, 6]],
+)
+def test_bad_checkpoints_are_rejected_clearly(checkpoints):
+    chain = Chain.random(5, seed=1)
+    with pytest.raises(ValueError, match=r"distinct sorted stage indices in 1\.\.4"):
+        peak_of(chain, checkpoints)
+    with pytest.raises(ValueError, match="distinct sorted"):
+        recompute_flops_of(chain, checkpoints)
+
+
+def test_bad_shapes_are_rejected_clearly():
+    good = Chain.random(4, seed=0)
+    arrays = {f: getattr(good, f) for f in good.__dataclass_fields__ if isinstance(getattr(good, f), np.ndarray)}
+    with pytest.raises(ValueError, match=r"Chain\.act_bytes has shape \(4,\), expected \(5,\)"):
+        Chain(**{**arrays, "act_bytes": good.act_bytes[:-1]})
+    with pytest.raises(ValueError, match=r"Chain\.bwd_peak has shape \(5,\), expected \(4,\)"):
+        Chain(**{**arrays, "bwd_peak": np.zeros(5, dtype=np.int64)})
+    with pytest.raises(ValueError, match="at least one stage"):
+        Chain(**{k: v[:1] if k in ("act_bytes", "grad_bytes") else v[:0] for k, v in arrays.items()})
+
+
+def test_bad_method_and_k_are_rejected():
+    chain = Chain.random(4, seed=0)
+    with pytest.raises(ValueError, match="unknown method 'greedy'"):
+        min_peak(chain, "greedy")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        uniform_segments(chain, 0)
+
+
+# -- baselines ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 50, 200])
+def test_baselines_are_valid_and_never_beat_the_solvers(n):
+    for seed in range(5):
+        chain = Chain.random(n, seed)
+        assert store_all(chain).peak_bytes == peak_of(chain, [])
+        assert store_all(chain).checkpoints == ()
+        baselines = [store_all(chain), sqrt_segments(chain)] + [uniform_segments(chain, k) for k in (1, 2, 3, 5, 8)]
+        for base in baselines:
+            # a valid plan (peak_of validates it) whose figures are consistent
+            assert base.peak_bytes == peak_of(chain, base.checkpoints)
+            assert base.recompute_flops == recompute_flops_of(chain, base.checkpoints)
+        k = max(1, round(n**0.5))
+        assert len(sqrt_segments(chain).checkpoints) == min(k, n) - 1
+        for method in METHODS:
+            best = min_peak(chain, method).peak_bytes
+            assert all(best <= base.peak_bytes for base in baselines)
