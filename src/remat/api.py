@@ -66,7 +66,9 @@ def capture(model: nn.Module, example_inputs: tuple) -> Captured:
     gm = trace(model, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     pieces = split_linear(gm)
-    modules = [piece_module(gm, p, placeholders) for p in pieces]
+    model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    model_tensors |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    modules = [piece_module(gm, p, placeholders, model_tensors) for p in pieces]
     return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen)
 
 

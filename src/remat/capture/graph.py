@@ -200,13 +200,15 @@ def fetch_attr(root: nn.Module, target: str):
     return value
 
 
-def piece_module(gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Node]) -> fx.GraphModule:
+def piece_module(
+    gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Node], model_tensors: set[str]
+) -> fx.GraphModule:
     """A GraphModule running ``piece``: ``f(boundary_input, root, *model_inputs)``.
 
     Submodules are the original model's (by reference). Parameters and
-    buffers read directly (``get_attr``) are looked up on ``root`` at run time,
-    so whoever swaps them on the model (``torch.func.functional_call``, fake
-    tensors) is seen.
+    buffers of the model (``model_tensors``) read directly (``get_attr``) are
+    looked up on ``root`` at run time, so whoever swaps them on the model
+    (``torch.func.functional_call``, a fake copy) is seen.
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -220,8 +222,10 @@ def piece_module(gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Nod
     def value(node: fx.Node) -> fx.Node:
         """``node`` in the new graph: parameters fetched, input-only values recomputed."""
         if node not in env:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and node.target in model_tensors:
                 env[node] = graph.call_function(fetch_attr, (root, node.target))
+            elif node.op == "get_attr":  # a constant of the graph's own (export lifts some)
+                env[node] = graph.node_copy(node)
             else:  # an input-only value made by an earlier piece
                 env[node] = graph.node_copy(node, value)
         return env[node]
