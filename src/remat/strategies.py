@@ -113,6 +113,8 @@ class StrategyResult:
         step_time_ratio: median real step time over that of ``none``, or None
             where steps were not timed.
         solve_seconds: time spent choosing the checkpoints (0 for ``none``).
+        forward_flops: the forward pass's FLOPs (the same for every strategy),
+            to put ``recompute_flops`` in proportion; not in :meth:`as_json`.
     """
 
     strategy: str
@@ -121,6 +123,18 @@ class StrategyResult:
     recompute_flops: int
     step_time_ratio: float | None
     solve_seconds: float
+    forward_flops: int = dataclasses.field(default=0, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        """The stable record ``remat bench --json`` writes (see the README)."""
+        return {
+            "strategy": self.strategy,
+            "peak_bytes": self.peak_bytes,
+            "activation_peak_bytes": self.activation_peak_bytes,
+            "recompute_flops": self.recompute_flops,
+            "step_time_ratio": self.step_time_ratio,
+            "solve_seconds": self.solve_seconds,
+        }
 
 
 def step_seconds(
@@ -191,6 +205,7 @@ def compare(
             recompute_flops=measured[name].forward_flops + measured[name].backward_flops - reference_flops,
             step_time_ratio=seconds[name] / seconds["none"] if seconds else None,
             solve_seconds=modules[name][1],
+            forward_flops=measured[name].forward_flops,
         )
         for name in strategies
     ]

@@ -1,0 +1,367 @@
+"""The ``remat`` command line: will this model fit, at which batch size, and at what cost.
+
+Commands (``remat COMMAND --help`` for the options):
+
+* ``remat plan MODEL``: the least-peak checkpoint plan, its peak and its cost.
+* ``remat bench MODEL``: strategies (none, sqrt, per-block, remat) side by side.
+* ``remat report MODEL --out DIR``: a memory plot and a markdown summary.
+* ``remat demo``: what ``make demo`` runs.
+* ``remat fit MODEL --budget 24GiB``: budget mode (not implemented yet).
+
+MODEL is a spec for :func:`remat.models.load`: ``torchvision:NAME``,
+``hf:NAME?opts``, ``file.py:factory`` or ``remat:NAME``. Errors print one
+line and exit with status 1 (2 for what is not implemented yet); ``remat
+--traceback COMMAND ...`` shows the whole traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import remat
+from remat import measure_step, models
+from remat.measure import StepMeasurement
+from remat.report import format_bytes, parse_bytes
+from remat.strategies import STRATEGIES, compare, parse_strategies
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="Least-memory gradient checkpointing: will this fit, at which batch size, and at what cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_settings = {"traceback": False}
+
+# -- options shared by the commands -----------------------------------------------
+
+Model = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="model spec: torchvision:NAME, hf:NAME?opts (e.g. hf:gpt2?n_layer=4), file.py:factory or remat:NAME",
+        show_default=False,
+    ),
+]
+Batch = Annotated[int | None, typer.Option("--batch", "-b", help="batch size (default: the model's)")]
+InputShape = Annotated[
+    str | None,
+    typer.Option("--input", metavar="SHAPE", help="one sample's shape without the batch, e.g. 3x224x224 or 128"),
+]
+Fake = Annotated[
+    bool, typer.Option("--fake/--real", help="simulate on fake tensors (no memory used) or run real ones")
+]
+Device = Annotated[str, typer.Option("--device", help="where the model runs: cpu, cuda, cuda:1, ...")]
+Budget = Annotated[str | None, typer.Option("--budget", help="memory budget, e.g. 24GiB (not implemented yet)")]
+JsonOut = Annotated[Path | None, typer.Option("--json", metavar="FILE", help="also write the results as JSON")]
+
+
+class _NotImplementedYet(NotImplementedError):
+    """A feature the CLI knows about but remat does not do yet (exit status 2)."""
+
+
+_BUDGET_MODE = "budget mode is not implemented yet: remat finds the least peak for now (drop --budget)"
+
+
+@app.callback()
+def _main(
+    traceback: Annotated[bool, typer.Option("--traceback", help="show the full traceback on errors")] = False,
+) -> None:
+    _settings["traceback"] = traceback
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn errors about the user's input into one line on stderr and a non-zero exit."""
+    try:
+        yield
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
+        if _settings["traceback"]:
+            raise
+        lines = str(error).strip().splitlines()
+        message = lines[0] if lines else type(error).__name__
+        if type(error) is RuntimeError:  # from PyTorch, e.g. inputs of the wrong shape
+            message = f"running the model failed: {message}"
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2 if isinstance(error, NotImplementedError) else 1) from None
+
+
+def _status(message: str):
+    """A spinner on stderr while a slow step runs (nothing when stderr is not a terminal)."""
+    return Console(stderr=True).status(message)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    """``"3x224x224"`` as ``(3, 224, 224)``."""
+    try:
+        shape = tuple(int(part) for part in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"bad input shape {text!r}: expected positive integers joined by x, e.g. 3x224x224 or 128")
+    return shape
+
+
+def _load(spec: str, batch: int | None, input_shape: str | None, device: str) -> models.ModelSource:
+    """The model and example inputs, on ``device``."""
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    with _status(f"building {spec}"):
+        source = models.load(spec, batch, input_shape=_parse_shape(input_shape) if input_shape else None)
+    if target.type != "cpu":
+        source.model.to(target)
+        source.example_inputs = tuple(
+            x.to(target) if isinstance(x, torch.Tensor) else x for x in source.example_inputs
+        )
+    return source
+
+
+def _describe(source: models.ModelSource, fake: bool) -> str:
+    """One line: the model, batch, sample shape and kind of tensors."""
+    shapes = " + ".join("x".join(map(str, x.shape[1:])) or "scalar" for x in source.example_inputs)
+    batch = source.example_inputs[0].shape[0] if source.example_inputs[0].dim() else 1
+    tensors = "fake (simulated)" if fake else f"real, {source.example_inputs[0].device}"
+    return f"{source.name}, batch {batch}, input {shapes}, {tensors} tensors"
+
+
+def _percent_cut(before: int, after: int) -> float:
+    return 1 - after / before if before else 0.0
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], numbers: bool = True) -> None:
+    """``title`` on a line, then a rich table: the first column left, the others right (``numbers``) or left."""
+    table = Table()
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i and numbers else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(title, highlight=False, markup=False)
+    console.print(table)
+
+
+# -- plan -------------------------------------------------------------------------
+
+
+def _make_plan(source: models.ModelSource, fake: bool, budget: str | None) -> tuple[remat.Plan, StepMeasurement]:
+    """The plan, and one step of the planned module measured (on fake or real tensors)."""
+    budget_bytes = parse_bytes(budget) if budget is not None else None
+    try:
+        with _status("capturing the model and solving for the least peak"):
+            optimized = remat.optimize(source.model, source.example_inputs, budget=budget_bytes)
+    except NotImplementedError:
+        raise _NotImplementedYet(_BUDGET_MODE) from None
+    with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
+        measured = measure_step(optimized, source.example_inputs, fake=fake)
+    return optimized.plan, measured
+
+
+def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[tuple[str, str]]:
+    """The plan's table, as (what, value) rows."""
+    kept = ", ".join(plan.checkpoint_names) or "none (store everything)"
+    return [
+        ("stages", f"{len(plan.stage_names)} (the loss last)"),
+        ("kept activations", f"{len(plan.checkpoints)}: {kept}"),
+        ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
+        ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
+        (f"measured peak ({'fake' if fake else 'real'} tensors)", format_bytes(measured.peak_bytes)),
+        ("peak cut", f"{_percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes):.1%}"),
+        ("recompute", f"{plan.recompute_flops / 1e9:.3g} GFLOP ({plan.recompute_overhead:.1%} of a forward)"),
+        ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
+    ]
+
+
+def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasurement, fake: bool) -> dict:
+    """The machine-readable summary that ``remat plan --json`` writes (bytes, FLOPs, seconds)."""
+    return {
+        "model": source.name,
+        "batch": int(source.example_inputs[0].shape[0]),
+        "input_shapes": [list(x.shape) for x in source.example_inputs],
+        "fake": fake,
+        "stages": list(plan.stage_names),
+        "checkpoints": list(plan.checkpoints),
+        "kept": list(plan.checkpoint_names),
+        "baseline_peak_bytes": plan.baseline_peak_bytes,
+        "predicted_peak_bytes": plan.predicted_peak_bytes,
+        "measured_peak_bytes": measured.peak_bytes,
+        "peak_cut": _percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes),
+        "forward_flops": plan.forward_flops,
+        "recompute_flops": plan.recompute_flops,
+        "recompute_overhead": plan.recompute_overhead,
+        "capture_seconds": plan.capture_seconds,
+        "solve_seconds": plan.solve_seconds,
+    }
+
+
+@app.command()
+def plan(
+    model: Model,
+    batch: Batch = None,
+    input: InputShape = None,
+    fake: Fake = True,
+    device: Device = "cpu",
+    budget: Budget = None,
+    json_out: JsonOut = None,
+    save: Annotated[
+        Path | None, typer.Option("--save", metavar="PLAN.json", help="save the plan for remat.optimize(plan=...)")
+    ] = None,
+) -> None:
+    """The least-peak checkpoint plan: what it keeps, its peak against the model's, and its cost."""
+    with _user_errors():
+        if budget is not None:
+            parse_bytes(budget)  # a bad size is reported before the model is built
+        source = _load(model, batch, input, device)
+        chosen, measured = _make_plan(source, fake, budget)
+        _print_table(_describe(source, fake), ["", "remat plan"], _plan_rows(chosen, measured, fake), numbers=False)
+        if json_out is not None:
+            _write_json(json_out, _plan_json(source, chosen, measured, fake))
+        if save is not None:
+            chosen.save(save)
+
+
+# -- bench ------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    model: Model,
+    batch: Batch = None,
+    input: InputShape = None,
+    fake: Fake = True,
+    device: Device = "cpu",
+    strategies: Annotated[
+        str, typer.Option("--strategies", "-s", help=f"comma-separated, from: {', '.join(STRATEGIES)}")
+    ] = "none,sqrt,remat",
+    steps: Annotated[int, typer.Option("--steps", help="real steps timed per strategy (with --real)")] = 5,
+    json_out: JsonOut = None,
+) -> None:
+    """Strategies side by side in one run: peaks, recompute FLOPs, step-time ratio (--real), solve time."""
+    with _user_errors():
+        names = parse_strategies(strategies)
+        if steps < 1:
+            raise ValueError(f"--steps must be a positive integer, not {steps}")
+        source = _load(model, batch, input, device)
+        work = f"measuring {', '.join(names)}" + ("" if fake else f", timing {steps} real steps each")
+        with _status(work):
+            results = compare(source.model, source.example_inputs, names, fake=fake, steps=None if fake else steps)
+        rows = [
+            (
+                r.strategy,
+                format_bytes(r.peak_bytes),
+                format_bytes(r.activation_peak_bytes),
+                f"{r.recompute_flops / 1e9:.3g} GFLOP ({r.recompute_flops / max(r.forward_flops, 1):.0%})",
+                "-" if r.step_time_ratio is None else f"{r.step_time_ratio:.2f}x",
+                f"{r.solve_seconds:.3f} s",
+            )
+            for r in results
+        ]
+        headers = ["strategy", "step peak", "activation peak", "recompute (% of fwd)", "step time", "solve"]
+        _print_table(_describe(source, fake), headers, rows)
+        if fake:
+            Console().print("step time: run with --real to time real steps against 'none'")
+        if json_out is not None:
+            _write_json(json_out, [r.as_json() for r in results])
+
+
+# -- report -----------------------------------------------------------------------
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [" | ".join(headers), " | ".join("---" for _ in headers), *(" | ".join(r) for r in rows)]
+    return "\n".join(f"| {line} |" for line in lines)
+
+
+@app.command()
+def report(
+    model: Model,
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for memory.png and report.md")],
+    batch: Batch = None,
+    input: InputShape = None,
+    fake: Fake = True,
+    device: Device = "cpu",
+) -> None:
+    """Write OUT/memory.png (live memory over one step, baseline vs plan) and OUT/report.md."""
+    from remat.plots import memory_timeline
+
+    with _user_errors():
+        source = _load(model, batch, input, device)
+        chosen, planned = _make_plan(source, fake, None)
+        with _status("measuring the unmodified model"):
+            baseline = measure_step(source.model, source.example_inputs, fake=fake)
+        out.mkdir(parents=True, exist_ok=True)
+        title = _describe(source, fake)
+        png = memory_timeline([("baseline", baseline), ("remat plan", planned)], out / "memory.png", title)
+        rows = _plan_rows(chosen, planned, fake)
+        text = "\n\n".join(
+            [
+                f"# remat report: {source.name}",
+                f"{title}. Made with `remat report`.",
+                "## Live memory over one training step",
+                f"![live memory, baseline vs remat plan]({png.name})",
+                "Everything live (parameters, inputs, activations, gradients) after each operator; the "
+                "forward pass is shaded and a dotted line marks where each backward pass starts. The plan "
+                "recomputes segments in backward, so its step runs more operators.",
+                "## Plan",
+                _markdown_table(["", "remat plan"], rows),
+                "A Pareto front (peak against recompute, one point per budget) will come with budget mode.",
+            ]
+        )
+        (out / "report.md").write_text(text + "\n")
+        Console().print(f"wrote {png} and {out / 'report.md'}")
+
+
+# -- demo and fit -----------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    model: Annotated[str | None, typer.Argument(metavar="[MODEL]", help="model spec (default torchvision:resnet50)")] = None,
+    batch: Batch = None,
+    real: Annotated[bool, typer.Option("--real", help="run on real CPU tensors, not fake ones")] = False,
+) -> None:
+    """What `make demo` runs: ResNet-50 at batch 32, planned and measured (any MODEL works)."""
+    from remat import demo as demo_module
+
+    argv = [model] if model else []
+    argv += ["--batch", str(batch)] if batch is not None else []
+    argv += ["--real"] if real else []
+    with _user_errors():
+        demo_module.main(argv)
+
+
+@app.command()
+def fit(
+    model: Model,
+    budget: Annotated[str, typer.Option("--budget", help="memory budget, e.g. 24GiB")],
+    input: InputShape = None,
+    fake: Fake = True,
+    device: Device = "cpu",
+) -> None:
+    """The largest batch that fits BUDGET, and its cost (needs budget mode: not implemented yet)."""
+    with _user_errors():
+        parse_bytes(budget)
+        raise _NotImplementedYet(
+            "remat fit needs budget mode, which is not implemented yet; "
+            "`remat plan MODEL --batch N` gives the least peak at one batch size"
+        )
+
+
+if __name__ == "__main__":
+    app()
