@@ -268,11 +268,11 @@ def bench(
                 format_bytes(r.activation_peak_bytes),
                 f"{r.recompute_flops / 1e9:.3g} GFLOP ({r.recompute_flops / max(r.forward_flops, 1):.0%})",
                 "-" if r.step_time_ratio is None else f"{r.step_time_ratio:.2f}x",
-                f"{r.solve_seconds:.3f} s",
+                f"{r.solve_seconds * 1e3:.1f} ms",
             )
             for r in results
         ]
-        headers = ["strategy", "step peak", "activation peak", "recompute (% of fwd)", "step time", "solve"]
+        headers = ["strategy", "step peak", "activations", "recompute (fwd %)", "step time", "solve"]
         _print_table(_describe(source, fake), headers, rows)
         if fake:
             Console().print("step time: run with --real to time real steps against 'none'")

@@ -1,0 +1,107 @@
+"""The `remat` command line, through typer's CliRunner, on small models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from remat import Plan
+from remat.cli import app
+
+MLP = "remat:mlp?depth=6&width=64"
+RESNET = ["torchvision:resnet18", "--batch", "2", "--input", "3x64x64"]
+BENCH_KEYS = {"strategy", "peak_bytes", "activation_peak_bytes", "recompute_flops", "step_time_ratio", "solve_seconds"}
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ["plan", "bench", "report", "demo", "fit"]:
+        assert command in result.stdout
+
+
+def test_plan_prints_the_table_and_writes_json_and_the_plan(tmp_path):
+    summary, saved = tmp_path / "summary.json", tmp_path / "plan.json"
+    result = invoke("plan", MLP, "--json", str(summary), "--save", str(saved))
+    assert result.exit_code == 0, result.output
+    for row in ["kept activations", "baseline peak", "predicted peak", "peak cut", "recompute", "capture / solve"]:
+        assert row in result.stdout
+    data = json.loads(summary.read_text())
+    assert data["model"] == MLP and data["batch"] == 1024 and data["fake"] is True
+    assert data["predicted_peak_bytes"] == data["measured_peak_bytes"] <= data["baseline_peak_bytes"]
+    assert data["kept"] == [data["stages"][i - 1] for i in data["checkpoints"]]
+    assert 0 <= data["peak_cut"] < 1 and data["recompute_flops"] >= 0
+    plan = Plan.load(saved)
+    assert list(plan.checkpoints) == data["checkpoints"]
+
+
+def test_bench_json_has_the_documented_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("bench", *RESNET, "--strategies", "none,sqrt,per-block,remat", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [r["strategy"] for r in rows] == ["none", "sqrt", "per-block", "remat"]
+    assert all(set(r) == BENCH_KEYS for r in rows)
+    by_name = {r["strategy"]: r for r in rows}
+    none = by_name["none"]
+    assert none["recompute_flops"] == 0 and none["solve_seconds"] == 0
+    for r in rows:
+        assert r["step_time_ratio"] is None  # fake tensors: no timing
+        assert 0 < r["activation_peak_bytes"] <= r["peak_bytes"] <= none["peak_bytes"]
+        assert r["recompute_flops"] >= 0 and r["solve_seconds"] >= 0
+    assert by_name["remat"]["peak_bytes"] <= by_name["sqrt"]["peak_bytes"]
+    assert "step time" in result.stdout
+
+
+def test_bench_real_times_the_steps(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("bench", "remat:mlp?depth=4&width=32&batch=64", "--real", "--steps", "2",
+                    "-s", "remat", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(out.read_text())
+    assert row["strategy"] == "remat" and row["step_time_ratio"] > 0
+
+
+def test_report_writes_png_and_markdown(tmp_path):
+    result = invoke("report", MLP, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    png, md = tmp_path / "out" / "memory.png", tmp_path / "out" / "report.md"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = md.read_text()
+    assert "](memory.png)" in text and "predicted peak" in text and "Pareto" in text
+
+
+def test_demo_runs_on_a_small_model():
+    result = invoke("demo", "remat:mlp?depth=4&width=32", "--batch", "16")
+    assert result.exit_code == 0, result.output
+    assert "step peak" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["plan", "nope:model"], 1, "unknown model source"),
+        (["plan", "torchvision:resnet18", "--input", "3xbig"], 1, "bad input shape"),
+        (["plan", *RESNET[:3], "--input", "7x64x64"], 1, "running the model failed"),
+        (["plan", MLP, "--budget", "lots"], 1, "not a size"),
+        (["plan", MLP, "--budget", "24GiB"], 2, "not implemented yet"),
+        (["plan", MLP, "--batch", "0"], 1, "batch_size must be a positive integer"),
+        (["bench", MLP, "--strategies", "none,fast"], 1, "unknown strategy 'fast'"),
+        (["fit", MLP, "--budget", "24GiB"], 2, "not implemented yet"),
+        (["fit", MLP, "--budget", "-3GB"], 1, "not a size"),
+    ],
+)
+def test_errors_are_one_line(args, code, words):
+    result = invoke(*args)
+    assert result.exit_code == code
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
