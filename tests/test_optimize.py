@@ -88,7 +88,7 @@ CASES = {
 HEAVY = {"vgg16", "resnet152", "densenet201", "vit_b_16", "swin_t"}
 # At these small sizes the least-peak plan keeps nothing: the forced plan
 # below is what exercises recomputation for them.
-NO_CHECKPOINTS_EXPECTED = {"alexnet", "vgg16"}
+NO_CHECKPOINTS_EXPECTED = {"alexnet", "vit_b_16"}
 # The forced (every boundary) plan runs by default for these; heavy for the rest.
 FORCED_DEFAULT = {"alexnet", "resnet50", "mobilenet_v3_large", "gpt2"}
 
@@ -111,12 +111,12 @@ def prepared(name: str):
 @pytest.mark.parametrize("name", params(CASES, HEAVY))
 def test_exact_gradients_with_least_peak_plan(name):
     model, inputs, fast, plain = prepared(name)
+    assert_grads_equal(plain, step_grads(fast, inputs))
     if name in NO_CHECKPOINTS_EXPECTED:
         assert fast.plan.checkpoints == ()  # the forced-plan test covers recomputation
     else:
         assert len(fast.plan.checkpoints) > 0, f"{name}: the plan checkpoints nothing at this size"
         assert fast.boundaries, "the plan's checkpoints did not reach the module"
-    assert_grads_equal(plain, step_grads(fast, inputs))
 
 
 @pytest.mark.parametrize("name", params(CASES, set(CASES) - FORCED_DEFAULT))
