@@ -7,7 +7,6 @@ the chain for the least peak, and run the plan with the user's own modules.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import time
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from remat.capture.graph import Piece, piece_module, split_linear, trace
+from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import profile_stages
 from remat.execute import RematModule
 from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
@@ -35,10 +34,6 @@ class Captured:
     modules: list[fx.GraphModule]
     input_names: list[str]
     codegen: Any  # the traced graph's input flattening / output unflattening
-
-    def __deepcopy__(self, memo: dict) -> Captured:
-        # The graph pieces are read-only metadata; only the modules are copied.
-        return Captured(self.pieces, copy.deepcopy(self.modules, memo), self.input_names, self.codegen)
 
     def tensor_names(self, index: int, root: nn.Module) -> list[str]:
         """Names (on ``root``) of the parameters and buffers piece ``index`` reads."""
@@ -84,7 +79,7 @@ def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tu
     host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
     with step_model(host, inputs, fake=True) as (fake_host, fake_inputs):
         named = dict(fake_host.named_parameters())
-        specs = []
+        specs, keys = [], []
         last = len(captured.modules) - 1
         finish = captured.codegen.process_outputs  # the model's output structure
         for index, piece in enumerate(fake_host._captured.modules):
@@ -96,10 +91,11 @@ def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tu
             used = captured.tensor_names(index, fake_host)
             trainable = [named[k] for k in used if k in named and named[k].requires_grad]
             specs.append((captured.pieces[index].name, run, trainable))
+            keys.append(structure_key(piece, fake_host) + ("<last>" if index == last else ""))
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device))
-        return profile_stages(specs, fake_inputs, loss_fn, base_bytes=base, device=device)
+        return profile_stages(specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys)
 
 
 def plan(

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy as _copy
 import dataclasses
 import time
 import weakref
@@ -261,27 +260,34 @@ def as_tuple(example_inputs: Any) -> tuple:
 def step_model(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
     """The model and inputs to run one measured step on, leaving ``model`` as it was.
 
-    With ``fake``, a copy of the model whose tensors are fake (no memory, no
-    data) and fake inputs, inside their ``FakeTensorMode``. Otherwise the model
-    itself: the parameters' ``.grad`` are set aside and the buffers (BatchNorm
-    running statistics) saved, and both are put back afterwards.
+    With ``fake``, the model with its parameters and buffers swapped for fake
+    tensors (no memory, no data) until the ``with`` block ends, and fake
+    inputs, inside their ``FakeTensorMode``. Otherwise the model itself: the
+    parameters' ``.grad`` are set aside and the buffers (BatchNorm running
+    statistics) saved, and both are put back afterwards.
     Yields ``(module, inputs)``.
     """
     inputs = as_tuple(example_inputs)
     if fake:
-        from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.nn.utils.stateless import _reparametrize_module
 
         mode = FakeTensorMode()
-        with FakeCopyMode(mode):
-            copy = _copy.deepcopy(model)
+        fakes: dict[int, torch.Tensor] = {}  # tied tensors stay tied
 
         def to_fake(t: torch.Tensor) -> torch.Tensor:
-            f = mode.from_tensor(t)
-            return f.requires_grad_(t.requires_grad) if t.is_leaf else f
+            if id(t) not in fakes:
+                f = mode.from_tensor(t)
+                fakes[id(t)] = f.requires_grad_(t.requires_grad) if t.is_leaf else f
+            return fakes[id(t)]
 
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        swapped = {name: to_fake(t) for name, t in named}
         fake_inputs = tree_map_only(torch.Tensor, to_fake, inputs)
-        with mode:
-            yield copy, fake_inputs
+        # The model's own tensors are swapped for fake ones for the whole step
+        # (forward and backward, recomputation included), then put back.
+        with _reparametrize_module(model, swapped), mode:
+            yield model, fake_inputs
         return
     params = list(model.parameters())
     grads = [p.grad for p in params]
@@ -307,9 +313,10 @@ def measure_step(
 ) -> StepMeasurement:
     """Run one training step and measure its memory, FLOPs and time.
 
-    The user's model is left as it was: on fake tensors a fake copy runs; on
-    real ones the parameters' ``.grad`` and the buffers (BatchNorm running
-    statistics) are put back afterwards.
+    The user's model is left as it was: on fake tensors its tensors are swapped
+    for fake ones during the step and put back; on real ones the parameters'
+    ``.grad`` and the buffers (BatchNorm running statistics) are put back
+    afterwards.
 
     Args:
         model: the module to train.

@@ -16,7 +16,16 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["TraceError", "Piece", "trace", "split_linear", "piece_module", "fetch_attr", "input_only_nodes"]
+__all__ = [
+    "TraceError",
+    "Piece",
+    "trace",
+    "split_linear",
+    "piece_module",
+    "fetch_attr",
+    "input_only_nodes",
+    "structure_key",
+]
 
 
 class TraceError(RuntimeError):
@@ -241,3 +250,35 @@ def piece_module(
     else:
         graph.output(value(piece.output))
     return fx.GraphModule(gm, graph)
+
+
+def _describe_tensor(t: Any) -> Any:
+    if isinstance(t, torch.Tensor):
+        return ("tensor", tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+    return repr(t)
+
+
+def structure_key(piece: fx.GraphModule, root: nn.Module) -> str:
+    """What a piece computes, without the names of the modules and tensors it uses.
+
+    Two pieces with equal keys run the same operators on parameters of the
+    same shapes (ResNet blocks of one stage, transformer layers), so their
+    memory and FLOPs on equal inputs are equal.
+    """
+    index: dict[fx.Node, int] = {}
+    parts = []
+    for i, n in enumerate(piece.graph.nodes):
+        index[n] = i
+        args, kwargs = fx.map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}")
+        if n.op == "call_module":
+            module = piece.get_submodule(n.target)
+            tensors = [*module.parameters(), *module.buffers()]
+            what = (type(module).__qualname__, module.extra_repr(), module.training, *map(_describe_tensor, tensors))
+        elif n.op == "call_function" and n.target is fetch_attr:
+            what, args = _describe_tensor(fetch_attr(root, n.args[1])), ()
+        elif n.op == "get_attr":
+            what = _describe_tensor(fetch_attr(piece, n.target))
+        else:
+            what = getattr(n.target, "__qualname__", None) or str(n.target)
+        parts.append((n.op, what, args, kwargs))
+    return repr(parts)

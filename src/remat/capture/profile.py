@@ -10,7 +10,7 @@ Stage inputs and outputs may be tensors or nested tuples/lists/dicts of them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -178,6 +178,7 @@ def profile_stages(
     *,
     base_bytes: int,
     device: torch.device | None = None,
+    keys: Sequence[Hashable] | None = None,
 ) -> tuple[Chain, list[list[int]]]:
     """Measure every stage (plus the loss, appended) as a chain.
 
@@ -187,6 +188,9 @@ def profile_stages(
         first_input: what the first stage receives (the model input).
         loss_fn: model output -> scalar loss; the chain's last stage.
         base_bytes: bytes live through the whole step (parameters, inputs).
+        keys: optional structural key per stage: stages with equal keys (and
+            equal inputs) compute the same thing on other parameters, so they
+            are measured once (a 1000-layer ResNet has a handful of kinds).
 
     Returns the chain and the grouping of stage indices into chain stages: a
     stage whose output only aliases its input (a view, an in-place op) is
@@ -195,26 +199,43 @@ def profile_stages(
     costs: list[StageCost] = []
     groups: list[list[int]] = []
     names: list[str] = []
-    # Per group: its input, whether that requires grad, its runs and parameters.
-    members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor]]] = []
+    # Per group: its input, whether that requires grad, its runs, parameters and keys.
+    members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor], list[Hashable]]] = []
+    cache: dict[Hashable, tuple[StageCost, Any]] = {}
+
+    def profile(key: Hashable | None, run, x, requires_grad: bool, params) -> tuple[StageCost, Any]:
+        """One stage's cost; stages of the same structure on the same input are measured once."""
+        if key is not None:
+            key = (key, requires_grad, _signature(x))
+            if key in cache:
+                cost, template = cache[key]
+                return cost, _materialize(template)
+        cost, output = _profile_stage(run, _leaf(x, requires_grad), params, device)
+        if key is not None:
+            cache[key] = (cost, _template(output))
+        return cost, output
+
+    keys = list(keys) if keys is not None else [None] * len(stages)
     current = first_input
     first_requires_grad = any(t.requires_grad for t in _tensors(first_input))
-    for index, (name, run, params) in enumerate(stages):
+    for index, ((name, run, params), key) in enumerate(zip(stages, keys)):
         requires_grad = first_requires_grad or index > 0
-        cost, output = _profile_stage(run, _leaf(current, requires_grad), params, device)
+        cost, output = profile(key, run, current, requires_grad, params)
         if cost.out_aliases_input and costs:
             # A view or an in-place op: merged into the stage before, and the
             # merged stage profiled again as one (its backward frees the
             # alias's saved output and gradient before the first part runs,
             # which per-part figures cannot tell).
-            group_input, group_grad, runs, group_params = members[-1]
+            group_input, group_grad, runs, group_params, group_keys = members[-1]
             runs.append(run)
             group_params.extend(p for p in params if all(p is not q for q in group_params))
-            cost, output = _profile_stage(_chained(runs), _leaf(group_input, group_grad), group_params, device)
+            group_keys.append(key)
+            group_key = None if None in group_keys else tuple(group_keys)
+            cost, output = profile(group_key, _chained(runs), group_input, group_grad, group_params)
             groups[-1].append(index)
             costs[-1] = cost
         else:
-            members.append((current, requires_grad, [run], list(params)))
+            members.append((current, requires_grad, [run], list(params), [key]))
             groups.append([index])
             costs.append(cost)
             names.append(name)
@@ -224,6 +245,34 @@ def profile_stages(
     names.append("loss")
     x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
     return _chain_of(costs, x_bytes, base_bytes, names), groups
+
+
+def _signature(tree: Any) -> Hashable:
+    """Structure, shapes, strides and dtypes of a stage input."""
+    leaves, spec = tree_flatten(tree)
+    return str(spec), tuple(
+        (tuple(t.shape), t.stride(), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else repr(t)
+        for t in leaves
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _template(tree: Any) -> Any:
+    return tree_map_only(torch.Tensor, lambda t: _Layout(tuple(t.shape), t.stride(), t.dtype, t.device), tree)
+
+
+def _materialize(template: Any) -> Any:
+    """Tensors laid out as in ``template`` (their values do not matter: fake, or only profiled)."""
+    return tree_map_only(
+        _Layout, lambda x: torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=x.device), template
+    )
 
 
 def _chained(runs: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
