@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -350,9 +349,6 @@ def demo(
 def fit(
     model: Model,
     budget: Annotated[str, typer.Option("--budget", help="memory budget, e.g. 24GiB")],
-    input: InputShape = None,
-    fake: Fake = True,
-    device: Device = "cpu",
 ) -> None:
     """The largest batch that fits BUDGET, and its cost (needs budget mode: not implemented yet)."""
     with _user_errors():
