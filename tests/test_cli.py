@@ -91,13 +91,13 @@ def test_demo_runs_on_a_small_model():
         (["plan", "nope:model"], 1, "unknown model source"),
         (["plan", "torchvision:resnet18", "--input", "3xbig"], 1, "bad input shape"),
         (["plan", *RESNET[:3], "--input", "7x64x64"], 1, "running the model failed"),
-        (["plan", MLP, "--budget", "lots"], 1, "not a size"),
+        (["plan", MLP, "--budget", "lots"], 1, "budget must be"),
         # 2 "not implemented yet" until budget mode lands, then 1 "no plan fits": one line either way
         (["plan", MLP, "--budget", "1KiB"], (1, 2), "budget"),
         (["plan", MLP, "--batch", "0"], 1, "batch_size must be a positive integer"),
         (["bench", MLP, "--strategies", "none,fast"], 1, "unknown strategy 'fast'"),
         (["fit", MLP, "--budget", "24GiB"], 2, "not implemented yet"),
-        (["fit", MLP, "--budget", "-3GB"], 1, "not a size"),
+        (["fit", MLP, "--budget", "-3GB"], 1, "budget must be"),
     ],
 )
 def test_errors_are_one_line(args, code, words):

@@ -293,11 +293,6 @@ def test_plan_and_optimize_leave_the_model_unchanged(mode):
     assert model.layer1[0].bn1.training == (mode != "train")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RematModule.train()/eval() reaches the model's children (it holds them) but not the "
-    "user's root module: model.training keeps its old value",
-)
 def test_eval_on_the_optimized_module_reaches_the_users_root_module():
     model = bn_net()
     fast = remat.optimize(model, torch.randn(8, 3, 32, 32))
@@ -315,11 +310,6 @@ def test_eval_turns_off_dropout_in_a_traced_model():
         assert torch.equal(fast(x), model.eval()(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models captured with torch.export (Hugging Face) have train-mode dropout baked into "
-    "the graph (aten.dropout(x, p, True)): eval() on the RematModule does not turn it off",
-)
 def test_eval_turns_off_dropout_in_an_exported_model():
     source = models.load("hf:gpt2?n_layer=2&n_embd=64&n_head=4&seq=16", 2)
     model, inputs = source.model, source.example_inputs
@@ -471,13 +461,6 @@ def test_non_tensor_argument_with_default():
     assert_grads_equal(step_grads(model, (x, y), scale=2.0), step_grads(fast, (x, y), scale=2.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="planning runs the pieces with example_inputs as given: an argument left to its "
-    "default (scale=0.5) is not filled in, so profiling raises TypeError: forward() missing 1 "
-    "required positional argument: 'scale' (RematModule.forward binds defaults, _profile does not)",
-)
 def test_plan_with_a_defaulted_argument_left_out():
     torch.manual_seed(0)
     model, x, y = ScaledInputs(), torch.randn(256, 64), torch.randn(256, 64)

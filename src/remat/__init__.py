@@ -4,19 +4,24 @@ The pipeline: capture (model -> graph with sizes and costs), solve (graph ->
 plan), execute (plan -> module), measure.
 """
 
-from remat.api import optimize, plan
+from remat.api import max_batch, optimize, pareto, plan
+from remat.budget import InfeasibleBudget, parse_bytes
 from remat.execute import CheckpointedSequential, RematModule
 from remat.measure import StepMeasurement, default_loss, measure_step, track_memory
 from remat.plan import Plan
 
 __all__ = [
     "CheckpointedSequential",
+    "InfeasibleBudget",
     "Plan",
     "RematModule",
     "StepMeasurement",
     "default_loss",
+    "max_batch",
     "measure_step",
     "optimize",
+    "pareto",
+    "parse_bytes",
     "plan",
     "track_memory",
 ]

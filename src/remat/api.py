@@ -21,9 +21,10 @@ from remat.capture.profile import profile_stages
 from remat.execute import RematModule
 from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
 from remat.plan import Plan
-from remat.solvers.chain import Chain, min_peak
+from remat.budget import InfeasibleBudget, parse_bytes
+from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, store_all
 
-__all__ = ["plan", "optimize"]
+__all__ = ["plan", "optimize", "pareto", "max_batch"]
 
 
 @dataclasses.dataclass
@@ -77,6 +78,7 @@ def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
 def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tuple[Chain, list[list[int]]]:
     """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors."""
     host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
+    inputs = host._inputs(inputs, {})  # arguments left to their defaults filled in
     with step_model(host, inputs, fake=True) as (fake_host, fake_inputs):
         named = dict(fake_host.named_parameters())
         specs, keys = [], []
@@ -104,18 +106,22 @@ def plan(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     budget: int | str | None = None,
 ) -> Plan:
-    """Find the checkpoints with the least training-step peak for ``model``.
+    """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
     Planning runs on fake tensors: it needs no memory for activations, so a
     model that does not fit can be planned on any machine.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        model: any ``nn.Module`` that ``torch.fx`` can trace or
+            ``torch.export`` can export.
         example_inputs: a tensor or tuple of positional inputs, at the size
             you will train with.
         loss_fn: model output -> scalar loss (default: mean of squares of the
             first output, in float32). Only its cost matters for planning.
-        budget: not supported yet (least peak only); must be None.
+        budget: the whole step's peak may not exceed this (bytes, or a string
+            such as ``"20GiB"``); the plan then recomputes as little as
+            possible. ``None``: the least peak. A budget no plan meets raises
+            :class:`remat.InfeasibleBudget`, which states the least peak.
 
     Example:
         >>> import torch, remat
@@ -127,33 +133,148 @@ def plan(
     return _plan_and_capture(model, example_inputs, loss_fn, budget)[0]
 
 
+@dataclasses.dataclass
+class _Profiled:
+    """A model captured and measured as a chain, ready to be solved any number of times."""
+
+    model: nn.Module
+    inputs: tuple
+    loss_fn: Callable[[Any], torch.Tensor]
+    captured: Captured
+    chain: Chain
+    groups: list[list[int]]
+    capture_seconds: float
+    baseline: Any = None
+
+    @classmethod
+    def of(cls, model: nn.Module, example_inputs: Any, loss_fn) -> _Profiled:
+        inputs = as_tuple(example_inputs)
+        loss_fn = loss_fn or default_loss
+        start = time.perf_counter()
+        captured = capture(model, inputs)
+        chain, groups = _profile(model, captured, inputs, loss_fn)
+        return cls(model, inputs, loss_fn, captured, chain, groups, time.perf_counter() - start)
+
+    def plan(self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None) -> Plan:
+        if self.baseline is None:
+            self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=True)
+        return Plan(
+            stage_names=self.chain.names,
+            checkpoints=solution.checkpoints,
+            predicted_peak_bytes=solution.peak_bytes,
+            baseline_peak_bytes=self.baseline.peak_bytes,
+            forward_flops=int(self.chain.fwd_flops[:-1].sum()),
+            recompute_flops=solution.recompute_flops,
+            parameter_bytes=self.baseline.parameter_bytes,
+            input_bytes=self.baseline.input_bytes,
+            solve_seconds=solve_seconds,
+            capture_seconds=self.capture_seconds,
+            fingerprint=fingerprint(self.model, self.inputs),
+            budget_bytes=budget_bytes,
+        )
+
+    def solve(self, budget_bytes: int | None) -> Plan:
+        start = time.perf_counter()
+        if budget_bytes is None:
+            solution = min_peak(self.chain)
+        else:
+            solution = min_recompute(self.chain, budget_bytes)
+            if solution is None:
+                raise InfeasibleBudget(budget_bytes, min_peak(self.chain).peak_bytes)
+        return self.plan(solution, time.perf_counter() - start, budget_bytes)
+
+
 def _plan_and_capture(model, example_inputs, loss_fn, budget):
-    if budget is not None:
-        raise NotImplementedError("budget= is not supported yet: pass budget=None for the least peak")
-    inputs = as_tuple(example_inputs)
-    loss_fn = loss_fn or default_loss
+    budget_bytes = None if budget is None else parse_bytes(budget)
+    profiled = _Profiled.of(model, example_inputs, loss_fn)
+    return profiled.solve(budget_bytes), profiled.captured, profiled.groups
+
+
+def pareto(
+    model: nn.Module,
+    example_inputs: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> list[Plan]:
+    """Every plan worth having, from "store everything" to the least peak.
+
+    Each plan recomputes the least possible for its peak, and each has a
+    lower peak than the one before it (and recomputes more).
+
+    Example:
+        >>> import torch, remat
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
+        >>> x = torch.randn(256, 64)
+        >>> front = remat.pareto(net, x)
+        >>> front[0].recompute_flops == 0
+        True
+        >>> front[-1].predicted_peak_bytes == remat.plan(net, x).predicted_peak_bytes
+        True
+    """
+    profiled = _Profiled.of(model, example_inputs, loss_fn)
     start = time.perf_counter()
-    captured = capture(model, inputs)
-    chain, groups = _profile(model, captured, inputs, loss_fn)
-    capture_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    solution = min_peak(chain)
-    solve_seconds = time.perf_counter() - start
-    baseline = measure_step(model, inputs, loss_fn, fake=True)
-    result = Plan(
-        stage_names=chain.names,
-        checkpoints=solution.checkpoints,
-        predicted_peak_bytes=solution.peak_bytes,
-        baseline_peak_bytes=baseline.peak_bytes,
-        forward_flops=int(chain.fwd_flops[:-1].sum()),
-        recompute_flops=solution.recompute_flops,
-        parameter_bytes=baseline.parameter_bytes,
-        input_bytes=baseline.input_bytes,
-        solve_seconds=solve_seconds,
-        capture_seconds=capture_seconds,
-        fingerprint=fingerprint(model, inputs),
-    )
-    return result, captured, groups
+    solution = min_recompute(profiled.chain, store_all(profiled.chain).peak_bytes)
+    front = []
+    while solution is not None:
+        front.append(profiled.plan(solution, time.perf_counter() - start, None))
+        start = time.perf_counter()
+        solution = min_recompute(profiled.chain, solution.peak_bytes - 1)
+    return front
+
+
+def max_batch(
+    model: str | nn.Module,
+    budget: int | str,
+    *,
+    make_inputs: Callable[[int], Any] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    limit: int = 1 << 16,
+) -> tuple[int, Plan]:
+    """The largest batch size whose best plan fits ``budget``, and that plan.
+
+    Args:
+        model: a model spec (``"torchvision:resnet50"``, see
+            :mod:`remat.models`) or a module, with ``make_inputs``.
+        budget: the step's peak limit, bytes or a string like ``"8GiB"``.
+        make_inputs: batch size -> example inputs (needed for a module).
+        limit: the largest batch size tried.
+
+    Example:
+        >>> import remat
+        >>> batch, p = remat.max_batch("remat:mlp?depth=4&width=64", "1MiB")
+        >>> batch > 1 and p.predicted_peak_bytes <= 2**20
+        True
+    """
+    budget_bytes = parse_bytes(budget)
+    if isinstance(model, str):
+        from remat import models
+
+        source = models.load(model)
+        model, make_inputs = source.model, source.make_inputs
+    if make_inputs is None:
+        raise TypeError("max_batch needs make_inputs=lambda batch: example_inputs for a module")
+
+    def best(batch: int) -> Plan | None:
+        try:
+            return _Profiled.of(model, make_inputs(batch), loss_fn).solve(budget_bytes)
+        except InfeasibleBudget:
+            return None
+
+    fitting = best(1)
+    if fitting is None:
+        least = plan(model, make_inputs(1), loss_fn).predicted_peak_bytes
+        raise InfeasibleBudget(budget_bytes, least)
+    low, high = 1, 2  # low fits; find a high that does not
+    while high <= limit and (candidate := best(high)) is not None:
+        low, fitting, high = high, candidate, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        candidate = best(middle)
+        if candidate is None:
+            high = middle
+        else:
+            low, fitting = middle, candidate
+    return low, fitting
 
 
 def optimize(

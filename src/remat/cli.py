@@ -30,7 +30,8 @@ from rich.table import Table
 import remat
 from remat import measure_step, models
 from remat.measure import StepMeasurement
-from remat.report import format_bytes, parse_bytes
+from remat.budget import parse_bytes
+from remat.report import format_bytes
 from remat.strategies import STRATEGIES, compare, parse_strategies
 
 __all__ = ["app"]

@@ -120,8 +120,9 @@ class RematModule(nn.Module):
     parameters and buffers under the same names (``state_dict()`` is the
     model's, and an optimizer over either module's parameters trains both),
     and runs the traced graph piece by piece, recomputing every segment before
-    the last kept activation in backward. Without autograd (``torch.no_grad``
-    or inference) it simply runs the graph.
+    the last kept activation in backward. In eval mode or without autograd
+    (``torch.no_grad``) it calls the model's own forward: nothing is saved for
+    backward there, so there is nothing to plan.
     """
 
     def __init__(self, model: nn.Module, captured: Any, boundaries: Sequence[int], plan: Any = None):
@@ -132,11 +133,19 @@ class RematModule(nn.Module):
             self.register_parameter(name, param)
         for name, buffer in model.named_buffers(recurse=False):
             self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
-        self.train(model.training)
+        self._model = [model]  # the user's root module, not a submodule: state_dict stays the model's
         self._captured = captured
+        self._captured_training = model.training  # the graph is specialised to this mode
         self._signature = inspect.signature(model.forward)
         self.boundaries = tuple(boundaries)
         self.plan = plan
+        super().train(model.training)
+
+    def train(self, mode: bool = True) -> RematModule:
+        """Set train/eval mode here, on the model's children, and on the model itself."""
+        super().train(mode)
+        self._model[0].training = mode
+        return self
 
     def _inputs(self, args: tuple, kwargs: dict) -> tuple:
         """The graph's flat inputs for a call with ``args`` and ``kwargs``."""
@@ -156,9 +165,18 @@ class RematModule(nn.Module):
         return x
 
     def forward(self, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            # Nothing to save for backward: the model's own forward, in its own mode.
+            return self._model[0](*args, **kwargs)
+        if not self._captured_training:
+            raise RuntimeError(
+                "this module was planned with the model in eval mode, and the captured graph keeps "
+                "eval-mode behaviour (dropout off, BatchNorm running statistics): call model.train() "
+                "before remat.optimize to train with it"
+            )
         inputs = self._inputs(args, kwargs)
         n = len(self._captured.modules)
-        if not torch.is_grad_enabled() or not self.boundaries:
+        if not self.boundaries:
             return self._captured.codegen.process_outputs(self._run(0, n, None, *inputs))
         bounds = [0, *self.boundaries]
         x = None

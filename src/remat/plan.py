@@ -32,6 +32,7 @@ class Plan:
         solve_seconds / capture_seconds: planning time.
         fingerprint: parameter and input shapes the plan was made for; a
             saved plan is only reused for the same.
+        budget_bytes: the peak budget it was made for (``None``: least peak).
 
     Example:
         >>> import torch, remat
@@ -53,6 +54,7 @@ class Plan:
     capture_seconds: float
     fingerprint: str
     method: str = "linear"
+    budget_bytes: int | None = None
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -73,6 +75,7 @@ class Plan:
             ["baseline peak (measured)", format_bytes(self.baseline_peak_bytes)],
             ["predicted peak", format_bytes(self.predicted_peak_bytes)],
             ["peak cut", f"{cut:.1%}"],
+            ["budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none (least peak)"],
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             ["capture + solve", f"{self.capture_seconds:.2f} s + {self.solve_seconds:.3f} s"],
         ]

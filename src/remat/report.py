@@ -11,10 +11,9 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-__all__ = ["format_bytes", "format_table", "parse_bytes"]
+__all__ = ["format_bytes", "format_table"]
 
 _UNITS = [(2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")]
 
@@ -30,33 +29,6 @@ def format_bytes(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
     return f"{n} B"
-
-
-_PARSE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
-                "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
-
-
-def parse_bytes(text: str) -> int:
-    """A size such as ``"24GiB"``, ``"1.5 GB"``, ``"512M"`` or ``"1000"`` in bytes.
-
-    Binary units (KiB, MiB, GiB, TiB, and the bare K, M, G, T) are powers of
-    1024; KB, MB, GB and TB are powers of 1000. Case does not matter.
-
-    Raises:
-        ValueError: the text is not a positive size.
-
-    Example:
-        >>> parse_bytes("24GiB"), parse_bytes("1.5 gb"), parse_bytes("512M"), parse_bytes("1000")
-        (25769803776, 1500000000, 536870912, 1000)
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = match and _PARSE_UNITS.get(match.group(2).lower())
-    if not unit:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 24GiB, 512MiB, 1.5GB or a number of bytes)")
-    value = int(float(match.group(1)) * unit)
-    if value <= 0:
-        raise ValueError(f"a size must be positive, not {text!r}")
-    return value
 
 
 def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:

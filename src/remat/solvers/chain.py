@@ -90,6 +90,7 @@ __all__ = [
     "peak_of",
     "recompute_flops_of",
     "min_peak",
+    "min_recompute",
     "store_all",
     "sqrt_segments",
     "uniform_segments",
@@ -406,6 +407,30 @@ def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainS
     else:
         raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
     return _solution(chain, cps, method, terms)
+
+
+def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear"] = "linear") -> ChainSolution | None:
+    """Checkpoints with the least recompute whose peak is at most ``budget_bytes``.
+
+    ``None`` when no plan fits (``min_peak`` then gives the least peak there
+    is). Exact over the plans of this module: every stage before the last
+    segment is recomputed once, so the least recompute is the feasible plan
+    whose last segment starts earliest, which the feasibility pass finds.
+
+    Example:
+        >>> from remat.solvers.chain import Chain, min_peak, min_recompute, store_all
+        >>> chain = Chain.random(20, seed=1)
+        >>> budget = (min_peak(chain).peak_bytes + store_all(chain).peak_bytes) // 2
+        >>> plan = min_recompute(chain, budget)
+        >>> plan.peak_bytes <= budget and plan.recompute_flops <= min_peak(chain).recompute_flops
+        True
+    """
+    terms = _Terms(chain)
+    feasible = {"dp": _prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
+    if feasible is None:
+        raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
+    cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
+    return None if cps is None else _solution(chain, cps, method, terms)
 
 
 def _least_peak_dp(terms: _Terms) -> int:
