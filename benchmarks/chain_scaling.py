@@ -92,7 +92,7 @@ def main() -> str:
     header = [
         "# Chain solver scaling",
         "",
-        f"- command: `python benchmarks/chain_scaling.py`",
+        "- command: `python benchmarks/chain_scaling.py`",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores; load average before the run: {load}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
