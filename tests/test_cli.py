@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
-from remat import Plan
+import remat
+from remat import Plan, models
 from remat.cli import app
 
 MLP = "remat:mlp?depth=6&width=64"
@@ -41,6 +43,43 @@ def test_plan_prints_the_table_and_writes_json_and_the_plan(tmp_path):
     assert 0 <= data["peak_cut"] < 1 and data["recompute_flops"] >= 0
     plan = Plan.load(saved)
     assert list(plan.checkpoints) == data["checkpoints"]
+    assert data["budget_bytes"] is None and "none (least peak)" in result.stdout
+
+
+def test_plan_within_a_budget_shows_it_and_keeps_to_it(tmp_path):
+    source = models.load(MLP)
+    least = remat.plan(source.model, source.example_inputs).predicted_peak_bytes
+    budget = least + 200 * 2**10
+    summary = tmp_path / "summary.json"
+    result = invoke("plan", MLP, "--budget", str(budget), "--json", str(summary))
+    assert result.exit_code == 0, result.output
+    assert f"({budget} B)" in result.stdout
+    data = json.loads(summary.read_text())
+    assert data["budget_bytes"] == budget
+    assert data["predicted_peak_bytes"] == data["measured_peak_bytes"] <= budget
+
+
+def test_plan_budget_below_the_least_peak_says_what_is_achievable():
+    source = models.load(MLP)
+    least = remat.plan(source.model, source.example_inputs).predicted_peak_bytes
+    result = invoke("plan", MLP, "--budget", str(least - 1))
+    assert result.exit_code == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert "least achievable step peak is" in line and f"({least} B)" in line
+
+
+def test_fit_finds_the_largest_batch_and_shows_the_next_does_not_fit():
+    budget = 4 * 2**20
+    result = invoke("fit", MLP, "--budget", "4MiB")
+    assert result.exit_code == 0, result.output
+    flat = re.sub(r"[\s│┃]+", " ", result.stdout)  # table cells may wrap
+    batch = int(re.search(r"largest batch (\d+)", flat).group(1))
+    source = models.load(MLP)
+    fitting = remat.plan(source.model, source.make_inputs(batch), budget=budget)
+    assert fitting.predicted_peak_bytes <= budget and f"({fitting.predicted_peak_bytes} B)" in flat
+    least_next = remat.plan(source.model, source.make_inputs(batch + 1)).predicted_peak_bytes
+    assert least_next > budget
+    assert f"batch {batch + 1} does not fit: least peak" in flat and f"({least_next} B)" in flat
 
 
 def test_bench_json_has_the_documented_schema(tmp_path):
@@ -61,6 +100,17 @@ def test_bench_json_has_the_documented_schema(tmp_path):
     assert "step time" in result.stdout
 
 
+def test_bench_remat_at_a_budget_keeps_to_it(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("bench", *RESNET, "-s", "remat,remat@100MiB,remat@1GiB", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    least, tight, roomy = json.loads(out.read_text())
+    assert [least["strategy"], tight["strategy"], roomy["strategy"]] == ["remat", "remat@100MiB", "remat@1GiB"]
+    assert least["peak_bytes"] <= tight["peak_bytes"] <= 100 * 2**20
+    assert tight["recompute_flops"] <= least["recompute_flops"]
+    assert roomy["recompute_flops"] == 0  # 1 GiB holds everything: nothing to recompute
+
+
 def test_bench_real_times_the_steps(tmp_path):
     out = tmp_path / "bench.json"
     result = invoke("bench", "remat:mlp?depth=4&width=32&batch=64", "--real", "--steps", "2",
@@ -73,10 +123,15 @@ def test_bench_real_times_the_steps(tmp_path):
 def test_report_writes_png_and_markdown(tmp_path):
     result = invoke("report", MLP, "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    png, md = tmp_path / "out" / "memory.png", tmp_path / "out" / "report.md"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    text = md.read_text()
-    assert "](memory.png)" in text and "predicted peak" in text and "Pareto" in text
+    out = tmp_path / "out"
+    for png in [out / "memory.png", out / "pareto.png"]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = (out / "report.md").read_text()
+    assert "](memory.png)" in text and "](pareto.png)" in text and "predicted peak" in text
+    source = models.load(MLP)
+    front = remat.pareto(source.model, source.example_inputs)
+    rows = re.findall(r"^\| [\d.]+ [KMG]iB \| [\d.]+% \| \d+ \|$", text, flags=re.MULTILINE)
+    assert len(rows) == len(front) > 1  # one table row per plan of the front
 
 
 def test_demo_runs_on_a_small_model():
@@ -92,17 +147,17 @@ def test_demo_runs_on_a_small_model():
         (["plan", "torchvision:resnet18", "--input", "3xbig"], 1, "bad input shape"),
         (["plan", *RESNET[:3], "--input", "7x64x64"], 1, "running the model failed"),
         (["plan", MLP, "--budget", "lots"], 1, "budget must be"),
-        # 2 "not implemented yet" until budget mode lands, then 1 "no plan fits": one line either way
-        (["plan", MLP, "--budget", "1KiB"], (1, 2), "budget"),
+        (["plan", MLP, "--budget", "1KiB"], 1, "the least achievable step peak is"),
         (["plan", MLP, "--batch", "0"], 1, "batch_size must be a positive integer"),
         (["bench", MLP, "--strategies", "none,fast"], 1, "unknown strategy 'fast'"),
-        (["fit", MLP, "--budget", "24GiB"], 2, "not implemented yet"),
+        (["bench", MLP, "--strategies", "remat@lots"], 1, "budget must be"),
+        (["fit", MLP, "--budget", "1KiB"], 1, "the least achievable step peak is"),
         (["fit", MLP, "--budget", "-3GB"], 1, "budget must be"),
     ],
 )
 def test_errors_are_one_line(args, code, words):
     result = invoke(*args)
-    assert result.exit_code in (code if isinstance(code, tuple) else (code,))
+    assert result.exit_code == code
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr

@@ -22,7 +22,7 @@ from remat.execute import RematModule
 from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
 from remat.plan import Plan
 from remat.budget import InfeasibleBudget, parse_bytes
-from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, store_all
+from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
 
@@ -212,13 +212,9 @@ def pareto(
     """
     profiled = _Profiled.of(model, example_inputs, loss_fn)
     start = time.perf_counter()
-    solution = min_recompute(profiled.chain, store_all(profiled.chain).peak_bytes)
-    front = []
-    while solution is not None:
-        front.append(profiled.plan(solution, time.perf_counter() - start, None))
-        start = time.perf_counter()
-        solution = min_recompute(profiled.chain, solution.peak_bytes - 1)
-    return front
+    front = pareto_front(profiled.chain)
+    seconds = (time.perf_counter() - start) / len(front)  # the whole front's solve time, shared out
+    return [profiled.plan(solution, seconds, None) for solution in front]
 
 
 def max_batch(

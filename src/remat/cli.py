@@ -2,21 +2,24 @@
 
 Commands (``remat COMMAND --help`` for the options):
 
-* ``remat plan MODEL``: the least-peak checkpoint plan, its peak and its cost.
-* ``remat bench MODEL``: strategies (none, sqrt, per-block, remat) side by side.
-* ``remat report MODEL --out DIR``: a memory plot and a markdown summary.
+* ``remat plan MODEL [--budget 2GiB]``: the least-peak checkpoint plan (or the
+  least recompute within a budget), its peak and its cost.
+* ``remat bench MODEL``: strategies (none, sqrt, per-block, remat, remat@BUDGET)
+  side by side.
+* ``remat report MODEL --out DIR``: memory and Pareto-front plots and a markdown summary.
 * ``remat demo``: what ``make demo`` runs.
-* ``remat fit MODEL --budget 24GiB``: budget mode (not implemented yet).
+* ``remat fit MODEL --budget 24GiB``: the largest batch whose plan fits the budget.
 
 MODEL is a spec for :func:`remat.models.load`: ``torchvision:NAME``,
 ``hf:NAME?opts``, ``file.py:factory`` or ``remat:NAME``. Errors print one
-line and exit with status 1 (2 for what is not implemented yet); ``remat
---traceback COMMAND ...`` shows the whole traceback instead.
+line and exit with status 1; ``remat --traceback COMMAND ...`` shows the
+whole traceback instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -64,15 +67,11 @@ Fake = Annotated[
     bool, typer.Option("--fake/--real", help="simulate on fake tensors (no memory used) or run real ones")
 ]
 Device = Annotated[str, typer.Option("--device", help="where the model runs: cpu, cuda, cuda:1, ...")]
-Budget = Annotated[str | None, typer.Option("--budget", help="memory budget, e.g. 24GiB (not implemented yet)")]
+Budget = Annotated[
+    str | None,
+    typer.Option("--budget", help="step peak limit, e.g. 2GiB: the plan with the least recompute within it"),
+]
 JsonOut = Annotated[Path | None, typer.Option("--json", metavar="FILE", help="also write the results as JSON")]
-
-
-class _NotImplementedYet(NotImplementedError):
-    """A feature the CLI knows about but remat does not do yet (exit status 2)."""
-
-
-_BUDGET_MODE = "budget mode is not implemented yet: remat finds the least peak for now (drop --budget)"
 
 
 @app.callback()
@@ -95,7 +94,7 @@ def _user_errors() -> Iterator[None]:
         if type(error) is RuntimeError:  # from PyTorch, e.g. inputs of the wrong shape
             message = f"running the model failed: {message}"
         typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2 if isinstance(error, NotImplementedError) else 1) from None
+        raise typer.Exit(1) from None
 
 
 def _status(message: str):
@@ -163,11 +162,9 @@ def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str
 def _make_plan(source: models.ModelSource, fake: bool, budget: str | None) -> tuple[remat.Plan, StepMeasurement]:
     """The plan, and one step of the planned module measured (on fake or real tensors)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
-    try:
-        with _status("capturing the model and solving for the least peak"):
-            optimized = remat.optimize(source.model, source.example_inputs, budget=budget_bytes)
-    except NotImplementedError:
-        raise _NotImplementedYet(_BUDGET_MODE) from None
+    goal = "the least peak" if budget is None else f"the least recompute within {format_bytes(budget_bytes)}"
+    with _status(f"capturing the model and solving for {goal}"):
+        optimized = remat.optimize(source.model, source.example_inputs, budget=budget_bytes)
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
         measured = measure_step(optimized, source.example_inputs, fake=fake)
     return optimized.plan, measured
@@ -180,12 +177,22 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
         ("stages", f"{len(plan.stage_names)} (the loss last)"),
         ("kept activations", f"{len(plan.checkpoints)}: {kept}"),
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
+        ("budget", _budget_text(plan.budget_bytes)),
         ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
         (f"measured peak ({'fake' if fake else 'real'} tensors)", format_bytes(measured.peak_bytes)),
         ("peak cut", f"{_percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes):.1%}"),
         ("recompute", f"{plan.recompute_flops / 1e9:.3g} GFLOP ({plan.recompute_overhead:.1%} of a forward)"),
         ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
     ]
+
+
+def _exact_bytes(n: int) -> str:
+    """``n`` bytes readable, and exactly: ``"2.00 GiB (2147483648 B)"``."""
+    return f"{format_bytes(n)} ({n} B)"
+
+
+def _budget_text(budget_bytes: int | None) -> str:
+    return "none (least peak)" if budget_bytes is None else _exact_bytes(budget_bytes)
 
 
 def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasurement, fake: bool) -> dict:
@@ -199,6 +206,7 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "checkpoints": list(plan.checkpoints),
         "kept": list(plan.checkpoint_names),
         "baseline_peak_bytes": plan.baseline_peak_bytes,
+        "budget_bytes": plan.budget_bytes,
         "predicted_peak_bytes": plan.predicted_peak_bytes,
         "measured_peak_bytes": measured.peak_bytes,
         "peak_cut": _percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes),
@@ -223,7 +231,10 @@ def plan(
         Path | None, typer.Option("--save", metavar="PLAN.json", help="save the plan for remat.optimize(plan=...)")
     ] = None,
 ) -> None:
-    """The least-peak checkpoint plan: what it keeps, its peak against the model's, and its cost."""
+    """The least-peak checkpoint plan (or the least recompute within --budget): what it keeps, its peak, its cost.
+
+    A budget no plan meets exits with status 1 and one line giving the least achievable peak.
+    """
     with _user_errors():
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
@@ -247,7 +258,10 @@ def bench(
     fake: Fake = True,
     device: Device = "cpu",
     strategies: Annotated[
-        str, typer.Option("--strategies", "-s", help=f"comma-separated, from: {', '.join(STRATEGIES)}")
+        str,
+        typer.Option(
+            "--strategies", "-s", help=f"comma-separated, from: {', '.join(STRATEGIES)}, remat@BUDGET (e.g. remat@1GiB)"
+        ),
     ] = "none,sqrt,remat",
     steps: Annotated[int, typer.Option("--steps", help="real steps timed per strategy (with --real)")] = 5,
     json_out: JsonOut = None,
@@ -297,17 +311,20 @@ def report(
     fake: Fake = True,
     device: Device = "cpu",
 ) -> None:
-    """Write OUT/memory.png (live memory over one step, baseline vs plan) and OUT/report.md."""
-    from remat.plots import memory_timeline
+    """Write OUT/memory.png (live memory over one step, baseline vs plan), OUT/pareto.png and OUT/report.md."""
+    from remat.plots import memory_timeline, pareto_front
 
     with _user_errors():
         source = _load(model, batch, input, device)
         chosen, planned = _make_plan(source, fake, None)
         with _status("measuring the unmodified model"):
             baseline = measure_step(source.model, source.example_inputs, fake=fake)
+        with _status("solving for the Pareto front"):
+            front = remat.pareto(source.model, source.example_inputs)
         out.mkdir(parents=True, exist_ok=True)
         title = _describe(source, fake)
         png = memory_timeline([("baseline", baseline), ("remat plan", planned)], out / "memory.png", title)
+        pareto_png = pareto_front(front, out / "pareto.png", f"{source.name}: step peak against recompute")
         rows = _plan_rows(chosen, planned, fake)
         text = "\n\n".join(
             [
@@ -320,11 +337,24 @@ def report(
                 "recomputes segments in backward, so its step runs more operators.",
                 "## Plan",
                 _markdown_table(["", "remat plan"], rows),
-                "A Pareto front (peak against recompute, one point per budget) will come with budget mode.",
+                "## Pareto front: peak against recompute",
+                f"![predicted step peak against recompute]({pareto_png.name})",
+                "Each plan has the least recompute for its peak (as `remat plan --budget` picks it): from "
+                "storing everything (no recompute) to the least peak. Predicted on fake tensors.",
+                _markdown_table(["predicted step peak", "recompute (% of a forward)", "kept activations"],
+                                _pareto_rows(front)),
             ]
         )
         (out / "report.md").write_text(text + "\n")
-        Console().print(f"wrote {png} and {out / 'report.md'}")
+        Console().print(f"wrote {png}, {pareto_png} and {out / 'report.md'}")
+
+
+def _pareto_rows(front: Sequence[remat.Plan]) -> list[tuple[str, str, str]]:
+    """One row per plan of a Pareto front: its peak, recompute and number of kept activations."""
+    return [
+        (format_bytes(p.predicted_peak_bytes), f"{p.recompute_overhead:.1%}", str(len(p.checkpoints)))
+        for p in front
+    ]
 
 
 # -- demo and fit -----------------------------------------------------------------
@@ -349,15 +379,30 @@ def demo(
 @app.command()
 def fit(
     model: Model,
-    budget: Annotated[str, typer.Option("--budget", help="memory budget, e.g. 24GiB")],
+    budget: Annotated[str, typer.Option("--budget", help="step peak limit, e.g. 24GiB")],
+    input: InputShape = None,
+    device: Device = "cpu",
 ) -> None:
-    """The largest batch that fits BUDGET, and its cost (needs budget mode: not implemented yet)."""
+    """The largest batch whose plan fits BUDGET, its peak and its recompute (planned on fake tensors)."""
     with _user_errors():
-        parse_bytes(budget)
-        raise _NotImplementedYet(
-            "remat fit needs budget mode, which is not implemented yet; "
-            "`remat plan MODEL --batch N` gives the least peak at one batch size"
-        )
+        budget_bytes = parse_bytes(budget)
+        source = _load(model, None, input, device)
+        with _status(f"searching for the largest batch within {format_bytes(budget_bytes)}"):
+            batch, chosen = remat.max_batch(source.model, budget_bytes, make_inputs=source.make_inputs)
+        with _status(f"solving batch {batch + 1} for its least peak"):
+            next_least = remat.plan(source.model, source.make_inputs(batch + 1)).predicted_peak_bytes
+        beyond = "does not fit" if next_least > budget_bytes else "fits (the search stopped at its batch limit)"
+        rows = [
+            ("largest batch", str(batch)),
+            ("budget", _budget_text(budget_bytes)),
+            ("predicted peak", _exact_bytes(chosen.predicted_peak_bytes)),
+            ("without remat (store everything)", format_bytes(chosen.baseline_peak_bytes)),
+            ("recompute", f"{chosen.recompute_flops / 1e9:.3g} GFLOP ({chosen.recompute_overhead:.1%} of a forward)"),
+            ("kept activations", f"{len(chosen.checkpoints)} of {len(chosen.stage_names) - 1} stage outputs"),
+            (f"batch {batch + 1}", f"{beyond}: least peak {_exact_bytes(next_least)}"),
+        ]
+        at_batch = dataclasses.replace(source, example_inputs=source.make_inputs(batch))
+        _print_table(_describe(at_batch, True), ["", "remat fit"], rows, numbers=False)
 
 
 if __name__ == "__main__":

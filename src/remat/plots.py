@@ -9,10 +9,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from remat.measure import StepMeasurement
+from remat.plan import Plan
 
-__all__ = ["memory_timeline"]
+__all__ = ["memory_timeline", "pareto_front"]
 
 _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
+
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _unit(top_bytes: int) -> tuple[int, str]:
+    """Bytes per unit, and its name: GiB from 1 GiB up, else MiB."""
+    return (2**30, "GiB") if top_bytes >= 2**30 else (2**20, "MiB")
 
 
 def memory_timeline(curves: Sequence[tuple[str, StepMeasurement]], path: str | Path, title: str = "") -> Path:
@@ -23,13 +39,8 @@ def memory_timeline(curves: Sequence[tuple[str, StepMeasurement]], path: str | P
     index. The ops that are forward for every curve are shaded, and a dotted
     line marks where each curve's backward pass starts.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = max(m.peak_bytes for _, m in curves)
-    scale, unit = (2**30, "GiB") if top >= 2**30 else (2**20, "MiB")
+    plt = _pyplot()
+    scale, unit = _unit(max(m.peak_bytes for _, m in curves))
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     forward_end = min(m.forward_ops for _, m in curves)  # shaded: forward for every curve
     ax.axvspan(0, forward_end, color="0.92", zorder=0)
@@ -49,6 +60,45 @@ def memory_timeline(curves: Sequence[tuple[str, StepMeasurement]], path: str | P
     ax.legend(loc="upper right")
     if title:
         ax.set_title(title, pad=20)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(plans: Sequence[Plan], path: str | Path, title: str = "") -> Path:
+    """Plot a Pareto front (:func:`remat.pareto`) and save a PNG.
+
+    One point per plan: x is its recompute as a percentage of one forward
+    pass, y its predicted step peak (parameters, inputs, activations and
+    gradients) in MiB or GiB. The "store everything" end (no recompute) and
+    the least-peak end are labelled.
+    """
+    if not plans:
+        raise ValueError("a Pareto front needs at least one plan")
+    plt = _pyplot()
+    scale, unit = _unit(max(p.predicted_peak_bytes for p in plans))
+    x = [100 * p.recompute_overhead for p in plans]
+    y = [p.predicted_peak_bytes / scale for p in plans]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    ax.plot(x, y, color=_COLORS[1], linewidth=1.4, marker="o", markersize=5,
+            label=f"least recompute for each peak ({len(plans)} plans)")
+    ends = [(0, "store everything", _COLORS[0], (8, 6), "left"),
+            (len(plans) - 1, "least peak", _COLORS[2], (-8, 10), "right")]
+    for index, name, color, offset, align in ends[: 1 if len(plans) == 1 else 2]:
+        ax.plot(x[index], y[index], "o", color=color, markersize=9, zorder=3,
+                label=f"{name}: {y[index]:.2f} {unit}, {x[index]:.0f}% recompute")
+        ax.annotate(name, (x[index], y[index]), textcoords="offset points", xytext=offset, ha=align,
+                    color=color, fontweight="bold")
+    ax.set_xlabel("recompute (% of one forward pass)")
+    ax.set_ylabel(f"predicted step peak ({unit})")
+    ax.set_xlim(left=min(-2.0, -0.03 * max(x)), right=max(x) * 1.08 + 1)
+    ax.set_ylim(bottom=0, top=max(y) * 1.12)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left")
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

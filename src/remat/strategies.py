@@ -1,9 +1,10 @@
 """Checkpointing strategies side by side: the unmodified model, remat's plan and baselines.
 
 A strategy turns a model into the module to train. ``none`` is the model
-itself, ``remat`` is :func:`remat.optimize` (the least-peak plan), ``sqrt`` is
-Chen et al.'s sqrt(n) equal segments and ``per-block`` keeps every piece
-boundary; the two baselines run on the same capture and executor as ``remat``,
+itself, ``remat`` is :func:`remat.optimize` (the least-peak plan),
+``remat@BUDGET`` (e.g. ``remat@1GiB``) the plan with the least recompute whose
+step peak fits BUDGET, ``sqrt`` is Chen et al.'s sqrt(n) equal segments and
+``per-block`` keeps every piece boundary; the two baselines run on the same capture and executor as ``remat``,
 so only the choice of checkpoints differs. :func:`compare` measures them all
 in one run.
 
@@ -29,11 +30,20 @@ import torch
 from torch import nn
 
 from remat.api import _piece_boundaries, _profile, capture, optimize
+from remat.budget import parse_bytes
 from remat.execute import RematModule
 from remat.measure import as_tuple, default_loss, measure_step, step_model
 from remat.solvers.chain import Chain, ChainSolution, sqrt_segments, uniform_segments
 
-__all__ = ["STRATEGIES", "StrategyResult", "compare", "parse_strategies", "step_seconds", "with_solver"]
+__all__ = [
+    "STRATEGIES",
+    "StrategyResult",
+    "compare",
+    "parse_strategies",
+    "step_seconds",
+    "strategy",
+    "with_solver",
+]
 
 LossFn = Callable[[Any], torch.Tensor]
 
@@ -82,22 +92,44 @@ STRATEGIES: dict[str, Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Modul
 }
 
 
-def parse_strategies(text: str) -> list[str]:
-    """``"none,sqrt,remat"`` as a list of known strategy names, in order, without repeats.
+_BUDGETED = "remat@"  # remat@BUDGET: the least recompute within BUDGET
+
+
+def strategy(name: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Module, float]]:
+    """The strategy called ``name``: one of :data:`STRATEGIES`, or ``remat@BUDGET``.
 
     Raises:
-        ValueError: a name is unknown, or there is none.
+        ValueError: the name is unknown, or its budget is not a size
+            (:func:`remat.parse_bytes`).
+    """
+    if name.startswith(_BUDGETED):
+        budget_bytes = parse_bytes(name[len(_BUDGETED):])
+
+        def within_budget(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
+            module = optimize(model, inputs, loss_fn, budget=budget_bytes)
+            return module, module.plan.solve_seconds
+
+        return within_budget
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}, remat@BUDGET (e.g. remat@1GiB)")
+    return STRATEGIES[name]
+
+
+def parse_strategies(text: str) -> list[str]:
+    """``"none,sqrt,remat@1GiB"`` as a list of valid strategy names, in order, without repeats.
+
+    Raises:
+        ValueError: a name is unknown or has a bad budget, or there is none.
 
     Example:
-        >>> parse_strategies(" none, remat,none ")
-        ['none', 'remat']
+        >>> parse_strategies(" none, remat,none, remat@2GiB ")
+        ['none', 'remat', 'remat@2GiB']
     """
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in STRATEGIES]
-    if unknown or not names:
-        raise ValueError(
-            f"unknown strategy {', '.join(map(repr, unknown)) or '(none given)'}: choose from {', '.join(STRATEGIES)}"
-        )
+    if not names:
+        raise ValueError(f"no strategy given: choose from {', '.join(STRATEGIES)}, remat@BUDGET (e.g. remat@1GiB)")
+    for name in names:
+        strategy(name)
     return names
 
 
@@ -192,7 +224,7 @@ def compare(
     if steps is not None and fake:
         raise ValueError("step times need real tensors: pass fake=False with steps")
     inputs = as_tuple(example_inputs)
-    modules = {name: STRATEGIES[name](model, inputs, loss_fn) for name in dict.fromkeys(["none", *strategies])}
+    modules = {name: strategy(name)(model, inputs, loss_fn) for name in dict.fromkeys(["none", *strategies])}
     measured = {name: measure_step(module, inputs, loss_fn, fake=fake) for name, (module, _) in modules.items()}
     seconds = step_seconds({name: module for name, (module, _) in modules.items()}, inputs, steps, loss_fn) if steps else {}
     reference = measured["none"]

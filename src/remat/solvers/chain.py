@@ -91,6 +91,7 @@ __all__ = [
     "recompute_flops_of",
     "min_peak",
     "min_recompute",
+    "pareto_front",
     "store_all",
     "sqrt_segments",
     "uniform_segments",
@@ -431,6 +432,32 @@ def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear
         raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
     return None if cps is None else _solution(chain, cps, method, terms)
+
+
+def pareto_front(chain: Chain) -> list[ChainSolution]:
+    """Every plan worth having: for each peak, the least recompute, from storing everything to the least peak.
+
+    Peaks strictly decrease along the list and recompute strictly increases:
+    no plan of this module has both a peak and a recompute at most those of a
+    plan on the front, one of them lower. Found by :func:`min_recompute` at
+    ever lower budgets, each just below the last plan's peak.
+
+    Example:
+        >>> from remat.solvers.chain import Chain, min_peak, pareto_front
+        >>> front = pareto_front(Chain.random(12, seed=3))
+        >>> front[0].recompute_flops, front[-1].peak_bytes == min_peak(Chain.random(12, seed=3)).peak_bytes
+        (0, True)
+    """
+    front: list[ChainSolution] = []
+    solution = min_recompute(chain, store_all(chain).peak_bytes)
+    while solution is not None:
+        # Budgets only go down, so recompute never does: a plan with the same
+        # recompute as the one before it and a lower peak replaces it.
+        if front and front[-1].recompute_flops == solution.recompute_flops:
+            front.pop()
+        front.append(solution)
+        solution = min_recompute(chain, solution.peak_bytes - 1)
+    return front
 
 
 def _least_peak_dp(terms: _Terms) -> int:
