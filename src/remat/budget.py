@@ -42,7 +42,7 @@ def parse_bytes(size: int | str) -> int:
         raise ValueError(f"budget must be {_FORMS}, got {size!r}")
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"budget must be positive, got {size}")
+            raise ValueError(f"budget must be positive: {_FORMS}, got {size}")
         return size
     if isinstance(size, str):
         match = _SIZE.match(size)
