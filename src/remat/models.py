@@ -19,7 +19,9 @@ The same spec is used by the Python API, the benchmarks and the command line:
 * ``remat:NAME`` -- built-in generators: ``chain`` (a heterogeneous deep
   ``nn.Sequential``), ``preact_resnet`` (pre-activation bottleneck ResNet of
   any depth, as a chain of blocks), ``random_dag`` (a random graph of small
-  tensor ops) and ``mlp`` (a plain MLP for golden tests).
+  tensor ops), ``random_net`` (a tiny random graph of common layers, views,
+  in-place ops and several outputs, for fuzzing) and ``mlp`` (a plain MLP for
+  golden tests).
 
 Every spec also takes ``batch=N``, the default batch size (an explicit
 ``batch_size`` argument wins). Option values are read as int, float or bool
@@ -51,11 +53,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelSource", "PreActBottleneck", "RandomDAG", "Scale", "load"]
+__all__ = ["ModelSource", "PreActBottleneck", "RandomDAG", "RandomNet", "Scale", "load"]
 
 SPEC_FORMS = (
     "torchvision:NAME, hf:gpt2, hf:bert, remat:chain, remat:preact_resnet, "
-    "remat:random_dag, remat:mlp or path/to/file.py:factory, each optionally "
+    "remat:random_dag, remat:random_net, remat:mlp or path/to/file.py:factory, each optionally "
     "followed by ?key=value&key=value"
 )
 SEED = 0
@@ -312,6 +314,7 @@ def _generator(name: str, options: dict[str, Any], input_shape):
         "chain": _chain,
         "preact_resnet": _preact_resnet,
         "random_dag": _random_dag,
+        "random_net": _random_net,
         "mlp": _mlp,
     }
     if name not in builders:
@@ -503,3 +506,174 @@ class RandomDAG(nn.Module):
 def _random_dag(ops: int = 20, width: int = 64, seed: int = 0):
     """See :class:`RandomDAG`; input ``(batch, width)``, default batch 64."""
     return RandomDAG(ops, width, seed), (width,), 64
+
+
+class RandomNet(nn.Module):
+    """A random network of common layers, for fuzzing exact gradients.
+
+    The structure is fixed by ``seed`` at construction (``torch.fx`` traces
+    it: no data-dependent control flow). Every value is a ``(batch, w)``
+    tensor with ``w`` either ``width`` or ``2 * width``; each step reads
+    earlier values (mostly recent ones, so the graph has cuts) and adds one
+    value (two for a split):
+
+    * layers: ``linear`` (to either width), ``conv1d`` / ``conv2d`` (a 3-wide /
+      3x3 convolution on a ``(batch, channels, length)`` / ``(batch, channels,
+      2, 2)`` view), ``batchnorm``, ``layernorm``, ``dropout`` (module or
+      functional);
+    * elementwise: ``relu`` / ``gelu`` / ``tanh`` (functions and modules),
+      ``add`` and ``mul`` of two values;
+    * shape: ``cat`` of two ``width`` values, ``split`` of a ``2 * width``
+      value into two views (``chunk`` or ``torch.split``), ``transpose`` (a
+      ``view``, ``transpose`` and ``reshape`` that permutes the features);
+    * ``inplace``: a fresh sum or scaled copy of values, then changed in place
+      (``relu_``, ``add_``, ``mul_`` or an in-place ``ReLU`` module) -- never a
+      tensor anything else reads, nor the model's input.
+
+    The values no step reads are the outputs: a tuple when there are several.
+
+    Args:
+        ops: number of steps (keep it small: <= 20).
+        width: feature width, a multiple of 8.
+        seed: picks the structure; the weights come from the global RNG.
+
+    Example:
+        >>> import torch
+        >>> from remat.models import RandomNet
+        >>> net = RandomNet(ops=12, width=8, seed=3)
+        >>> outputs = net(torch.randn(4, 8))
+        >>> torch.fx.symbolic_trace(net) is not None
+        True
+    """
+
+    KINDS = (
+        "linear", "linear", "conv1d", "conv2d", "batchnorm", "layernorm", "dropout",
+        "act", "act", "add", "mul", "cat", "split", "transpose", "inplace", "inplace",
+    )
+
+    def __init__(self, ops: int = 12, width: int = 16, seed: int = 0):
+        super().__init__()
+        if width % 8 or width < 8:
+            raise ValueError(f"RandomNet width must be a positive multiple of 8, not {width}")
+        rng = random.Random(seed)
+        self.width = width
+        self.layers = nn.ModuleList()
+        widths = [width]  # width of each value; value 0 is the input
+        # (kind, variant, value indices read, layer index or -1)
+        self.program: list[tuple[str, str, tuple[int, ...], int]] = []
+
+        def recent() -> int:
+            """Mostly the newest value, else one of the three before it."""
+            newest = len(widths) - 1
+            return newest if rng.random() < 0.5 else rng.randrange(max(0, newest - 3), newest + 1)
+
+        def partner(a: int) -> int:
+            """Another value of ``a``'s width, preferably a recent one."""
+            same = [i for i, w in enumerate(widths) if w == widths[a]]
+            return rng.choice([i for i in same if i >= len(widths) - 4] or same)
+
+        def step(kind: str, variant: str, args: tuple[int, ...], out: int, layer: nn.Module | None = None):
+            index = -1
+            if layer is not None:
+                self.layers.append(layer)
+                index = len(self.layers) - 1
+            self.program.append((kind, variant, args, index))
+            widths.extend([out] if kind != "split" else [out, out])
+
+        for number in range(ops):
+            # The first step has parameters, so every model has something to train.
+            kind = rng.choice(self.KINDS if number else self.KINDS[:5])
+            a = recent()
+            w = widths[a]
+            if kind == "cat" and w != width:
+                kind = "split"
+            elif kind == "split" and w != 2 * width:
+                kind = "cat"
+            if kind == "linear":
+                out = rng.choice([width, 2 * width])
+                step(kind, "", (a,), out, nn.Linear(w, out, bias=rng.random() < 0.7))
+            elif kind == "conv1d":
+                step(kind, "", (a,), w, nn.Conv1d(4, 4, 3, padding=1))
+            elif kind == "conv2d":
+                step(kind, "", (a,), w, nn.Conv2d(w // 4, w // 4, 3, padding=1, bias=False))
+            elif kind == "batchnorm":
+                step(kind, "", (a,), w, nn.BatchNorm1d(w))
+            elif kind == "layernorm":
+                step(kind, "", (a,), w, nn.LayerNorm(w))
+            elif kind == "dropout":
+                variant = rng.choice(["module", "function"])
+                step(kind, variant, (a,), w, nn.Dropout(0.25) if variant == "module" else None)
+            elif kind == "act":
+                variant = rng.choice(["relu", "gelu", "tanh", "ReLU", "GELU", "Tanh"])
+                module = getattr(nn, variant)() if variant[0].isupper() else None
+                step(kind, variant, (a,), w, module)
+            elif kind in ("add", "mul"):
+                step(kind, "", (a, partner(a)), w)
+            elif kind == "cat":
+                step(kind, "", (a, partner(a)), 2 * width)
+            elif kind == "split":
+                step(kind, rng.choice(["chunk", "split"]), (a,), width)
+            elif kind == "transpose":
+                step(kind, str(rng.choice([2, 4])), (a,), w)
+            else:  # inplace
+                variant = rng.choice(["relu_", "add_", "mul_", "ReLU"])
+                step(kind, variant, (a, partner(a)), w, nn.ReLU(inplace=True) if variant == "ReLU" else None)
+        self.widths = widths  # Python ints, so the traced graph computes no shapes
+        read = {i for _, _, args, _ in self.program for i in args}
+        learned = [False]  # whether each value depends on a parameter
+        for kind, _, args, index in self.program:
+            weighted = index >= 0 and len(list(self.layers[index].parameters())) > 0
+            learned += [weighted or any(learned[i] for i in args)] * (
+                2 if kind == "split" else 1
+            )
+        # Outputs that depend on parameters first: the default loss reads the first.
+        self.outputs = sorted(
+            (i for i in range(1, len(widths)) if i not in read), key=lambda i: (not learned[i], i)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        values = [x]
+        for kind, variant, args, index in self.program:
+            layer = self.layers[index] if index >= 0 else None
+            a, w = values[args[0]], self.widths[args[0]]
+            if kind == "linear" or kind == "batchnorm" or kind == "layernorm":
+                values.append(layer(a))
+            elif kind == "conv1d":
+                values.append(layer(a.view(-1, 4, w // 4)).flatten(1))
+            elif kind == "conv2d":
+                values.append(layer(a.reshape(-1, w // 4, 2, 2)).reshape(-1, w))
+            elif kind == "dropout":
+                values.append(layer(a) if layer is not None else nn.functional.dropout(a, 0.25, self.training))
+            elif kind == "act":
+                values.append(layer(a) if layer is not None else getattr(torch, variant)(a)
+                              if variant != "gelu" else nn.functional.gelu(a))
+            elif kind == "add":
+                values.append(a + values[args[1]])
+            elif kind == "mul":
+                values.append(a * values[args[1]])
+            elif kind == "cat":
+                values.append(torch.cat([a, values[args[1]]], dim=1))
+            elif kind == "split":
+                halves = a.chunk(2, dim=1) if variant == "chunk" else torch.split(a, self.width, dim=1)
+                values += [halves[0], halves[1]]  # indexed: a traced result cannot be unpacked
+            elif kind == "transpose":
+                rows = int(variant)
+                values.append(a.view(-1, rows, w // rows).transpose(1, 2).reshape(-1, w))
+            else:  # inplace, on a fresh tensor that nothing else reads
+                fresh = a + values[args[1]] if variant in ("relu_", "ReLU") else a * 0.5
+                if variant == "relu_":
+                    fresh.relu_()
+                elif variant == "add_":
+                    fresh.add_(values[args[1]])
+                elif variant == "mul_":
+                    fresh.mul_(values[args[1]])
+                else:
+                    fresh = layer(fresh)
+                values.append(fresh)
+        outputs = tuple(values[i] for i in self.outputs)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+
+def _random_net(ops: int = 12, width: int = 16, seed: int = 0):
+    """See :class:`RandomNet`; input ``(batch, width)``, default batch 4."""
+    return RandomNet(ops, width, seed), (width,), 4
