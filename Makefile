@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e clean
+.PHONY: demo test test-heavy bench bench-e2e bench-pareto clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 # The acceptance models at standard sizes, on fake tensors: writes benchmarks/results/e2e_models.md
 bench-e2e: $(STAMP)
 	$(PY) benchmarks/e2e_models.py
+
+# Pareto fronts (peak against recompute) of resnet50 and gpt2, on fake tensors:
+# writes benchmarks/results/pareto.md, pareto_resnet50.png and pareto_gpt2.png
+bench-pareto: $(STAMP)
+	$(PY) benchmarks/pareto.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

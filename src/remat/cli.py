@@ -136,6 +136,12 @@ def _describe(source: models.ModelSource, fake: bool) -> str:
     return f"{source.name}, batch {batch}, input {shapes}, {tensors} tensors"
 
 
+def _gflop(flops: int) -> str:
+    """FLOPs in GFLOP, three significant digits below 1,000: ``"36.3 GFLOP"``, ``"2,620 GFLOP"``."""
+    value = flops / 1e9
+    return f"{value:.3g} GFLOP" if value < 1000 else f"{value:,.0f} GFLOP"
+
+
 def _percent_cut(before: int, after: int) -> float:
     return 1 - after / before if before else 0.0
 
@@ -181,7 +187,7 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
         ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
         (f"measured peak ({'fake' if fake else 'real'} tensors)", format_bytes(measured.peak_bytes)),
         ("peak cut", f"{_percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes):.1%}"),
-        ("recompute", f"{plan.recompute_flops / 1e9:.3g} GFLOP ({plan.recompute_overhead:.1%} of a forward)"),
+        ("recompute", f"{_gflop(plan.recompute_flops)} ({plan.recompute_overhead:.1%} of a forward)"),
         ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
     ]
 
@@ -280,7 +286,7 @@ def bench(
                 r.strategy,
                 format_bytes(r.peak_bytes),
                 format_bytes(r.activation_peak_bytes),
-                f"{r.recompute_flops / 1e9:.3g} GFLOP ({r.recompute_flops / max(r.forward_flops, 1):.0%})",
+                f"{_gflop(r.recompute_flops)} ({r.recompute_flops / max(r.forward_flops, 1):.0%})",
                 "-" if r.step_time_ratio is None else f"{r.step_time_ratio:.2f}x",
                 f"{r.solve_seconds * 1e3:.1f} ms",
             )
@@ -397,7 +403,7 @@ def fit(
             ("budget", _budget_text(budget_bytes)),
             ("predicted peak", _exact_bytes(chosen.predicted_peak_bytes)),
             ("without remat (store everything)", format_bytes(chosen.baseline_peak_bytes)),
-            ("recompute", f"{chosen.recompute_flops / 1e9:.3g} GFLOP ({chosen.recompute_overhead:.1%} of a forward)"),
+            ("recompute", f"{_gflop(chosen.recompute_flops)} ({chosen.recompute_overhead:.1%} of a forward)"),
             ("kept activations", f"{len(chosen.checkpoints)} of {len(chosen.stage_names) - 1} stage outputs"),
             (f"batch {batch + 1}", f"{beyond}: least peak {_exact_bytes(next_least)}"),
         ]

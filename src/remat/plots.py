@@ -85,7 +85,7 @@ def pareto_front(plans: Sequence[Plan], path: str | Path, title: str = "") -> Pa
     ax.plot(x, y, color=_COLORS[1], linewidth=1.4, marker="o", markersize=5,
             label=f"least recompute for each peak ({len(plans)} plans)")
     ends = [(0, "store everything", _COLORS[0], (8, 6), "left"),
-            (len(plans) - 1, "least peak", _COLORS[2], (-8, 10), "right")]
+            (len(plans) - 1, "least peak", _COLORS[2], (6, -20), "right")]
     for index, name, color, offset, align in ends[: 1 if len(plans) == 1 else 2]:
         ax.plot(x[index], y[index], "o", color=color, markersize=9, zorder=3,
                 label=f"{name}: {y[index]:.2f} {unit}, {x[index]:.0f}% recompute")
