@@ -130,12 +130,15 @@ def input_only_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Values computed from the inputs, buffers and constants alone (no parameters).
 
     Attention masks and position ids are such values: every layer reads them.
-    Each piece that needs one recomputes it, so they never block a cut.
+    Each piece that needs one recomputes it, so they never block a cut. A
+    value changed in place later (``f = x * 0.5; f.add_(h)``) is not one:
+    recomputing it would give its value before the change.
     """
     parameters = {name for name, _ in gm.named_parameters()}
+    mutated = {_mutates(n, gm) for n in gm.graph.nodes} - {None}
     result: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        if n.op == "call_function" and all(
+        if n.op == "call_function" and n not in mutated and all(
             a.op == "placeholder" or a in result or (a.op == "get_attr" and a.target not in parameters)
             for a in n.all_input_nodes
         ):
