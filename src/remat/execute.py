@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
@@ -50,6 +51,13 @@ def _running_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *args):
     """Run ``function(*args)`` saving nothing for backward; recompute it in backward."""
+
+    if torch.compiler.is_compiling():
+        # Under torch.compile the checkpoint becomes a higher-order op: the
+        # partitioner recomputes the segment's ops in the backward graph, and
+        # buffer mutations (BatchNorm statistics) are not replayed. Dynamo
+        # cannot trace set_checkpoint_early_stop nor an arbitrary context_fn.
+        return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
 
     def contexts():
         return contextlib.nullcontext(), _running_stats_frozen(modules)
@@ -177,13 +185,23 @@ class RematModule(nn.Module):
         inputs = self._inputs(args, kwargs)
         n = len(self._captured.modules)
         if not self.boundaries:
-            return self._captured.codegen.process_outputs(self._run(0, n, None, *inputs))
+            return self._outputs(self._run(0, n, None, *inputs))
         bounds = [0, *self.boundaries]
         x = None
         for start, stop in zip(bounds[:-1], bounds[1:]):
             modules = self._captured.submodules(start, stop, self)
             x = run_segment_recomputed(self._run, modules, start, stop, x, *inputs)
-        return self._captured.codegen.process_outputs(self._run(bounds[-1], n, x, *inputs))
+        return self._outputs(self._run(bounds[-1], n, x, *inputs))
+
+    def _outputs(self, out):
+        """The graph's flat output in the model's output structure (``CodeGen.process_outputs``).
+
+        Written out here because torch.compile (Dynamo) does not trace into torch.fx.
+        """
+        info = getattr(self._captured.codegen, "pytree_info", None)
+        if info is None or info.out_spec is None:
+            return out
+        return pytree.tree_unflatten(out if isinstance(out, (list, tuple)) else [out], info.out_spec)
 
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
