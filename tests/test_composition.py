@@ -306,3 +306,101 @@ def test_fsdp2_gloo(distributed):
     expected = full_batch_grads()
     for result in case_results(distributed, "fsdp2"):
         assert_grads_close(expected, result["grads"])
+
+
+# -- 4. autocast (bfloat16 on CPU) ------------------------------------------------
+
+
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+def test_autocast_bf16_training(make):
+    """Planned and trained inside autocast(bf16): gradients bit-for-bit those of autocast without remat.
+
+    The plan is made for bf16 activations: its baseline is exactly
+    ``measure_step`` of the plain model under autocast, below the float32 one.
+    Each measurement runs in its own autocast block (its weight-cast cache is
+    emptied when the block exits).
+    """
+    net, x = make()
+    plain = copy.deepcopy(net)
+    with bf16():
+        fast = remat.optimize(net, x)
+    with bf16():
+        assert fast.plan.baseline_peak_bytes == remat.measure_step(plain, x, fake=True).peak_bytes
+    assert fast.plan.baseline_peak_bytes < remat.measure_step(plain, x, fake=True).peak_bytes
+    counter = CallCounter(recomputed_module(fast))
+    with bf16():
+        loss, grads = step(fast, x, net)
+        expected_loss, expected = step(plain, x)
+    assert counter.calls == 2
+    assert torch.equal(loss, expected_loss)
+    assert_grads_equal(expected, grads)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="under autocast the plan under-predicts the step peak by the bytes of the bf16 weight "
+    "casts: autocast caches each cast weight until the autocast block exits, so all of them stay "
+    "alive through backward, but the per-piece profile counts a piece's casts only while that "
+    "piece runs (mlp: 575752 predicted, 642312 measured = +66560, exactly the 8 bf16 64x64 "
+    "weights and biases)",
+)
+@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+def test_autocast_bf16_prediction(make):
+    """The plan's predicted peak under autocast matches measure_step of the optimized model (2%)."""
+    net, x = make()
+    with bf16():
+        fast = remat.optimize(net, x)
+    with bf16():
+        measured = remat.measure_step(fast, x, fake=True).peak_bytes
+    assert fast.plan.predicted_peak_bytes == pytest.approx(measured, rel=0.02)
+
+
+# -- 5. frozen parameters, LoRA ----------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update ``b @ a``."""
+
+    def __init__(self, width: int, rank: int = 4):
+        super().__init__()
+        self.base = nn.Linear(width, width).requires_grad_(False)
+        self.a = nn.Parameter(torch.randn(rank, width) / width**0.5)
+        self.b = nn.Parameter(torch.randn(width, rank) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+def lora_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """3 fully frozen blocks, then 6 LoRA blocks (only ``a``/``b`` train); the input needs no grad."""
+    torch.manual_seed(0)
+    frozen = [nn.Sequential(nn.Linear(64, 64), nn.Tanh()).requires_grad_(False) for _ in range(3)]
+    adapted = [nn.Sequential(LoRALinear(64), nn.Tanh()) for _ in range(6)]
+    return nn.Sequential(*frozen, *adapted), torch.randn(256, 64)
+
+
+def test_frozen_and_lora():
+    """Frozen weights and LoRA adapters: no "inputs do not require grad" failure, exact gradients.
+
+    The first recomputed segment starts with frozen blocks whose input needs
+    no grad; non-reentrant checkpoint still recomputes it (its first module
+    runs twice). The prediction is within 2% of measure_step(fake=True).
+    """
+    net, x = lora_mlp()
+    plain = copy.deepcopy(net)
+    fast = remat.optimize(net, x)
+    counter = CallCounter(recomputed_module(fast))
+    loss, grads = step(fast, x, net)
+    expected_loss, expected = step(plain, x)
+    assert counter.calls == 2
+    assert torch.equal(loss, expected_loss)
+    assert_grads_equal(expected, grads)
+    assert all(name.endswith((".a", ".b")) for name in grads)
+    assert not any(p.grad is not None for p in net.parameters() if not p.requires_grad)
+    measured = remat.measure_step(fast, x, fake=True).peak_bytes
+    assert fast.plan.predicted_peak_bytes == pytest.approx(measured, rel=0.02)
+    assert fast.plan.predicted_peak_bytes < fast.plan.baseline_peak_bytes
