@@ -70,8 +70,10 @@ class MemoryTracker(TorchDispatchMode):
     Use it through :func:`track_memory`. Attributes after (or during) use:
 
     * ``peak_bytes`` / ``current_bytes``: bytes of storages created inside the
-      context, at their peak and now (on CUDA, the allocator's figures relative
-      to what was allocated on entry).
+      context, at their peak (since entry, or since the last :meth:`mark`) and
+      now. On CUDA, the allocator's figures relative to what was allocated on
+      entry: they include what operators allocate inside themselves
+      (cuDNN/cuBLAS workspaces), which no dispatcher-level count sees.
     * ``timeline``: ``(op name, live bytes)`` after every operator, for plots.
     * ``flops``: FLOPs of the operators run inside (``torch.utils.flop_counter``
       formulas; operators without a formula count zero).
@@ -81,13 +83,14 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.round_to = round_to
         self.cuda_device = cuda_device
-        self.current_bytes = 0
-        self.peak_bytes = 0
+        self._counted = 0  # bytes of live storages created here (dispatcher count)
+        self._counted_peak = 0
         self.flops = 0
         self.timeline: list[tuple[str, int]] = []
         self._live: dict[int, _StorageRecord] = {}  # keyed by id(storage) while alive
         self._records: list[_StorageRecord] = []
         self._cuda_start = 0
+        self._allocator_figures: tuple[int, int] | None = None  # (peak, current) frozen on exit
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -102,15 +105,38 @@ class MemoryTracker(TorchDispatchMode):
         record = _StorageRecord(_storage_bytes(storage, self.round_to), len(self.timeline))
         self._live[key] = record
         self._records.append(record)
-        self.current_bytes += record.nbytes
-        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        self._counted += record.nbytes
+        self._counted_peak = max(self._counted_peak, self._counted)
         weakref.finalize(storage, self._release, key, record)
 
     def _release(self, key: int, record: _StorageRecord) -> None:
         record.died = len(self.timeline)
-        self.current_bytes -= record.nbytes
+        self._counted -= record.nbytes
         if self._live.get(key) is record:
             del self._live[key]
+
+    @property
+    def current_bytes(self) -> int:
+        if self._allocator_figures is not None:
+            return self._allocator_figures[1]
+        if self.cuda_device is not None:
+            return torch.cuda.memory_allocated(self.cuda_device) - self._cuda_start
+        return self._counted
+
+    @property
+    def peak_bytes(self) -> int:
+        if self._allocator_figures is not None:
+            return self._allocator_figures[0]
+        if self.cuda_device is not None:
+            return torch.cuda.max_memory_allocated(self.cuda_device) - self._cuda_start
+        return self._counted_peak
+
+    def mark(self) -> None:
+        """Start a new peak window: ``peak_bytes`` then counts from what is live now."""
+        if self.cuda_device is not None:
+            torch.cuda.synchronize(self.cuda_device)
+            torch.cuda.reset_peak_memory_stats(self.cuda_device)
+        self._counted_peak = self._counted
 
     def record_of(self, tensor: torch.Tensor) -> _StorageRecord | None:
         """The record of ``tensor``'s storage if it was created here and is alive."""
@@ -136,10 +162,7 @@ class MemoryTracker(TorchDispatchMode):
                     storage = t.untyped_storage()
                     if id(storage) not in inputs:
                         self._register(storage)
-        live = self.current_bytes
-        if self.cuda_device is not None:
-            live = torch.cuda.memory_allocated(self.cuda_device) - self._cuda_start
-        self.timeline.append((str(packet), live))
+        self.timeline.append((str(packet), self.current_bytes))
         return out
 
     def __enter__(self):
@@ -153,8 +176,7 @@ class MemoryTracker(TorchDispatchMode):
         result = super().__exit__(*exc)
         if self.cuda_device is not None:
             torch.cuda.synchronize(self.cuda_device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.cuda_device) - self._cuda_start
-            self.current_bytes = torch.cuda.memory_allocated(self.cuda_device) - self._cuda_start
+            self._allocator_figures = (self.peak_bytes, self.current_bytes)
         return result
 
 

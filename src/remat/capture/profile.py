@@ -140,14 +140,15 @@ def _profile_stage(
             seeds = [_SeedGradient.apply(*outputs)] if outputs else []
             grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
             del y, outputs  # the output stays alive only if the stage saved it
-        start, live_at_start = len(mem.timeline), mem.current_bytes
+        live_at_start = mem.current_bytes
+        mem.mark()
         inputs = [t for t in [*_tensors(leaves), *params] if t.requires_grad]
         if seeds and inputs:
             torch.autograd.backward(seeds, grads, inputs=inputs)
         del grads, seeds
         if root:
             del y, outputs
-        after = max((live for _, live in mem.timeline[start:]), default=live_at_start)
+        after = mem.peak_bytes  # since the mark: the backward's peak
         # Over what is live when the backward starts, output gradients aside
         # (the chain counts them, g(i), separately).
         bwd = after - live_at_start - (0 if root else grad_bytes)
