@@ -139,7 +139,8 @@ def compiled_step(module: nn.Module, x: torch.Tensor, params: nn.Module):
     return loss.detach(), grads, sum(storages.values()), sum(backend.backward_forward_ops)
 
 
-@pytest.mark.parametrize("make", [mlp, cnn], ids=["mlp", "cnn"])
+# Inductor compiles are slow on CPU (cold cache: ~45 s for the first, ~25 s for the CNN): the CNN is heavy.
+@pytest.mark.parametrize("make", [mlp, pytest.param(cnn, marks=heavy)], ids=["mlp", "cnn"])
 def test_torch_compile_inductor(make):
     """torch.compile(remat.optimize(model, x)) with inductor: same loss and gradients, recompute kept.
 
