@@ -80,7 +80,7 @@ def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tu
     host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
     inputs = host._inputs(inputs, {})  # arguments left to their defaults filled in
     with step_model(host, inputs, fake=True) as (fake_host, fake_inputs):
-        named = dict(fake_host.named_parameters())
+        named = dict(fake_host.named_parameters(remove_duplicate=False))  # tied weights by every name
         specs, keys = [], []
         last = len(captured.modules) - 1
         finish = captured.codegen.process_outputs  # the model's output structure

@@ -94,12 +94,22 @@ def _stage_input(x: Any) -> Any:
 
 
 def _profile_stage(
-    run: Callable[[Any], Any], x: Any, params: Sequence[torch.Tensor], device, *, root: bool = False
+    run: Callable[[Any], Any],
+    x: Any,
+    params: Sequence[torch.Tensor],
+    device,
+    *,
+    root: bool = False,
+    owned: Sequence[bool] | None = None,
 ) -> tuple[StageCost, Any]:
     """Costs of one stage on input ``x`` (leaves) and its output (detached).
 
     ``root``: the stage is the loss, whose gradient autograd keeps until the
-    end of the backward (the chain counts it as held).
+    end of the backward (the chain counts it as held). ``owned[k]``: the
+    gradient of ``params[k]`` is created by this stage's backward (it is the
+    last stage to use it); other stages' contributions to a shared parameter
+    (tied weights) are added into it in place and freed, so they count in the
+    stage's backward peak but not as a gradient held afterwards.
     """
     leaves = x
     x = _stage_input(leaves)
@@ -153,7 +163,10 @@ def _profile_stage(
         # (the chain counts them, g(i), separately).
         bwd = after - live_at_start - (0 if root else grad_bytes)
         bwd_flops = mem.flops - flops_before
-    param_grad_bytes = unique_storage_bytes([p.grad for p in params if p.grad is not None], mem.round_to)
+    owned = [True] * len(params) if owned is None else owned
+    param_grad_bytes = unique_storage_bytes(
+        [p.grad for p, own in zip(params, owned) if own and p.grad is not None], mem.round_to
+    )
     input_grad_bytes = unique_storage_bytes([t.grad for t in _tensors(leaves) if t.grad is not None], mem.round_to)
     for t in [*params, *_tensors(leaves)]:
         t.grad = None
@@ -204,14 +217,18 @@ def profile_stages(
     members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor], list[Hashable]]] = []
     cache: dict[Hashable, tuple[StageCost, Any]] = {}
 
-    def profile(key: Hashable | None, run, x, requires_grad: bool, params) -> tuple[StageCost, Any]:
+    # A parameter's gradient is created by the last stage that uses it (the first in backward).
+    last_use = {id(p): index for index, (_, _, params) in enumerate(stages) for p in params}
+
+    def profile(key: Hashable | None, run, x, requires_grad: bool, params, upto: int) -> tuple[StageCost, Any]:
         """One stage's cost; stages of the same structure on the same input are measured once."""
+        owned = tuple(last_use[id(p)] <= upto for p in params)
         if key is not None:
-            key = (key, requires_grad, _signature(x))
+            key = (key, requires_grad, owned, _signature(x))
             if key in cache:
                 cost, template = cache[key]
                 return cost, _materialize(template)
-        cost, output = _profile_stage(run, _leaf(x, requires_grad), params, device)
+        cost, output = _profile_stage(run, _leaf(x, requires_grad), params, device, owned=owned)
         if key is not None:
             cache[key] = (cost, _template(output))
         return cost, output
@@ -221,7 +238,7 @@ def profile_stages(
     first_requires_grad = any(t.requires_grad for t in _tensors(first_input))
     for index, ((name, run, params), key) in enumerate(zip(stages, keys)):
         requires_grad = first_requires_grad or index > 0
-        cost, output = profile(key, run, current, requires_grad, params)
+        cost, output = profile(key, run, current, requires_grad, params, index)
         if cost.out_aliases_input and costs:
             # A view or an in-place op: merged into the stage before, and the
             # merged stage profiled again as one (its backward frees the
@@ -232,7 +249,7 @@ def profile_stages(
             group_params.extend(p for p in params if all(p is not q for q in group_params))
             group_keys.append(key)
             group_key = None if None in group_keys else tuple(group_keys)
-            cost, output = profile(group_key, _chained(runs), group_input, group_grad, group_params)
+            cost, output = profile(group_key, _chained(runs), group_input, group_grad, group_params, index)
             groups[-1].append(index)
             costs[-1] = cost
         else:
