@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx, nn
@@ -75,15 +75,22 @@ def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tuple[Chain, list[list[int]]]:
-    """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors."""
+Profile = Literal["fake", "device"]
+
+
+def _profile(
+    model: nn.Module, captured: Captured, inputs: tuple, loss_fn, profile: Profile = "fake"
+) -> tuple[Chain, list[list[int]]]:
+    """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors or the device."""
+    if profile not in ("fake", "device"):
+        raise ValueError(f"profile must be 'fake' or 'device', got {profile!r}")
     host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
     inputs = host._inputs(inputs, {})  # arguments left to their defaults filled in
-    with step_model(host, inputs, fake=True) as (fake_host, fake_inputs):
+    with step_model(host, inputs, fake=profile == "fake") as (fake_host, fake_inputs):
         named = dict(fake_host.named_parameters(remove_duplicate=False))  # tied weights by every name
         specs, keys = [], []
         last = len(captured.modules) - 1
-        finish = captured.codegen.process_outputs  # the model's output structure
+        finish = fake_host._outputs  # the model's output structure
         for index, piece in enumerate(fake_host._captured.modules):
 
             def run(x, piece=piece, index=index):
@@ -97,7 +104,9 @@ def _profile(model: nn.Module, captured: Captured, inputs: tuple, loss_fn) -> tu
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device))
-        return profile_stages(specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys)
+        return profile_stages(
+            specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys, exact=profile == "fake"
+        )
 
 
 def plan(
@@ -105,6 +114,8 @@ def plan(
     example_inputs: Any,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     budget: int | str | None = None,
+    *,
+    profile: Profile = "fake",
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
@@ -130,7 +141,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget)[0]
+    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile)[0]
 
 
 @dataclasses.dataclass
@@ -147,12 +158,12 @@ class _Profiled:
     baseline: Any = None
 
     @classmethod
-    def of(cls, model: nn.Module, example_inputs: Any, loss_fn) -> _Profiled:
+    def of(cls, model: nn.Module, example_inputs: Any, loss_fn, profile: Profile = "fake") -> _Profiled:
         inputs = as_tuple(example_inputs)
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
         captured = capture(model, inputs)
-        chain, groups = _profile(model, captured, inputs, loss_fn)
+        chain, groups = _profile(model, captured, inputs, loss_fn, profile)
         return cls(model, inputs, loss_fn, captured, chain, groups, time.perf_counter() - start)
 
     def plan(self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None) -> Plan:
@@ -184,9 +195,9 @@ class _Profiled:
         return self.plan(solution, time.perf_counter() - start, budget_bytes)
 
 
-def _plan_and_capture(model, example_inputs, loss_fn, budget):
+def _plan_and_capture(model, example_inputs, loss_fn, budget, profile: Profile = "fake"):
     budget_bytes = None if budget is None else parse_bytes(budget)
-    profiled = _Profiled.of(model, example_inputs, loss_fn)
+    profiled = _Profiled.of(model, example_inputs, loss_fn, profile)
     return profiled.solve(budget_bytes), profiled.captured, profiled.groups
 
 
@@ -280,6 +291,7 @@ def optimize(
     budget: int | str | None = None,
     *,
     plan: Plan | None = None,
+    profile: Profile = "fake",
 ) -> RematModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -291,6 +303,7 @@ def optimize(
     Args:
         plan: a plan made earlier (``Plan.load(path)``) for the same model and
             input size; skips the search.
+        profile: ``"fake"`` or ``"device"``, as in :func:`plan`.
 
     Example:
         >>> import torch, remat
@@ -308,10 +321,10 @@ def optimize(
                 "call remat.optimize without plan= to make a new one"
             )
         captured = capture(model, inputs)
-        _, groups = _profile(model, captured, inputs, loss_fn or default_loss)
+        _, groups = _profile(model, captured, inputs, loss_fn or default_loss, profile)
         chosen = plan
     else:
-        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget)
+        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile)
     return RematModule(model, captured, _piece_boundaries(groups, chosen.checkpoints), chosen)
 
 

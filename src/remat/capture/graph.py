@@ -126,19 +126,56 @@ def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return None
 
 
+_VIEW_METHODS = {
+    "view", "reshape", "view_as", "reshape_as", "transpose", "permute", "flatten", "unflatten",
+    "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "t", "T", "split", "chunk",
+    "unbind", "select", "diagonal", "as_strided", "movedim", "swapaxes", "unfold", "detach",
+}
+_RANDOM_NAMES = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential")
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share storage with its first input."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.is_view
+    return node.target is operator.getitem or _target_name(node).split(".")[-1] in _VIEW_METHODS
+
+
+def _is_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (recomputing it elsewhere would draw others)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in target.tags
+    name = _target_name(node).lower()
+    return any(word in name for word in _RANDOM_NAMES) or bool(node.kwargs.get("generator"))
+
+
 def input_only_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Values computed from the inputs, buffers and constants alone (no parameters).
 
     Attention masks and position ids are such values: every layer reads them.
-    Each piece that needs one recomputes it, so they never block a cut. A
-    value changed in place later (``f = x * 0.5; f.add_(h)``) is not one:
-    recomputing it would give its value before the change.
+    Each piece that needs one recomputes it, so they never block a cut. Not
+    such values: random ones (dropout of an input: a recompute would draw
+    another mask), and values changed in place later, directly or through a
+    view (``f = x * 0.5; f[:, :4].add_(h)``): a recompute would give their
+    value before the change.
     """
     parameters = {name for name, _ in gm.named_parameters()}
-    mutated = {_mutates(n, gm) for n in gm.graph.nodes} - {None}
+    changed: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        target = _mutates(n, gm)
+        while target is not None and target not in changed:
+            changed.add(target)
+            base = target.args[0] if target.args and isinstance(target.args[0], fx.Node) else None
+            target = base if _is_view(target) else None
     result: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n not in mutated and all(
+        if n.op == "call_function" and n not in changed and not _is_random(n) and all(
             a.op == "placeholder" or a in result or (a.op == "get_attr" and a.target not in parameters)
             for a in n.all_input_nodes
         ):

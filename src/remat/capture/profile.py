@@ -101,6 +101,7 @@ def _profile_stage(
     *,
     root: bool = False,
     owned: Sequence[bool] | None = None,
+    exact: bool = True,
 ) -> tuple[StageCost, Any]:
     """Costs of one stage on input ``x`` (leaves) and its output (detached).
 
@@ -109,12 +110,14 @@ def _profile_stage(
     gradient of ``params[k]`` is created by this stage's backward (it is the
     last stage to use it); other stages' contributions to a shared parameter
     (tied weights) are added into it in place and freed, so they count in the
-    stage's backward peak but not as a gradient held afterwards.
+    stage's backward peak but not as a gradient held afterwards. ``exact``:
+    count at the dispatcher; otherwise, on a CUDA device, the allocator's
+    figures (which include workspaces allocated inside operators).
     """
     leaves = x
     x = _stage_input(leaves)
     x_storages = _storage_ids(x)
-    with track_memory(device, exact=True) as nosave:
+    with track_memory(device, exact=exact) as nosave:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
             y = run(x)
     y_storages = _storage_ids(y)
@@ -134,7 +137,7 @@ def _profile_stage(
     del x
     x = _stage_input(leaves)  # a fresh copy: an in-place stage changed the first one
     x_storages = _storage_ids(x)
-    with track_memory(device, exact=True) as mem:
+    with track_memory(device, exact=exact) as mem:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = run(x)
         fwd_save = mem.peak_bytes
@@ -193,6 +196,7 @@ def profile_stages(
     base_bytes: int,
     device: torch.device | None = None,
     keys: Sequence[Hashable] | None = None,
+    exact: bool = True,
 ) -> tuple[Chain, list[list[int]]]:
     """Measure every stage (plus the loss, appended) as a chain.
 
@@ -205,6 +209,8 @@ def profile_stages(
         keys: optional structural key per stage: stages with equal keys (and
             equal inputs) compute the same thing on other parameters, so they
             are measured once (a 1000-layer ResNet has a handful of kinds).
+        exact: count bytes at the dispatcher (fake tensors, any device);
+            ``False`` on real CUDA tensors takes the allocator's figures.
 
     Returns the chain and the grouping of stage indices into chain stages: a
     stage whose output only aliases its input (a view, an in-place op) is
@@ -228,7 +234,7 @@ def profile_stages(
             if key in cache:
                 cost, template = cache[key]
                 return cost, _materialize(template)
-        cost, output = _profile_stage(run, _leaf(x, requires_grad), params, device, owned=owned)
+        cost, output = _profile_stage(run, _leaf(x, requires_grad), params, device, owned=owned, exact=exact)
         if key is not None:
             cache[key] = (cost, _template(output))
         return cost, output
@@ -258,7 +264,7 @@ def profile_stages(
             costs.append(cost)
             names.append(name)
         current = output
-    loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device, root=True)
+    loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device, root=True, exact=exact)
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
