@@ -188,9 +188,9 @@ def split_linear(gm: fx.GraphModule) -> list[Piece]:
 
     A cut after position ``k`` (in graph order) is valid when exactly one
     computed value defined at or before ``k`` is used after ``k`` (besides
-    values computed from the inputs alone, which pieces recompute), and
-    nothing after ``k`` writes to it in place (a checkpointed input must not
-    change).
+    values computed from the inputs alone, which pieces recompute), it is not
+    itself one of the model's outputs, and nothing after ``k`` writes to it in
+    place (a checkpointed input must not change).
     """
     nodes = list(gm.graph.nodes)
     input_only = input_only_nodes(gm)
@@ -221,6 +221,10 @@ def split_linear(gm: fx.GraphModule) -> list[Piece]:
         if len(live) == 1:
             (value,) = live
             if mutated_after.get(value, -1) > k or value in (entry,):
+                continue
+            if any(user.op == "output" for user in value.users):
+                # Part of the model's output: the caller holds it to the end of the
+                # backward, which a boundary activation is not modelled to be.
                 continue
             if not _is_tensor_valued(value):
                 continue
