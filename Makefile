@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e bench-pareto clean
+.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench-e2e: $(STAMP)
 # writes benchmarks/results/pareto.md, pareto_resnet50.png and pareto_gpt2.png
 bench-pareto: $(STAMP)
 	$(PY) benchmarks/pareto.py
+
+# remat against hand-written checkpointing (HF gradient_checkpointing_enable, per-layer
+# torch.utils.checkpoint) on gpt2 and resnet50, fake tensors: writes benchmarks/results/compare.md
+bench-compare: $(STAMP)
+	$(PY) benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
