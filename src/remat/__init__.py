@@ -6,6 +6,7 @@ plan), execute (plan -> module), measure.
 
 from remat.api import max_batch, optimize, pareto, plan
 from remat.budget import InfeasibleBudget, parse_bytes
+from remat.capture.graph import TraceError
 from remat.execute import CheckpointedSequential, RematModule
 from remat.measure import StepMeasurement, default_loss, measure_step, track_memory
 from remat.plan import Plan
@@ -16,6 +17,7 @@ __all__ = [
     "Plan",
     "RematModule",
     "StepMeasurement",
+    "TraceError",
     "default_loss",
     "max_batch",
     "measure_step",

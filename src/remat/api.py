@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import profile_stages
@@ -76,6 +77,43 @@ def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
 
 
 Profile = Literal["fake", "device"]
+
+
+def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
+    """Refuse, before tracing, a model and inputs that cannot make a training step to plan.
+
+    Raises ValueError, with what to do, when the model is in eval mode (the
+    captured graph would keep eval behaviour), when an input tensor is on a
+    device the model's parameters and buffers are not on, or when neither a
+    parameter nor an input requires grad (there is no backward pass).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remat plans an nn.Module, got {type(model).__name__}")
+    name = type(model).__name__
+    if not model.training:
+        raise ValueError(
+            f"{name} is in eval mode: call model.train() first: remat plans training steps "
+            "(dropout and BatchNorm are captured in training mode; the optimized module still "
+            "runs the model's own forward after .eval() or under torch.no_grad())"
+        )
+    tensors = [*model.parameters(), *model.buffers()]
+    model_devices = {t.device for t in tensors}
+    input_tensors = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    for t in input_tensors:
+        if model_devices and t.device not in model_devices and not (t.dim() == 0 and t.device.type == "cpu"):
+            where = ", ".join(sorted(map(str, model_devices)))
+            raise ValueError(
+                f"the example inputs are on {t.device} but {name}'s parameters and buffers are on "
+                f"{where}: move the inputs to {where} (or the model to {t.device}) before planning"
+            )
+    if not any(p.requires_grad for p in model.parameters()) and not any(
+        t.requires_grad for t in input_tensors
+    ):
+        raise ValueError(
+            f"no parameter of {name} requires grad and no example input requires grad, so there "
+            "is no backward pass to plan: unfreeze some parameters (requires_grad_(True)) or pass "
+            "an input that requires grad"
+        )
 
 
 def _profile(
@@ -160,6 +198,7 @@ class _Profiled:
     @classmethod
     def of(cls, model: nn.Module, example_inputs: Any, loss_fn, profile: Profile = "fake") -> _Profiled:
         inputs = as_tuple(example_inputs)
+        check_model_and_inputs(model, inputs)
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
         captured = capture(model, inputs)
@@ -315,6 +354,7 @@ def optimize(
     """
     inputs = as_tuple(example_inputs)
     if plan is not None:
+        check_model_and_inputs(model, inputs)
         if plan.fingerprint != fingerprint(model, inputs):
             raise ValueError(
                 "this plan was made for another model or input size (fingerprint mismatch); "

@@ -147,7 +147,7 @@ class RematModule(nn.Module):
         self._signature = inspect.signature(model.forward)
         self.boundaries = tuple(boundaries)
         self.plan = plan
-        super().train(model.training)
+        self.training = model.training  # not .train(): the children keep their own flags
 
     def train(self, mode: bool = True) -> RematModule:
         """Set train/eval mode here, on the model's children, and on the model itself."""

@@ -49,12 +49,13 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         try:
             exported = torch.export.export(model, tuple(example_inputs), strict=False)
         except Exception as export_error:
+            name = type(model).__name__
             raise TraceError(
-                f"could not capture {type(model).__name__} as a graph: torch.fx said "
-                f"{type(fx_error).__name__}: {fx_error}; torch.export said "
-                f"{type(export_error).__name__}: {export_error}. Models with data-dependent "
-                "control flow cannot be captured; checkpoint a list of its stages with "
-                "remat.CheckpointedSequential instead"
+                f"could not capture {name} as a graph (data-dependent control flow, such as "
+                "`if x.sum() > 0:` in forward, cannot be captured): split it into a list of "
+                f"stages without such control flow and train remat.CheckpointedSequential(stages, "
+                f"checkpoints) instead.\nDetails: torch.fx said {type(fx_error).__name__}: "
+                f"{fx_error}\ntorch.export said {type(export_error).__name__}: {export_error}"
             ) from export_error
         gm = exported.module()
         _drop_guards(gm)

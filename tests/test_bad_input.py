@@ -1,0 +1,188 @@
+"""Bad input to remat.plan / remat.optimize gives one clear error, and the model is left as it was.
+
+Malformed budgets (ValueError listing the accepted forms) and infeasible ones
+(InfeasibleBudget with ``least_peak_bytes``) are tested in tests/test_budget.py
+(``test_parse_bytes_rejects_with_the_accepted_forms``,
+``test_infeasible_budget_states_the_least_peak``); here only that the API
+checks the budget before it traces anything.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import remat
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).train()
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor's value: neither torch.fx nor torch.export can capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > 0:
+            return self.b(y)
+        return y
+
+
+class NotTraceable(nn.Module):
+    """A model whose forward must never be called (it counts calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.layer(x)
+
+
+def snapshot(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.named_parameters()},
+        {k: v.clone() for k, v in model.named_buffers()},
+        {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()},
+        {k: id(p) for k, p in model.named_parameters()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+        ["forward" in vars(m) for m in model.modules()],  # no instance-level forward patched in
+        type(model).forward,
+    )
+
+
+def assert_unchanged(before, model: nn.Module) -> None:
+    after = snapshot(model)
+    for b, a in zip(before[:3], after[:3]):
+        assert b.keys() == a.keys()
+        for k in b:
+            assert (b[k] is None and a[k] is None) or torch.equal(b[k], a[k]), k
+    assert before[3:] == after[3:]
+    assert model.forward.__func__ is type(model).forward
+
+
+# -- 1. data-dependent control flow ----------------------------------------------
+
+
+@pytest.mark.parametrize("make", [remat.plan, remat.optimize])
+def test_data_dependent_control_flow_is_a_trace_error_naming_the_model(make):
+    model, x = DataDependent().train(), torch.randn(4, 8)
+    before = snapshot(model)
+    with pytest.raises(remat.TraceError) as error:
+        make(model, x)
+    first_line = str(error.value).splitlines()[0]
+    assert "DataDependent" in first_line and "remat.CheckpointedSequential" in first_line
+    assert "data-dependent control flow" in first_line
+    assert issubclass(remat.TraceError, RuntimeError)
+    assert_unchanged(before, model)
+
+
+# -- 2. inputs on another device than the model ------------------------------------
+
+
+def test_inputs_on_another_device_are_refused_before_tracing():
+    model = NotTraceable()
+    with pytest.raises(ValueError) as error:
+        remat.plan(model, torch.randn(4, 8, device="meta"))
+    message = str(error.value)
+    assert "meta" in message and "cpu" in message
+    assert model.calls == 0  # refused before tracing or running anything
+
+
+def test_inputs_on_the_models_device_are_fine():
+    model = mlp().to("meta")
+    plan = remat.plan(model, torch.randn(64, 16, device="meta"))
+    assert plan.predicted_peak_bytes > 0
+
+
+# -- 3. eval mode --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [remat.plan, remat.optimize, remat.pareto])
+def test_a_model_in_eval_mode_is_refused(make):
+    model = mlp().eval()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"call model\.train\(\) first: remat plans training steps"):
+        make(model, torch.randn(8, 16))
+    assert_unchanged(before, model)
+    assert model.training is False
+
+
+def test_a_saved_plan_on_a_model_in_eval_mode_is_refused():
+    model, x = mlp(), torch.randn(8, 16)
+    plan = remat.plan(model, x)
+    model.eval()
+    with pytest.raises(ValueError, match=r"call model\.train\(\) first"):
+        remat.optimize(model, x, plan=plan)
+
+
+def test_eval_after_optimize_runs_the_models_own_forward():
+    model, x = mlp(), torch.randn(8, 16)
+    fast = remat.optimize(model, x).eval()
+    assert model.training is False
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
+
+
+# -- 4. nothing requires grad --------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [remat.plan, remat.optimize])
+def test_nothing_requiring_grad_is_refused(make):
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no backward pass to plan"):
+        make(model, torch.randn(8, 16))
+
+
+def test_a_frozen_model_with_an_input_requiring_grad_is_planned():
+    model = mlp().requires_grad_(False)
+    plan = remat.plan(model, torch.randn(8, 16, requires_grad=True))
+    assert plan.predicted_peak_bytes > 0
+
+
+# -- 5. budget (see tests/test_budget.py) ----------------------------------------------
+
+
+@pytest.mark.parametrize("make", [remat.plan, remat.optimize])
+def test_a_malformed_budget_is_refused_before_tracing(make):
+    model = NotTraceable()
+    with pytest.raises(ValueError, match="an int of bytes"):
+        make(model, torch.randn(4, 8), budget="lots")
+    assert model.calls == 0
+
+
+# -- 6. the user's model is never modified, even when planning fails -----------------
+
+
+class Boom(Exception):
+    pass
+
+
+def exploding_loss(out):
+    raise Boom("the loss function failed")
+
+
+@pytest.mark.parametrize("profile", ["fake", "device"])
+@pytest.mark.parametrize("make", [remat.plan, remat.optimize])
+def test_the_model_is_unchanged_when_planning_fails(make, profile):
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    model.train()
+    model[2].eval()  # a mixed train/eval flag pattern must survive too
+    x = torch.randn(8, 16)
+    model(x).square().mean().backward()  # existing .grad and moved BatchNorm statistics
+    before = snapshot(model)
+    with pytest.raises(Boom):
+        make(model, x, exploding_loss, profile=profile)
+    assert_unchanged(before, model)
+    # and the model still trains normally
+    model(x).square().mean().backward()
