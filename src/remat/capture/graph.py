@@ -53,7 +53,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             raise TraceError(
                 f"could not capture {name} as a graph (data-dependent control flow, such as "
                 "`if x.sum() > 0:` in forward, cannot be captured): split it into a list of "
-                f"stages without such control flow and train remat.CheckpointedSequential(stages, "
+                "stages without such control flow and train remat.CheckpointedSequential(stages, "
                 f"checkpoints) instead.\nDetails: torch.fx said {type(fx_error).__name__}: "
                 f"{fx_error}\ntorch.export said {type(export_error).__name__}: {export_error}"
             ) from export_error
