@@ -102,6 +102,8 @@ def _profile_stage(
     root: bool = False,
     owned: Sequence[bool] | None = None,
     exact: bool = True,
+    seeded: Sequence[bool] | None = None,
+    received: list[bool] | None = None,
 ) -> tuple[StageCost, Any]:
     """Costs of one stage on input ``x`` (leaves) and its output (detached).
 
@@ -113,6 +115,10 @@ def _profile_stage(
     stage's backward peak but not as a gradient held afterwards. ``exact``:
     count at the dispatcher; otherwise, on a CUDA device, the allocator's
     figures (which include workspaces allocated inside operators).
+    ``seeded[k]``: whether output ``k`` (of those requiring grad) gets a
+    gradient in backward (the loss may use only some outputs); all by
+    default. ``received``, if given, is filled with whether each input
+    tensor got a gradient.
     """
     leaves = x
     x = _stage_input(leaves)
@@ -125,7 +131,7 @@ def _profile_stage(
     out_bytes = sum(r.nbytes for r in {id(r): r for r in map(nosave.record_of, _tensors(y)) if r}.values())
     fwd_nosave, fwd_flops = nosave.peak_bytes, nosave.flops
     # The next stage's input; the copy made below is let go before its backward.
-    output = tree_map_only(torch.Tensor, torch.Tensor.detach, y)
+    output = tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), y)
     del y
 
     saved_ids: set[int] = set()
@@ -146,6 +152,8 @@ def _profile_stage(
         saved = mem.current_bytes - out_bytes
         flops_before = mem.flops
         outputs = [t for t in _tensors(y) if t.requires_grad]
+        if seeded is not None:
+            outputs = [t for t, seed in zip(outputs, seeded) if seed]
         grad_bytes = unique_storage_bytes(outputs, mem.round_to)  # the output gradients, created in the backward
         if root:
             seeds, grads = outputs, [torch.ones_like(t) for t in outputs]
@@ -166,6 +174,8 @@ def _profile_stage(
         # (the chain counts them, g(i), separately).
         bwd = after - live_at_start - (0 if root else grad_bytes)
         bwd_flops = mem.flops - flops_before
+    if received is not None:
+        received[:] = [t.grad is not None for t in _tensors(leaves)]
     owned = [True] * len(params) if owned is None else owned
     param_grad_bytes = unique_storage_bytes(
         [p.grad for p, own in zip(params, owned) if own and p.grad is not None], mem.round_to
@@ -181,8 +191,11 @@ def _profile_stage(
 
 
 def _leaf(tree: Any, requires_grad: bool) -> Any:
+    """Fresh leaves; each requires grad if its tensor did (a stage output computed
+    from the inputs alone does not, so no gradient is made for it)."""
+
     def make(t: torch.Tensor) -> torch.Tensor:
-        grad = requires_grad and (t.is_floating_point() or t.is_complex())
+        grad = requires_grad and t.requires_grad and (t.is_floating_point() or t.is_complex())
         return t.detach().requires_grad_(grad)
 
     return tree_map_only(torch.Tensor, make, tree)
@@ -264,7 +277,19 @@ def profile_stages(
             costs.append(cost)
             names.append(name)
         current = output
-    loss_cost, _ = _profile_stage(loss_fn, _leaf(current, True), [], device, root=True, exact=exact)
+    loss_input = _leaf(current, True)
+    received: list[bool] = []
+    loss_cost, _ = _profile_stage(loss_fn, loss_input, [], device, root=True, exact=exact, received=received)
+    seeded = [got for t, got in zip(_tensors(loss_input), received) if t.requires_grad]
+    if members and not all(seeded):
+        # The loss reads only some outputs: only those get a gradient, so the
+        # last model stage's backward is measured again, seeded with just them.
+        group_input, group_grad, runs, group_params, _ = members[-1]
+        owned = tuple(last_use[id(p)] <= len(stages) - 1 for p in group_params)
+        costs[-1], _ = _profile_stage(
+            _chained(runs), _leaf(group_input, group_grad), group_params, device,
+            owned=owned, exact=exact, seeded=seeded,
+        )
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
@@ -272,10 +297,12 @@ def profile_stages(
 
 
 def _signature(tree: Any) -> Hashable:
-    """Structure, shapes, strides and dtypes of a stage input."""
+    """Structure, shapes, strides, dtypes and requires_grad of a stage input."""
     leaves, spec = tree_flatten(tree)
     return str(spec), tuple(
-        (tuple(t.shape), t.stride(), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else repr(t)
+        (tuple(t.shape), t.stride(), t.dtype, t.device.type, t.requires_grad)
+        if isinstance(t, torch.Tensor)
+        else repr(t)
         for t in leaves
     )
 
@@ -286,16 +313,23 @@ class _Layout:
     stride: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    requires_grad: bool
 
 
 def _template(tree: Any) -> Any:
-    return tree_map_only(torch.Tensor, lambda t: _Layout(tuple(t.shape), t.stride(), t.dtype, t.device), tree)
+    return tree_map_only(
+        torch.Tensor, lambda t: _Layout(tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad), tree
+    )
 
 
 def _materialize(template: Any) -> Any:
     """Tensors laid out as in ``template`` (their values do not matter: fake, or only profiled)."""
     return tree_map_only(
-        _Layout, lambda x: torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=x.device), template
+        _Layout,
+        lambda x: torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=x.device).requires_grad_(
+            x.requires_grad
+        ),
+        template,
     )
 
 
