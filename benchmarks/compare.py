@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import gc
 import platform
 import sys
 import time
@@ -132,8 +131,6 @@ def run_one(name: str, spec: str, batch: int, shape) -> dict:
     except InfeasibleBudget as error:
         rows.append((label, f"InfeasibleBudget: {error}"))
     seconds = time.perf_counter() - start
-    del model, source, profiled
-    gc.collect()
     return {
         "model": name,
         "batch": batch,
