@@ -20,21 +20,12 @@ import time
 import torch
 
 from remat.solvers.chain import Chain, min_peak, sqrt_segments, store_all, uniform_segments
+from machine import cpu_name
 
 LINEAR_SIZES = [100, 300, 1_000, 3_000, 10_000, 30_000, 100_000]
 DP_SIZES = [100, 300, 1_000, 3_000]
 TARGETS = {("linear", 100_000): 1.0, ("dp", 1_000): 10.0}
 RESULTS = pathlib.Path(__file__).parent / "results" / "chain_scaling.md"
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -94,7 +85,7 @@ def main() -> str:
         "",
         "- command: `python benchmarks/chain_scaling.py`",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} cores; load average before the run: {load}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores; load average before the run: {load}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         "- chains: `Chain.random(n, seed=0)`; times: wall seconds, best of 3",
         "",

@@ -43,6 +43,7 @@ from remat.api import _piece_boundaries, _Profiled
 from remat.execute import RematModule
 from remat.report import format_bytes
 from remat.solvers.chain import min_peak, sqrt_segments, uniform_segments
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "compare.md"
@@ -52,16 +53,6 @@ MODELS = [
     ("gpt2", "hf:gpt2?n_layer=12&seq=1024", 8, None),
     ("resnet50", "torchvision:resnet50", 64, (3, 224, 224)),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Checkpointed(nn.Module):

@@ -26,6 +26,7 @@ import torch
 import remat
 from remat import measure_step, models
 from remat.report import format_bytes
+from machine import cpu_name
 
 # (short name, spec, batch, per-sample input shape or None, target activation cut or None)
 MODELS = [
@@ -43,16 +44,6 @@ PLANNING_TARGETS = {"resnet152": 10.0}  # seconds, capture + solve
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "e2e_models.md"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_one(name: str, spec: str, batch: int, shape, target) -> dict:

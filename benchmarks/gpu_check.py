@@ -16,7 +16,6 @@ interleaved, in the same run. Writes a markdown table (``--out``).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import remat
 from remat import models
 from remat.measure import default_loss, round_to_of, track_memory, unique_storage_bytes
 from remat.report import format_bytes
+from machine import cpu_name
 
 DEFAULT_MODELS = ["torchvision:resnet50@64", "hf:gpt2@8"]
 QUICK_MODELS = ["remat:mlp?depth=8&width=256@512", "hf:gpt2?n_layer=2&n_embd=128&n_head=4&seq=64@2"]
@@ -136,7 +136,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --quick for a dry run")
     specs = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else DEFAULT_MODELS)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     header = (
         f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''}`  \n"
         f"Device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import remat
-from e2e_models import cpu_name
+from machine import cpu_name
 from remat import models
 from remat.plots import pareto_front
 
