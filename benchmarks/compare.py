@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import platform
 import sys
 import time
 import warnings
@@ -43,7 +41,7 @@ from remat.api import _piece_boundaries, _Profiled
 from remat.execute import RematModule
 from remat.report import format_bytes
 from remat.solvers.chain import min_peak, sqrt_segments, uniform_segments
-from machine import cpu_name
+from machine import results_header
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "compare.md"
@@ -168,12 +166,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command = "python benchmarks/compare.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     header = [
-        "# remat against hand-written checkpointing (fake tensors)",
-        "",
-        f"- command: `{command}` (`make bench-compare`)",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *results_header(
+            "remat against hand-written checkpointing (fake tensors)", command, "bench-compare"
+        ),
         "",
         "Every number is measured: one training step (forward, default loss `mean(out**2)`,",
         "backward) of each strategy's module with `remat.measure_step(..., fake=True)`, on fake",

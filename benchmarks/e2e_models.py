@@ -14,9 +14,7 @@ is given).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 import remat
 from remat import measure_step, models
 from remat.report import format_bytes
-from machine import cpu_name
+from machine import results_header
 
 # (short name, spec, batch, per-sample input shape or None, target activation cut or None)
 MODELS = [
@@ -128,12 +126,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = "python benchmarks/e2e_models.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     header = [
-        "# End-to-end least-peak plans (fake tensors)",
-        "",
-        f"- command: `{command}` (`make bench-e2e`)",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *results_header("End-to-end least-peak plans (fake tensors)", command, "bench-e2e"),
         "",
         "Peaks are one training step (forward, default loss `mean(out**2)`, backward), measured",
         "with `remat.measure_step(..., fake=True)`: the baseline on the unmodified model, the",

@@ -15,3 +15,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def results_header(title: str, command: str, make_target: str | None = None) -> list[str]:
+    """The top of a results file: title, the command that regenerates it, torch, CPU, date."""
+    import datetime
+
+    import torch
+
+    return [
+        f"# {title}",
+        "",
+        f"- command: `{command}`" + (f" (`make {make_target}`)" if make_target else ""),
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+    ]

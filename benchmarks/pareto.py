@@ -12,15 +12,12 @@ Writes ``benchmarks/results/pareto.md``, ``pareto_resnet50.png`` and
 
 from __future__ import annotations
 
-import datetime
-import platform
 import time
 from pathlib import Path
 
-import torch
 
 import remat
-from machine import cpu_name
+from machine import results_header
 from remat import models
 from remat.plots import pareto_front
 
@@ -49,12 +46,11 @@ def front_table(front: list[remat.Plan]) -> str:
 
 def main() -> None:
     header = [
-        "# Pareto fronts: step peak against recompute (fake tensors)",
-        "",
-        "- command: `python benchmarks/pareto.py` (`make bench-pareto`)",
-        f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        *results_header(
+            "Pareto fronts: step peak against recompute (fake tensors)",
+            "python benchmarks/pareto.py",
+            "bench-pareto",
+        ),
         "",
         "Each row is a plan from `remat.pareto`: the least recompute for its predicted step peak",
         "(parameters, inputs, activations and gradients; default loss `mean(out**2)`). Recompute is",
