@@ -1,8 +1,9 @@
-"""The one-call API: ``remat.plan`` and ``remat.optimize``.
+"""The one-call API: ``remat.plan``, ``remat.optimize``, ``remat.pareto``, ``remat.max_batch``.
 
-Pipeline: capture the model as a torch.fx graph, cut it into a chain of
-pieces joined by single tensors, profile every piece on fake tensors, solve
-the chain for the least peak, and run the plan with the user's own modules.
+Pipeline: capture the model as a torch.fx (or torch.export) graph, cut it
+into a chain of pieces joined by single tensors, profile every piece (on fake
+tensors, or on the device), solve the chain for the least peak or the least
+recompute within a budget, and run the plan with the user's own modules.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import profile_stages
 from remat.execute import RematModule
 from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
 from remat.plan import Plan
-from remat.budget import InfeasibleBudget, parse_bytes
 from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
