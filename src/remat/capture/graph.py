@@ -184,17 +184,32 @@ def input_only_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return result
 
 
+def _output_storages(output: fx.Node) -> set[fx.Node]:
+    """The model's outputs and every value they may be views of."""
+    held: set[fx.Node] = set()
+    todo = list(output.all_input_nodes)
+    while todo:
+        node = todo.pop()
+        if node in held:
+            continue
+        held.add(node)
+        if node.op in ("call_function", "call_method") and _is_view(node):
+            todo.extend(a for a in node.args[:1] if isinstance(a, fx.Node))
+    return held
+
+
 def split_linear(gm: fx.GraphModule) -> list[Piece]:
     """Cut ``gm``'s graph into pieces joined by a single tensor each.
 
     A cut after position ``k`` (in graph order) is valid when exactly one
     computed value defined at or before ``k`` is used after ``k`` (besides
     values computed from the inputs alone, which pieces recompute), it is not
-    itself one of the model's outputs, and nothing after ``k`` writes to it in
-    place (a checkpointed input must not change).
+    one of the model's outputs nor viewed by one, and nothing after ``k``
+    writes to it in place (a checkpointed input must not change).
     """
     nodes = list(gm.graph.nodes)
     input_only = input_only_nodes(gm)
+    held_by_caller = _output_storages(nodes[-1])
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {}
     for n in nodes:
@@ -223,8 +238,8 @@ def split_linear(gm: fx.GraphModule) -> list[Piece]:
             (value,) = live
             if mutated_after.get(value, -1) > k or value in (entry,):
                 continue
-            if any(user.op == "output" for user in value.users):
-                # Part of the model's output: the caller holds it to the end of the
+            if value in held_by_caller:
+                # The caller holds it (or a view of it) to the end of the
                 # backward, which a boundary activation is not modelled to be.
                 continue
             if not _is_tensor_valued(value):
