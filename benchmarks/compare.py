@@ -37,8 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from remat import InfeasibleBudget, measure_step, models
-from remat.api import _piece_boundaries, _Profiled
-from remat.execute import RematModule
+from remat.api import _Profiled
+from remat.execute import RematModule, segment_starts
 from remat.report import format_bytes
 from remat.solvers.chain import min_peak, sqrt_segments, uniform_segments
 from machine import results_header
@@ -105,7 +105,7 @@ def run_one(name: str, spec: str, batch: int, shape) -> dict:
     chain = profiled.chain
 
     def remat_module(checkpoints, plan=None) -> RematModule:
-        return RematModule(model, profiled.captured, _piece_boundaries(profiled.groups, checkpoints), plan)
+        return RematModule(model, profiled.captured, segment_starts(profiled.groups, checkpoints), plan)
 
     rows.append(("remat sqrt", measure_step(remat_module(sqrt_segments(chain).checkpoints), inputs, fake=True)))
     rows.append(

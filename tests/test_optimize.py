@@ -21,7 +21,8 @@ from grad_helpers import assert_grads_equal, step_grads
 
 import remat
 from remat import default_loss, measure_step, models
-from remat.api import _piece_boundaries, _profile, capture
+from remat.api import _profile, capture
+from remat.execute import segment_starts
 from remat.execute import RematModule
 from remat.plan import Plan
 
@@ -511,7 +512,7 @@ def test_not_a_plan_file_is_refused(tmp_path):
         Plan.load(path)
 
 
-def test_piece_boundaries_follow_the_chain_groups():
+def test_segment_starts_follow_the_chain_groups():
     torch.manual_seed(0)
     model, x = DropoutMLP(), torch.randn(512, 128)
     captured = capture(model, (x,))
@@ -520,7 +521,7 @@ def test_piece_boundaries_follow_the_chain_groups():
     assert [i for g in groups for i in g] == list(range(n))  # every piece in one chain stage
     assert len(chain.names) == len(groups) + 1  # + the loss
     plan = remat.plan(model, x)
-    boundaries = _piece_boundaries(groups, plan.checkpoints)
+    boundaries = segment_starts(groups, plan.checkpoints)
     assert boundaries and list(boundaries) == sorted(set(boundaries))
     assert all(0 < b < n for b in boundaries)
     assert remat.optimize(model, x).boundaries == boundaries

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import profile_stages
-from remat.execute import RematModule
+from remat.execute import RematModule, segment_starts
 from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
 from remat.plan import Plan
 from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front
@@ -366,10 +366,5 @@ def optimize(
         chosen = plan
     else:
         chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile)
-    return RematModule(model, captured, _piece_boundaries(groups, chosen.checkpoints), chosen)
+    return RematModule(model, captured, segment_starts(groups, chosen.checkpoints), chosen)
 
-
-def _piece_boundaries(groups: list[list[int]], checkpoints) -> tuple[int, ...]:
-    """Chain checkpoints (stage outputs) as piece indices where segments start."""
-    n_groups = len(groups)
-    return tuple(groups[c - 1][-1] + 1 for c in checkpoints if c <= n_groups)

@@ -19,7 +19,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-__all__ = ["CheckpointedSequential", "RematModule", "run_segment_recomputed"]
+__all__ = ["CheckpointedSequential", "RematModule", "run_segment_recomputed", "segment_starts"]
+
+
+def segment_starts(groups: Sequence[Sequence[int]], checkpoints: Sequence[int]) -> tuple[int, ...]:
+    """Chain checkpoints (kept stage outputs) as the indices of the parts (modules
+    or graph pieces) where segments start; ``groups[i]`` lists the parts of chain
+    stage ``i + 1``. A checkpoint past the parts (before the loss) starts none."""
+    return tuple(groups[c - 1][-1] + 1 for c in checkpoints if c <= len(groups))
 
 
 @contextlib.contextmanager
@@ -103,8 +110,7 @@ class CheckpointedSequential(nn.Module):
         for index, stage in enumerate(stages):
             self.add_module(str(index), stage)
         groups = groups or [[i] for i in range(len(stages))]
-        ends = [g[-1] + 1 for g in groups]  # module index after each chain stage
-        self.boundaries = [0] + [ends[c - 1] for c in checkpoints if c <= len(groups)]
+        self.boundaries = [0, *segment_starts(groups, checkpoints)]
         self.checkpoints = tuple(checkpoints)
 
     def _run(self, start: int, stop: int, x):

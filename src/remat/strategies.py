@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.api import _piece_boundaries, _profile, capture, optimize
+from remat.api import _Profiled, optimize
 from remat.budget import parse_bytes
-from remat.execute import RematModule
+from remat.execute import RematModule, segment_starts
 from remat.measure import as_tuple, default_loss, measure_step, step_model
 from remat.solvers.chain import Chain, ChainSolution, sqrt_segments, uniform_segments
 
@@ -57,13 +57,12 @@ def with_solver(
     ``solver`` (e.g. :func:`~remat.solvers.chain.sqrt_segments`) replaces the
     least-peak search.
     """
-    inputs = as_tuple(example_inputs)
-    captured = capture(model, inputs)
-    chain, groups = _profile(model, captured, inputs, loss_fn or default_loss)
+    profiled = _Profiled.of(model, example_inputs, loss_fn)
     start = time.perf_counter()
-    solution = solver(chain)
+    solution = solver(profiled.chain)
     solve_seconds = time.perf_counter() - start
-    return RematModule(model, captured, _piece_boundaries(groups, solution.checkpoints)), solve_seconds
+    starts = segment_starts(profiled.groups, solution.checkpoints)
+    return RematModule(model, profiled.captured, starts), solve_seconds
 
 
 def _none(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
