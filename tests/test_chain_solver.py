@@ -9,6 +9,7 @@ plan of every chain with ``-m heavy``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
@@ -19,6 +20,7 @@ from chain_helpers import all_plans
 from remat.solvers.chain import (
     Chain,
     min_peak,
+    min_recompute,
     peak_of,
     recompute_flops_of,
     sqrt_segments,
@@ -52,8 +54,11 @@ class Reference:
         self.pinned = chain.output_held and n >= 2
         # a(j) is retained for backward if stage j saves its output or stage j+1 its input.
         self.retained = [0] * (n + 1)
+        # Multi-tensor boundaries: a(m) is live up to boundary d(m), maybe saved by a later stage.
+        self.d = [int(v) for v in chain.live_until] if chain.live_until is not None else list(range(n + 1))
+        self.later = [bool(v) for v in chain.retained_later] if chain.retained_later is not None else [False] * (n + 1)
         for j in range(1, n):
-            if chain.saves_output[j - 1] or chain.saves_input[j]:
+            if chain.saves_output[j - 1] or chain.saves_input[j] or self.later[j]:
                 self.retained[j] = a[j]
         if self.pinned:
             self.retained[n - 1] = 0  # the caller's output: in `held`
@@ -70,7 +75,21 @@ class Reference:
         return int(self.c.param_grad_bytes[i:].sum())
 
     def g(self, i: int) -> int:
-        return 0 if i == self.n else int(self.c.grad_bytes[i])  # g(n) is in `held`
+        """Gradients live when the backward reaches boundary i: a(i)'s and carried ones."""
+        carried = 0 if self.c.carried_grad_bytes is None else int(self.c.carried_grad_bytes[i])
+        return 0 if i == self.n else int(self.c.grad_bytes[i]) + carried  # g(n) is in `held`
+
+    def valid(self, checkpoints) -> bool:
+        """Whether every activation live at a checkpoint was made at a kept boundary or before."""
+        bounds = [0, *checkpoints, self.n]
+        return all(self.d[m] < r for l, r in zip(bounds[:-1], bounds[1:]) for m in range(l + 1, r))
+
+    def carried_in(self, l: int, k: int, unretained_only: bool) -> int:
+        """Activations made in (l, k) still live at boundary k (read further on)."""
+        return sum(
+            self.a[m] for m in range(l + 1, k)
+            if self.d[m] >= k and not (unretained_only and self.retained[m])
+        )
 
     def backward(self, l: int, i: int, a_l_held: int, last: bool) -> int:
         c, a = self.c, self.a
@@ -89,20 +108,24 @@ class Reference:
             # forward without saving, then the recompute with saving, then backward.
             a_l = self.a_in[l]
             for i in range(l + 1, r + 1):
-                peaks.append(a_l + prev(i) + int(c.fwd_nosave_peak[i - 1]))
-            extra = self.held + self.W_after(r) + int(c.grad_bytes[r])
+                peaks.append(a_l + prev(i) + self.carried_in(l, i - 1, False) + int(c.fwd_nosave_peak[i - 1]))
+            extra = self.held + self.W_after(r) + self.g(r)
             for i in range(l + 1, r + 1):
-                peaks.append(a_l + extra + self.H(l, i - 1) + prev(i) + int(c.fwd_save_peak[i - 1]))
+                peaks.append(a_l + extra + self.H(l, i - 1) + prev(i) + self.carried_in(l, i - 1, True)
+                             + int(c.fwd_save_peak[i - 1]))
             for i in range(l + 1, r + 1):
                 peaks.append(self.backward(l, i, a_l, last=False))
             return max(peaks)
         # The last segment: a(l) is held after its first stage only if that stage saves it.
-        kept = self.a_in[l] if c.saves_input[l] else 0
+        # A later stage may save it too; otherwise it is live while later stages read it.
+        kept = self.a_in[l] if (c.saves_input[l] or self.later[l]) else 0
         if self.pinned and l == self.n - 1:
             kept = 0
         peaks.append(self.a_in[l] + int(c.fwd_save_peak[l]))
         for i in range(l + 2, r + 1):
-            peaks.append(kept + self.H(l, i - 1) + a[i - 1] + int(c.fwd_save_peak[i - 1]))
+            read_on = self.a_in[l] if not kept and self.d[l] >= i - 1 else 0
+            peaks.append(kept + read_on + self.H(l, i - 1) + a[i - 1] + self.carried_in(l, i - 1, True)
+                         + int(c.fwd_save_peak[i - 1]))
         for i in range(l + 1, r + 1):
             peaks.append(self.backward(l, i, kept, last=True))
         return max(peaks)
@@ -132,6 +155,8 @@ class Reference:
             if best[0] is None or last < best[0]:
                 best[0] = last
             for r in range(l + 1, n):
+                if any(self.d[m] >= r for m in range(l + 1, r)):
+                    continue  # r would need an activation made inside (l, r)
                 seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
                 visit(r, kept + self.a_in[l], max(peak, kept + self.segment(l, r, False)), seg_flops)
 
@@ -328,3 +353,55 @@ def test_baselines_are_valid_and_never_beat_the_solvers(n):
         for method in METHODS:
             best = min_peak(chain, method).peak_bytes
             assert all(best <= base.peak_bytes for base in baselines)
+
+
+# -- multi-tensor boundaries (activations read past the next stage) ---------------
+
+
+def carried_chains():
+    """300 random chains whose activations stay live for up to 4 more stages."""
+    return [Chain.random(1 + seed % 12, seed, carried=True) for seed in range(300)]
+
+
+def test_reference_matches_peak_of_with_carried_activations():
+    rng = random.Random(1)
+    checked = 0
+    for chain in carried_chains():
+        ref = Reference(chain)
+        plans = [cps for cps in all_plans(chain.n) if ref.valid(cps)]
+        for cps in rng.sample(plans, min(6, len(plans))):
+            assert ref.peak(cps) == peak_of(chain, cps), (chain.n, cps)
+            checked += 1
+    assert checked > 1000
+
+
+def test_plans_that_drop_a_carried_activation_are_refused():
+    # a(1) is read up to stage 3 (live at boundaries 1 and 2): keeping 2 alone
+    # would need a(1), made inside the segment (0, 2].
+    chain = dataclasses.replace(
+        Chain.random(4, seed=0), live_until=np.array([0, 2, 2, 3, 4]), retained_later=None, carried_grad_bytes=None
+    )
+    with pytest.raises(ValueError, match=r"checkpoint 2 needs a\(1\).*keep 1 too"):
+        peak_of(chain, [2])
+    assert peak_of(chain, [1, 2]) > 0
+    for method in METHODS:
+        assert 2 not in min_peak(chain, method).checkpoints or 1 in min_peak(chain, method).checkpoints
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_solvers_find_the_exhaustive_optimum_with_carried_activations(method):
+    for chain in carried_chains():
+        ref = Reference(chain)
+        sol = min_peak(chain, method)
+        assert (sol.peak_bytes, sol.recompute_flops) == ref.best(), (chain.n, sol)
+        assert ref.valid(sol.checkpoints)
+
+
+def test_budget_solver_is_exact_with_carried_activations():
+    for chain in carried_chains()[::3]:
+        ref = Reference(chain)
+        plans = [(ref.peak(cps), ref.recompute_flops(cps)) for cps in all_plans(chain.n) if ref.valid(cps)]
+        for budget in sorted({peak for peak, _ in plans})[:4]:
+            sol = min_recompute(chain, budget)
+            best = min(flops for peak, flops in plans if peak <= budget)
+            assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best

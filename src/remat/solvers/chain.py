@@ -84,6 +84,9 @@ import numpy as np
 
 _UNREACHABLE = np.iinfo(np.int64).max // 4
 
+# Arrays with one entry per boundary (0..n) rather than per stage.
+_BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "retained_later", "carried_grad_bytes")
+
 __all__ = [
     "Chain",
     "ChainSolution",
@@ -126,6 +129,17 @@ class Chain:
             ``out = model(x); loss_fn(out).backward()`` does when the chain's
             last stage is the loss.
         names: a readable name per stage.
+        live_until: for boundaries with several live tensors (cuts inside
+            residual or dense blocks): the last boundary ``d(m)`` at which
+            ``a(m)`` is still live (read by stage ``d(m) + 1``); ``None``,
+            or ``d(m) = m``, for a plain chain. A plan may then keep ``r``
+            after ``l`` only if every activation live at ``r`` was made at
+            ``l`` or before (so it is kept already).
+        retained_later: whether ``a(m)`` is saved for backward by a stage
+            after ``m + 1`` (a residual input saved by a projection).
+        carried_grad_bytes: bytes of the gradients of the activations made
+            before ``m`` that are live at boundary ``m``, alive when the
+            backward reaches it (each counted once where they share storage).
     """
 
     act_bytes: np.ndarray
@@ -142,6 +156,9 @@ class Chain:
     base_bytes: int = 0
     output_held: bool = False
     names: tuple[str, ...] = ()
+    live_until: np.ndarray | None = None
+    retained_later: np.ndarray | None = None
+    carried_grad_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)
@@ -150,7 +167,7 @@ class Chain:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, np.ndarray):
-                expected = n + 1 if field.name in ("act_bytes", "grad_bytes") else n
+                expected = n + 1 if field.name in _BOUNDARY_FIELDS else n
                 if value.shape != (expected,):
                     raise ValueError(
                         f"Chain.{field.name} has shape {value.shape}, expected ({expected},) "
@@ -158,6 +175,15 @@ class Chain:
                     )
         if not self.names:
             object.__setattr__(self, "names", tuple(f"stage{i}" for i in range(1, n + 1)))
+        if self.live_until is not None:
+            bounds = np.arange(n + 1)
+            if (self.live_until < bounds).any() or (self.live_until[:-1] > n - 1).any():
+                raise ValueError("Chain.live_until[m] must lie in m..n-1 (the loss reads only a(n-1))")
+
+    @property
+    def carries(self) -> bool:
+        """Whether some activation is read past the next stage (multi-tensor boundaries)."""
+        return self.live_until is not None and bool((self.live_until > np.arange(self.n + 1)).any())
 
     @property
     def n(self) -> int:
@@ -170,18 +196,22 @@ class Chain:
         for key, value in arrays.items():
             if key in ("base_bytes", "names", "output_held"):
                 converted[key] = value
-            elif key in ("saves_input", "saves_output"):
+            elif value is None:
+                converted[key] = None
+            elif key in ("saves_input", "saves_output", "retained_later"):
                 converted[key] = np.asarray(value, dtype=bool)
             else:
                 converted[key] = np.asarray(value, dtype=np.int64)
         return cls(**converted)
 
     @classmethod
-    def random(cls, n: int, seed: int = 0) -> Chain:
+    def random(cls, n: int, seed: int = 0, *, carried: bool = False) -> Chain:
         """A heterogeneous random chain for tests and benchmarks.
 
         Stages vary in output size by orders of magnitude; some save nothing,
         some only their input or output, some have a large internal temporary.
+        With ``carried``, some activations stay live for a few more stages
+        (like residual inputs) and some of those are saved by a later stage.
         """
         rng = np.random.default_rng(seed)
         act = rng.choice([1, 2, 4, 8, 16, 64], size=n + 1) * 1024 * rng.integers(1, 5, size=n + 1)
@@ -197,7 +227,18 @@ class Chain:
         params = rng.integers(0, 3, size=n) * 1024
         bwd = act[:-1] + params + rng.integers(0, 2, size=n) * act[1:]
         flops = act[1:] * rng.integers(1, 100, size=n)
-        return cls(
+        extra = {}
+        if carried:
+            bounds = np.arange(n + 1)
+            live = np.minimum(bounds + rng.choice([0, 0, 1, 2, 4], size=n + 1), max(n - 1, 0))
+            live = np.maximum(live, bounds)
+            live[0] = 0
+            later = (live >= bounds + 2) & (rng.random(n + 1) < 0.5)
+            carried_grad = np.zeros(n + 1, dtype=np.int64)
+            for m in range(1, n + 1):
+                carried_grad[m + 1 : live[m] + 1] += grad[m]
+            extra = dict(live_until=live, retained_later=later, carried_grad_bytes=carried_grad)
+        return cls(**extra,
             act_bytes=act.astype(np.int64),
             grad_bytes=grad.astype(np.int64),
             fwd_nosave_peak=fwd_nosave.astype(np.int64),
@@ -260,7 +301,8 @@ class _Terms:
         self.keeps_in = np.concatenate([[False], chain.saves_input, [False]])
         keeps_out = np.concatenate([[False], chain.saves_output])
         # a(j), 1 <= j < n, is retained for backward if stage j or j+1 saves it.
-        retained = np.where(keeps_out | self.keeps_in[1:], a, 0)
+        later = chain.retained_later if chain.retained_later is not None else np.zeros(n + 1, dtype=bool)
+        retained = np.where(keeps_out | self.keeps_in[1:] | later, a, 0)
         retained[0] = retained[n] = 0
         # A caller-held output a(n-1) is live through the whole backward: it
         # is counted once, in `held`, instead of as retained by stage n.
@@ -280,6 +322,8 @@ class _Terms:
         # (autograd.backward keeps the root gradient until it returns) and a
         # caller-held output.
         self.held = int(a[n] + g[n]) + (int(a[n - 1]) if pinned else 0)
+        if chain.carried_grad_bytes is not None:
+            g = g + chain.carried_grad_bytes  # every gradient live at the boundary
         g_bw = g.copy()
         g_bw[n] = 0
         # Per-stage terms (index i = stage, entry 0 unused).
@@ -301,15 +345,64 @@ class _Terms:
             T_bw_last[n - 1] -= out_kept[n - 1]
             kept[n - 1] = 0
         bw_after = suffix_max(T_bw_last[1:])  # max T_bw[l+1..n], l = 0..n-1
-        tail = np.maximum(rc_after[:n] - self.Q[:n], self.held + bw_after - self.Q[:n])
-        self.S = np.maximum(self.a_in[:n] + self.f_s[1 : n + 1], kept + tail)
+        self.carries = chain.carries
+        if not self.carries:
+            tail = np.maximum(rc_after[:n] - self.Q[:n], self.held + bw_after - self.Q[:n])
+            self.S = np.maximum(self.a_in[:n] + self.f_s[1 : n + 1], kept + tail)
+            return
+        # Activations live past the next stage (see Chain.live_until).
+        self.live_until = chain.live_until.astype(np.int64)
+        bounds = np.arange(n + 1)
+        self.carrying = np.nonzero(self.live_until > bounds)[0]
+        # Made before the segment start l, they are kept; made inside, they
+        # are live while read, and retained for backward only if saved.
+        self.unretained = np.where(retained == 0, self.a_in, 0)
+        if pinned:
+            self.unretained[n - 1] = 0
+        # lo(r): a segment (l, r] needs l >= lo(r), the newest maker of an activation live at r.
+        self.lo = np.zeros(n + 1, dtype=np.int64)
+        for m in self.carrying:
+            self.lo[m + 1 : self.live_until[m] + 1] = m
+        # The last segment holds a(l) if a later stage saves it, else only while it is read.
+        kept = np.where(later[:n], self.a_in[:n], kept)
+        S = np.empty(n, dtype=np.int64)
+        for l in range(n):
+            live = self.in_segment(l, self.unretained)
+            if not kept[l]:
+                live[l + 1 : self.live_until[l] + 1] += self.a_in[l]
+            rc = (self.T_rc[l + 2 : n + 1] + live[l + 1 : n]).max(initial=np.iinfo(np.int64).min // 4)
+            tail = max(rc - self.Q[l], self.held + bw_after[l] - self.Q[l])
+            S[l] = max(self.a_in[l] + self.f_s[l + 1], kept[l] + tail)
+        self.S = S
+
+    def in_segment(self, l: int, weights: np.ndarray) -> np.ndarray:
+        """Per boundary k: the ``weights`` of activations made in (l, k) and live at k.
+
+        Zero for a plain chain (each activation is read only by the next stage).
+        """
+        n = self.n
+        if not self.carries:
+            return np.zeros(n + 1, dtype=np.int64)
+        makers = self.carrying[self.carrying > l]
+        diff = np.zeros(n + 2, dtype=np.int64)
+        np.add.at(diff, makers + 1, weights[makers])
+        np.add.at(diff, self.live_until[makers] + 1, -weights[makers])
+        return np.cumsum(diff)[: n + 1]
+
+    def allowed(self, l: int, r: int) -> bool:
+        """Whether a segment (l, r] may be recomputed: all it carries over r is kept."""
+        return not self.carries or self.lo[r] <= l
 
     # Local costs, each including the segment input a(l) where it is held.
     def recompute_segment(self, l: int, r: int) -> int:
         """Peak of segment (l, r] (forward without saving, recompute, backward)."""
+        if not self.allowed(l, r):
+            return _UNREACHABLE
         a_l = int(self.a_in[l])
-        fns = max(self.f_ns[l + 1], self.T_ns[l + 2 : r + 1].max(initial=0))
-        rc = max(self.f_s[l + 1], self.T_rc[l + 2 : r + 1].max(initial=0) - self.Q[l])
+        live = self.in_segment(l, self.a_in)[l + 1 : r]
+        unretained = self.in_segment(l, self.unretained)[l + 1 : r] if self.carries else live
+        fns = max(self.f_ns[l + 1], (self.T_ns[l + 2 : r + 1] + live).max(initial=0))
+        rc = max(self.f_s[l + 1], (self.T_rc[l + 2 : r + 1] + unretained).max(initial=0) - self.Q[l])
         bw = self.T_bw[l + 1 : r + 1].max() - self.Q[l]
         return a_l + int(max(fns, self.E[r] + rc, self.held + bw))
 
@@ -332,14 +425,20 @@ class _Terms:
         n = self.n
         a_l = int(self.a_in[l])
         cm = np.maximum.accumulate
-        fns = np.maximum(self.f_ns[l + 1], np.concatenate([[0], cm(self.T_ns[l + 2 : n + 1])]))
+        T_ns, T_rc = self.T_ns[l + 2 : n + 1], self.T_rc[l + 2 : n + 1]
+        if self.carries:
+            T_ns = T_ns + self.in_segment(l, self.a_in)[l + 1 : n]
+            T_rc = T_rc + self.in_segment(l, self.unretained)[l + 1 : n]
+        fns = np.maximum(self.f_ns[l + 1], np.concatenate([[0], cm(T_ns)]))
         rc = np.maximum(
             self.f_s[l + 1],
-            np.concatenate([[np.iinfo(np.int64).min // 4], cm(self.T_rc[l + 2 : n + 1]) - self.Q[l]]),
+            np.concatenate([[np.iinfo(np.int64).min // 4], cm(T_rc) - self.Q[l]]),
         )
         bw = cm(self.T_bw[l + 1 : n + 1]) - self.Q[l]
         r = np.arange(l + 1, n + 1)
         recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.held + bw)
+        if self.carries:
+            recompute[self.lo[r] > l] = _UNREACHABLE
         return recompute[:-1], self.last_segment(l)
 
 
@@ -354,6 +453,14 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
         raise ValueError(
             f"checkpoints must be distinct sorted stage indices in 1..{chain.n - 1}, got {list(cps)}"
         )
+    if chain.carries:
+        for l, r in _segments(chain.n, cps):
+            inside = [m for m in range(l + 1, r) if chain.live_until[m] >= r]
+            if inside:
+                raise ValueError(
+                    f"checkpoint {r} needs a({inside[-1]}), which is made inside the segment before it "
+                    f"and still live at {r}: keep {inside[-1]} too (or drop {r})"
+                )
     return cps
 
 
@@ -401,7 +508,8 @@ def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainS
             long chains). Both return the optimum.
     """
     terms = _Terms(chain)
-    if method == "dp":
+    if method == "dp" or (method == "linear" and terms.carries):
+        # The sweep's range maxima assume each activation is read by the next stage only.
         cps = _least_recompute_at(terms, _least_peak_dp(terms), _prefix_feasible_quadratic)
     elif method == "linear":
         cps = _least_recompute_at(terms, _least_peak_sweep(terms), _prefix_feasible_linear)
@@ -430,6 +538,8 @@ def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear
     feasible = {"dp": _prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
     if feasible is None:
         raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
+    if terms.carries:
+        feasible = _prefix_feasible_quadratic
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
     return None if cps is None else _solution(chain, cps, method, terms)
 
