@@ -56,19 +56,27 @@ class Reference:
         self.retained = [0] * (n + 1)
         # Multi-tensor boundaries: a(m) is live up to boundary d(m), maybe saved by a later stage.
         self.d = [int(v) for v in chain.live_until] if chain.live_until is not None else list(range(n + 1))
-        self.later = [bool(v) for v in chain.retained_later] if chain.retained_later is not None else [False] * (n + 1)
+        self.saver = [int(v) for v in chain.later_saver] if chain.later_saver is not None else [0] * (n + 1)
+        self.later = [s > 0 for s in self.saver]
+        self.skips = [bool(v) for v in chain.skips_next] if chain.skips_next is not None else [False] * (n + 1)
+        # Retained only by a stage after the next: released once that stage's backward ran.
+        self.released_at = [0] * (n + 1)
         for j in range(1, n):
             if chain.saves_output[j - 1] or chain.saves_input[j] or self.later[j]:
                 self.retained[j] = a[j]
+            if self.later[j] and not (chain.saves_output[j - 1] or chain.saves_input[j]):
+                self.released_at[j] = self.saver[j]
         if self.pinned:
             self.retained[n - 1] = 0  # the caller's output: in `held`
         self.held = a[n] + int(chain.grad_bytes[n]) + (a[n - 1] if self.pinned else 0)
 
-    def H(self, l: int, j: int) -> int:
-        """What stages l+1..j retain for backward, a(l) and a(j) excluded."""
+    def H(self, l: int, j: int, backward: bool = False) -> int:
+        """What stages l+1..j retain for backward, a(l) and a(j) excluded (in the
+        backward of stage j: without what a later stage's backward released)."""
         c = self.c
         return sum(int(c.saved_bytes[k - 1]) for k in range(l + 1, j + 1)) + sum(
             self.retained[k] for k in range(l + 1, j)
+            if not (backward and self.released_at[k] > j)
         )
 
     def W_after(self, i: int) -> int:
@@ -82,7 +90,9 @@ class Reference:
     def valid(self, checkpoints) -> bool:
         """Whether every activation live at a checkpoint was made at a kept boundary or before."""
         bounds = [0, *checkpoints, self.n]
-        return all(self.d[m] < r for l, r in zip(bounds[:-1], bounds[1:]) for m in range(l + 1, r))
+        return all(
+            self.d[m] < r for l, r in zip(bounds[:-1], bounds[1:]) for m in range(l + 1, r)
+        ) and not any(self.skips[l] for l in bounds[:-2])
 
     def carried_in(self, l: int, k: int, unretained_only: bool) -> int:
         """Activations made in (l, k) still live at boundary k (read further on)."""
@@ -96,7 +106,7 @@ class Reference:
         out = a[i] if (i < self.n and c.saves_output[i - 1]) else 0
         if last and self.pinned and i == self.n - 1:
             out = 0  # the caller's a(n-1), already in `held`
-        return (a_l_held + self.held + self.W_after(i) + self.H(l, i) + out + self.g(i)
+        return (a_l_held + self.held + self.W_after(i) + self.H(l, i, backward=True) + out + self.g(i)
                 + int(c.bwd_peak[i - 1]))
 
     @functools.cache
@@ -155,8 +165,8 @@ class Reference:
             if best[0] is None or last < best[0]:
                 best[0] = last
             for r in range(l + 1, n):
-                if any(self.d[m] >= r for m in range(l + 1, r)):
-                    continue  # r would need an activation made inside (l, r)
+                if any(self.d[m] >= r for m in range(l + 1, r)) or self.skips[l]:
+                    continue  # r would need an activation made inside (l, r), or a(l) is not read next
                 seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
                 visit(r, kept + self.a_in[l], max(peak, kept + self.segment(l, r, False)), seg_flops)
 
@@ -379,7 +389,7 @@ def test_plans_that_drop_a_carried_activation_are_refused():
     # a(1) is read up to stage 3 (live at boundaries 1 and 2): keeping 2 alone
     # would need a(1), made inside the segment (0, 2].
     chain = dataclasses.replace(
-        Chain.random(4, seed=0), live_until=np.array([0, 2, 2, 3, 4]), retained_later=None, carried_grad_bytes=None
+        Chain.random(4, seed=0), live_until=np.array([0, 2, 2, 3, 4]), later_saver=None, carried_grad_bytes=None
     )
     with pytest.raises(ValueError, match=r"checkpoint 2 needs a\(1\).*keep 1 too"):
         peak_of(chain, [2])

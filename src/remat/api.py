@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
-from remat.capture.profile import profile_stages
+from remat.capture.profile import BackwardSkipsStage, profile_stages
 from remat.execute import RematModule, segment_starts
 from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
 from remat.plan import Plan
@@ -37,6 +37,41 @@ class Captured:
     modules: list[fx.GraphModule]
     input_names: list[str]
     codegen: Any  # the traced graph's input flattening / output unflattening
+    reads: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # earlier pieces each piece reads
+
+    def __post_init__(self) -> None:
+        if not self.reads:
+            made_by = {p.output: i for i, p in enumerate(self.pieces)}
+            self.reads = [tuple(made_by[v] for v in p.inputs) for p in self.pieces]
+        # The last piece that reads each piece's output (the output's own index if none).
+        self.last_reader = list(range(len(self.pieces)))
+        for i, read in enumerate(self.reads):
+            for q in read:
+                self.last_reader[q] = max(self.last_reader[q], i)
+
+    def outside_reads(self, start: int, stop: int) -> tuple[int, ...]:
+        """The outputs of pieces before ``start`` that pieces ``start..stop-1`` read."""
+        return tuple(sorted({q for p in range(start, stop) for q in self.reads[p] if q < start}))
+
+    def check_boundaries(self, boundaries: Sequence[int]) -> None:
+        """Refuse segment starts that would drop a tensor a later segment reads.
+
+        Each segment may read only the outputs of the pieces that end earlier
+        segments (those are kept); a value made inside a segment and read
+        after it is not.
+        """
+        bounds = [0, *boundaries, len(self.pieces)]
+        kept = set()
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            missing = set(self.outside_reads(start, stop)) - kept
+            if missing:
+                q = min(missing)
+                raise ValueError(
+                    f"a segment starting at piece {start} reads the output of piece {q} "
+                    f"({self.pieces[q].name}), which is made inside an earlier segment: start a "
+                    f"segment at piece {q + 1} too, or use the boundaries of a remat plan"
+                )
+            kept.add(stop - 1)
 
     def tensor_names(self, index: int, root: nn.Module) -> list[str]:
         """Names (on ``root``) of the parameters and buffers piece ``index`` reads."""
@@ -59,11 +94,11 @@ class Captured:
         ]
 
 
-def capture(model: nn.Module, example_inputs: tuple) -> Captured:
-    """Trace ``model`` and cut it into pieces joined by single tensors."""
+def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True) -> Captured:
+    """Trace ``model`` and cut it into a chain of pieces (see :func:`split_linear`)."""
     gm = trace(model, example_inputs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    pieces = split_linear(gm)
+    pieces = split_linear(gm, carried=carried)
     model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     model_tensors |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     modules = [piece_module(gm, p, placeholders, model_tensors) for p in pieces]
@@ -133,7 +168,7 @@ def _profile(
         for index, piece in enumerate(fake_host._captured.modules):
 
             def run(x, piece=piece, index=index):
-                args = (None, fake_host, *x) if index == 0 else (x, fake_host, *fake_inputs)
+                args = ((), fake_host, *x) if index == 0 else (x, fake_host, *fake_inputs)
                 return finish(piece(*args)) if index == last else piece(*args)
 
             used = captured.tensor_names(index, fake_host)
@@ -144,7 +179,8 @@ def _profile(
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device))
         return profile_stages(
-            specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys, exact=profile == "fake"
+            specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys,
+            exact=profile == "fake", reads=captured.reads,
         )
 
 
@@ -203,7 +239,13 @@ class _Profiled:
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
         captured = capture(model, inputs)
-        chain, groups = _profile(model, captured, inputs, loss_fn, profile)
+        try:
+            chain, groups = _profile(model, captured, inputs, loss_fn, profile)
+        except BackwardSkipsStage:
+            # A branch the loss ignores: cut only where a single tensor is live,
+            # so that branch stays inside a stage whose profile sees it.
+            captured = capture(model, inputs, carried=False)
+            chain, groups = _profile(model, captured, inputs, loss_fn, profile)
         return cls(model, inputs, loss_fn, captured, chain, groups, time.perf_counter() - start)
 
     def plan(self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None) -> Plan:

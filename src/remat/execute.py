@@ -151,6 +151,7 @@ class RematModule(nn.Module):
         self._captured = captured
         self._captured_training = model.training  # the graph is specialised to this mode
         self._signature = inspect.signature(model.forward)
+        captured.check_boundaries(boundaries)
         self.boundaries = tuple(boundaries)
         self.plan = plan
         self.training = model.training  # not .train(): the children keep their own flags
@@ -173,10 +174,22 @@ class RematModule(nn.Module):
         bound.apply_defaults()
         return tuple(bound.arguments[name] for name in names)
 
-    def _run(self, start: int, stop: int, x, *inputs):
-        for piece in self._captured.modules[start:stop]:
-            x = piece(x, self, *inputs)
-        return x
+    def _run(self, start: int, stop: int, outside: tuple[int, ...], *args):
+        """Pieces ``start..stop-1`` on the outputs of pieces ``outside`` (``args``
+        begins with them) and the model inputs; returns the last piece's output."""
+        return self._run_on(start, stop, dict(zip(outside, args)), args[len(outside) :])
+
+    def _run_on(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):
+        """Pieces ``start..stop-1``; ``values`` maps earlier pieces to their outputs
+        and loses each one once no later piece reads it, so it can be freed."""
+        captured = self._captured
+        for index in range(start, stop):
+            read = captured.reads[index]
+            values[index] = captured.modules[index](tuple(values[q] for q in read), self, *inputs)
+            for q in read:
+                if captured.last_reader[q] == index:
+                    del values[q]
+        return values.pop(stop - 1)
 
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
@@ -189,15 +202,18 @@ class RematModule(nn.Module):
                 "before remat.optimize to train with it"
             )
         inputs = self._inputs(args, kwargs)
-        n = len(self._captured.modules)
-        if not self.boundaries:
-            return self._outputs(self._run(0, n, None, *inputs))
-        bounds = [0, *self.boundaries]
-        x = None
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            modules = self._captured.submodules(start, stop, self)
-            x = run_segment_recomputed(self._run, modules, start, stop, x, *inputs)
-        return self._outputs(self._run(bounds[-1], n, x, *inputs))
+        captured = self._captured
+        n = len(captured.modules)
+        bounds = [0, *self.boundaries, n]
+        kept: dict[int, Any] = {}  # outputs of pieces that later segments read
+        for start, stop in zip(bounds[:-2], bounds[1:-1]):
+            outside = captured.outside_reads(start, stop)
+            modules = captured.submodules(start, stop, self)
+            kept[stop - 1] = run_segment_recomputed(
+                self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
+            )
+            kept = {q: v for q, v in kept.items() if captured.last_reader[q] >= stop or q == stop - 1}
+        return self._outputs(self._run_on(bounds[-2], n, kept, inputs))
 
     def _outputs(self, out):
         """The graph's flat output in the model's output structure (``CodeGen.process_outputs``).

@@ -1,9 +1,11 @@
 """Capture an arbitrary model as a torch.fx graph and split it into a chain.
 
-The graph is cut wherever a single tensor carries everything the rest of the
-model needs from what came before (besides parameters and the model's own
-inputs, which stay alive anyway). ResNet blocks, Inception modules,
-transformer layers and VGG/MobileNet layers all meet at such cuts; each piece
+The graph is cut wherever one new tensor, together with tensors that earlier
+cuts already made, carries everything the rest of the model needs from what
+came before (besides parameters and the model's own inputs, which stay alive
+anyway). ResNet blocks, Inception modules, transformer layers and VGG/MobileNet
+layers meet at single-tensor cuts; inside a residual or dense block the
+block's input (or earlier features) stays live across the cut. Each piece
 between two cuts becomes one stage of a :class:`~remat.solvers.chain.Chain`.
 """
 
@@ -74,13 +76,16 @@ def _drop_guards(gm: fx.GraphModule) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """Nodes ``nodes`` of the graph, taking tensor ``input`` and producing ``output``.
+    """Nodes ``nodes`` of the graph, reading ``inputs`` and producing ``output``.
 
-    ``input`` is ``None`` for the first piece (it reads the model's inputs).
+    ``inputs`` are outputs of earlier pieces (empty for the first piece,
+    which reads the model's inputs): usually the piece just before, and, for
+    a cut inside a residual or dense block, also the block's input or earlier
+    features, which stay live across the cut.
     """
 
     nodes: tuple[fx.Node, ...]
-    input: fx.Node | None
+    inputs: tuple[fx.Node, ...]
     output: fx.Node
 
     @property
@@ -198,14 +203,18 @@ def _output_storages(output: fx.Node) -> set[fx.Node]:
     return held
 
 
-def split_linear(gm: fx.GraphModule) -> list[Piece]:
-    """Cut ``gm``'s graph into pieces joined by a single tensor each.
+def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
+    """Cut ``gm``'s graph into a chain of pieces.
 
-    A cut after position ``k`` (in graph order) is valid when exactly one
-    computed value defined at or before ``k`` is used after ``k`` (besides
-    values computed from the inputs alone, which pieces recompute), it is not
-    one of the model's outputs nor viewed by one, and nothing after ``k``
-    writes to it in place (a checkpointed input must not change).
+    A cut after position ``k`` (in graph order) is valid when, of the
+    computed values defined at or before ``k`` and used after it (besides
+    values computed from the inputs alone, which pieces recompute), exactly
+    one is new: every other is the output of an earlier cut (a residual
+    block's input, earlier DenseNet features), so a plan that keeps the new
+    value keeps what it needs with it. The new value must not be one of the
+    model's outputs nor viewed by one, and nothing after ``k`` may write to a
+    value live across the cut (a kept tensor must not change). With
+    ``carried=False``, only single-tensor cuts (nothing else live).
     """
     nodes = list(gm.graph.nodes)
     input_only = input_only_nodes(gm)
@@ -221,35 +230,64 @@ def split_linear(gm: fx.GraphModule) -> list[Piece]:
         if target is not None:
             mutated_after[target] = max(mutated_after.get(target, -1), index[n])
 
-    def carried(n: fx.Node) -> bool:
+    def computed(n: fx.Node) -> bool:
         # Parameters (get_attr) and the model's inputs live through the step anyway.
         return n.op not in ("placeholder", "get_attr", "output") and n not in input_only
 
+    def piece_nodes(start: int, stop: int) -> tuple[fx.Node, ...]:
+        return tuple(x for x in nodes[start:stop] if computed(x) or x.op in ("get_attr", "output"))
+
+    def reads(members: tuple[fx.Node, ...]) -> tuple[fx.Node, ...]:
+        """The earlier pieces' outputs that ``members`` use, in cut order."""
+        used = {a for x in members for a in x.all_input_nodes}
+        return tuple(v for v in cut_values if v in used)
+
     pieces: list[Piece] = []
-    start, entry = 0, None
+    cut_values: list[fx.Node] = []  # outputs of the pieces so far, in order
+    start = 0
     live: set[fx.Node] = set()
     for k, n in enumerate(nodes):
-        if carried(n):
+        if computed(n):
             live.add(n)
         live = {v for v in live if last_use.get(v, -1) > k}
         if n.op == "output" or k + 1 >= len(nodes) or nodes[k + 1].op == "output":
             continue
-        if len(live) == 1:
-            (value,) = live
-            if mutated_after.get(value, -1) > k or value in (entry,):
-                continue
-            if value in held_by_caller:
-                # The caller holds it (or a view of it) to the end of the
-                # backward, which a boundary activation is not modelled to be.
-                continue
-            if not _is_tensor_valued(value):
-                continue
-            pieces.append(Piece(tuple(x for x in nodes[start : k + 1] if carried(x) or x.op == "get_attr"), entry, value))
-            start, entry = k + 1, value
-    output_node = nodes[-1]
-    rest = tuple(x for x in nodes[start:] if carried(x) or x.op == "get_attr" or x.op == "output")
-    pieces.append(Piece(rest, entry, output_node))
+        new = [v for v in live if v not in cut_values]
+        if len(new) != 1 or (not carried and len(live) != 1):
+            continue
+        (value,) = new
+        if any(mutated_after.get(v, -1) > k for v in live):
+            continue
+        if value in held_by_caller:
+            # The caller holds it (or a view of it) to the end of the
+            # backward, which a boundary activation is not modelled to be.
+            continue
+        if not _is_tensor_valued(value):
+            continue
+        members = piece_nodes(start, k + 1)
+        owner = _storage_owner(value, gm)
+        if owner in cut_values and not (owner is cut_values[-1] and reads(members) == (owner,)):
+            # A view of an earlier piece's output (or an update to it in place)
+            # is a boundary of no bytes of its own: only the piece just before
+            # may own the storage (the profile merges the two).
+            continue
+        pieces.append(Piece(members, reads(members), value))
+        cut_values.append(value)
+        start = k + 1
+    members = piece_nodes(start, len(nodes))
+    pieces.append(Piece(members, reads(members), nodes[-1]))
     return pieces
+
+
+def _storage_owner(value: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """The node that made ``value``'s storage: through views and in-place updates."""
+    node = value
+    while node.op in ("call_function", "call_method", "call_module"):
+        base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if base is None or not (_mutates(node, gm) is base or (node.op != "call_module" and _is_view(node))):
+            break
+        node = base
+    return node
 
 
 def _is_tensor_valued(node: fx.Node) -> bool:
@@ -273,7 +311,9 @@ def fetch_attr(root: nn.Module, target: str):
 def piece_module(
     gm: fx.GraphModule, piece: Piece, placeholders: Sequence[fx.Node], model_tensors: set[str]
 ) -> fx.GraphModule:
-    """A GraphModule running ``piece``: ``f(boundary_input, root, *model_inputs)``.
+    """A GraphModule running ``piece``: ``f(boundary, root, *model_inputs)``.
+
+    ``boundary`` is the tuple of the piece's inputs (outputs of earlier pieces).
 
     Submodules are the original model's (by reference). Parameters and
     buffers of the model (``model_tensors``) read directly (``get_attr``) are
@@ -284,10 +324,10 @@ def piece_module(
     env: dict[fx.Node, fx.Node] = {}
     boundary = graph.placeholder("boundary")
     root = graph.placeholder("root")
-    if piece.input is not None:
-        env[piece.input] = boundary
     for p in placeholders:
         env[p] = graph.placeholder(p.name)
+    for position, value in enumerate(piece.inputs):
+        env[value] = graph.call_function(operator.getitem, (boundary, position))
 
     def value(node: fx.Node) -> fx.Node:
         """``node`` in the new graph: parameters fetched, input-only values recomputed."""

@@ -14,12 +14,12 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from remat.measure import round_to_of, track_memory, unique_storage_bytes
 from remat.solvers.chain import Chain
 
-__all__ = ["StageCost", "profile_stages"]
+__all__ = ["BackwardSkipsStage", "StageCost", "profile_stages"]
 
 
 @dataclasses.dataclass
@@ -38,6 +38,12 @@ class StageCost:
     input_grad_bytes: int
     fwd_flops: int
     bwd_flops: int
+    # Per input tensor: whether the stage saves it for backward, and the
+    # gradient its backward makes for it: (storage number within this stage,
+    # bytes), or None. Equal storage numbers share memory (an add hands one
+    # gradient tensor to both its inputs).
+    inputs_saved: tuple[bool, ...] = ()
+    input_grads: tuple[tuple[int, int] | None, ...] = ()
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -52,17 +58,21 @@ class _StageInput(torch.autograd.Function):
     """A copy of a leaf that is not a leaf, as a stage input is in a real step.
 
     In-place stages (``ReLU(inplace=True)``) refuse to modify a leaf that
-    requires grad. The copy is made before tracking starts; its gradient is
-    passed straight on to the leaf.
+    requires grad. The copy is made before tracking starts. Its gradient is
+    kept in ``received`` (as the previous stage's autograd node would hold
+    it) rather than accumulated into the leaf, which could copy a gradient
+    that is shared by two inputs.
     """
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, t: torch.Tensor, received: list, position: int) -> torch.Tensor:
+        ctx.received, ctx.position = received, position
         return t.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx, grad: torch.Tensor):
+        ctx.received[ctx.position] = grad
+        return None, None, None
 
 
 class _SeedGradient(torch.autograd.Function):
@@ -89,8 +99,28 @@ class _SeedGradient(torch.autograd.Function):
         )
 
 
-def _stage_input(x: Any) -> Any:
-    return tree_map_only(torch.Tensor, lambda t: _StageInput.apply(t) if t.requires_grad else t, x)
+def _stage_input(x: Any, received: list) -> Any:
+    """``x`` with every tensor that requires grad behind a :class:`_StageInput`."""
+    leaves, spec = tree_flatten(x)
+    received[:] = [None] * len(leaves)
+    wrapped = [
+        _StageInput.apply(t, received, k) if isinstance(t, torch.Tensor) and t.requires_grad else t
+        for k, t in enumerate(leaves)
+    ]
+    return tree_unflatten(wrapped, spec)
+
+
+def _numbered_grads(grads: Sequence[torch.Tensor | None], round_to: int) -> tuple[tuple[int, int] | None, ...]:
+    """Each gradient as (storage number in order of first appearance, bytes)."""
+    numbers: dict[int, int] = {}
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        number = numbers.setdefault(id(g.untyped_storage()), len(numbers))
+        out.append((number, unique_storage_bytes([g], round_to)))
+    return tuple(out)
 
 
 def _profile_stage(
@@ -121,7 +151,8 @@ def _profile_stage(
     tensor got a gradient.
     """
     leaves = x
-    x = _stage_input(leaves)
+    input_grads: list[torch.Tensor | None] = []
+    x = _stage_input(leaves, input_grads)
     x_storages = _storage_ids(x)
     with track_memory(device, exact=exact) as nosave:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
@@ -141,13 +172,18 @@ def _profile_stage(
         return t
 
     del x
-    x = _stage_input(leaves)  # a fresh copy: an in-place stage changed the first one
+    x = _stage_input(leaves, input_grads)  # a fresh copy: an in-place stage changed the first one
+    x_tensors = [t for t in tree_flatten(x)[0]]
     x_storages = _storage_ids(x)
     with track_memory(device, exact=exact) as mem:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = run(x)
         fwd_save = mem.peak_bytes
         saves_input = bool(saved_ids & x_storages)
+        inputs_saved = tuple(
+            isinstance(t, torch.Tensor) and id(t.untyped_storage()) in saved_ids for t in x_tensors
+        )
+        del x_tensors
         saves_output = bool(saved_ids & (_storage_ids(y) - x_storages))
         saved = mem.current_bytes - out_bytes
         flops_before = mem.flops
@@ -174,18 +210,22 @@ def _profile_stage(
         # (the chain counts them, g(i), separately).
         bwd = after - live_at_start - (0 if root else grad_bytes)
         bwd_flops = mem.flops - flops_before
+    is_tensor = [isinstance(t, torch.Tensor) for t in tree_flatten(leaves)[0]]
     if received is not None:
-        received[:] = [t.grad is not None for t in _tensors(leaves)]
+        received[:] = [g is not None for g, tensor in zip(input_grads, is_tensor) if tensor]
     owned = [True] * len(params) if owned is None else owned
     param_grad_bytes = unique_storage_bytes(
         [p.grad for p, own in zip(params, owned) if own and p.grad is not None], mem.round_to
     )
-    input_grad_bytes = unique_storage_bytes([t.grad for t in _tensors(leaves) if t.grad is not None], mem.round_to)
-    for t in [*params, *_tensors(leaves)]:
+    input_grad_bytes = unique_storage_bytes([g for g in input_grads if g is not None], mem.round_to)
+    numbered = _numbered_grads(input_grads, mem.round_to)
+    for t in params:
         t.grad = None
     cost = StageCost(
         out_bytes, out_aliases_input, fwd_nosave, fwd_save, saved, saves_input, saves_output,
         bwd, param_grad_bytes, input_grad_bytes, fwd_flops, bwd_flops,
+        tuple(flag for flag, tensor in zip(inputs_saved, is_tensor) if tensor),
+        tuple(g for g, tensor in zip(numbered, is_tensor) if tensor),
     )
     return cost, output
 
@@ -210,6 +250,7 @@ def profile_stages(
     device: torch.device | None = None,
     keys: Sequence[Hashable] | None = None,
     exact: bool = True,
+    reads: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[Chain, list[list[int]]]:
     """Measure every stage (plus the loss, appended) as a chain.
 
@@ -224,6 +265,9 @@ def profile_stages(
             are measured once (a 1000-layer ResNet has a handful of kinds).
         exact: count bytes at the dispatcher (fake tensors, any device);
             ``False`` on real CUDA tensors takes the allocator's figures.
+        reads: for stages that read more than the previous stage's output:
+            ``reads[i]`` lists the earlier stages whose outputs stage ``i``
+            receives, as a tuple (stage 0 always receives ``first_input``).
 
     Returns the chain and the grouping of stage indices into chain stages: a
     stage whose output only aliases its input (a view, an in-place op) is
@@ -235,9 +279,11 @@ def profile_stages(
     # Per group: its input, whether that requires grad, its runs, parameters and keys.
     members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor], list[Hashable]]] = []
     cache: dict[Hashable, tuple[StageCost, Any]] = {}
+    outputs: list[Any] = []
 
     # A parameter's gradient is created by the last stage that uses it (the first in backward).
     last_use = {id(p): index for index, (_, _, params) in enumerate(stages) for p in params}
+    last_reader = {q: i for i, read in enumerate(reads or ()) for q in read}
 
     def profile(key: Hashable | None, run, x, requires_grad: bool, params, upto: int) -> tuple[StageCost, Any]:
         """One stage's cost; stages of the same structure on the same input are measured once."""
@@ -252,19 +298,30 @@ def profile_stages(
             cache[key] = (cost, _template(output))
         return cost, output
 
+    def input_of(index: int) -> Any:
+        if index == 0:
+            return first_input
+        if reads is None:
+            return outputs[-1]
+        return tuple(outputs[q] for q in reads[index])
+
+    def mergeable(index: int) -> bool:
+        """A view or in-place stage on the previous output alone, which nothing else reads."""
+        return reads is None or (tuple(reads[index]) == (index - 1,) and last_reader[index - 1] == index)
+
     keys = list(keys) if keys is not None else [None] * len(stages)
-    current = first_input
     first_requires_grad = any(t.requires_grad for t in _tensors(first_input))
     for index, ((name, run, params), key) in enumerate(zip(stages, keys)):
         requires_grad = first_requires_grad or index > 0
+        current = input_of(index)
         cost, output = profile(key, run, current, requires_grad, params, index)
-        if cost.out_aliases_input and costs:
+        if cost.out_aliases_input and costs and mergeable(index):
             # A view or an in-place op: merged into the stage before, and the
             # merged stage profiled again as one (its backward frees the
             # alias's saved output and gradient before the first part runs,
             # which per-part figures cannot tell).
             group_input, group_grad, runs, group_params, group_keys = members[-1]
-            runs.append(run)
+            runs.append(run if reads is None else lambda y, run=run: run((y,)))
             group_params.extend(p for p in params if all(p is not q for q in group_params))
             group_keys.append(key)
             group_key = None if None in group_keys else tuple(group_keys)
@@ -276,8 +333,8 @@ def profile_stages(
             groups.append([index])
             costs.append(cost)
             names.append(name)
-        current = output
-    loss_input = _leaf(current, True)
+        outputs.append(output)
+    loss_input = _leaf(outputs[-1], True)
     received: list[bool] = []
     loss_cost, _ = _profile_stage(loss_fn, loss_input, [], device, root=True, exact=exact, received=received)
     seeded = [got for t, got in zip(_tensors(loss_input), received) if t.requires_grad]
@@ -293,7 +350,50 @@ def profile_stages(
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
-    return _chain_of(costs, x_bytes, base_bytes, names), groups
+    group_reads = _group_reads(groups, reads)
+    if any(read != (i,) for i, read in enumerate(group_reads)):  # stage i + 1 reads more than a(i)
+        ends = [outputs[pieces[-1]] for pieces in groups]
+        _check_backward_reaches(costs, group_reads, ends, names)
+    return _chain_of(costs, x_bytes, base_bytes, names, group_reads), groups
+
+
+class BackwardSkipsStage(ValueError):
+    """A stage's output requires grad but gets none (the loss ignores where it leads).
+
+    Its backward never runs and its saved tensors stay until the end of the
+    step, which the chain model does not describe: plan such a model with
+    single-tensor cuts, where that branch is part of a larger stage.
+    """
+
+
+def _check_backward_reaches(
+    costs: list[StageCost], reads: list[tuple[int, ...]], ends: list[Any], names: list[str]
+) -> None:
+    """Raise :class:`BackwardSkipsStage` if some stage's output needs a gradient no later stage makes."""
+    graded = set()
+    for read, cost in zip(reads, costs):
+        made = (cost.input_grad_bytes > 0,) if len(read) == 1 else [g is not None for g in cost.input_grads]
+        graded.update(m for m, got in zip(read, made) if got)
+    for m, output in enumerate(ends, start=1):
+        if m not in graded and any(t.requires_grad for t in _tensors(output)):
+            raise BackwardSkipsStage(f"no gradient reaches the output of stage {m} ({names[m - 1]})")
+
+
+def _group_reads(groups: list[list[int]], reads: Sequence[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+    """Per chain stage (the loss included): the chain boundaries it reads, in input order.
+
+    Boundary ``m`` is the output of chain stage ``m`` (0: the model input).
+    """
+    n = len(groups) + 1
+    if reads is None:
+        return [(i,) for i in range(n)]
+    group_of = {piece: g for g, pieces in enumerate(groups) for piece in pieces}
+    out = []
+    for pieces in groups:
+        first = pieces[0]
+        out.append((0,) if first == 0 else tuple(group_of[q] + 1 for q in reads[first]))
+    out.append((n - 1,))  # the loss reads the model output
+    return out
 
 
 def _signature(tree: Any) -> Hashable:
@@ -344,18 +444,60 @@ def _chained(runs: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     return run
 
 
-def _chain_of(costs: list[StageCost], x_bytes: int, base_bytes: int, names: list[str]) -> Chain:
+def _chain_of(
+    costs: list[StageCost], x_bytes: int, base_bytes: int, names: list[str], reads: list[tuple[int, ...]]
+) -> Chain:
     col = lambda field: [getattr(c, field) for c in costs]  # noqa: E731
+    n = len(costs)
     act = [x_bytes, *col("out_bytes")]
+    # Stage i (1-based) reads boundaries reads[i-1]; boundary m is live up to
+    # the boundary before its last reader.
+    live_until = list(range(n + 1))
+    saves_input = [False] * n
+    later_saver = [0] * (n + 1)  # the first stage after m + 1 that saves a(m)
+    # The gradient of boundary m is made by its last reader (the first in
+    # backward): (that stage, (storage number in its profile, bytes)).
+    maker: dict[int, tuple[int, tuple[int, int]]] = {}
+    for i, (read, cost) in enumerate(zip(reads, costs), start=1):
+        if len(read) == 1:  # one boundary, maybe a structure of tensors (the model output)
+            saved, grads = (cost.saves_input,), ((0, cost.input_grad_bytes) if cost.input_grad_bytes else None,)
+        else:
+            saved, grads = cost.inputs_saved, cost.input_grads
+        for m, was_saved, made in zip(read, saved, grads):
+            live_until[m] = max(live_until[m], i - 1)
+            if m == i - 1:
+                saves_input[i - 1] = was_saved
+            elif was_saved and not later_saver[m]:
+                later_saver[m] = i
+            if made is not None:
+                maker[m] = (i, made)
+    live_until[0] = 0  # the model input is the caller's
+    grad = [costs[0].input_grad_bytes, *(maker[m][1][1] if m in maker else 0 for m in range(1, n)), act[-1]]
+    extra = {}
+    if any(live_until[m] > m for m in range(n + 1)):
+        carried = [0] * (n + 1)
+        for k in range(1, n):
+            # The gradients live when the backward reaches boundary k: of every
+            # activation live there, made by a later stage; those one stage
+            # made for several inputs may share storage (counted once).
+            by_stage: dict[int, dict[int, int]] = {}
+            for m in range(1, k + 1):
+                if live_until[m] >= k and m in maker and maker[m][0] > k:
+                    stage, (number, nbytes) = maker[m]
+                    by_stage.setdefault(stage, {})[number] = nbytes
+            carried[k] = sum(sum(storages.values()) for storages in by_stage.values()) - grad[k]
+        skips_next = [0 < m < n and m not in reads[m] for m in range(n + 1)]
+        extra = dict(
+            live_until=live_until, later_saver=later_saver, carried_grad_bytes=carried, skips_next=skips_next
+        )
     # The gradient of a(i) is produced by stage i+1's backward; the loss's by autograd (a scalar 1).
-    grad = [*col("input_grad_bytes"), act[-1]]
     return Chain.from_arrays(
         act_bytes=act,
         grad_bytes=grad,
         fwd_nosave_peak=col("fwd_nosave"),
         fwd_save_peak=col("fwd_save"),
         saved_bytes=col("saved"),
-        saves_input=col("saves_input"),
+        saves_input=saves_input,
         saves_output=col("saves_output"),
         bwd_peak=col("bwd"),
         param_grad_bytes=col("param_grad_bytes"),
@@ -364,4 +506,5 @@ def _chain_of(costs: list[StageCost], x_bytes: int, base_bytes: int, names: list
         base_bytes=base_bytes,
         output_held=True,
         names=tuple(names),
+        **extra,
     )

@@ -34,6 +34,19 @@ The segment input ``a(l)`` is always held for a recomputed segment (its
 recompute needs it) but, in the last segment, only if stage ``l+1`` saves it.
 ``a(0)`` belongs to the user and is counted in ``base_bytes``.
 
+Cuts inside residual and dense blocks leave more than one activation live at a
+boundary: ``a(m)`` may be read up to stage ``d(m) + 1`` (``Chain.live_until``),
+like a block's input read again by its final add. Kept bytes stay additive
+because a plan may keep ``r`` after ``l`` only if every activation live at
+``r`` was made at ``l`` or before, hence is kept already (``l >= lo(r)``, the
+newest maker of one). Inside a segment ``(l, r]``, activations made after
+``l`` and still live add to the forward terms (all of them without saving,
+those no stage saves when saving); a later stage that saves ``a(m)`` retains
+it like stage ``m + 1`` would; the backward holds the gradients of every live
+activation (``carried_grad_bytes``, shared storage counted once). These terms
+depend on ``l``, so such chains are solved by the O(n^2) ``dp`` (``linear``
+falls back to it).
+
 Two exact solvers return the least peak, ties broken by the least recompute:
 
 ``dp`` (O(n^2) time, vectorised): ``f(l)``, the least peak of the suffix that
@@ -85,7 +98,7 @@ import numpy as np
 _UNREACHABLE = np.iinfo(np.int64).max // 4
 
 # Arrays with one entry per boundary (0..n) rather than per stage.
-_BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "retained_later", "carried_grad_bytes")
+_BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "skips_next")
 
 __all__ = [
     "Chain",
@@ -135,8 +148,12 @@ class Chain:
             or ``d(m) = m``, for a plain chain. A plan may then keep ``r``
             after ``l`` only if every activation live at ``r`` was made at
             ``l`` or before (so it is kept already).
-        retained_later: whether ``a(m)`` is saved for backward by a stage
-            after ``m + 1`` (a residual input saved by a projection).
+        later_saver: the first stage after ``m + 1`` that saves ``a(m)``
+            for backward (a residual input saved by a projection), 0 if
+            none; its backward releases ``a(m)``.
+        skips_next: ``a(m)`` is read by later stages but not by stage
+            ``m + 1``: no recomputed segment may start at ``m`` (its
+            checkpoint would not hold ``a(m)``, which the cost model assumes).
         carried_grad_bytes: bytes of the gradients of the activations made
             before ``m`` that are live at boundary ``m``, alive when the
             backward reaches it (each counted once where they share storage).
@@ -157,8 +174,9 @@ class Chain:
     output_held: bool = False
     names: tuple[str, ...] = ()
     live_until: np.ndarray | None = None
-    retained_later: np.ndarray | None = None
+    later_saver: np.ndarray | None = None
     carried_grad_bytes: np.ndarray | None = None
+    skips_next: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)
@@ -198,7 +216,7 @@ class Chain:
                 converted[key] = value
             elif value is None:
                 converted[key] = None
-            elif key in ("saves_input", "saves_output", "retained_later"):
+            elif key in ("saves_input", "saves_output", "skips_next"):
                 converted[key] = np.asarray(value, dtype=bool)
             else:
                 converted[key] = np.asarray(value, dtype=np.int64)
@@ -233,11 +251,15 @@ class Chain:
             live = np.minimum(bounds + rng.choice([0, 0, 1, 2, 4], size=n + 1), max(n - 1, 0))
             live = np.maximum(live, bounds)
             live[0] = 0
-            later = (live >= bounds + 2) & (rng.random(n + 1) < 0.5)
+            # a(m) is read by stage live[m] + 1; that stage, or one between, may save it.
+            saver = bounds + 2 + (rng.random(n + 1) * np.maximum(live - bounds, 0)).astype(np.int64)
+            later = np.where((live >= bounds + 1) & (rng.random(n + 1) < 0.5), np.minimum(saver, live + 1), 0)
+            later[later < bounds + 2] = 0
             carried_grad = np.zeros(n + 1, dtype=np.int64)
             for m in range(1, n + 1):
                 carried_grad[m + 1 : live[m] + 1] += grad[m]
-            extra = dict(live_until=live, retained_later=later, carried_grad_bytes=carried_grad)
+            skips = (live >= bounds + 2) & (rng.random(n + 1) < 0.2)
+            extra = dict(live_until=live, later_saver=later, carried_grad_bytes=carried_grad, skips_next=skips)
         return cls(**extra,
             act_bytes=act.astype(np.int64),
             grad_bytes=grad.astype(np.int64),
@@ -301,8 +323,12 @@ class _Terms:
         self.keeps_in = np.concatenate([[False], chain.saves_input, [False]])
         keeps_out = np.concatenate([[False], chain.saves_output])
         # a(j), 1 <= j < n, is retained for backward if stage j or j+1 saves it.
-        later = chain.retained_later if chain.retained_later is not None else np.zeros(n + 1, dtype=bool)
+        saver = chain.later_saver if chain.later_saver is not None else np.zeros(n + 1, dtype=np.int64)
+        later = saver > 0
         retained = np.where(keeps_out | self.keeps_in[1:] | later, a, 0)
+        # Saved only by a stage after the next: released by that stage's backward.
+        self.later_only = np.where(later & ~(keeps_out | self.keeps_in[1:]), saver, 0)
+        self.later_only[0] = self.later_only[n] = 0
         retained[0] = retained[n] = 0
         # A caller-held output a(n-1) is live through the whole backward: it
         # is counted once, in `held`, instead of as retained by stage n.
@@ -346,14 +372,14 @@ class _Terms:
             kept[n - 1] = 0
         bw_after = suffix_max(T_bw_last[1:])  # max T_bw[l+1..n], l = 0..n-1
         self.carries = chain.carries
+        bounds = np.arange(n + 1)
+        self.live_until = bounds if chain.live_until is None else chain.live_until.astype(np.int64)
+        # Activations live past the next stage (see Chain.live_until).
+        self.carrying = np.nonzero(self.live_until > bounds)[0]
         if not self.carries:
             tail = np.maximum(rc_after[:n] - self.Q[:n], self.held + bw_after - self.Q[:n])
             self.S = np.maximum(self.a_in[:n] + self.f_s[1 : n + 1], kept + tail)
             return
-        # Activations live past the next stage (see Chain.live_until).
-        self.live_until = chain.live_until.astype(np.int64)
-        bounds = np.arange(n + 1)
-        self.carrying = np.nonzero(self.live_until > bounds)[0]
         # Made before the segment start l, they are kept; made inside, they
         # are live while read, and retained for backward only if saved.
         self.unretained = np.where(retained == 0, self.a_in, 0)
@@ -363,6 +389,7 @@ class _Terms:
         self.lo = np.zeros(n + 1, dtype=np.int64)
         for m in self.carrying:
             self.lo[m + 1 : self.live_until[m] + 1] = m
+        self.skips_next = np.zeros(n + 1, dtype=bool) if chain.skips_next is None else chain.skips_next
         # The last segment holds a(l) if a later stage saves it, else only while it is read.
         kept = np.where(later[:n], self.a_in[:n], kept)
         S = np.empty(n, dtype=np.int64)
@@ -371,7 +398,8 @@ class _Terms:
             if not kept[l]:
                 live[l + 1 : self.live_until[l] + 1] += self.a_in[l]
             rc = (self.T_rc[l + 2 : n + 1] + live[l + 1 : n]).max(initial=np.iinfo(np.int64).min // 4)
-            tail = max(rc - self.Q[l], self.held + bw_after[l] - self.Q[l])
+            bw = (T_bw_last[l + 1 : n + 1] - self.released_early(l)[l + 1 : n + 1]).max()
+            tail = max(rc - self.Q[l], self.held + bw - self.Q[l])
             S[l] = max(self.a_in[l] + self.f_s[l + 1], kept[l] + tail)
         self.S = S
 
@@ -380,18 +408,30 @@ class _Terms:
 
         Zero for a plain chain (each activation is read only by the next stage).
         """
-        n = self.n
-        if not self.carries:
-            return np.zeros(n + 1, dtype=np.int64)
         makers = self.carrying[self.carrying > l]
+        return self._interval_sums(makers, makers + 1, self.live_until[makers] + 1, weights[makers])
+
+    def released_early(self, l: int) -> np.ndarray:
+        """Per stage i: activations made in (l, i) that only a stage after i saves
+        (beyond the next one): its backward, before i's, released them."""
+        if not self.carries:
+            return np.zeros(self.n + 1, dtype=np.int64)
+        makers = np.nonzero(self.later_only)[0]
+        makers = makers[makers > l]
+        return self._interval_sums(makers, makers + 1, self.later_only[makers], self.a_in[makers])
+
+    def _interval_sums(self, makers, starts, stops, weights) -> np.ndarray:
+        """Per index 0..n: the sum of ``weights[j]`` over ``starts[j] <= index < stops[j]``."""
+        n = self.n
         diff = np.zeros(n + 2, dtype=np.int64)
-        np.add.at(diff, makers + 1, weights[makers])
-        np.add.at(diff, self.live_until[makers] + 1, -weights[makers])
+        np.add.at(diff, np.minimum(starts, n + 1), weights)
+        np.add.at(diff, np.minimum(stops, n + 1), -weights)
         return np.cumsum(diff)[: n + 1]
 
     def allowed(self, l: int, r: int) -> bool:
-        """Whether a segment (l, r] may be recomputed: all it carries over r is kept."""
-        return not self.carries or self.lo[r] <= l
+        """Whether a segment (l, r] may be recomputed: all it carries over r is kept,
+        and its first stage reads a(l)."""
+        return not self.carries or (self.lo[r] <= l and not self.skips_next[l])
 
     # Local costs, each including the segment input a(l) where it is held.
     def recompute_segment(self, l: int, r: int) -> int:
@@ -403,7 +443,7 @@ class _Terms:
         unretained = self.in_segment(l, self.unretained)[l + 1 : r] if self.carries else live
         fns = max(self.f_ns[l + 1], (self.T_ns[l + 2 : r + 1] + live).max(initial=0))
         rc = max(self.f_s[l + 1], (self.T_rc[l + 2 : r + 1] + unretained).max(initial=0) - self.Q[l])
-        bw = self.T_bw[l + 1 : r + 1].max() - self.Q[l]
+        bw = (self.T_bw[l + 1 : r + 1] - self.released_early(l)[l + 1 : r + 1]).max() - self.Q[l]
         return a_l + int(max(fns, self.E[r] + rc, self.held + bw))
 
     @functools.cached_property
@@ -434,11 +474,14 @@ class _Terms:
             self.f_s[l + 1],
             np.concatenate([[np.iinfo(np.int64).min // 4], cm(T_rc) - self.Q[l]]),
         )
-        bw = cm(self.T_bw[l + 1 : n + 1]) - self.Q[l]
+        T_bw = self.T_bw[l + 1 : n + 1]
+        if self.carries:
+            T_bw = T_bw - self.released_early(l)[l + 1 : n + 1]
+        bw = cm(T_bw) - self.Q[l]
         r = np.arange(l + 1, n + 1)
         recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.held + bw)
         if self.carries:
-            recompute[self.lo[r] > l] = _UNREACHABLE
+            recompute[(self.lo[r] > l) | self.skips_next[l]] = _UNREACHABLE
         return recompute[:-1], self.last_segment(l)
 
 
@@ -455,6 +498,11 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
         )
     if chain.carries:
         for l, r in _segments(chain.n, cps):
+            if r < chain.n and chain.skips_next is not None and chain.skips_next[l]:
+                raise ValueError(
+                    f"checkpoint {l} starts a recomputed segment whose first stage does not read a({l}): "
+                    f"keep {l + 1} instead, or make ({l}, {r}] the last segment"
+                )
             inside = [m for m in range(l + 1, r) if chain.live_until[m] >= r]
             if inside:
                 raise ValueError(
@@ -788,8 +836,23 @@ def uniform_segments(chain: Chain, k: int) -> ChainSolution:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, chain.n)
-    cps = sorted({round(j * chain.n / k) for j in range(1, k)} - {0, chain.n})
+    targets = [round(j * chain.n / k) for j in range(1, k)]
+    free = np.array(_single_tensor_boundaries(chain))
+    if not free.size:
+        return _solution(chain, (), f"uniform_{k}")
+    # The nearest boundary where only one activation is live (always a valid plan).
+    cps = sorted({int(free[np.abs(free - t).argmin()]) for t in targets} - {0, chain.n})
     return _solution(chain, cps, f"uniform_{k}")
+
+
+def _single_tensor_boundaries(chain: Chain) -> list[int]:
+    """Boundaries 1..n-1 across which no earlier activation stays live."""
+    if not chain.carries:
+        return list(range(1, chain.n))
+    live_across = np.zeros(chain.n + 1, dtype=bool)
+    for m, d in enumerate(chain.live_until):
+        live_across[m + 1 : d + 1] = True
+    return [k for k in range(1, chain.n) if not live_across[k]]
 
 
 def sqrt_segments(chain: Chain) -> ChainSolution:
