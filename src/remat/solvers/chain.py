@@ -50,6 +50,16 @@ its key is exact, and then it is the minimum. Each evaluation is O(1) with
 sparse-table range maxima over per-stage prefix terms. Measured: about two
 re-evaluations per stage on heterogeneous random chains.
 
+Offload: kept activations may wait in host memory instead (pinned, copied
+out and back asynchronously). Then no checkpoint before a segment is on the
+device while it runs: the segment input ``a(l)`` is there for its forward,
+comes back for its recompute, and stays through its backward only if stage
+``l+1`` saves it (freed after the recompute otherwise). The prefix term goes:
+``f(l) = min(S(l), min_r max(R'(l, r), f(r)))``, and the heap sweep's argument
+(costs that only grow as ``l`` moves left) no longer holds, so both the least
+peak and the feasibility pass are O(n^2) scans (``offload=True`` in
+``peak_of``, ``min_peak``, ``min_recompute`` and ``pareto_front``).
+
 Ties (least recompute at the least peak) are broken exactly by one more pass
 over the chain at the optimal peak ``P``: ``v(r)``, the least bytes of
 checkpoints before ``r`` over feasible prefixes that end at checkpoint ``r``,
@@ -329,8 +339,25 @@ class _Terms:
 
     def row(self, l: int) -> tuple[np.ndarray, int]:
         """``R(l, r)`` for all ``r`` in ``l+1..n-1`` (vectorised), and ``S(l)``."""
-        n = self.n
+        forward, backward = self.phases(l)
+        return int(self.a_in[l]) + np.maximum(forward, backward), self.last_segment(l)
+
+    def offload_row(self, l: int) -> np.ndarray:
+        """``R(l, r)`` with the checkpoint ``a(l)`` in host memory, for ``r`` in ``l+1..n-1``.
+
+        ``a(l)`` is on the device for the segment's forward and is copied back
+        for its recompute; through the backward only if stage ``l+1`` keeps
+        it (the copy the recompute saved), otherwise it is freed after the
+        recompute.
+        """
+        forward, backward = self.phases(l)
         a_l = int(self.a_in[l])
+        return np.maximum(a_l + forward, (a_l if self.keeps_in[l + 1] else 0) + backward)
+
+    def phases(self, l: int) -> tuple[np.ndarray, np.ndarray]:
+        """Peaks of segments ``(l, r]``, ``r`` in ``l+1..n-1``, over their input ``a(l)``:
+        forward without saving and recompute, then backward."""
+        n = self.n
         cm = np.maximum.accumulate
         fns = np.maximum(self.f_ns[l + 1], np.concatenate([[0], cm(self.T_ns[l + 2 : n + 1])]))
         rc = np.maximum(
@@ -339,8 +366,7 @@ class _Terms:
         )
         bw = cm(self.T_bw[l + 1 : n + 1]) - self.Q[l]
         r = np.arange(l + 1, n + 1)
-        recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.held + bw)
-        return recompute[:-1], self.last_segment(l)
+        return np.maximum(fns, self.E[r] + rc)[:-1], (self.held + bw)[:-1]
 
 
 def _segments(n: int, checkpoints: Sequence[int]) -> list[tuple[int, int]]:
@@ -357,13 +383,15 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
     return cps
 
 
-def peak_of(chain: Chain, checkpoints: Sequence[int]) -> int:
+def peak_of(chain: Chain, checkpoints: Sequence[int], *, offload: bool = False) -> int:
     """Exact peak bytes of one training step of ``chain`` under ``checkpoints``.
 
     ``checkpoints`` are the boundaries ``i`` (1..n-1) whose activation ``a(i)``
-    (the output of stage ``i``) is kept; ``[]`` stores everything.
+    (the output of stage ``i``) is kept; ``[]`` stores everything. With
+    ``offload``, kept activations wait in host memory (see "Offload" above).
     """
-    return chain.base_bytes + _peak_with(_Terms(chain), _validate(chain, checkpoints))
+    peak_with = _peak_offloaded if offload else _peak_with
+    return chain.base_bytes + peak_with(_Terms(chain), _validate(chain, checkpoints))
 
 
 def _peak_with(terms: _Terms, checkpoints: Sequence[int]) -> int:
@@ -382,16 +410,21 @@ def recompute_flops_of(chain: Chain, checkpoints: Sequence[int]) -> int:
     return int(chain.fwd_flops[: cps[-1]].sum()) if cps else 0
 
 
-def _solution(chain: Chain, checkpoints: Sequence[int], method: str, terms: _Terms | None = None) -> ChainSolution:
+def _solution(
+    chain: Chain, checkpoints: Sequence[int], method: str, terms: _Terms | None = None, offload: bool = False
+) -> ChainSolution:
     cps = _validate(chain, checkpoints)
-    peak = chain.base_bytes + _peak_with(terms or _Terms(chain), cps)
+    peak_with = _peak_offloaded if offload else _peak_with
+    peak = chain.base_bytes + peak_with(terms or _Terms(chain), cps)
     return ChainSolution(cps, peak, recompute_flops_of(chain, cps), method)
 
 
 # -- solvers -----------------------------------------------------------------
 
 
-def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainSolution:
+def min_peak(
+    chain: Chain, method: Literal["dp", "linear"] = "linear", *, offload: bool = False
+) -> ChainSolution:
     """Checkpoints with the least peak; among those, the least recompute.
 
     Args:
@@ -399,8 +432,13 @@ def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainS
         method: ``"dp"`` (exact O(n^2) dynamic program) or ``"linear"``
             (binary search on the peak with an O(n) test; much faster on
             long chains). Both return the optimum.
+        offload: kept activations wait in host memory; always solved by the
+            O(n^2) dynamic program (``method`` is not used).
     """
     terms = _Terms(chain)
+    if offload:
+        cps = _least_recompute_at(terms, _least_peak_offloaded(terms), _prefix_feasible_offloaded)
+        return _solution(chain, cps, "offload_dp", terms, offload=True)
     if method == "dp":
         cps = _least_recompute_at(terms, _least_peak_dp(terms), _prefix_feasible_quadratic)
     elif method == "linear":
@@ -410,13 +448,16 @@ def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainS
     return _solution(chain, cps, method, terms)
 
 
-def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear"] = "linear") -> ChainSolution | None:
+def min_recompute(
+    chain: Chain, budget_bytes: int, method: Literal["dp", "linear"] = "linear", *, offload: bool = False
+) -> ChainSolution | None:
     """Checkpoints with the least recompute whose peak is at most ``budget_bytes``.
 
     ``None`` when no plan fits (``min_peak`` then gives the least peak there
     is). Exact over the plans of this module: every stage before the last
     segment is recomputed once, so the least recompute is the feasible plan
     whose last segment starts earliest, which the feasibility pass finds.
+    With ``offload`` (kept activations in host memory), an O(n^2) pass.
 
     Example:
         >>> from remat.solvers.chain import Chain, min_peak, min_recompute, store_all
@@ -430,17 +471,20 @@ def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear
     feasible = {"dp": _prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
     if feasible is None:
         raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
+    if offload:
+        feasible, method = _prefix_feasible_offloaded, "offload_dp"
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
-    return None if cps is None else _solution(chain, cps, method, terms)
+    return None if cps is None else _solution(chain, cps, method, terms, offload)
 
 
-def pareto_front(chain: Chain) -> list[ChainSolution]:
+def pareto_front(chain: Chain, *, offload: bool = False) -> list[ChainSolution]:
     """Every plan worth having: for each peak, the least recompute, from storing everything to the least peak.
 
     Peaks strictly decrease along the list and recompute strictly increases:
     no plan of this module has both a peak and a recompute at most those of a
     plan on the front, one of them lower. Found by :func:`min_recompute` at
-    ever lower budgets, each just below the last plan's peak.
+    ever lower budgets, each just below the last plan's peak (with
+    ``offload``, of the plans whose kept activations wait in host memory).
 
     Example:
         >>> from remat.solvers.chain import Chain, min_peak, pareto_front
@@ -449,14 +493,14 @@ def pareto_front(chain: Chain) -> list[ChainSolution]:
         (0, True)
     """
     front: list[ChainSolution] = []
-    solution = min_recompute(chain, store_all(chain).peak_bytes)
+    solution = min_recompute(chain, peak_of(chain, []), offload=offload)
     while solution is not None:
         # Budgets only go down, so recompute never does: a plan with the same
         # recompute as the one before it and a lower peak replaces it.
         if front and front[-1].recompute_flops == solution.recompute_flops:
             front.pop()
         front.append(solution)
-        solution = min_recompute(chain, solution.peak_bytes - 1)
+        solution = min_recompute(chain, solution.peak_bytes - 1, offload=offload)
     return front
 
 
@@ -663,6 +707,49 @@ def _least_peak_sweep(terms: _Terms) -> int:
             heapq.heapreplace(heap, (current, r))
         f[l] = best
     return f[0]
+
+
+# -- offload --------------------------------------------------------------------
+
+
+def _peak_offloaded(terms: _Terms, checkpoints: Sequence[int]) -> int:
+    """Peak over ``base_bytes`` of a plan whose kept activations wait in host memory."""
+    segments = _segments(terms.n, checkpoints)
+    peak = terms.last_segment(segments[-1][0])
+    for l, r in segments[:-1]:
+        peak = max(peak, int(terms.offload_row(l)[r - l - 1]))
+    return peak
+
+
+def _least_peak_offloaded(terms: _Terms) -> int:
+    """f(0) of ``f(l) = min(S(l), min_r max(R(l, r), f(r)))``: no checkpoint bytes carried."""
+    n = terms.n
+    f = np.zeros(n + 1, dtype=np.int64)
+    for l in range(n - 1, -1, -1):
+        best = terms.last_segment(l)
+        if l + 1 < n:
+            best = min(best, int(np.maximum(terms.offload_row(l), f[l + 1 : n]).min()))
+        f[l] = best
+    return int(f[0])
+
+
+def _prefix_feasible_offloaded(terms: _Terms, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which checkpoints ``r`` end a prefix whose segments all fit ``limit``, O(n^2).
+
+    In the shape of :func:`_prefix_feasible_quadratic` for :func:`_plan_within`:
+    ``v(r)`` is 0 where reachable (no checkpoint bytes stay on the device).
+    """
+    n = terms.n
+    v = np.full(n, _UNREACHABLE, dtype=np.int64)
+    parent = np.full(n, -1, dtype=np.int64)
+    v[0] = 0
+    for l in range(n - 1):
+        if v[l]:
+            continue
+        reached = np.nonzero((terms.offload_row(l) <= limit) & (v[l + 1 : n] > 0))[0] + l + 1
+        v[reached] = 0
+        parent[reached] = l
+    return v, parent
 
 
 # -- baselines -----------------------------------------------------------------
