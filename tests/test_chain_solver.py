@@ -83,23 +83,20 @@ class Reference:
                 + int(c.bwd_peak[i - 1]))
 
     @functools.cache
-    def segment(self, l: int, r: int, last: bool, offload: bool = False) -> int:
-        """With ``offload``, a(l) comes back from the host for the recompute and
-        stays through the backward only if stage l+1 saved it."""
+    def segment(self, l: int, r: int, last: bool) -> int:
         c, a = self.c, self.a
         prev = lambda i: a[i - 1] if i - 1 > l else 0  # noqa: E731  the input of stage i if not a(l)
         peaks = []
         if not last:
             # forward without saving, then the recompute with saving, then backward.
             a_l = self.a_in[l]
-            a_l_bw = a_l if not offload or c.saves_input[l] else 0
             for i in range(l + 1, r + 1):
                 peaks.append(a_l + prev(i) + int(c.fwd_nosave_peak[i - 1]))
             extra = self.held + self.W_after(r) + int(c.grad_bytes[r])
             for i in range(l + 1, r + 1):
                 peaks.append(a_l + extra + self.H(l, i - 1) + prev(i) + int(c.fwd_save_peak[i - 1]))
             for i in range(l + 1, r + 1):
-                peaks.append(self.backward(l, i, a_l_bw, last=False))
+                peaks.append(self.backward(l, i, a_l, last=False))
             return max(peaks)
         # The last segment: a(l) is held after its first stage only if that stage saves it.
         kept = self.a_in[l] if c.saves_input[l] else 0
@@ -113,11 +110,12 @@ class Reference:
         return max(peaks)
 
     def peak(self, checkpoints, offload: bool = False) -> int:
-        """With ``offload`` the kept checkpoints are in host memory: no ``K``."""
+        """With ``offload`` the kept checkpoints wait in host memory: no ``K``
+        (a segment's own input, back for its recompute, is in ``segment``)."""
         bounds = [0, *checkpoints, self.n]
         peak = kept = 0
         for l, r in zip(bounds[:-1], bounds[1:]):
-            peak = max(peak, kept + self.segment(l, r, r == self.n, offload))
+            peak = max(peak, kept + self.segment(l, r, r == self.n))
             kept += 0 if offload else self.a_in[l]
         return self.c.base_bytes + peak
 
@@ -140,7 +138,7 @@ class Reference:
                 best[0] = last
             for r in range(l + 1, n):
                 seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
-                segment = kept + self.segment(l, r, False, offload)
+                segment = kept + self.segment(l, r, False)
                 visit(r, kept + (0 if offload else self.a_in[l]), max(peak, segment), seg_flops)
 
         visit(0, 0, 0, 0)

@@ -53,9 +53,9 @@ re-evaluations per stage on heterogeneous random chains.
 Offload: kept activations may wait in host memory instead (pinned, copied
 out and back asynchronously). Then no checkpoint before a segment is on the
 device while it runs: the segment input ``a(l)`` is there for its forward,
-comes back for its recompute, and stays through its backward only if stage
-``l+1`` saves it (freed after the recompute otherwise). The prefix term goes:
-``f(l) = min(S(l), min_r max(R'(l, r), f(r)))``, and the heap sweep's argument
+comes back for its recompute and stays through its backward, as ``R`` counts
+it. The prefix term goes: ``f(l) = min(S(l), min_r max(R(l, r), f(r)))``
+(``peak_of``: the most of ``R`` and ``S`` over the segments), and the heap sweep's argument
 (costs that only grow as ``l`` moves left) no longer holds, so both the least
 peak and the feasibility pass are O(n^2) scans (``offload=True`` in
 ``peak_of``, ``min_peak``, ``min_recompute`` and ``pareto_front``).
@@ -339,25 +339,8 @@ class _Terms:
 
     def row(self, l: int) -> tuple[np.ndarray, int]:
         """``R(l, r)`` for all ``r`` in ``l+1..n-1`` (vectorised), and ``S(l)``."""
-        forward, backward = self.phases(l)
-        return int(self.a_in[l]) + np.maximum(forward, backward), self.last_segment(l)
-
-    def offload_row(self, l: int) -> np.ndarray:
-        """``R(l, r)`` with the checkpoint ``a(l)`` in host memory, for ``r`` in ``l+1..n-1``.
-
-        ``a(l)`` is on the device for the segment's forward and is copied back
-        for its recompute; through the backward only if stage ``l+1`` keeps
-        it (the copy the recompute saved), otherwise it is freed after the
-        recompute.
-        """
-        forward, backward = self.phases(l)
-        a_l = int(self.a_in[l])
-        return np.maximum(a_l + forward, (a_l if self.keeps_in[l + 1] else 0) + backward)
-
-    def phases(self, l: int) -> tuple[np.ndarray, np.ndarray]:
-        """Peaks of segments ``(l, r]``, ``r`` in ``l+1..n-1``, over their input ``a(l)``:
-        forward without saving and recompute, then backward."""
         n = self.n
+        a_l = int(self.a_in[l])
         cm = np.maximum.accumulate
         fns = np.maximum(self.f_ns[l + 1], np.concatenate([[0], cm(self.T_ns[l + 2 : n + 1])]))
         rc = np.maximum(
@@ -366,7 +349,8 @@ class _Terms:
         )
         bw = cm(self.T_bw[l + 1 : n + 1]) - self.Q[l]
         r = np.arange(l + 1, n + 1)
-        return np.maximum(fns, self.E[r] + rc)[:-1], (self.held + bw)[:-1]
+        recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.held + bw)
+        return recompute[:-1], self.last_segment(l)
 
 
 def _segments(n: int, checkpoints: Sequence[int]) -> list[tuple[int, int]]:
@@ -715,10 +699,8 @@ def _least_peak_sweep(terms: _Terms) -> int:
 def _peak_offloaded(terms: _Terms, checkpoints: Sequence[int]) -> int:
     """Peak over ``base_bytes`` of a plan whose kept activations wait in host memory."""
     segments = _segments(terms.n, checkpoints)
-    peak = terms.last_segment(segments[-1][0])
-    for l, r in segments[:-1]:
-        peak = max(peak, int(terms.offload_row(l)[r - l - 1]))
-    return peak
+    recomputed = (terms.recompute_segment(l, r) for l, r in segments[:-1])
+    return max(terms.last_segment(segments[-1][0]), max(recomputed, default=0))
 
 
 def _least_peak_offloaded(terms: _Terms) -> int:
@@ -728,7 +710,7 @@ def _least_peak_offloaded(terms: _Terms) -> int:
     for l in range(n - 1, -1, -1):
         best = terms.last_segment(l)
         if l + 1 < n:
-            best = min(best, int(np.maximum(terms.offload_row(l), f[l + 1 : n]).min()))
+            best = min(best, int(np.maximum(terms.row(l)[0], f[l + 1 : n]).min()))
         f[l] = best
     return int(f[0])
 
@@ -746,7 +728,7 @@ def _prefix_feasible_offloaded(terms: _Terms, limit: int) -> tuple[np.ndarray, n
     for l in range(n - 1):
         if v[l]:
             continue
-        reached = np.nonzero((terms.offload_row(l) <= limit) & (v[l + 1 : n] > 0))[0] + l + 1
+        reached = np.nonzero((terms.row(l)[0] <= limit) & (v[l + 1 : n] > 0))[0] + l + 1
         v[reached] = 0
         parent[reached] = l
     return v, parent
