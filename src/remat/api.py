@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -21,8 +22,16 @@ from torch.utils._pytree import tree_flatten
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import profile_stages
-from remat.execute import RematModule, segment_starts
-from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
+from remat.execute import CheckpointOffload, RematModule, segment_starts
+from remat.measure import (
+    _model_device,
+    as_tuple,
+    default_loss,
+    measure_step,
+    round_to_of,
+    step_model,
+    unique_storage_bytes,
+)
 from remat.plan import Plan
 from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front
 
@@ -117,6 +126,20 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
         )
 
 
+def _offload_possible(model: nn.Module, inputs: tuple) -> bool:
+    """Whether kept activations can go to host memory: only from a CUDA device (warns otherwise)."""
+    device = _model_device(model, inputs)
+    if device.type == "cuda":
+        return True
+    warnings.warn(
+        f"remat: offload=True does nothing here: the model is on {device}, and kept activations "
+        "are offloaded only from a CUDA device to pinned host memory; planning them on the device "
+        "instead (move the model and inputs to CUDA to offload)",
+        stacklevel=4,
+    )
+    return False
+
+
 def _profile(
     model: nn.Module, captured: Captured, inputs: tuple, loss_fn, profile: Profile = "fake"
 ) -> tuple[Chain, list[list[int]]]:
@@ -155,6 +178,7 @@ def plan(
     budget: int | str | None = None,
     *,
     profile: Profile = "fake",
+    offload: bool = False,
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
@@ -172,6 +196,12 @@ def plan(
             such as ``"20GiB"``); the plan then recomputes as little as
             possible. ``None``: the least peak. A budget no plan meets raises
             :class:`remat.InfeasibleBudget`, which states the least peak.
+        profile: ``"fake"`` (measure on fake tensors) or ``"device"``.
+        offload: keep the checkpoints in pinned host memory between their
+            forward and their recompute (copied asynchronously, overlapped
+            with compute); the plan counts them off the device, so it can
+            keep more and recompute less. CUDA only: elsewhere it warns once
+            and plans without.
 
     Example:
         >>> import torch, remat
@@ -180,7 +210,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile)[0]
+    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload)[0]
 
 
 @dataclasses.dataclass
@@ -206,7 +236,9 @@ class _Profiled:
         chain, groups = _profile(model, captured, inputs, loss_fn, profile)
         return cls(model, inputs, loss_fn, captured, chain, groups, time.perf_counter() - start)
 
-    def plan(self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None) -> Plan:
+    def plan(
+        self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None, offload: bool = False
+    ) -> Plan:
         if self.baseline is None:
             self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=True)
         return Plan(
@@ -222,23 +254,25 @@ class _Profiled:
             capture_seconds=self.capture_seconds,
             fingerprint=fingerprint(self.model, self.inputs),
             budget_bytes=budget_bytes,
+            offload=offload,
         )
 
-    def solve(self, budget_bytes: int | None) -> Plan:
+    def solve(self, budget_bytes: int | None, offload: bool = False) -> Plan:
         start = time.perf_counter()
         if budget_bytes is None:
-            solution = min_peak(self.chain)
+            solution = min_peak(self.chain, offload=offload)
         else:
-            solution = min_recompute(self.chain, budget_bytes)
+            solution = min_recompute(self.chain, budget_bytes, offload=offload)
             if solution is None:
-                raise InfeasibleBudget(budget_bytes, min_peak(self.chain).peak_bytes)
-        return self.plan(solution, time.perf_counter() - start, budget_bytes)
+                raise InfeasibleBudget(budget_bytes, min_peak(self.chain, offload=offload).peak_bytes)
+        return self.plan(solution, time.perf_counter() - start, budget_bytes, offload)
 
 
-def _plan_and_capture(model, example_inputs, loss_fn, budget, profile: Profile = "fake"):
+def _plan_and_capture(model, example_inputs, loss_fn, budget, profile: Profile = "fake", offload: bool = False):
     budget_bytes = None if budget is None else parse_bytes(budget)
     profiled = _Profiled.of(model, example_inputs, loss_fn, profile)
-    return profiled.solve(budget_bytes), profiled.captured, profiled.groups
+    offload = offload and _offload_possible(model, profiled.inputs)
+    return profiled.solve(budget_bytes, offload), profiled.captured, profiled.groups
 
 
 def pareto(
@@ -332,6 +366,7 @@ def optimize(
     *,
     plan: Plan | None = None,
     profile: Profile = "fake",
+    offload: bool = False,
 ) -> RematModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -344,6 +379,8 @@ def optimize(
         plan: a plan made earlier (``Plan.load(path)``) for the same model and
             input size; skips the search.
         profile: ``"fake"`` or ``"device"``, as in :func:`plan`.
+        offload: keep the checkpoints in pinned host memory, as in
+            :func:`plan` (with ``plan=``, the plan's own setting is used).
 
     Example:
         >>> import torch, remat
@@ -365,6 +402,7 @@ def optimize(
         _, groups = _profile(model, captured, inputs, loss_fn or default_loss, profile)
         chosen = plan
     else:
-        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile)
-    return RematModule(model, captured, segment_starts(groups, chosen.checkpoints), chosen)
+        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload)
+    boundaries = segment_starts(groups, chosen.checkpoints)
+    return RematModule(model, captured, boundaries, chosen, CheckpointOffload() if chosen.offload else None)
 

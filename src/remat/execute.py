@@ -238,7 +238,8 @@ class RematModule(nn.Module):
     and runs the traced graph piece by piece, recomputing every segment before
     the last kept activation in backward. In eval mode or without autograd
     (``torch.no_grad``) it calls the model's own forward: nothing is saved for
-    backward there, so there is nothing to plan.
+    backward there, so there is nothing to plan. With ``offload``, the kept
+    activations wait in host memory (:class:`CheckpointOffload`).
     """
 
     def __init__(
@@ -322,4 +323,4 @@ class RematModule(nn.Module):
 
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
-        return f"keeps: {kept}"
+        return f"keeps: {kept}" + (" (offloaded to host memory)" if self.offload is not None else "")
