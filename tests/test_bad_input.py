@@ -186,3 +186,28 @@ def test_the_model_is_unchanged_when_planning_fails(make, profile):
     assert_unchanged(before, model)
     # and the model still trains normally
     model(x).square().mean().backward()
+
+
+# -- 7. inputs of another floating dtype than the model ----------------------------------
+
+
+@pytest.mark.parametrize("make", [remat.plan, remat.optimize])
+def test_inputs_of_another_float_dtype_are_refused_before_tracing(make):
+    model = NotTraceable()
+    with pytest.raises(ValueError) as error:
+        make(model, torch.randn(4, 8, dtype=torch.float64))
+    message = str(error.value)
+    assert "torch.float64" in message and "torch.float32" in message and "x.to(torch.float32)" in message
+    assert model.calls == 0  # refused before tracing or running anything
+
+
+def test_inputs_of_another_float_dtype_are_fine_under_autocast():
+    model, x = mlp(), torch.randn(8, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = remat.plan(model, x)
+    assert plan.predicted_peak_bytes > 0
+
+
+def test_integer_inputs_are_not_checked_against_the_float_dtype():
+    model = nn.Embedding(10, 8)
+    assert remat.plan(model, torch.tensor([[1, 2, 3]])).predicted_peak_bytes > 0

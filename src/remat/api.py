@@ -94,8 +94,10 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
 
     Raises ValueError, with what to do, when the model is in eval mode (the
     captured graph would keep eval behaviour), when an input tensor is on a
-    device the model's parameters and buffers are not on, or when neither a
-    parameter nor an input requires grad (there is no backward pass).
+    device the model's parameters and buffers are not on, when floating-point
+    inputs have none of the floating dtypes of the parameters (outside
+    autocast), or when neither a parameter nor an input requires grad (there
+    is no backward pass).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat plans an nn.Module, got {type(model).__name__}")
@@ -116,6 +118,7 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
                 f"the example inputs are on {t.device} but {name}'s parameters and buffers are on "
                 f"{where}: move the inputs to {where} (or the model to {t.device}) before planning"
             )
+    _check_float_dtypes(name, model, input_tensors)
     if not any(p.requires_grad for p in model.parameters()) and not any(
         t.requires_grad for t in input_tensors
     ):
@@ -124,6 +127,25 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
             "is no backward pass to plan: unfreeze some parameters (requires_grad_(True)) or pass "
             "an input that requires grad"
         )
+
+
+def _check_float_dtypes(name: str, model: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Floating inputs of a dtype no parameter has (float64 into a float32 model) fail deep
+    inside tracing; say so first. Under autocast the operators cast, so anything goes."""
+    floats = {t.dtype for t in inputs if t.is_floating_point()}
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    devices = {t.device.type for t in inputs} | {p.device.type for p in model.parameters()}
+    if not floats or not params or floats & params:
+        return
+    if any(torch.is_autocast_enabled(d) for d in devices if torch.amp.is_autocast_available(d)):
+        return
+    given = ", ".join(sorted(map(str, floats)))
+    wanted = ", ".join(sorted(map(str, params)))
+    raise ValueError(
+        f"the example inputs are {given} but {name}'s parameters are {wanted}: convert the inputs "
+        f"(e.g. x.to({sorted(map(str, params))[0]})) or the model (model.to(dtype)) so they match, "
+        "or plan inside torch.autocast(...) if the model is meant to run under autocast"
+    )
 
 
 def _offload_possible(model: nn.Module, inputs: tuple) -> bool:
