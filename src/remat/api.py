@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from remat.budget import InfeasibleBudget, parse_bytes
-from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
+from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import profile_stages
 from remat.execute import CheckpointOffload, RematModule, segment_starts
 from remat.measure import (
@@ -46,6 +46,7 @@ class Captured:
     modules: list[fx.GraphModule]
     input_names: list[str]
     codegen: Any  # the traced graph's input flattening / output unflattening
+    opaque: tuple[str, ...] = ()  # submodules that could not be traced, called whole
 
     def tensor_names(self, index: int, root: nn.Module) -> list[str]:
         """Names (on ``root``) of the parameters and buffers piece ``index`` reads."""
@@ -76,7 +77,7 @@ def capture(model: nn.Module, example_inputs: tuple) -> Captured:
     model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     model_tensors |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     modules = [piece_module(gm, p, placeholders, model_tensors) for p in pieces]
-    return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen)
+    return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen, opaque_modules(gm))
 
 
 def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
@@ -188,6 +189,9 @@ def _profile(
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device))
+        # A stage measured once for several places hands the next stage stand-in values;
+        # untraced code may branch on values, so then every stage runs on the real ones.
+        keys = None if captured.opaque else keys
         return profile_stages(
             specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys, exact=profile == "fake"
         )
@@ -247,6 +251,7 @@ class _Profiled:
     groups: list[list[int]]
     capture_seconds: float
     baseline: Any = None
+    fake: bool = True  # measured on fake tensors
 
     @classmethod
     def of(cls, model: nn.Module, example_inputs: Any, loss_fn, profile: Profile = "fake") -> _Profiled:
@@ -255,14 +260,19 @@ class _Profiled:
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
         captured = capture(model, inputs)
+        if captured.opaque:
+            # Untraced code may branch on values, which fake tensors do not have: measure
+            # on the real ones; the plan is exact for the branches the example inputs take.
+            profile = "device"
         chain, groups = _profile(model, captured, inputs, loss_fn, profile)
-        return cls(model, inputs, loss_fn, captured, chain, groups, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        return cls(model, inputs, loss_fn, captured, chain, groups, elapsed, fake=profile == "fake")
 
     def plan(
         self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None, offload: bool = False
     ) -> Plan:
         if self.baseline is None:
-            self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=True)
+            self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=self.fake)
         return Plan(
             stage_names=self.chain.names,
             checkpoints=solution.checkpoints,
@@ -421,6 +431,7 @@ def optimize(
                 "call remat.optimize without plan= to make a new one"
             )
         captured = capture(model, inputs)
+        profile = "device" if captured.opaque else profile  # as in _Profiled.of
         _, groups = _profile(model, captured, inputs, loss_fn or default_loss, profile)
         chosen = plan
     else:
