@@ -10,7 +10,10 @@ optimized module are run, each after a warm-up step, with the allocator's peak
 was already allocated before the step besides parameters, buffers and inputs
 (the cuBLAS workspace, made by the warm-up) is not part of the step and is
 taken out. Step time is the median of ``--steps`` steps of each module,
-interleaved, in the same run. Writes a markdown table (``--out``).
+interleaved, in the same run. The least-peak plan with ``offload=True`` (kept
+activations in pinned host memory) is checked the same way, and its gradients
+are compared bit for bit with the plain model's. Writes a markdown table
+(``--out``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 import remat
+from remat.execute import RematModule
 from remat import models
 from remat.measure import default_loss, round_to_of, track_memory, unique_storage_bytes
 from remat.report import format_bytes
@@ -70,6 +74,20 @@ def _dispatch_peak(module, inputs, device, resident_step_bytes: int) -> int:
     return resident_step_bytes + mem.peak_bytes
 
 
+def _grads_equal(model, optimized: RematModule, inputs) -> bool:
+    """One step of each with the same seed: every parameter gradient bit-for-bit equal."""
+    grads = []
+    for module in (model, optimized):
+        torch.manual_seed(0)
+        _step(module, inputs)
+        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+        module.zero_grad(set_to_none=True)
+    return all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in zip(*grads)
+    )
+
+
 def _median_step_seconds(modules, inputs, device, steps: int) -> list[float]:
     times = [[] for _ in modules]
     for _ in range(steps):
@@ -94,7 +112,10 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
     baseline_peak = _measured_peak(model, inputs, device, resident)
     remat_peak = _measured_peak(optimized, inputs, device, resident)
     remat_dispatch = _dispatch_peak(optimized, inputs, device, resident)
-    base_s, remat_s = _median_step_seconds([model, optimized], inputs, device, steps)
+    # Kept activations in pinned host memory (CUDA only; elsewhere a warning and no offload).
+    offloaded = remat.optimize(model, inputs, offload=True)
+    offload_peak = _measured_peak(offloaded, inputs, device, resident)
+    base_s, remat_s, offload_s = _median_step_seconds([model, optimized, offloaded], inputs, device, steps)
     # Profiled on the device: the allocator's figures, workspaces inside operators included.
     on_device = remat.optimize(model, inputs, profile="device")
     device_peak = _measured_peak(on_device, inputs, device, resident)
@@ -117,6 +138,12 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
         "budget": budget,
         "budget measured": budget_peak,
         "budget recompute": budgeted.plan.recompute_overhead,
+        "offload": offloaded.plan.offload,
+        "offload predicted": offloaded.plan.predicted_peak_bytes,
+        "offload measured": offload_peak,
+        "offload recompute": offloaded.plan.recompute_overhead,
+        "offload time ratio": offload_s / base_s,
+        "offload grads equal": _grads_equal(model, offloaded, inputs),
     }
 
 
@@ -142,8 +169,9 @@ def main() -> None:
         f"Device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n\n"
         "| model | baseline peak (pred / measured, err) | remat peak (pred / measured, err) "
         "| remat peak at the dispatcher (err) | peak cut | recompute (% of fwd) | step time ratio "
-        "| profiled on device: pred / measured, err | budget: measured <= budget? (recompute) |\n"
-        "|---|---|---|---|---|---|---|---|---|"
+        "| profiled on device: pred / measured, err | budget: measured <= budget? (recompute) "
+        "| offload: pred / measured, err | offload recompute | offload step time ratio | offload grads exact |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     print(header, flush=True)
@@ -161,7 +189,11 @@ def main() -> None:
             f"| {format_bytes(r['device predicted'])} / {format_bytes(r['device measured'])}, "
             f"{_error(r['device predicted'], r['device measured'])} "
             f"| {format_bytes(r['budget measured'])} <= {format_bytes(r['budget'])}: "
-            f"{'yes' if r['budget measured'] <= r['budget'] else 'NO'} ({r['budget recompute']:.0%}) |"
+            f"{'yes' if r['budget measured'] <= r['budget'] else 'NO'} ({r['budget recompute']:.0%}) "
+            f"| {'' if r['offload'] else '(not offloaded) '}{format_bytes(r['offload predicted'])} / "
+            f"{format_bytes(r['offload measured'])}, {_error(r['offload predicted'], r['offload measured'])} "
+            f"| {r['offload recompute']:.1%} | {r['offload time ratio']:.2f}x "
+            f"| {'yes' if r['offload grads equal'] else 'NO'} |"
         )
         lines.append(line)
         print(line, flush=True)

@@ -11,7 +11,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
+
+from remat.execute import CheckpointOffload
 
 
 def all_plans(n: int) -> Iterator[tuple[int, ...]]:
@@ -55,3 +58,30 @@ class StockCheckpointed(nn.Module):
             else:
                 x = self._run(start, stop, x)
         return x
+
+
+class SimulatedOffload(CheckpointOffload):
+    """The offload path on CPU tensors, for tests.
+
+    The "host" copy is made with the dispatch modes (the memory tracker)
+    switched off, so measurement does not see it, as the CUDA allocator does
+    not see pinned host memory; the copy back is an ordinary, tracked clone,
+    as the copy to the device is a new device allocation. Records what went
+    through the hooks.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.moved: list[int] = []  # storage addresses of the tensors copied out
+        self.loaded = 0
+
+    def _to_host(self, t: torch.Tensor):
+        with _disable_current_modes():
+            host = t.detach().clone()
+        self.moved.append(t.untyped_storage().data_ptr())
+
+        def load() -> torch.Tensor:
+            self.loaded += 1
+            return host.clone()
+
+        return load

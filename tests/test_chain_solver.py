@@ -21,6 +21,7 @@ from remat.solvers.chain import (
     Chain,
     min_peak,
     min_recompute,
+    pareto_front,
     peak_of,
     recompute_flops_of,
     sqrt_segments,
@@ -140,23 +141,26 @@ class Reference:
             peaks.append(self.backward(l, i, kept, last=True))
         return max(peaks)
 
-    def peak(self, checkpoints) -> int:
+    def peak(self, checkpoints, offload: bool = False) -> int:
+        """With ``offload`` the kept checkpoints wait in host memory: no ``K``
+        (a segment's own input, back for its recompute, is in ``segment``)."""
         bounds = [0, *checkpoints, self.n]
         peak = kept = 0
         for l, r in zip(bounds[:-1], bounds[1:]):
             peak = max(peak, kept + self.segment(l, r, r == self.n))
-            kept += self.a_in[l]
+            kept += 0 if offload else self.a_in[l]
         return self.c.base_bytes + peak
 
     def recompute_flops(self, checkpoints) -> int:
         """Every stage before the last segment runs forward twice."""
         return sum(int(self.c.fwd_flops[i - 1]) for i in range(1, (checkpoints or (0,))[-1] + 1))
 
-    def best(self) -> tuple[int, int]:
+    def best(self, offload: bool = False) -> tuple[int, int]:
         """(peak, recompute FLOPs), lexicographically least over every plan.
 
         A depth-first enumeration over the next checkpoint, carrying the
-        bytes of the checkpoints kept so far and the peak so far.
+        bytes of the checkpoints kept so far (none on the device with
+        ``offload``) and the peak so far.
         """
         n, best = self.n, [None]
 
@@ -168,7 +172,8 @@ class Reference:
                 if any(self.d[m] >= r for m in range(l + 1, r)) or self.skips[l]:
                     continue  # r would need an activation made inside (l, r), or a(l) is not read next
                 seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
-                visit(r, kept + self.a_in[l], max(peak, kept + self.segment(l, r, False)), seg_flops)
+                segment = kept + self.segment(l, r, False)
+                visit(r, kept + (0 if offload else self.a_in[l]), max(peak, segment), seg_flops)
 
         visit(0, 0, 0, 0)
         return self.c.base_bytes + best[0][0], best[0][1]
@@ -415,3 +420,62 @@ def test_budget_solver_is_exact_with_carried_activations():
             sol = min_recompute(chain, budget)
             best = min(flops for peak, flops in plans if peak <= budget)
             assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best
+
+
+# -- offload: kept activations in host memory ------------------------------------
+
+
+def test_offload_reference_matches_peak_of_on_a_sample(chains):
+    rng = random.Random(1)
+    for chain in chains:
+        ref = Reference(chain)
+        plans = list(all_plans(chain.n))
+        for cps in rng.sample(plans, min(4, len(plans))):
+            assert ref.peak(cps, offload=True) == peak_of(chain, cps, offload=True), (chain.n, cps)
+            # Offloading only takes bytes off the device.
+            assert peak_of(chain, cps, offload=True) <= peak_of(chain, cps)
+
+
+def test_offload_solver_finds_the_exhaustive_optimum(chains):
+    """The O(n^2) offload DP: least (peak, recompute) over every plan of 1,000 random chains."""
+    fewer = 0
+    for chain in chains:
+        sol = min_peak(chain, offload=True)
+        assert (sol.peak_bytes, sol.recompute_flops) == Reference(chain).best(offload=True), (chain.n, sol)
+        assert sol.peak_bytes == peak_of(chain, sol.checkpoints, offload=True)
+        assert sol.method == "offload_dp"
+        plain = min_peak(chain).peak_bytes
+        assert sol.peak_bytes <= plain
+        fewer += sol.peak_bytes < plain
+    assert fewer > len(chains) // 10  # offload matters on many chains, so the test has teeth
+
+
+def test_offload_least_recompute_within_a_budget_and_front():
+    """``min_recompute`` and ``pareto_front`` with offload against every plan (small chains)."""
+    for seed in range(60):
+        chain = Chain.random(2 + seed % 9, seed)
+        plans = [(peak_of(chain, c, offload=True), recompute_flops_of(chain, c)) for c in all_plans(chain.n)]
+        front = pareto_front(chain, offload=True)
+        for sol in front:
+            best = min(f for p, f in plans if p <= sol.peak_bytes)
+            assert sol.recompute_flops == best
+            assert sol.peak_bytes == peak_of(chain, sol.checkpoints, offload=True)
+        assert front[-1].peak_bytes == min(p for p, _ in plans)
+        assert [s.peak_bytes for s in front] == sorted({s.peak_bytes for s in front}, reverse=True)
+        assert min_recompute(chain, front[-1].peak_bytes - 1, offload=True) is None
+
+
+def test_offload_takes_earlier_checkpoints_off_the_device():
+    # The four-stage chain above (1 KiB activations, 16 KiB saved inside each
+    # stage, each stage saves its input), every boundary kept: (1, 2, 3).
+    # On the device, the last segment (3,4] runs over K = a1 + a2 = 2 KiB:
+    #   backward of 4: kept a3 1 + held a4 + g4 2 + H(3,4) 16 + bwd 1 = 20, + K = 22 KiB.
+    # Offloaded, K = 0 everywhere; the worst is segment (2,3]: its recompute
+    #   (a2 1 back from the host + held 2 + g(3) 1 + fwd_save 17 = 21 KiB) and
+    #   its backward (a2, saved by stage 3, 1 + held 2 + H(2,3) 16 + g(3) 1 + bwd 1 = 21 KiB).
+    act = [0] + [KiB] * 4
+    chain = make_chain(4, act, saves_input=[True] * 4, saved=[16 * KiB] * 4)
+    assert peak_of(chain, [1, 2, 3]) == 22 * KiB
+    assert peak_of(chain, [1, 2, 3], offload=True) == 21 * KiB
+    assert min_peak(chain, offload=True).checkpoints == (1, 2, 3)
+    assert min_peak(chain, offload=True).peak_bytes == 21 * KiB

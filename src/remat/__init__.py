@@ -7,11 +7,12 @@ plan), execute (plan -> module), measure.
 from remat.api import max_batch, optimize, pareto, plan
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import TraceError
-from remat.execute import CheckpointedSequential, RematModule
+from remat.execute import CheckpointedSequential, CheckpointOffload, RematModule
 from remat.measure import StepMeasurement, default_loss, measure_step, track_memory
 from remat.plan import Plan
 
 __all__ = [
+    "CheckpointOffload",
     "CheckpointedSequential",
     "InfeasibleBudget",
     "Plan",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -19,10 +20,18 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from remat.budget import InfeasibleBudget, parse_bytes
-from remat.capture.graph import Piece, piece_module, split_linear, structure_key, trace
+from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import BackwardSkipsStage, profile_stages
-from remat.execute import RematModule, segment_starts
-from remat.measure import as_tuple, default_loss, measure_step, round_to_of, step_model, unique_storage_bytes
+from remat.execute import CheckpointOffload, RematModule, segment_starts
+from remat.measure import (
+    _model_device,
+    as_tuple,
+    default_loss,
+    measure_step,
+    round_to_of,
+    step_model,
+    unique_storage_bytes,
+)
 from remat.plan import Plan
 from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front
 
@@ -72,6 +81,7 @@ class Captured:
                     f"segment at piece {q + 1} too, or use the boundaries of a remat plan"
                 )
             kept.add(stop - 1)
+    opaque: tuple[str, ...] = ()  # submodules that could not be traced, called whole
 
     def tensor_names(self, index: int, root: nn.Module) -> list[str]:
         """Names (on ``root``) of the parameters and buffers piece ``index`` reads."""
@@ -102,7 +112,7 @@ def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True) ->
     model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     model_tensors |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     modules = [piece_module(gm, p, placeholders, model_tensors) for p in pieces]
-    return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen)
+    return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen, opaque=opaque_modules(gm))
 
 
 def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
@@ -120,8 +130,10 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
 
     Raises ValueError, with what to do, when the model is in eval mode (the
     captured graph would keep eval behaviour), when an input tensor is on a
-    device the model's parameters and buffers are not on, or when neither a
-    parameter nor an input requires grad (there is no backward pass).
+    device the model's parameters and buffers are not on, when floating-point
+    inputs have none of the floating dtypes of the parameters (outside
+    autocast), or when neither a parameter nor an input requires grad (there
+    is no backward pass).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remat plans an nn.Module, got {type(model).__name__}")
@@ -142,6 +154,7 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
                 f"the example inputs are on {t.device} but {name}'s parameters and buffers are on "
                 f"{where}: move the inputs to {where} (or the model to {t.device}) before planning"
             )
+    _check_float_dtypes(name, model, input_tensors)
     if not any(p.requires_grad for p in model.parameters()) and not any(
         t.requires_grad for t in input_tensors
     ):
@@ -150,6 +163,39 @@ def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
             "is no backward pass to plan: unfreeze some parameters (requires_grad_(True)) or pass "
             "an input that requires grad"
         )
+
+
+def _check_float_dtypes(name: str, model: nn.Module, inputs: list[torch.Tensor]) -> None:
+    """Floating inputs of a dtype no parameter has (float64 into a float32 model) fail deep
+    inside tracing; say so first. Under autocast the operators cast, so anything goes."""
+    floats = {t.dtype for t in inputs if t.is_floating_point()}
+    params = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    devices = {t.device.type for t in inputs} | {p.device.type for p in model.parameters()}
+    if not floats or not params or floats & params:
+        return
+    if any(torch.is_autocast_enabled(d) for d in devices if torch.amp.is_autocast_available(d)):
+        return
+    given = ", ".join(sorted(map(str, floats)))
+    wanted = ", ".join(sorted(map(str, params)))
+    raise ValueError(
+        f"the example inputs are {given} but {name}'s parameters are {wanted}: convert the inputs "
+        f"(e.g. x.to({sorted(map(str, params))[0]})) or the model (model.to(dtype)) so they match, "
+        "or plan inside torch.autocast(...) if the model is meant to run under autocast"
+    )
+
+
+def _offload_possible(model: nn.Module, inputs: tuple) -> bool:
+    """Whether kept activations can go to host memory: only from a CUDA device (warns otherwise)."""
+    device = _model_device(model, inputs)
+    if device.type == "cuda":
+        return True
+    warnings.warn(
+        f"remat: offload=True does nothing here: the model is on {device}, and kept activations "
+        "are offloaded only from a CUDA device to pinned host memory; planning them on the device "
+        "instead (move the model and inputs to CUDA to offload)",
+        stacklevel=4,
+    )
+    return False
 
 
 def _profile(
@@ -178,6 +224,9 @@ def _profile(
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device))
+        # A stage measured once for several places hands the next stage stand-in values;
+        # untraced code may branch on values, so then every stage runs on the real ones.
+        keys = None if captured.opaque else keys
         return profile_stages(
             specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys,
             exact=profile == "fake", reads=captured.reads,
@@ -191,6 +240,7 @@ def plan(
     budget: int | str | None = None,
     *,
     profile: Profile = "fake",
+    offload: bool = False,
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
@@ -208,6 +258,12 @@ def plan(
             such as ``"20GiB"``); the plan then recomputes as little as
             possible. ``None``: the least peak. A budget no plan meets raises
             :class:`remat.InfeasibleBudget`, which states the least peak.
+        profile: ``"fake"`` (measure on fake tensors) or ``"device"``.
+        offload: keep the checkpoints in pinned host memory between their
+            forward and their recompute (copied asynchronously, overlapped
+            with compute); the plan counts them off the device, so it can
+            keep more and recompute less. CUDA only: elsewhere it warns once
+            and plans without.
 
     Example:
         >>> import torch, remat
@@ -216,7 +272,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile)[0]
+    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload)[0]
 
 
 @dataclasses.dataclass
@@ -231,26 +287,25 @@ class _Profiled:
     groups: list[list[int]]
     capture_seconds: float
     baseline: Any = None
+    fake: bool = True  # measured on fake tensors
 
     @classmethod
-    def of(cls, model: nn.Module, example_inputs: Any, loss_fn, profile: Profile = "fake") -> _Profiled:
+    def of(
+        cls, model: nn.Module, example_inputs: Any, loss_fn, profile: Profile = "fake", *, carried: bool = True
+    ) -> _Profiled:
         inputs = as_tuple(example_inputs)
         check_model_and_inputs(model, inputs)
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
-        captured = capture(model, inputs)
-        try:
-            chain, groups = _profile(model, captured, inputs, loss_fn, profile)
-        except BackwardSkipsStage:
-            # A branch the loss ignores: cut only where a single tensor is live,
-            # so that branch stays inside a stage whose profile sees it.
-            captured = capture(model, inputs, carried=False)
-            chain, groups = _profile(model, captured, inputs, loss_fn, profile)
-        return cls(model, inputs, loss_fn, captured, chain, groups, time.perf_counter() - start)
+        captured, chain, groups, profile = _capture_and_profile(model, inputs, loss_fn, profile, carried)
+        elapsed = time.perf_counter() - start
+        return cls(model, inputs, loss_fn, captured, chain, groups, elapsed, fake=profile == "fake")
 
-    def plan(self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None) -> Plan:
+    def plan(
+        self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None, offload: bool = False
+    ) -> Plan:
         if self.baseline is None:
-            self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=True)
+            self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=self.fake)
         return Plan(
             stage_names=self.chain.names,
             checkpoints=solution.checkpoints,
@@ -264,23 +319,49 @@ class _Profiled:
             capture_seconds=self.capture_seconds,
             fingerprint=fingerprint(self.model, self.inputs),
             budget_bytes=budget_bytes,
+            offload=offload,
         )
 
-    def solve(self, budget_bytes: int | None) -> Plan:
+    def solve(self, budget_bytes: int | None, offload: bool = False) -> Plan:
         start = time.perf_counter()
         if budget_bytes is None:
-            solution = min_peak(self.chain)
+            solution = min_peak(self.chain, offload=offload)
         else:
-            solution = min_recompute(self.chain, budget_bytes)
+            solution = min_recompute(self.chain, budget_bytes, offload=offload)
             if solution is None:
-                raise InfeasibleBudget(budget_bytes, min_peak(self.chain).peak_bytes)
-        return self.plan(solution, time.perf_counter() - start, budget_bytes)
+                raise InfeasibleBudget(budget_bytes, min_peak(self.chain, offload=offload).peak_bytes)
+        return self.plan(solution, time.perf_counter() - start, budget_bytes, offload)
 
 
-def _plan_and_capture(model, example_inputs, loss_fn, budget, profile: Profile = "fake"):
+def _capture_and_profile(
+    model: nn.Module, inputs: tuple, loss_fn, profile: Profile, carried: bool
+) -> tuple[Captured, Chain, list[list[int]], Profile]:
+    """Capture and profile ``model``; also returns the profile mode used.
+
+    ``carried``: cut inside blocks too (several tensors live across a cut).
+    Offloaded plans use single-tensor cuts only: the offload cost model moves
+    each segment's one input tensor to the host.
+    """
+    captured = capture(model, inputs, carried=carried)
+    if captured.opaque:
+        # Untraced code may branch on values, which fake tensors do not have: measure
+        # on the real ones; the plan is exact for the branches the example inputs take.
+        profile = "device"
+    try:
+        chain, groups = _profile(model, captured, inputs, loss_fn, profile)
+    except BackwardSkipsStage:
+        # A branch the loss ignores: cut only where a single tensor is live,
+        # so that branch stays inside a stage whose profile sees it.
+        captured = capture(model, inputs, carried=False)
+        chain, groups = _profile(model, captured, inputs, loss_fn, profile)
+    return captured, chain, groups, profile
+
+
+def _plan_and_capture(model, example_inputs, loss_fn, budget, profile: Profile = "fake", offload: bool = False):
     budget_bytes = None if budget is None else parse_bytes(budget)
-    profiled = _Profiled.of(model, example_inputs, loss_fn, profile)
-    return profiled.solve(budget_bytes), profiled.captured, profiled.groups
+    offload = offload and _offload_possible(model, as_tuple(example_inputs))
+    profiled = _Profiled.of(model, example_inputs, loss_fn, profile, carried=not offload)
+    return profiled.solve(budget_bytes, offload), profiled.captured, profiled.groups
 
 
 def pareto(
@@ -374,6 +455,7 @@ def optimize(
     *,
     plan: Plan | None = None,
     profile: Profile = "fake",
+    offload: bool = False,
 ) -> RematModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -386,6 +468,8 @@ def optimize(
         plan: a plan made earlier (``Plan.load(path)``) for the same model and
             input size; skips the search.
         profile: ``"fake"`` or ``"device"``, as in :func:`plan`.
+        offload: keep the checkpoints in pinned host memory, as in
+            :func:`plan` (with ``plan=``, the plan's own setting is used).
 
     Example:
         >>> import torch, remat
@@ -403,10 +487,12 @@ def optimize(
                 "this plan was made for another model or input size (fingerprint mismatch); "
                 "call remat.optimize without plan= to make a new one"
             )
-        captured = capture(model, inputs)
-        _, groups = _profile(model, captured, inputs, loss_fn or default_loss, profile)
+        captured, _, groups, _ = _capture_and_profile(
+            model, inputs, loss_fn or default_loss, profile, carried=not plan.offload
+        )
         chosen = plan
     else:
-        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile)
-    return RematModule(model, captured, segment_starts(groups, chosen.checkpoints), chosen)
+        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload)
+    boundaries = segment_starts(groups, chosen.checkpoints)
+    return RematModule(model, captured, boundaries, chosen, CheckpointOffload() if chosen.offload else None)
 

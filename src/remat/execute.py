@@ -3,13 +3,15 @@
 Recomputation uses ``torch.utils.checkpoint`` (non-reentrant) with the RNG
 state restored, so dropout masks are the same as in the first forward, and
 with BatchNorm running statistics left alone during the recompute, so they
-are updated exactly once per step.
+are updated exactly once per step. With :class:`CheckpointOffload`, the kept
+activations wait in pinned host memory instead of on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-__all__ = ["CheckpointedSequential", "RematModule", "run_segment_recomputed", "segment_starts"]
+__all__ = ["CheckpointOffload", "CheckpointedSequential", "RematModule", "run_segment_recomputed", "segment_starts"]
 
 
 def segment_starts(groups: Sequence[Sequence[int]], checkpoints: Sequence[int]) -> tuple[int, ...]:
@@ -76,6 +78,101 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
         )
 
 
+def _saving(offload: CheckpointOffload | None, boundary):
+    return contextlib.nullcontext() if offload is None else offload.saving(boundary)
+
+
+class CheckpointOffload:
+    """Keeps the checkpoints (recomputed segments' inputs) in pinned host memory.
+
+    :meth:`saving` wraps a recomputed segment's run: ``torch.utils.checkpoint``
+    saves the segment's inputs for the recompute through the saved-tensor
+    hooks active around it (the operators inside the segment save through
+    checkpoint's own hooks, which come first). The segment input given to
+    :meth:`saving` is copied to pinned host memory on a side stream, so the
+    copy overlaps the following forward compute, and the device copy is freed
+    as soon as the forward moves on; the recompute in backward copies it back
+    (``non_blocking``, ordered after the copy out). Anything else saved there
+    (the model's own inputs) stays as it is, and on a non-CUDA tensor nothing
+    is moved. Gradients are unchanged: the values come back bit for bit, with
+    the same strides.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
+        >>> run = CheckpointedSequential(list(net), [2], offload=CheckpointOffload())
+        >>> torch.equal(run(torch.ones(1, 8)), net(torch.ones(1, 8)))  # on CPU: nothing moves
+        True
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @contextlib.contextmanager
+    def saving(self, boundary: torch.Tensor | None) -> Iterator[None]:
+        """Offload ``boundary`` if the checkpoint run inside saves it."""
+        if boundary is None or torch.compiler.is_compiling():
+            yield
+            return
+        # Weakly: the hooks must not keep the device copy alive.
+        wanted = weakref.ref(boundary)
+
+        def pack(t: torch.Tensor):
+            if t is not wanted():
+                return t
+            load = self._to_host(t)
+            return t if load is None else _OnHost(load)
+
+        def unpack(packed):
+            return packed.load() if isinstance(packed, _OnHost) else packed
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    def _to_host(self, t: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+        """Start copying ``t`` to the host; return what copies it back (``None``: left on its device)."""
+        if t.device.type != "cuda":
+            return None
+        device = t.device
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        host = torch.empty_like(t, device="cpu", pin_memory=True)  # same strides
+        stream.wait_stream(torch.cuda.current_stream(device))  # t is computed
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        t.record_stream(stream)  # the allocator reuses t's memory only after the copy
+
+        def load() -> torch.Tensor:
+            torch.cuda.current_stream(device).wait_event(copied)
+            return host.to(device, non_blocking=True)
+
+        return load
+
+
+class _OnHost:
+    """A saved tensor moved off the device, and how to bring it back.
+
+    The copy back stays here until checkpoint drops what it saved, after the
+    segment's backward, as the kept activation would without offload: freed
+    earlier, at its last use inside a backward node, it would leave the
+    device at a moment the stage profiles do not record.
+    """
+
+    __slots__ = ("_load", "_loaded")
+
+    def __init__(self, load: Callable[[], torch.Tensor]):
+        self._load = load
+        self._loaded: torch.Tensor | None = None
+
+    def load(self) -> torch.Tensor:
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+
 class CheckpointedSequential(nn.Module):
     """A sequential model run with a checkpoint plan; a drop-in for the original.
 
@@ -91,6 +188,7 @@ class CheckpointedSequential(nn.Module):
         groups: optional grouping of module indices into chain stages (from
             :func:`remat.capture.sequential.profile_sequential`); checkpoints
             then count groups, not modules.
+        offload: keep the checkpoints in host memory with this.
 
     Example:
         >>> import torch
@@ -105,6 +203,7 @@ class CheckpointedSequential(nn.Module):
         stages: Sequence[nn.Module],
         checkpoints: Sequence[int],
         groups: Sequence[Sequence[int]] | None = None,
+        offload: CheckpointOffload | None = None,
     ):
         super().__init__()
         for index, stage in enumerate(stages):
@@ -112,6 +211,7 @@ class CheckpointedSequential(nn.Module):
         groups = groups or [[i] for i in range(len(stages))]
         self.boundaries = [0, *segment_starts(groups, checkpoints)]
         self.checkpoints = tuple(checkpoints)
+        self.offload = offload
 
     def _run(self, start: int, stop: int, x):
         for index in range(start, stop):
@@ -123,7 +223,9 @@ class CheckpointedSequential(nn.Module):
         bounds = [*self.boundaries, n]
         for start, stop in zip(bounds[:-2], bounds[1:-1]):
             modules = [self._modules[str(i)] for i in range(start, stop)]
-            x = run_segment_recomputed(self._run, modules, start, stop, x)
+            # The model's input is the caller's: it stays where it is.
+            with _saving(self.offload, x if start > 0 else None):
+                x = run_segment_recomputed(self._run, modules, start, stop, x)
         return self._run(bounds[-2], n, x)
 
 
@@ -136,10 +238,18 @@ class RematModule(nn.Module):
     and runs the traced graph piece by piece, recomputing every segment before
     the last kept activation in backward. In eval mode or without autograd
     (``torch.no_grad``) it calls the model's own forward: nothing is saved for
-    backward there, so there is nothing to plan.
+    backward there, so there is nothing to plan. With ``offload``, the kept
+    activations wait in host memory (:class:`CheckpointOffload`).
     """
 
-    def __init__(self, model: nn.Module, captured: Any, boundaries: Sequence[int], plan: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        captured: Any,
+        boundaries: Sequence[int],
+        plan: Any = None,
+        offload: CheckpointOffload | None = None,
+    ):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -154,6 +264,7 @@ class RematModule(nn.Module):
         captured.check_boundaries(boundaries)
         self.boundaries = tuple(boundaries)
         self.plan = plan
+        self.offload = offload
         self.training = model.training  # not .train(): the children keep their own flags
 
     def train(self, mode: bool = True) -> RematModule:
@@ -209,9 +320,10 @@ class RematModule(nn.Module):
         for start, stop in zip(bounds[:-2], bounds[1:-1]):
             outside = captured.outside_reads(start, stop)
             modules = captured.submodules(start, stop, self)
-            kept[stop - 1] = run_segment_recomputed(
-                self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
-            )
+            with _saving(self.offload, kept.get(start - 1)):
+                kept[stop - 1] = run_segment_recomputed(
+                    self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
+                )
             kept = {q: v for q, v in kept.items() if captured.last_reader[q] >= stop or q == stop - 1}
         return self._outputs(self._run_on(bounds[-2], n, kept, inputs))
 
@@ -227,4 +339,4 @@ class RematModule(nn.Module):
 
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
-        return f"keeps: {kept}"
+        return f"keeps: {kept}" + (" (offloaded to host memory)" if self.offload is not None else "")

@@ -33,6 +33,9 @@ class Plan:
         fingerprint: parameter and input shapes the plan was made for; a
             saved plan is only reused for the same.
         budget_bytes: the peak budget it was made for (``None``: least peak).
+        offload: the kept activations wait in pinned host memory between
+            their forward and their recompute (CUDA only); the predicted peak
+            counts them off the device.
 
     Example:
         >>> import torch, remat
@@ -55,6 +58,7 @@ class Plan:
     fingerprint: str
     method: str = "linear"
     budget_bytes: int | None = None
+    offload: bool = False
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -76,6 +80,7 @@ class Plan:
             ["predicted peak", format_bytes(self.predicted_peak_bytes)],
             ["peak cut", f"{cut:.1%}"],
             ["budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none (least peak)"],
+            ["kept activations", "offloaded to pinned host memory" if self.offload else "on the device"],
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             ["capture + solve", f"{self.capture_seconds:.2f} s + {self.solve_seconds:.3f} s"],
         ]

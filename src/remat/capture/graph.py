@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "TraceError",
     "Piece",
     "trace",
+    "opaque_modules",
     "split_linear",
     "piece_module",
     "fetch_attr",
@@ -44,6 +46,9 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     Symbolic tracing keeps the model's own module calls (and works for any
     input size); models it cannot trace, such as Hugging Face transformers,
     are exported at the example inputs' shapes instead, as ATen operators.
+    When neither works, the submodules that symbolic tracing cannot get
+    through are kept whole, as opaque calls (a warning names each; see
+    :func:`opaque_modules`), if the rest of the model then traces.
     """
     try:
         return fx.symbolic_trace(model)
@@ -51,17 +56,84 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
         try:
             exported = torch.export.export(model, tuple(example_inputs), strict=False)
         except Exception as export_error:
+            gm = _trace_around_untraceable(model)
+            if gm is not None:
+                return gm
             name = type(model).__name__
             raise TraceError(
                 f"could not capture {name} as a graph (data-dependent control flow, such as "
                 "`if x.sum() > 0:` in forward, cannot be captured): split it into a list of "
                 "stages without such control flow and train remat.CheckpointedSequential(stages, "
-                f"checkpoints) instead.\nDetails: torch.fx said {type(fx_error).__name__}: "
-                f"{fx_error}\ntorch.export said {type(export_error).__name__}: {export_error}"
+                f"checkpoints) instead, or move the control flow into a submodule (remat then "
+                f"runs that submodule as one opaque stage).\nDetails: torch.fx said "
+                f"{type(fx_error).__name__}: {fx_error}\ntorch.export said "
+                f"{type(export_error).__name__}: {export_error}"
             ) from export_error
         gm = exported.module()
         _drop_guards(gm)
         return gm
+
+
+class _OpaqueTracer(fx.Tracer):
+    """Symbolic tracing that keeps the given modules (by identity) as leaf calls."""
+
+    def __init__(self, opaque: set[int]):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_error(module: nn.Module, opaque: set[int]) -> Exception | None:
+    try:
+        _OpaqueTracer(opaque).trace(module)
+    except Exception as error:  # fx raises many kinds
+        return error
+    return None
+
+
+def _untraceable(module: nn.Module, path: str, opaque: set[int]) -> dict[str, Exception]:
+    """The smallest submodules of ``module`` (paths from the root) that symbolic
+    tracing cannot get through, each added to ``opaque``, with why."""
+    error = _trace_error(module, opaque)
+    if error is None:
+        return {}
+    found: dict[str, Exception] = {}
+    for name, child in module.named_children():
+        found.update(_untraceable(child, f"{path}.{name}" if path else name, opaque))
+    if found and _trace_error(module, opaque) is None:
+        return found
+    if not path:
+        return {}  # the root's own forward: nothing sensible to trace
+    opaque.add(id(module))  # its own forward is the problem: keep it whole
+    return {path: error}
+
+
+def _trace_around_untraceable(model: nn.Module) -> fx.GraphModule | None:
+    """``model`` traced with its untraceable submodules as opaque calls, or ``None``."""
+    opaque: set[int] = set()
+    found = _untraceable(model, "", opaque)
+    if not found or _trace_error(model, opaque) is not None:
+        return None
+    tracer = _OpaqueTracer(opaque)
+    gm = fx.GraphModule(model, tracer.trace(model), type(model).__name__)
+    for path, error in found.items():
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "control flow" in reason:
+            reason = f"data-dependent control flow: {reason}"
+        warnings.warn(
+            f"remat: could not trace {type(model).__name__}.{path} ({reason}); it runs as one "
+            "opaque stage (never cut or checkpointed inside)",
+            stacklevel=4,
+        )
+    gm.meta["opaque_modules"] = tuple(found)
+    return gm
+
+
+def opaque_modules(gm: fx.GraphModule) -> tuple[str, ...]:
+    """Paths of the submodules :func:`trace` kept whole because they could not be traced."""
+    return gm.meta.get("opaque_modules", ())
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:

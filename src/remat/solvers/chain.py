@@ -63,6 +63,16 @@ its key is exact, and then it is the minimum. Each evaluation is O(1) with
 sparse-table range maxima over per-stage prefix terms. Measured: about two
 re-evaluations per stage on heterogeneous random chains.
 
+Offload: kept activations may wait in host memory instead (pinned, copied
+out and back asynchronously). Then no checkpoint before a segment is on the
+device while it runs: the segment input ``a(l)`` is there for its forward,
+comes back for its recompute and stays through its backward, as ``R`` counts
+it. The prefix term goes: ``f(l) = min(S(l), min_r max(R(l, r), f(r)))``
+(``peak_of``: the most of ``R`` and ``S`` over the segments), and the heap sweep's argument
+(costs that only grow as ``l`` moves left) no longer holds, so both the least
+peak and the feasibility pass are O(n^2) scans (``offload=True`` in
+``peak_of``, ``min_peak``, ``min_recompute`` and ``pareto_front``).
+
 Ties (least recompute at the least peak) are broken exactly by one more pass
 over the chain at the optimal peak ``P``: ``v(r)``, the least bytes of
 checkpoints before ``r`` over feasible prefixes that end at checkpoint ``r``,
@@ -512,13 +522,16 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
     return cps
 
 
-def peak_of(chain: Chain, checkpoints: Sequence[int]) -> int:
+def peak_of(chain: Chain, checkpoints: Sequence[int], *, offload: bool = False) -> int:
     """Exact peak bytes of one training step of ``chain`` under ``checkpoints``.
 
     ``checkpoints`` are the boundaries ``i`` (1..n-1) whose activation ``a(i)``
-    (the output of stage ``i``) is kept; ``[]`` stores everything.
+    (the output of stage ``i``) is kept; ``[]`` stores everything. With
+    ``offload``, kept activations wait in host memory (see "Offload" above).
     """
-    return chain.base_bytes + _peak_with(_Terms(chain), _validate(chain, checkpoints))
+    _check_offload(chain, offload)
+    peak_with = _peak_offloaded if offload else _peak_with
+    return chain.base_bytes + peak_with(_Terms(chain), _validate(chain, checkpoints))
 
 
 def _peak_with(terms: _Terms, checkpoints: Sequence[int]) -> int:
@@ -537,16 +550,21 @@ def recompute_flops_of(chain: Chain, checkpoints: Sequence[int]) -> int:
     return int(chain.fwd_flops[: cps[-1]].sum()) if cps else 0
 
 
-def _solution(chain: Chain, checkpoints: Sequence[int], method: str, terms: _Terms | None = None) -> ChainSolution:
+def _solution(
+    chain: Chain, checkpoints: Sequence[int], method: str, terms: _Terms | None = None, offload: bool = False
+) -> ChainSolution:
     cps = _validate(chain, checkpoints)
-    peak = chain.base_bytes + _peak_with(terms or _Terms(chain), cps)
+    peak_with = _peak_offloaded if offload else _peak_with
+    peak = chain.base_bytes + peak_with(terms or _Terms(chain), cps)
     return ChainSolution(cps, peak, recompute_flops_of(chain, cps), method)
 
 
 # -- solvers -----------------------------------------------------------------
 
 
-def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainSolution:
+def min_peak(
+    chain: Chain, method: Literal["dp", "linear"] = "linear", *, offload: bool = False
+) -> ChainSolution:
     """Checkpoints with the least peak; among those, the least recompute.
 
     Args:
@@ -554,8 +572,14 @@ def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainS
         method: ``"dp"`` (exact O(n^2) dynamic program) or ``"linear"``
             (binary search on the peak with an O(n) test; much faster on
             long chains). Both return the optimum.
+        offload: kept activations wait in host memory; always solved by the
+            O(n^2) dynamic program (``method`` is not used).
     """
     terms = _Terms(chain)
+    _check_offload(chain, offload)
+    if offload:
+        cps = _least_recompute_at(terms, _least_peak_offloaded(terms), _prefix_feasible_offloaded)
+        return _solution(chain, cps, "offload_dp", terms, offload=True)
     if method == "dp" or (method == "linear" and terms.carries):
         # The sweep's range maxima assume each activation is read by the next stage only.
         cps = _least_recompute_at(terms, _least_peak_dp(terms), _prefix_feasible_quadratic)
@@ -566,13 +590,16 @@ def min_peak(chain: Chain, method: Literal["dp", "linear"] = "linear") -> ChainS
     return _solution(chain, cps, method, terms)
 
 
-def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear"] = "linear") -> ChainSolution | None:
+def min_recompute(
+    chain: Chain, budget_bytes: int, method: Literal["dp", "linear"] = "linear", *, offload: bool = False
+) -> ChainSolution | None:
     """Checkpoints with the least recompute whose peak is at most ``budget_bytes``.
 
     ``None`` when no plan fits (``min_peak`` then gives the least peak there
     is). Exact over the plans of this module: every stage before the last
     segment is recomputed once, so the least recompute is the feasible plan
     whose last segment starts earliest, which the feasibility pass finds.
+    With ``offload`` (kept activations in host memory), an O(n^2) pass.
 
     Example:
         >>> from remat.solvers.chain import Chain, min_peak, min_recompute, store_all
@@ -586,19 +613,23 @@ def min_recompute(chain: Chain, budget_bytes: int, method: Literal["dp", "linear
     feasible = {"dp": _prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
     if feasible is None:
         raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
+    _check_offload(chain, offload)
     if terms.carries:
         feasible = _prefix_feasible_quadratic
+    if offload:
+        feasible, method = _prefix_feasible_offloaded, "offload_dp"
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
-    return None if cps is None else _solution(chain, cps, method, terms)
+    return None if cps is None else _solution(chain, cps, method, terms, offload)
 
 
-def pareto_front(chain: Chain) -> list[ChainSolution]:
+def pareto_front(chain: Chain, *, offload: bool = False) -> list[ChainSolution]:
     """Every plan worth having: for each peak, the least recompute, from storing everything to the least peak.
 
     Peaks strictly decrease along the list and recompute strictly increases:
     no plan of this module has both a peak and a recompute at most those of a
     plan on the front, one of them lower. Found by :func:`min_recompute` at
-    ever lower budgets, each just below the last plan's peak.
+    ever lower budgets, each just below the last plan's peak (with
+    ``offload``, of the plans whose kept activations wait in host memory).
 
     Example:
         >>> from remat.solvers.chain import Chain, min_peak, pareto_front
@@ -607,15 +638,23 @@ def pareto_front(chain: Chain) -> list[ChainSolution]:
         (0, True)
     """
     front: list[ChainSolution] = []
-    solution = min_recompute(chain, store_all(chain).peak_bytes)
+    solution = min_recompute(chain, peak_of(chain, []), offload=offload)
     while solution is not None:
         # Budgets only go down, so recompute never does: a plan with the same
         # recompute as the one before it and a lower peak replaces it.
         if front and front[-1].recompute_flops == solution.recompute_flops:
             front.pop()
         front.append(solution)
-        solution = min_recompute(chain, solution.peak_bytes - 1)
+        solution = min_recompute(chain, solution.peak_bytes - 1, offload=offload)
     return front
+
+
+def _check_offload(chain: Chain, offload: bool) -> None:
+    if offload and chain.carries:
+        raise ValueError(
+            "offload plans move each segment's single input tensor to the host: profile the model "
+            "with single-tensor cuts (remat.plan(..., offload=True) does) rather than cuts inside blocks"
+        )
 
 
 def _least_peak_dp(terms: _Terms) -> int:
@@ -821,6 +860,47 @@ def _least_peak_sweep(terms: _Terms) -> int:
             heapq.heapreplace(heap, (current, r))
         f[l] = best
     return f[0]
+
+
+# -- offload --------------------------------------------------------------------
+
+
+def _peak_offloaded(terms: _Terms, checkpoints: Sequence[int]) -> int:
+    """Peak over ``base_bytes`` of a plan whose kept activations wait in host memory."""
+    segments = _segments(terms.n, checkpoints)
+    recomputed = (terms.recompute_segment(l, r) for l, r in segments[:-1])
+    return max(terms.last_segment(segments[-1][0]), max(recomputed, default=0))
+
+
+def _least_peak_offloaded(terms: _Terms) -> int:
+    """f(0) of ``f(l) = min(S(l), min_r max(R(l, r), f(r)))``: no checkpoint bytes carried."""
+    n = terms.n
+    f = np.zeros(n + 1, dtype=np.int64)
+    for l in range(n - 1, -1, -1):
+        best = terms.last_segment(l)
+        if l + 1 < n:
+            best = min(best, int(np.maximum(terms.row(l)[0], f[l + 1 : n]).min()))
+        f[l] = best
+    return int(f[0])
+
+
+def _prefix_feasible_offloaded(terms: _Terms, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which checkpoints ``r`` end a prefix whose segments all fit ``limit``, O(n^2).
+
+    In the shape of :func:`_prefix_feasible_quadratic` for :func:`_plan_within`:
+    ``v(r)`` is 0 where reachable (no checkpoint bytes stay on the device).
+    """
+    n = terms.n
+    v = np.full(n, _UNREACHABLE, dtype=np.int64)
+    parent = np.full(n, -1, dtype=np.int64)
+    v[0] = 0
+    for l in range(n - 1):
+        if v[l]:
+            continue
+        reached = np.nonzero((terms.row(l)[0] <= limit) & (v[l + 1 : n] > 0))[0] + l + 1
+        v[reached] = 0
+        parent[reached] = l
+    return v, parent
 
 
 # -- baselines -----------------------------------------------------------------
