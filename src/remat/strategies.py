@@ -123,8 +123,10 @@ def strategy(name: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.
             return module, module.plan.solve_seconds
 
         return within_budget
-    if name == _TORCH_BUDGET or name.startswith(_TORCH_BUDGET + "@"):
-        return _torch_budget(name[len(_TORCH_BUDGET) + 1:] or "1.0")
+    if name == _TORCH_BUDGET:
+        return _torch_budget("1.0")
+    if name.startswith(_TORCH_BUDGET + "@"):
+        return _torch_budget(name[len(_TORCH_BUDGET) + 1:])
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: choose from {_CHOICES}")
     return STRATEGIES[name]
@@ -414,12 +416,19 @@ class TorchBudgetSearch:
         """The fraction with the least FLOPs, among those tried, whose step peak is at most ``peak_bytes``.
 
         Tries 1.0, then (if it does not fit) the rest of :attr:`GRID`, then
-        bisects ``steps`` times between the largest fraction that fits and
-        the next one tried above it. None when no fraction tried fits.
+        bisects up to ``steps`` times between the largest fraction that fits
+        and the next one tried above it, stopping once both ends cost the same
+        FLOPs: the partitioner's knapsack (FLOPs as its runtime estimate)
+        recomputes no more under a larger fraction, so nothing between them
+        can cost less. None when no fraction tried fits.
         """
 
         def fits(fraction: float) -> bool:
             return self.measure(fraction).peak_bytes <= peak_bytes
+
+        def flops(fraction: float) -> int:
+            measured = self.measure(fraction)
+            return measured.forward_flops + measured.backward_flops
 
         if fits(1.0):
             return 1.0
@@ -431,12 +440,11 @@ class TorchBudgetSearch:
         low = max(feasible)
         high = min(f for f in self.trials if f > low)  # 1.0 does not fit: there is one above
         for _ in range(steps):
+            if flops(low) <= flops(high):
+                break
             middle = (low + high) / 2
             if fits(middle):
                 low = middle
             else:
                 high = middle
-        return min(
-            (f for f in self.trials if fits(f)),
-            key=lambda f: (self.trials[f].forward_flops + self.trials[f].backward_flops, self.trials[f].peak_bytes),
-        )
+        return min((f for f in self.trials if fits(f)), key=lambda f: (flops(f), self.trials[f].peak_bytes))
