@@ -147,3 +147,8 @@ def test_torch_budget_strategies_in_compare(source):
     assert rows["torch-budget@0"].recompute_flops > 0
     assert rows[roomy].peak_bytes == rows["torch-budget"].peak_bytes
     assert rows[roomy].solve_seconds > 0  # the tuning trial
+
+
+def test_torch_budget_below_every_peak_it_reaches_says_how_low_it_got(source):
+    with pytest.raises(ValueError, match=r"torch-budget@1KiB: .* the least it reached is .* raise the budget"):
+        strategy("torch-budget@1KiB")(source.model, source.example_inputs, None)

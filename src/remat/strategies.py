@@ -37,6 +37,7 @@ from remat.api import _Profiled, optimize
 from remat.budget import parse_bytes
 from remat.execute import RematModule, segment_starts
 from remat.measure import StepMeasurement, as_tuple, default_loss, measure_step, step_model
+from remat.report import format_bytes
 from remat.solvers.chain import Chain, ChainSolution, sqrt_segments, uniform_segments
 
 __all__ = [
@@ -150,11 +151,14 @@ def _torch_budget(text: str) -> Callable[[nn.Module, tuple, LossFn | None], tupl
 
     def tuned(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
         start = time.perf_counter()
-        found = TorchBudgetSearch(model, inputs, loss_fn).least_recompute_within(peak_bytes)
+        search = TorchBudgetSearch(model, inputs, loss_fn)
+        found = search.least_recompute_within(peak_bytes)
         if found is None:
+            least = min(m.peak_bytes for m in search.trials.values())
             raise ValueError(
-                f"torch-budget@{text}: no activation_memory_budget in [0, 1] gives torch.compile a step peak "
-                f"within {peak_bytes} B; raise the budget"
+                f"torch-budget@{text}: no activation_memory_budget tried gives torch.compile a step peak within "
+                f"{format_bytes(peak_bytes)} ({peak_bytes} B); the least it reached is {format_bytes(least)} "
+                f"({least} B): raise the budget"
             )
         return TorchBudgetModule(model, found), time.perf_counter() - start
 
