@@ -416,15 +416,17 @@ class TorchBudgetSearch:
             self.seconds[fraction] = time.perf_counter() - start
         return self.trials[fraction]
 
-    def least_recompute_within(self, peak_bytes: int, steps: int = 5) -> float | None:
+    def least_recompute_within(self, peak_bytes: int, steps: int = 5, refine: int = 3) -> float | None:
         """The fraction with the least FLOPs, among those tried, whose step peak is at most ``peak_bytes``.
 
-        Tries 1.0, then (if it does not fit) the rest of :attr:`GRID`, then
-        bisects up to ``steps`` times between the largest fraction that fits
-        and the next one tried above it, stopping once both ends cost the same
-        FLOPs: the partitioner's knapsack (FLOPs as its runtime estimate)
-        recomputes no more under a larger fraction, so nothing between them
-        can cost less. None when no fraction tried fits.
+        Tries 1.0, then (if it does not fit) the rest of :attr:`GRID`. If none
+        fits, tries up to ``refine`` times the fractions halfway between the
+        one with the lowest peak and its neighbours (the peak is not monotone
+        in the fraction). Then bisects up to ``steps`` times between the
+        largest fraction that fits and the next one tried above it, stopping
+        once both ends cost the same FLOPs: the partitioner's knapsack (FLOPs
+        as its runtime estimate) recomputes no more under a larger fraction,
+        so nothing between them can cost less. None when no fraction tried fits.
         """
 
         def fits(fraction: float) -> bool:
@@ -438,6 +440,14 @@ class TorchBudgetSearch:
             return 1.0
         for fraction in self.GRID:
             self.measure(fraction)
+        for _ in range(refine):
+            if any(map(fits, self.trials)):
+                break
+            tried = sorted(self.trials)
+            lowest = tried.index(min(tried, key=lambda f: self.trials[f].peak_bytes))
+            closer = [(tried[lowest] + f) / 2 for f in tried[max(lowest - 1, 0):lowest + 2] if f != tried[lowest]]
+            for fraction in closer:
+                self.measure(fraction)
         feasible = [f for f in self.trials if fits(f)]
         if not feasible:
             return None
