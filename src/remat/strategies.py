@@ -9,7 +9,7 @@ so only the choice of checkpoints differs. ``torch-budget`` is PyTorch's own
 answer: ``torch.compile`` with the min-cut partitioner (eager compilers, so
 every operator runs and is measured) at ``activation_memory_budget`` 1.0,
 ``torch-budget@0.5`` at that fraction, and ``torch-budget@1GiB`` at the
-largest fraction found whose measured step peak fits 1 GiB
+fraction found with the least recompute whose measured step peak fits 1 GiB
 (:class:`TorchBudgetSearch`). :func:`compare` measures them all in one run.
 
 Example:
