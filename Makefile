@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare clean
+.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-compile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench-pareto: $(STAMP)
 # torch.utils.checkpoint) on gpt2 and resnet50, fake tensors: writes benchmarks/results/compare.md
 bench-compare: $(STAMP)
 	$(PY) benchmarks/compare.py
+
+# remat's budget plans against torch.compile's min-cut partitioner under activation_memory_budget
+# (resnet50, gpt2, densenet121, vit_b_16; fake tensors; compiles each model 5-20 times, about
+# half an hour on 2 cores): writes benchmarks/results/compile_budget.md
+bench-compile: $(STAMP)
+	$(PY) benchmarks/compile_budget.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -4,8 +4,8 @@ Commands (``remat COMMAND --help`` for the options):
 
 * ``remat plan MODEL [--budget 2GiB]``: the least-peak checkpoint plan (or the
   least recompute within a budget), its peak and its cost.
-* ``remat bench MODEL``: strategies (none, sqrt, per-block, remat, remat@BUDGET)
-  side by side.
+* ``remat bench MODEL``: strategies (none, sqrt, per-block, remat, remat@BUDGET,
+  and torch.compile's own torch-budget[@FRACTION|@BUDGET]) side by side.
 * ``remat report MODEL --out DIR``: memory and Pareto-front plots and a markdown summary.
 * ``remat demo``: what ``make demo`` runs.
 * ``remat fit MODEL --budget 24GiB``: the largest batch whose plan fits the budget.
@@ -266,7 +266,13 @@ def bench(
     strategies: Annotated[
         str,
         typer.Option(
-            "--strategies", "-s", help=f"comma-separated, from: {', '.join(STRATEGIES)}, remat@BUDGET (e.g. remat@1GiB)"
+            "--strategies",
+            "-s",
+            help=f"comma-separated, from: {', '.join(STRATEGIES)}; remat@BUDGET (the least recompute within "
+            "BUDGET, e.g. remat@1GiB); torch-budget (torch.compile's min-cut partitioner, eager aot_autograd "
+            "compilers, at activation_memory_budget 1.0); torch-budget@FRACTION (at that budget, e.g. "
+            "torch-budget@0.5); torch-budget@BUDGET (the budget tuned to fit BUDGET, e.g. torch-budget@1GiB: "
+            "compiles and measures several times)",
         ),
     ] = "none,sqrt,remat",
     steps: Annotated[int, typer.Option("--steps", help="real steps timed per strategy (with --real)")] = 5,

@@ -5,8 +5,12 @@ itself, ``remat`` is :func:`remat.optimize` (the least-peak plan),
 ``remat@BUDGET`` (e.g. ``remat@1GiB``) the plan with the least recompute whose
 step peak fits BUDGET, ``sqrt`` is Chen et al.'s sqrt(n) equal segments and
 ``per-block`` keeps every piece boundary; the two baselines run on the same capture and executor as ``remat``,
-so only the choice of checkpoints differs. :func:`compare` measures them all
-in one run.
+so only the choice of checkpoints differs. ``torch-budget`` is PyTorch's own
+answer: ``torch.compile`` with the min-cut partitioner (eager compilers, so
+every operator runs and is measured) at ``activation_memory_budget`` 1.0,
+``torch-budget@0.5`` at that fraction, and ``torch-budget@1GiB`` at the
+fraction found with the least recompute whose measured step peak fits 1 GiB
+(:class:`TorchBudgetSearch`). :func:`compare` measures them all in one run.
 
 Example:
     >>> import torch
@@ -32,12 +36,15 @@ from torch import nn
 from remat.api import _Profiled, optimize
 from remat.budget import parse_bytes
 from remat.execute import RematModule, segment_starts
-from remat.measure import as_tuple, default_loss, measure_step, step_model
+from remat.measure import StepMeasurement, as_tuple, default_loss, measure_step, step_model
+from remat.report import format_bytes
 from remat.solvers.chain import Chain, ChainSolution, sqrt_segments, uniform_segments
 
 __all__ = [
     "STRATEGIES",
     "StrategyResult",
+    "TorchBudgetModule",
+    "TorchBudgetSearch",
     "compare",
     "parse_strategies",
     "step_seconds",
@@ -92,14 +99,22 @@ STRATEGIES: dict[str, Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Modul
 
 
 _BUDGETED = "remat@"  # remat@BUDGET: the least recompute within BUDGET
+_TORCH_BUDGET = "torch-budget"  # torch-budget[@FRACTION|@BYTES]: torch.compile's min-cut partitioner
+_CHOICES = f"{', '.join(STRATEGIES)}, {_TORCH_BUDGET}, remat@BUDGET (e.g. remat@1GiB), {_TORCH_BUDGET}@FRACTION|BUDGET"
 
 
 def strategy(name: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Module, float]]:
-    """The strategy called ``name``: one of :data:`STRATEGIES`, or ``remat@BUDGET``.
+    """The strategy called ``name``: one of :data:`STRATEGIES`, ``remat@BUDGET``, or ``torch-budget[@X]``.
+
+    ``torch-budget`` is :class:`TorchBudgetModule` at PyTorch's default
+    ``activation_memory_budget`` (1.0); ``torch-budget@X`` takes X in [0, 1]
+    as that fraction and anything else as a step peak in bytes
+    (:func:`remat.parse_bytes`), for which :class:`TorchBudgetSearch` tunes the
+    fraction (its "solve seconds" are the compile-and-measure trials).
 
     Raises:
         ValueError: the name is unknown, or its budget is not a size
-            (:func:`remat.parse_bytes`).
+            (:func:`remat.parse_bytes`) or a fraction in [0, 1].
     """
     if name.startswith(_BUDGETED):
         budget_bytes = parse_bytes(name[len(_BUDGETED):])
@@ -109,9 +124,45 @@ def strategy(name: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.
             return module, module.plan.solve_seconds
 
         return within_budget
+    if name == _TORCH_BUDGET:
+        return _torch_budget("1.0")
+    if name.startswith(_TORCH_BUDGET + "@"):
+        return _torch_budget(name[len(_TORCH_BUDGET) + 1:])
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}, remat@BUDGET (e.g. remat@1GiB)")
+        raise ValueError(f"unknown strategy {name!r}: choose from {_CHOICES}")
     return STRATEGIES[name]
+
+
+def _torch_budget(text: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Module, float]]:
+    """The ``torch-budget@text`` strategy: a fraction in [0, 1] as given, or bytes to tune for."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = None
+    if fraction is not None and 0.0 <= fraction <= 1.0:
+        return lambda model, inputs, loss_fn: (TorchBudgetModule(model, fraction), 0.0)
+    try:
+        peak_bytes = parse_bytes(text)
+    except ValueError:
+        raise ValueError(
+            f"torch-budget@{text}: give an activation_memory_budget fraction in [0, 1] (e.g. torch-budget@0.5) "
+            "or a step peak (e.g. torch-budget@1GiB)"
+        ) from None
+
+    def tuned(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
+        start = time.perf_counter()
+        search = TorchBudgetSearch(model, inputs, loss_fn)
+        found = search.least_recompute_within(peak_bytes)
+        if found is None:
+            least = min(m.peak_bytes for m in search.trials.values())
+            raise ValueError(
+                f"torch-budget@{text}: no activation_memory_budget tried gives torch.compile a step peak within "
+                f"{format_bytes(peak_bytes)} ({peak_bytes} B); the least it reached is {format_bytes(least)} "
+                f"({least} B): raise the budget"
+            )
+        return TorchBudgetModule(model, found), time.perf_counter() - start
+
+    return tuned
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -126,7 +177,7 @@ def parse_strategies(text: str) -> list[str]:
     """
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if not names:
-        raise ValueError(f"no strategy given: choose from {', '.join(STRATEGIES)}, remat@BUDGET (e.g. remat@1GiB)")
+        raise ValueError(f"no strategy given: choose from {_CHOICES}")
     for name in names:
         strategy(name)
     return names
@@ -240,3 +291,174 @@ def compare(
         )
         for name in strategies
     ]
+
+
+# -- PyTorch's own answer: torch.compile's min-cut partitioner under a memory budget --------
+
+
+class TorchBudgetModule(nn.Module):
+    """``model`` under ``torch.compile`` with PyTorch's min-cut partitioner at ``activation_memory_budget``.
+
+    The backend is ``aot_autograd`` with eager (boxed) compilers: the forward
+    and backward graphs the partitioner makes run operator by operator, so
+    :func:`remat.measure_step` sees every operator, recomputation included,
+    on real or fake tensors. The budget (a fraction of what the partitioner
+    would save; 1.0 is PyTorch's default) is in force whenever the model is
+    compiled: on its first call and on any recompile.
+
+    Every call checks that compiled code ran: under a dispatch mode that does
+    not opt out of compile internals, or past TorchDynamo's recompile limit,
+    ``torch.compile`` silently runs the model eagerly, which would measure no
+    recomputation at all.
+
+    Example:
+        >>> import torch, remat
+        >>> from remat.strategies import TorchBudgetModule
+        >>> mlp = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+        >>> x = torch.randn(128, 64)
+        >>> full, tight = (remat.measure_step(TorchBudgetModule(mlp, b), x, fake=True) for b in (1.0, 0.0))
+        >>> tight.peak_bytes < full.peak_bytes, tight.backward_flops > full.backward_flops
+        (True, True)
+    """
+
+    def __init__(self, model: nn.Module, activation_memory_budget: float = 1.0):
+        if not 0.0 <= activation_memory_budget <= 1.0:
+            raise ValueError(f"activation_memory_budget must be in [0, 1], got {activation_memory_budget}")
+        from functorch.compile import min_cut_rematerialization_partition
+        from torch._dynamo.backends.common import aot_autograd
+
+        super().__init__()
+        self.model = model
+        self.activation_memory_budget = activation_memory_budget
+        self.graphs = 0  # forward graphs compiled; more than one per input signature means graph breaks
+        self._runs = 0  # compiled forward graphs run
+        backend = aot_autograd(
+            fw_compiler=self._forward_compiler,
+            bw_compiler=_eager_compiler,
+            partition_fn=min_cut_rematerialization_partition,
+        )
+        # In a list, not a submodule: the parameters are the model's, under one name each.
+        self._compiled = [torch.compile(model, backend=backend)]
+
+    def _forward_compiler(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+        self.graphs += 1
+        run = _eager_compiler(gm, example_inputs)
+
+        def counted(args: list) -> Any:
+            self._runs += 1
+            return run(args)
+
+        counted._boxed_call = True
+        return counted
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        runs = self._runs
+        with torch._functorch.config.patch(activation_memory_budget=self.activation_memory_budget):
+            output = self._compiled[0](*args, **kwargs)
+        if self._runs == runs:
+            raise RuntimeError(
+                f"torch.compile ran {type(self.model).__name__} eagerly, so the min-cut partitioner planned "
+                "nothing: a TorchDispatchMode without ignore_compile_internals() is active, or TorchDynamo hit "
+                "its recompile limit (torch._dynamo.reset() clears its caches)"
+            )
+        return output
+
+
+def _eager_compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable:
+    """Run an AOTAutograd graph as it is, one operator at a time: the ``aot_eager`` backend's compiler.
+
+    It takes its inputs boxed (in a list it clears), so each input (a saved
+    activation, in backward) is freed after its last use, as compiled code
+    and eager autograd free them, not when the whole graph returns.
+    """
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    return boxed_nop(gm, example_inputs)
+
+
+class TorchBudgetSearch:
+    """The ``activation_memory_budget`` with the least recompute within a step peak, found by measuring.
+
+    Each trial compiles ``model`` at one fraction in a :class:`TorchBudgetModule`
+    and measures one training step on fake tensors with
+    :func:`remat.measure_step`. TorchDynamo's caches are reset before each
+    trial, since every trial compiles the same code objects and would soon
+    pass its recompile limit; other compiled functions recompile on their next
+    call. Trials are kept in ``trials`` (fraction -> measurement, with the
+    seconds each took in ``seconds``), so searches for several peaks share them.
+
+    Example:
+        >>> import torch
+        >>> from remat.strategies import TorchBudgetSearch
+        >>> mlp = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+        >>> search = TorchBudgetSearch(mlp, torch.randn(128, 64))
+        >>> search.least_recompute_within(search.measure(1.0).peak_bytes)
+        1.0
+    """
+
+    #: Fractions tried, after 1.0, before bisecting: the step peak is not monotone in the fraction.
+    GRID = (0.75, 0.5, 0.25, 0.0)
+
+    def __init__(self, model: nn.Module, example_inputs: Any, loss_fn: LossFn | None = None):
+        self.model = model
+        self.inputs = as_tuple(example_inputs)
+        self.loss_fn = loss_fn
+        self.trials: dict[float, StepMeasurement] = {}
+        self.seconds: dict[float, float] = {}
+
+    def measure(self, fraction: float) -> StepMeasurement:
+        """One training step compiled at ``activation_memory_budget=fraction`` (cached)."""
+        if fraction not in self.trials:
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            module = TorchBudgetModule(self.model, fraction)
+            self.trials[fraction] = measure_step(module, self.inputs, self.loss_fn, fake=True)
+            self.seconds[fraction] = time.perf_counter() - start
+        return self.trials[fraction]
+
+    def least_recompute_within(self, peak_bytes: int, steps: int = 5, refine: int = 3) -> float | None:
+        """The fraction with the least FLOPs, among those tried, whose step peak is at most ``peak_bytes``.
+
+        Tries 1.0, then (if it does not fit) the rest of :attr:`GRID`. If none
+        fits, tries up to ``refine`` times the fractions halfway between the
+        one with the lowest peak and its neighbours (the peak is not monotone
+        in the fraction). Then bisects up to ``steps`` times between the
+        largest fraction that fits and the next one tried above it, stopping
+        once both ends cost the same FLOPs: the partitioner's knapsack (FLOPs
+        as its runtime estimate) recomputes no more under a larger fraction,
+        so nothing between them can cost less. None when no fraction tried fits.
+        """
+
+        def fits(fraction: float) -> bool:
+            return self.measure(fraction).peak_bytes <= peak_bytes
+
+        def flops(fraction: float) -> int:
+            measured = self.measure(fraction)
+            return measured.forward_flops + measured.backward_flops
+
+        if fits(1.0):
+            return 1.0
+        for fraction in self.GRID:
+            self.measure(fraction)
+        for _ in range(refine):
+            if any(map(fits, self.trials)):
+                break
+            tried = sorted(self.trials)
+            lowest = tried.index(min(tried, key=lambda f: self.trials[f].peak_bytes))
+            closer = [(tried[lowest] + f) / 2 for f in tried[max(lowest - 1, 0):lowest + 2] if f != tried[lowest]]
+            for fraction in closer:
+                self.measure(fraction)
+        feasible = [f for f in self.trials if fits(f)]
+        if not feasible:
+            return None
+        low = max(feasible)
+        high = min(f for f in self.trials if f > low)  # 1.0 does not fit: there is one above
+        for _ in range(steps):
+            if flops(low) <= flops(high):
+                break
+            middle = (low + high) / 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle
+        return min((f for f in self.trials if fits(f)), key=lambda f: (flops(f), self.trials[f].peak_bytes))
