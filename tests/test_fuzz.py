@@ -47,11 +47,10 @@ PEAK_SEEDS = range(167)
 # the per-stage profile does not follow; the chain model is exact for one output (a model
 # stage, then the loss), not yet for all of these.
 PEAK_REASON = "chain cost model is not exact for several outputs held by the caller"
-# All of these but seed 146 have several outputs; 146 (one output, a whole-model
-# recompute) is under-predicted by 9.6% and not yet explained.
+# All of these have several outputs.
 KNOWN_PEAK_FAILURES: set[int] = {
     5, 12, 15, 17, 27, 31, 36, 37, 39, 50, 55, 62, 66, 80, 81, 87, 91, 93, 105, 107, 111, 116, 120, 122,
-    133, 137, 138, 146, 148, 159, 163, 164,
+    133, 137, 138, 148, 159, 163, 164,
 }
 
 

@@ -338,10 +338,13 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
             continue
         members = piece_nodes(start, k + 1)
         owner = _storage_owner(value, gm)
-        if owner in cut_values and not (owner is cut_values[-1] and reads(members) == (owner,)):
+        if owner in cut_values and not (
+            owner is cut_values[-1] and reads(members) == (owner,) and owner not in live
+        ):
             # A view of an earlier piece's output (or an update to it in place)
             # is a boundary of no bytes of its own: only the piece just before
-            # may own the storage (the profile merges the two).
+            # may own the storage, and only if nothing else reads it (the
+            # profile merges the two).
             continue
         pieces.append(Piece(members, reads(members), value))
         cut_values.append(value)
