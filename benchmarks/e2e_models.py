@@ -37,8 +37,9 @@ MODELS = [
     ("swin_t", "torchvision:swin_t", 16, (3, 224, 224), None),
     ("mobilenet_v3_large", "torchvision:mobilenet_v3_large", 16, (3, 224, 224), None),
     ("vgg16", "torchvision:vgg16", 16, (3, 224, 224), None),
+    ("preact_resnet1001", "remat:preact_resnet?depth=1001", 16, None, None),
 ]
-PLANNING_TARGETS = {"resnet152": 10.0}  # seconds, capture + solve
+PLANNING_TARGETS = {"resnet152": 10.0, "preact_resnet1001": 30.0}  # seconds, capture + solve
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "e2e_models.md"
@@ -57,7 +58,7 @@ def run_one(name: str, spec: str, batch: int, shape, target) -> dict:
     row = {
         "model": name,
         "batch": batch,
-        "input": "x".join(map(str, inputs[0].shape[1:])) if shape else f"seq {inputs[0].shape[1]}",
+        "input": "x".join(map(str, inputs[0].shape[1:])) if inputs[0].dim() > 2 else f"seq {inputs[0].shape[1]}",
         "baseline_peak": baseline.peak_bytes,
         "optimized_peak": measured.peak_bytes,
         "baseline_act": baseline.activation_peak_bytes,
