@@ -370,11 +370,12 @@ def to_chain(graph: OpGraph) -> Chain:
     )
 
 
-def chain_schedule(graph: OpGraph, checkpoints: Sequence[int]) -> Schedule:
+def chain_schedule(graph: OpGraph, checkpoints: Sequence[int], stored: Sequence[int] = ()) -> Schedule:
     """The schedule remat's executor runs for chain plan ``checkpoints`` on ``graph``.
 
     ``checkpoints`` index the stages of :func:`to_chain` (1..n-1, as in
-    :func:`remat.solvers.chain.peak_of`). Every value is released after the
+    :func:`remat.solvers.chain.peak_of`); segments starting at ``stored`` run
+    normally, like the last one (``ChainSolution.stored``). Every value is released after the
     last step that refers to it: its readers, the end of the stage it is the
     input of, the backward of an op that saved it, and, for a recomputed
     segment's input, the end of that segment's backward.
@@ -406,9 +407,9 @@ def chain_schedule(graph: OpGraph, checkpoints: Sequence[int]) -> Schedule:
     segments = list(zip(bounds[:-1], bounds[1:]))
     recompute_at = {}  # last op of a recomputed segment -> (first stage, end stage)
     for l, r in segments:
-        last_segment = r == len(stages)
-        run_forward(l, r, save=last_segment)
-        if not last_segment:
+        normal = r == len(stages) or l in stored
+        run_forward(l, r, save=normal)
+        if not normal:
             recompute_at[stages[r - 1][-1]] = (l, r)
             if l > 0:  # the checkpoint holds its input until the segment's backward is done
                 hold.setdefault(stages[l].start, []).append(current[stages[l].start - 1])
