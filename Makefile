@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare clean
+.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-gap clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-pareto: $(STAMP)
 # torch.utils.checkpoint) on gpt2 and resnet50, fake tensors: writes benchmarks/results/compare.md
 bench-compare: $(STAMP)
 	$(PY) benchmarks/compare.py
+
+# remat's chain solvers against the exact integer program (HiGHS) on random op chains and DAGs
+# of at most 40 ops: writes benchmarks/results/optimality_gap.md
+bench-gap: $(STAMP)
+	$(PY) benchmarks/optimality_gap.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -407,7 +407,9 @@ def peak_of(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = ()
 
     Example:
         >>> chain = Chain.random(8, seed=0)
-        >>> peak_of(chain, [2, 5], stored=[2]) >= peak_of(chain, [2, 5])
+        >>> recompute_flops_of(chain, [2, 5, 6], stored=[2]) < recompute_flops_of(chain, [2, 5, 6])
+        True
+        >>> peak_of(chain, [2, 5, 6], stored=[2]) >= peak_of(chain, [2, 5, 6])
         True
     """
     cps = _validate(chain, checkpoints)
