@@ -172,11 +172,14 @@ def check_against_remat(graph: OpGraph, time_limit_s: float = 60.0, budgets_per_
     for plan in (front[i] for i in picks):
         budget = plan.peak_bytes
         result = min_recompute_ilp(graph, budget, time_limit_s=time_limit_s)
-        assert result.status == "optimal", result
-        assert result.peak_bytes <= budget
-        assert simulate(graph, result.schedule).recompute_flops == result.recompute_flops
-        assert result.recompute_flops <= plan.recompute_flops <= min_recompute(chain, budget).recompute_flops
-        gaps.append(plan.recompute_flops - result.recompute_flops)
+        assert result.status in ("optimal", "time_limit"), result  # remat's plan fits: never infeasible
+        assert result.bound_flops <= plan.recompute_flops
+        if result.schedule is not None:
+            assert result.peak_bytes <= budget
+            assert simulate(graph, result.schedule).recompute_flops == result.recompute_flops
+        if result.status == "optimal":
+            assert result.recompute_flops <= plan.recompute_flops <= min_recompute(chain, budget).recompute_flops
+            gaps.append(plan.recompute_flops - result.recompute_flops)
     return gaps
 
 
@@ -202,14 +205,14 @@ def test_ilp_finds_the_hand_made_recompute():
 def test_ilp_is_a_lower_bound_for_remat_on_small_graphs(kind):
     for seed in range(6):
         graph = OpGraph.random_chain(8, seed) if kind == "chain" else OpGraph.random_dag(10, seed)
-        check_against_remat(graph, time_limit_s=30, budgets_per_graph=2)
+        assert len(check_against_remat(graph, time_limit_s=30, budgets_per_graph=2)) == 2  # both proven
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("kind", ["chain", "dag"])
 def test_ilp_is_a_lower_bound_for_remat_up_to_40_ops(kind):
-    """30 graphs of each kind, 10..39 ops (minutes; the numbers are in benchmarks/optimality_gap.py)."""
+    """30 graphs of each kind, 10..39 ops (about 15 minutes each; the gaps are in benchmarks/optimality_gap.py)."""
     for seed in range(30):
         n = 10 + seed
         graph = OpGraph.random_chain(n, seed) if kind == "chain" else OpGraph.random_dag(n, seed)
-        check_against_remat(graph)
+        check_against_remat(graph, time_limit_s=20, budgets_per_graph=2)
