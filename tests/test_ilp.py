@@ -163,7 +163,7 @@ highspy = pytest.importorskip("highspy")
 from remat.solvers.ilp import min_recompute_ilp  # noqa: E402
 
 
-def check_against_remat(graph: OpGraph, time_limit_s: float = 60.0, budgets_per_graph: int = 3):
+def check_against_remat(graph: OpGraph, time_limit_s: float, budgets_per_graph: int, require_optimal: bool):
     """At budgets along remat's front: the ILP's plan fits, is at least as good, and is what it says."""
     chain = to_chain(graph)
     front = pareto_front(chain, store=True)
@@ -172,7 +172,7 @@ def check_against_remat(graph: OpGraph, time_limit_s: float = 60.0, budgets_per_
     for plan in (front[i] for i in picks):
         budget = plan.peak_bytes
         result = min_recompute_ilp(graph, budget, time_limit_s=time_limit_s)
-        assert result.status in ("optimal", "time_limit"), result  # remat's plan fits: never infeasible
+        assert result.status in (("optimal",) if require_optimal else ("optimal", "time_limit")), result
         assert result.bound_flops <= plan.recompute_flops
         if result.schedule is not None:
             assert result.peak_bytes <= budget
@@ -205,7 +205,7 @@ def test_ilp_finds_the_hand_made_recompute():
 def test_ilp_is_a_lower_bound_for_remat_on_small_graphs(kind):
     for seed in range(6):
         graph = OpGraph.random_chain(8, seed) if kind == "chain" else OpGraph.random_dag(10, seed)
-        assert len(check_against_remat(graph, time_limit_s=30, budgets_per_graph=2)) == 2  # both proven
+        check_against_remat(graph, time_limit_s=30, budgets_per_graph=2, require_optimal=True)
 
 
 @pytest.mark.heavy
@@ -215,4 +215,4 @@ def test_ilp_is_a_lower_bound_for_remat_up_to_40_ops(kind):
     for seed in range(30):
         n = 10 + seed
         graph = OpGraph.random_chain(n, seed) if kind == "chain" else OpGraph.random_dag(n, seed)
-        check_against_remat(graph, time_limit_s=20, budgets_per_graph=2)
+        check_against_remat(graph, time_limit_s=20, budgets_per_graph=2, require_optimal=False)
