@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-compile clean
+.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-compile bench-gap clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-compare: $(STAMP)
 # half an hour on 2 cores): writes benchmarks/results/compile_budget.md
 bench-compile: $(STAMP)
 	$(PY) benchmarks/compile_budget.py
+
+# remat's chain solvers against the exact integer program (HiGHS) on random op chains and DAGs
+# of at most 40 ops: writes benchmarks/results/optimality_gap.md
+bench-gap: $(STAMP)
+	$(PY) benchmarks/optimality_gap.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

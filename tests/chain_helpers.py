@@ -24,6 +24,18 @@ def all_plans(n: int) -> Iterator[tuple[int, ...]]:
         yield from itertools.combinations(boundaries, size)
 
 
+def plans_with_stored(n: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every (checkpoints, stored starts) plan of an n-stage chain."""
+    for size in range(n):
+        for cps in itertools.combinations(range(1, n), size):
+            starts = (0, *cps)
+            for k in range(len(starts)):
+                for stored in itertools.combinations(starts[:-1], k):
+                    following = [starts[starts.index(l) + 1] for l in stored]
+                    if not any(f in stored or f == starts[-1] for f in following):
+                        yield cps, stored
+
+
 def segmentations(m: int) -> Iterator[tuple[tuple[int, int], ...]]:
     """Every partition of ``m`` stages into consecutive segments ``(start, stop)``."""
     for cuts in all_plans(m):

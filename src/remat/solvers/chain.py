@@ -301,12 +301,21 @@ class Chain:
 
 @dataclasses.dataclass(frozen=True)
 class ChainSolution:
-    """A plan for a chain: the kept boundaries and what the step then costs."""
+    """A plan for a chain: the kept boundaries and what the step then costs.
+
+    ``checkpoints`` cut the chain into segments; every segment but the last is
+    recomputed in backward, except those whose start (``0`` or a checkpoint)
+    is in ``stored``: they run normally, keeping what their backward needs
+    (only plans from ``min_recompute(..., store=True)`` have any). An executor
+    wraps each recomputed segment in a checkpoint and runs the others as they
+    are.
+    """
 
     checkpoints: tuple[int, ...]
     peak_bytes: int
     recompute_flops: int
     method: str = ""
+    stored: tuple[int, ...] = ()
 
 
 # -- the cost model ----------------------------------------------------------
@@ -380,6 +389,7 @@ class _Terms:
         if pinned:
             T_bw_last[n - 1] -= out_kept[n - 1]
             kept[n - 1] = 0
+        self.T_bw_last = T_bw_last
         bw_after = suffix_max(T_bw_last[1:])  # max T_bw[l+1..n], l = 0..n-1
         self.carries = chain.carries
         bounds = np.arange(n + 1)
@@ -456,6 +466,17 @@ class _Terms:
         bw = (self.T_bw[l + 1 : r + 1] - self.released_early(l)[l + 1 : r + 1]).max() - self.Q[l]
         return a_l + int(max(fns, self.E[r] + rc, self.held + bw))
 
+    def stored_segment(self, l: int, r: int) -> tuple[int, int]:
+        """Peak of a stored middle segment (l, r] (run normally), and the bytes it keeps until its backward.
+
+        The kept bytes leave out ``a(r)``: the recomputed segment that must
+        follow holds it as its input.
+        """
+        kept = int(self.a_in[l]) if self.keeps_in[l + 1] else 0
+        fwd = max(int(self.a_in[l] + self.f_s[l + 1]), kept + int(self.T_rc[l + 2 : r + 1].max(initial=0) - self.Q[l]))
+        bw = kept + self.held + int(self.T_bw_last[l + 1 : r + 1].max() - self.Q[l])
+        return max(fwd, bw), kept + int(self.HH[r] - self.Q[l])
+
     @functools.cached_property
     def lists(self) -> tuple[list[int], ...]:
         """Per-stage arrays as Python lists, for the scalar loop of the queue."""
@@ -522,41 +543,96 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
     return cps
 
 
-def peak_of(chain: Chain, checkpoints: Sequence[int], *, offload: bool = False) -> int:
+def _check_store(chain: Chain, offload: bool) -> None:
+    if chain.carries or offload:
+        raise ValueError(
+            "stored middle segments are planned only for chains of single-tensor boundaries without "
+            "offload (not yet with cuts inside blocks, nor with offload)"
+        )
+
+
+def _validate_stored(
+    chain: Chain, checkpoints: tuple[int, ...], stored: Sequence[int], offload: bool = False
+) -> frozenset[int]:
+    """Stored segments are middle segments, each followed by a recomputed one."""
+    if stored:
+        _check_store(chain, offload)
+    starts = (0, *checkpoints)
+    kept = frozenset(int(l) for l in stored)
+    for l in sorted(kept):
+        if l not in starts[:-1]:
+            raise ValueError(
+                f"stored segment start {l} must be 0 or a checkpoint before the last ({list(starts[:-1])}): "
+                "the last segment always runs normally"
+            )
+        following = starts[starts.index(l) + 1]
+        if following in kept or following == starts[-1]:
+            raise ValueError(
+                f"stored segments starting at {l} and {following} are adjacent (or the second is the last "
+                f"segment): drop checkpoint {following} to make them one"
+            )
+    return kept
+
+
+def peak_of(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), *, offload: bool = False) -> int:
     """Exact peak bytes of one training step of ``chain`` under ``checkpoints``.
 
     ``checkpoints`` are the boundaries ``i`` (1..n-1) whose activation ``a(i)``
-    (the output of stage ``i``) is kept; ``[]`` stores everything. With
-    ``offload``, kept activations wait in host memory (see "Offload" above).
+    (the output of stage ``i``) is kept; ``[]`` stores everything. ``stored``
+    names the starts of middle segments that run normally instead of being
+    recomputed (see :class:`ChainSolution`). With ``offload``, kept
+    activations wait in host memory (see "Offload" above).
+
+    Example:
+        >>> chain = Chain.random(8, seed=0)
+        >>> recompute_flops_of(chain, [2, 5, 6], stored=[2]) < recompute_flops_of(chain, [2, 5, 6])
+        True
+        >>> peak_of(chain, [2, 5, 6], stored=[2]) >= peak_of(chain, [2, 5, 6])
+        True
     """
     _check_offload(chain, offload)
-    peak_with = _peak_offloaded if offload else _peak_with
-    return chain.base_bytes + peak_with(_Terms(chain), _validate(chain, checkpoints))
+    cps = _validate(chain, checkpoints)
+    kept = _validate_stored(chain, cps, stored, offload)
+    if offload:
+        return chain.base_bytes + _peak_offloaded(_Terms(chain), cps)
+    return chain.base_bytes + _peak_with(_Terms(chain), cps, kept)
 
 
-def _peak_with(terms: _Terms, checkpoints: Sequence[int]) -> int:
+def _peak_with(terms: _Terms, checkpoints: Sequence[int], stored: frozenset[int] = frozenset()) -> int:
     """Peak over ``base_bytes`` of a (validated) plan."""
     peak = kept = 0
     segments = _segments(terms.n, checkpoints)
     for l, r in segments[:-1]:
-        peak = max(peak, kept + terms.recompute_segment(l, r))
-        kept += int(terms.a_in[l])
+        if l in stored:
+            local, keeps = terms.stored_segment(l, r)
+        else:
+            local, keeps = terms.recompute_segment(l, r), int(terms.a_in[l])
+        peak = max(peak, kept + local)
+        kept += keeps
     return max(peak, kept + terms.last_segment(segments[-1][0]))
 
 
-def recompute_flops_of(chain: Chain, checkpoints: Sequence[int]) -> int:
-    """FLOPs recomputed under ``checkpoints``: every stage before the last segment."""
+def recompute_flops_of(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = ()) -> int:
+    """FLOPs recomputed under ``checkpoints``: every stage before the last segment, but stored segments."""
     cps = _validate(chain, checkpoints)
-    return int(chain.fwd_flops[: cps[-1]].sum()) if cps else 0
+    kept = _validate_stored(chain, cps, stored)
+    segments = _segments(chain.n, cps)[:-1]
+    return sum(int(chain.fwd_flops[l:r].sum()) for l, r in segments if l not in kept)
 
 
 def _solution(
-    chain: Chain, checkpoints: Sequence[int], method: str, terms: _Terms | None = None, offload: bool = False
+    chain: Chain,
+    checkpoints: Sequence[int],
+    method: str,
+    terms: _Terms | None = None,
+    offload: bool = False,
+    stored: Sequence[int] = (),
 ) -> ChainSolution:
     cps = _validate(chain, checkpoints)
-    peak_with = _peak_offloaded if offload else _peak_with
-    peak = chain.base_bytes + peak_with(terms or _Terms(chain), cps)
-    return ChainSolution(cps, peak, recompute_flops_of(chain, cps), method)
+    kept = _validate_stored(chain, cps, stored, offload)
+    terms = terms or _Terms(chain)
+    peak = chain.base_bytes + (_peak_offloaded(terms, cps) if offload else _peak_with(terms, cps, kept))
+    return ChainSolution(cps, peak, recompute_flops_of(chain, cps, tuple(kept)), method, tuple(sorted(kept)))
 
 
 # -- solvers -----------------------------------------------------------------
@@ -591,7 +667,12 @@ def min_peak(
 
 
 def min_recompute(
-    chain: Chain, budget_bytes: int, method: Literal["dp", "linear"] = "linear", *, offload: bool = False
+    chain: Chain,
+    budget_bytes: int,
+    method: Literal["dp", "linear"] = "linear",
+    *,
+    offload: bool = False,
+    store: bool = False,
 ) -> ChainSolution | None:
     """Checkpoints with the least recompute whose peak is at most ``budget_bytes``.
 
@@ -600,6 +681,15 @@ def min_recompute(
     segment is recomputed once, so the least recompute is the feasible plan
     whose last segment starts earliest, which the feasibility pass finds.
     With ``offload`` (kept activations in host memory), an O(n^2) pass.
+
+    With ``store=True`` the plans may also run middle segments normally
+    (``ChainSolution.stored``), keeping their saved tensors instead of
+    recomputing them, which pays at generous budgets. Then ``method`` is
+    unused: a dynamic program over boundaries keeps, per boundary, the
+    Pareto set of (bytes kept before it, FLOPs recomputed so far) of feasible
+    prefixes, which is exact because what a prefix leaves to the rest of the
+    plan is its kept bytes alone. O(n^2 p) for Pareto sets of size p: meant
+    for chains of up to a few hundred stages.
 
     Example:
         >>> from remat.solvers.chain import Chain, min_peak, min_recompute, store_all
@@ -618,11 +708,74 @@ def min_recompute(
         feasible = _prefix_feasible_quadratic
     if offload:
         feasible, method = _prefix_feasible_offloaded, "offload_dp"
+    if store:
+        _check_store(chain, offload)
+        plan = _plan_with_stored(terms, chain.fwd_flops, budget_bytes - chain.base_bytes)
+        return None if plan is None else _solution(chain, plan[0], "store", terms, stored=plan[1])
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
     return None if cps is None else _solution(chain, cps, method, terms, offload)
 
 
-def pareto_front(chain: Chain, *, offload: bool = False) -> list[ChainSolution]:
+def _plan_with_stored(terms: _Terms, fwd_flops: np.ndarray, limit: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Least-recompute (checkpoints, stored starts) within ``limit``, by Pareto sets per boundary.
+
+    A label is ``(kept bytes, recomputed FLOPs, previous label, boundary,
+    whether the segment ending there is stored)``.
+    ``free[r]`` holds prefixes whose segment ending at ``r`` was recomputed
+    (or ``r = 0``), ``after_stored[r]`` those that end with a stored segment
+    (the next one must be recomputed).
+    """
+    n = terms.n
+    flops = np.concatenate([[0], np.cumsum(fwd_flops)]).tolist()
+    free: list[list[tuple]] = [[] for _ in range(n)]
+    after_stored: list[list[tuple]] = [[] for _ in range(n)]
+    free[0].append((0, 0, None, 0, False))
+    best = None
+    for l in range(n):
+        for labels, may_store in ((free[l], True), (after_stored[l], False)):
+            front = _pareto(labels)
+            if not front:
+                continue
+            if may_store and front[0][0] + terms.last_segment(l) <= limit:
+                top = min((lab for lab in front if lab[0] + terms.last_segment(l) <= limit), key=lambda x: x[1])
+                if best is None or top[1] < best[1]:
+                    best = top
+            recompute, _ = terms.row(l)
+            a_l = int(terms.a_in[l])
+            for r in range(l + 1, n):
+                cost = int(recompute[r - l - 1])
+                for label in front:  # kept bytes ascending: the feasible ones come first
+                    if label[0] + cost > limit:
+                        break
+                    free[r].append((label[0] + a_l, label[1] + flops[r] - flops[l], label, r, False))
+                if may_store:
+                    cost, keeps = terms.stored_segment(l, r)
+                    for label in front:
+                        if label[0] + cost > limit:
+                            break
+                        after_stored[r].append((label[0] + keeps, label[1], label, r, True))
+    if best is None:
+        return None
+    checkpoints, stored = [], []
+    label = best
+    while label[2] is not None:
+        checkpoints.append(label[3])
+        if label[4]:
+            stored.append(label[2][3])
+        label = label[2]
+    return tuple(reversed(checkpoints)), tuple(reversed(stored))
+
+
+def _pareto(labels: list[tuple]) -> list[tuple]:
+    """Labels no other beats on both kept bytes and FLOPs, by kept bytes ascending."""
+    front: list[tuple] = []
+    for label in sorted(labels, key=lambda x: (x[0], x[1])):
+        if not front or label[1] < front[-1][1]:
+            front.append(label)
+    return front
+
+
+def pareto_front(chain: Chain, *, offload: bool = False, store: bool = False) -> list[ChainSolution]:
     """Every plan worth having: for each peak, the least recompute, from storing everything to the least peak.
 
     Peaks strictly decrease along the list and recompute strictly increases:
@@ -636,16 +789,18 @@ def pareto_front(chain: Chain, *, offload: bool = False) -> list[ChainSolution]:
         >>> front = pareto_front(Chain.random(12, seed=3))
         >>> front[0].recompute_flops, front[-1].peak_bytes == min_peak(Chain.random(12, seed=3)).peak_bytes
         (0, True)
+
+    With ``store=True``, over the plans of ``min_recompute(..., store=True)``.
     """
     front: list[ChainSolution] = []
-    solution = min_recompute(chain, peak_of(chain, []), offload=offload)
+    solution = min_recompute(chain, peak_of(chain, []), offload=offload, store=store)
     while solution is not None:
         # Budgets only go down, so recompute never does: a plan with the same
         # recompute as the one before it and a lower peak replaces it.
         if front and front[-1].recompute_flops == solution.recompute_flops:
             front.pop()
         front.append(solution)
-        solution = min_recompute(chain, solution.peak_bytes - 1, offload=offload)
+        solution = min_recompute(chain, solution.peak_bytes - 1, offload=offload, store=store)
     return front
 
 

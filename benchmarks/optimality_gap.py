@@ -1,0 +1,153 @@
+"""How far remat's chain solvers are from the exact optimum, on small random op graphs.
+
+For random chains and random DAGs (residual and two-branch blocks) of at most
+40 ops, at several budgets along remat's Pareto front, compares the recompute
+FLOPs of
+
+* ``remat``: :func:`remat.solvers.chain.min_recompute` (recompute every
+  segment before the last kept activation),
+* ``remat+store``: the same with ``store=True`` (middle segments may keep
+  their saved tensors instead),
+
+with the optimum of the integer program of :mod:`remat.solvers.ilp` (any
+schedule of the op-level model: values dropped and recomputed one by one, any
+number of times) at the same budget. Every plan is run through
+:func:`remat.solvers.opgraph.simulate` to check that it fits the budget.
+
+Run: ``make bench-gap`` (or ``.venv/bin/python benchmarks/optimality_gap.py``).
+Writes ``benchmarks/results/optimality_gap.md``. Needs ``highspy`` (extra
+``ilp``). About 15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from machine import results_header
+from remat.solvers.chain import min_recompute, pareto_front
+from remat.solvers.ilp import min_recompute_ilp
+from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
+
+RESULTS = Path(__file__).resolve().parent / "results" / "optimality_gap.md"
+
+
+def budgets(front) -> list[tuple[str, int]]:
+    """Three points of the store-enabled front: the first with recompute, the middle, the least peak."""
+    if len(front) == 1:
+        return [("least peak = store all", front[0].peak_bytes)]
+    picks = {"first": 1, "middle": len(front) // 2, "least peak": len(front) - 1}
+    seen, out = set(), []
+    for name, index in picks.items():
+        if index not in seen:
+            seen.add(index)
+            out.append((name, front[index].peak_bytes))
+    return out
+
+
+def run_case(kind: str, graph: OpGraph, time_limit_s: float) -> list[dict]:
+    chain = to_chain(graph)
+    forward = sum(graph.flops)
+    rows = []
+    for where, budget in budgets(pareto_front(chain, store=True)):
+        plain = min_recompute(chain, budget)
+        store = min_recompute(chain, budget, store=True)
+        exact = min_recompute_ilp(graph, budget, time_limit_s=time_limit_s)
+        for plan in (plain, store):
+            if plan is not None:
+                cost = simulate(graph, chain_schedule(graph, plan.checkpoints, plan.stored))
+                assert cost.peak_bytes <= budget and cost.recompute_flops == plan.recompute_flops
+        assert exact.peak_bytes is None or exact.peak_bytes <= budget
+        rows.append(dict(
+            kind=kind, ops=graph.n, stages=chain.n, where=where, budget=budget, forward=forward,
+            plain=None if plain is None else plain.recompute_flops,
+            store=store.recompute_flops, ilp=exact.recompute_flops, bound=exact.bound_flops,
+            status=exact.status, seconds=exact.seconds,
+        ))
+    return rows
+
+
+def gap(remat: int | None, row: dict) -> float | None:
+    """Extra recompute over the ILP's, as % of one forward pass."""
+    if remat is None or row["ilp"] is None:
+        return None
+    return 100 * (remat - row["ilp"]) / row["forward"]
+
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def summary(rows: list[dict], kind: str) -> list[str]:
+    """Gaps over the budgets the ILP solved to optimality (a time-limited incumbent proves nothing)."""
+    every = [r for r in rows if r["kind"] == kind]
+    rows = [r for r in every if r["status"] == "optimal"]
+    lines = [f"### {kind}s: {len({(r['ops'], r['forward']) for r in every})} graphs, {len(every)} budgets, "
+             f"{len(rows)} solved to optimality (gaps below are over those)", ""]
+    lines.append("| solver | max gap (% fwd) | mean gap (% fwd) | budgets equal to the ILP | max gap where ILP > 0 (x ILP) |")
+    lines.append("|---|---|---|---|---|")
+    for name in ("plain", "store"):
+        gaps = [gap(r[name], r) for r in rows if gap(r[name], r) is not None]
+        equal = sum(1 for r in rows if r[name] is not None and r[name] == r["ilp"])
+        ratios = [r[name] / r["ilp"] - 1 for r in rows if r[name] is not None and r["ilp"]]
+        label = "remat" if name == "plain" else "remat+store"
+        lines.append(f"| {label} | {fmt(max(gaps, default=None))} | {fmt(statistics.mean(gaps) if gaps else None)} "
+                     f"| {equal} of {len(rows)} | {fmt(100 * max(ratios, default=0), 0)}% |")
+    seconds = [r["seconds"] for r in every]
+    statuses = {s: sum(1 for r in every if r["status"] == s) for s in ("optimal", "time_limit", "infeasible")}
+    lines += ["", f"ILP solve time: max {max(seconds):.1f} s, mean {statistics.mean(seconds):.1f} s; "
+              f"status: {statuses}"]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", type=int, default=30, help="graphs of each kind (default 30)")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per ILP solve (default 60)")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows = []
+    for seed in range(args.cases):
+        n = 10 + seed  # 10..39 ops
+        for kind, graph in (("chain", OpGraph.random_chain(n, seed)), ("dag", OpGraph.random_dag(n, seed))):
+            rows += run_case(kind, graph, args.time_limit)
+            print(f"{kind} seed {seed}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+    command = "python benchmarks/optimality_gap.py" + (
+        f" --cases {args.cases}" if args.cases != 30 else "") + (
+        f" --time-limit {args.time_limit:g}" if args.time_limit != 60 else "")
+    lines = [
+        *results_header("Optimality gap of remat's chain solvers against an exact ILP", command, "bench-gap"),
+        "",
+        "Random op chains (`OpGraph.random_chain(n, seed)`) and DAGs (`OpGraph.random_dag(n, seed)`),",
+        "n = 10 + seed ops, seeds 0..{}; budgets: three plans of the `store=True` Pareto front".format(args.cases - 1),
+        "(the first that recomputes, the middle one, the least peak). Gap: remat's recompute minus the",
+        "ILP optimum, in % of one forward pass's FLOPs (the ILP's schedules may drop and recompute single",
+        "values, several times: see `remat/solvers/ilp.py`). `-` in remat: no plan of that family fits.",
+        f"Total time {time.perf_counter() - start:.0f} s.",
+        "",
+        "## Summary",
+        "",
+        *summary(rows, "chain"),
+        "",
+        *summary(rows, "dag"),
+        "",
+        "## Every case",
+        "",
+        "| kind | ops | stages | budget | budget (KiB) | remat | remat+store | ILP | ILP status | ILP s "
+        "| gap remat (% fwd) | gap remat+store (% fwd) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['ops']} | {r['stages']} | {r['where']} | {r['budget'] / 1024:.0f} | {fmt(r['plain'], 0) if r['plain'] is not None else '-'} "
+            f"| {r['store']} | {r['ilp'] if r['ilp'] is not None else '-'} | {r['status']} | {r['seconds']:.1f} "
+            f"| {fmt(gap(r['plain'], r))} | {fmt(gap(r['store'], r))} |"
+        )
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[: lines.index("## Every case")]))
+
+
+if __name__ == "__main__":
+    main()
