@@ -33,7 +33,7 @@ import remat
 from remat import InfeasibleBudget, measure_step, models
 from remat.report import format_bytes
 from remat.strategies import TorchBudgetSearch
-from machine import results_header
+from machine import pick_models, results_header
 
 # (short name, spec, batch, per-sample input shape or None): the standard sizes of e2e_models.py
 MODELS = [
@@ -152,14 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help=f"results file (default {DEFAULT_OUT} for a full run)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per model (default 1200)")
     args = parser.parse_args(argv)
-    chosen = MODELS
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {m[0] for m in MODELS}
-        if unknown:
-            parser.error(f"unknown model(s) {sorted(unknown)}; pick from {[m[0] for m in MODELS]}")
-        chosen = [m for m in MODELS if m[0] in wanted]
-    out = args.out or (None if args.only else DEFAULT_OUT)
+    chosen, out = pick_models(parser, args, MODELS, DEFAULT_OUT)
 
     command = "python benchmarks/compile_budget.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     lines = [

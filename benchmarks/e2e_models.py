@@ -24,7 +24,7 @@ import torch
 import remat
 from remat import measure_step, models
 from remat.report import format_bytes
-from machine import results_header
+from machine import pick_models, results_header
 
 # (short name, spec, batch, per-sample input shape or None, target activation cut or None)
 MODELS = [
@@ -115,14 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="comma-separated short names (e.g. resnet50,gpt2)")
     parser.add_argument("--out", type=Path, help=f"results file (default {DEFAULT_OUT} for a full run)")
     args = parser.parse_args(argv)
-    chosen = MODELS
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {m[0] for m in MODELS}
-        if unknown:
-            parser.error(f"unknown model(s) {sorted(unknown)}; pick from {[m[0] for m in MODELS]}")
-        chosen = [m for m in MODELS if m[0] in wanted]
-    out = args.out or (None if args.only else DEFAULT_OUT)
+    chosen, out = pick_models(parser, args, MODELS, DEFAULT_OUT)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = "python benchmarks/e2e_models.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")

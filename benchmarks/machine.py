@@ -31,3 +31,16 @@ def results_header(title: str, command: str, make_target: str | None = None) -> 
         f"- CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
     ]
+
+
+def pick_models(parser, args, models: list, default_out):
+    """The models ``--only`` names (all by default) and where results go: ``--out``, else
+    ``default_out`` for a full run, else nowhere (a subset is printed, not written)."""
+    chosen = models
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {m[0] for m in models}
+        if unknown:
+            parser.error(f"unknown model(s) {sorted(unknown)}; pick from {[m[0] for m in models]}")
+        chosen = [m for m in models if m[0] in wanted]
+    return chosen, args.out or (None if args.only else default_out)
