@@ -44,6 +44,15 @@ def test_plan_prints_the_table_and_writes_json_and_the_plan(tmp_path):
     plan = Plan.load(saved)
     assert list(plan.checkpoints) == data["checkpoints"]
     assert data["budget_bytes"] is None and "none (least peak)" in result.stdout
+    assert data["recompute_seconds"] is None and "recompute time" not in result.stdout
+
+
+def test_plan_with_profiled_costs_reports_the_measured_recompute_time(tmp_path):
+    summary = tmp_path / "summary.json"
+    result = invoke("plan", MLP, "--costs", "profile", "--json", str(summary))
+    assert result.exit_code == 0, result.output
+    assert "recompute time (measured)" in result.stdout
+    assert json.loads(summary.read_text())["recompute_seconds"] > 0
 
 
 def test_plan_within_a_budget_shows_it_and_keeps_to_it(tmp_path):

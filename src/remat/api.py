@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import BackwardSkipsStage, profile_stages
+from remat.capture.timing import stage_seconds
 from remat.execute import CheckpointOffload, RematModule, segment_starts
 from remat.measure import (
     _model_device,
@@ -33,7 +35,7 @@ from remat.measure import (
     unique_storage_bytes,
 )
 from remat.plan import Plan
-from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front
+from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front, recompute_flops_of
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
 
@@ -123,6 +125,7 @@ def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
 
 
 Profile = Literal["fake", "device"]
+Costs = Literal["flops", "profile"]
 
 
 def check_model_and_inputs(model: nn.Module, inputs: tuple) -> None:
@@ -241,6 +244,7 @@ def plan(
     *,
     profile: Profile = "fake",
     offload: bool = False,
+    costs: Costs = "flops",
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
@@ -264,6 +268,12 @@ def plan(
             with compute); the plan counts them off the device, so it can
             keep more and recompute less. CUDA only: elsewhere it warns once
             and plans without.
+        costs: ``"flops"`` (counted, deterministic) or ``"profile"``: also
+            time every stage's forward on the model's device (real tensors at
+            the example inputs' size, no autograd; warm-up, then the median
+            of repeats, CUDA events on a GPU) and report the plan's recompute
+            in seconds (``Plan.recompute_seconds``); ties between plans of
+            equal peak go to the one that recomputes for the least time.
 
     Example:
         >>> import torch, remat
@@ -272,7 +282,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload)[0]
+    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload, costs)[0]
 
 
 @dataclasses.dataclass
@@ -288,6 +298,7 @@ class _Profiled:
     capture_seconds: float
     baseline: Any = None
     fake: bool = True  # measured on fake tensors
+    _seconds: np.ndarray | None = None  # forward seconds per stage, for costs="profile"
 
     @classmethod
     def of(
@@ -301,8 +312,21 @@ class _Profiled:
         elapsed = time.perf_counter() - start
         return cls(model, inputs, loss_fn, captured, chain, groups, elapsed, fake=profile == "fake")
 
+    def stage_seconds(self) -> np.ndarray:
+        """Forward seconds of every chain stage on the model's device (measured once)."""
+        if self._seconds is None:
+            host = RematModule(self.model, self.captured, ())
+            inputs = host._inputs(self.inputs, {})
+            self._seconds = stage_seconds(host, inputs, self.groups, self.loss_fn)
+        return self._seconds
+
     def plan(
-        self, solution: ChainSolution, solve_seconds: float, budget_bytes: int | None, offload: bool = False
+        self,
+        solution: ChainSolution,
+        solve_seconds: float,
+        budget_bytes: int | None,
+        offload: bool = False,
+        recompute_seconds: float | None = None,
     ) -> Plan:
         if self.baseline is None:
             self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=self.fake)
@@ -320,17 +344,32 @@ class _Profiled:
             fingerprint=fingerprint(self.model, self.inputs),
             budget_bytes=budget_bytes,
             offload=offload,
+            costs="flops" if recompute_seconds is None else "profile",
+            recompute_seconds=recompute_seconds,
         )
 
-    def solve(self, budget_bytes: int | None, offload: bool = False) -> Plan:
+    def solve(self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops") -> Plan:
+        if costs not in ("flops", "profile"):
+            raise ValueError(f"costs must be 'flops' or 'profile', got {costs!r}")
+        chain = self.chain
+        if costs == "profile":
+            # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
+            chain = dataclasses.replace(chain, fwd_flops=np.round(self.stage_seconds() * 1e9).astype(np.int64))
         start = time.perf_counter()
         if budget_bytes is None:
-            solution = min_peak(self.chain, offload=offload)
+            solution = min_peak(chain, offload=offload)
         else:
-            solution = min_recompute(self.chain, budget_bytes, offload=offload)
+            solution = min_recompute(chain, budget_bytes, offload=offload)
             if solution is None:
-                raise InfeasibleBudget(budget_bytes, min_peak(self.chain, offload=offload).peak_bytes)
-        return self.plan(solution, time.perf_counter() - start, budget_bytes, offload)
+                raise InfeasibleBudget(budget_bytes, min_peak(chain, offload=offload).peak_bytes)
+        seconds = time.perf_counter() - start
+        recompute_seconds = None
+        if costs == "profile":
+            recompute_seconds = solution.recompute_flops / 1e9
+            solution = dataclasses.replace(
+                solution, recompute_flops=recompute_flops_of(self.chain, solution.checkpoints, solution.stored)
+            )
+        return self.plan(solution, seconds, budget_bytes, offload, recompute_seconds)
 
 
 def _capture_and_profile(
@@ -357,11 +396,13 @@ def _capture_and_profile(
     return captured, chain, groups, profile
 
 
-def _plan_and_capture(model, example_inputs, loss_fn, budget, profile: Profile = "fake", offload: bool = False):
+def _plan_and_capture(
+    model, example_inputs, loss_fn, budget, profile: Profile = "fake", offload: bool = False, costs: Costs = "flops"
+):
     budget_bytes = None if budget is None else parse_bytes(budget)
     offload = offload and _offload_possible(model, as_tuple(example_inputs))
     profiled = _Profiled.of(model, example_inputs, loss_fn, profile, carried=not offload)
-    return profiled.solve(budget_bytes, offload), profiled.captured, profiled.groups
+    return profiled.solve(budget_bytes, offload, costs), profiled.captured, profiled.groups
 
 
 def pareto(
@@ -456,6 +497,7 @@ def optimize(
     plan: Plan | None = None,
     profile: Profile = "fake",
     offload: bool = False,
+    costs: Costs = "flops",
 ) -> RematModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -470,6 +512,7 @@ def optimize(
         profile: ``"fake"`` or ``"device"``, as in :func:`plan`.
         offload: keep the checkpoints in pinned host memory, as in
             :func:`plan` (with ``plan=``, the plan's own setting is used).
+        costs: ``"flops"`` or ``"profile"`` (time the stages), as in :func:`plan`.
 
     Example:
         >>> import torch, remat
@@ -492,7 +535,7 @@ def optimize(
         )
         chosen = plan
     else:
-        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload)
+        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload, costs)
     boundaries = segment_starts(groups, chosen.checkpoints)
     return RematModule(model, captured, boundaries, chosen, CheckpointOffload() if chosen.offload else None)
 

@@ -165,12 +165,14 @@ def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str
 # -- plan -------------------------------------------------------------------------
 
 
-def _make_plan(source: models.ModelSource, fake: bool, budget: str | None) -> tuple[remat.Plan, StepMeasurement]:
+def _make_plan(
+    source: models.ModelSource, fake: bool, budget: str | None, costs: str = "flops"
+) -> tuple[remat.Plan, StepMeasurement]:
     """The plan, and one step of the planned module measured (on fake or real tensors)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
     goal = "the least peak" if budget is None else f"the least recompute within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
-        optimized = remat.optimize(source.model, source.example_inputs, budget=budget_bytes)
+        optimized = remat.optimize(source.model, source.example_inputs, budget=budget_bytes, costs=costs)
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
         measured = measure_step(optimized, source.example_inputs, fake=fake)
     return optimized.plan, measured
@@ -188,6 +190,11 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
         (f"measured peak ({'fake' if fake else 'real'} tensors)", format_bytes(measured.peak_bytes)),
         ("peak cut", f"{_percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes):.1%}"),
         ("recompute", f"{_gflop(plan.recompute_flops)} ({plan.recompute_overhead:.1%} of a forward)"),
+        *(
+            [("recompute time (measured)", f"{plan.recompute_seconds * 1e3:.1f} ms per step")]
+            if plan.recompute_seconds is not None
+            else []
+        ),
         ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
     ]
 
@@ -219,6 +226,7 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "forward_flops": plan.forward_flops,
         "recompute_flops": plan.recompute_flops,
         "recompute_overhead": plan.recompute_overhead,
+        "recompute_seconds": plan.recompute_seconds,
         "capture_seconds": plan.capture_seconds,
         "solve_seconds": plan.solve_seconds,
     }
@@ -236,6 +244,13 @@ def plan(
     save: Annotated[
         Path | None, typer.Option("--save", metavar="PLAN.json", help="save the plan for remat.optimize(plan=...)")
     ] = None,
+    costs: Annotated[
+        str,
+        typer.Option(
+            "--costs",
+            help="flops (counted) or profile (also time every stage's forward on --device, real tensors)",
+        ),
+    ] = "flops",
 ) -> None:
     """The least-peak checkpoint plan (or the least recompute within --budget): what it keeps, its peak, its cost.
 
@@ -245,7 +260,7 @@ def plan(
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
         source = _load(model, batch, input, device)
-        chosen, measured = _make_plan(source, fake, budget)
+        chosen, measured = _make_plan(source, fake, budget, costs)
         _print_table(_describe(source, fake), ["", "remat plan"], _plan_rows(chosen, measured, fake), numbers=False)
         if json_out is not None:
             _write_json(json_out, _plan_json(source, chosen, measured, fake))

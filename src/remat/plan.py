@@ -36,6 +36,9 @@ class Plan:
         offload: the kept activations wait in pinned host memory between
             their forward and their recompute (CUDA only); the predicted peak
             counts them off the device.
+        costs: ``"flops"``, or ``"profile"`` when the stages were timed on the
+            device; then ``recompute_seconds`` is the measured forward time
+            of what the plan recomputes.
 
     Example:
         >>> import torch, remat
@@ -59,6 +62,8 @@ class Plan:
     method: str = "linear"
     budget_bytes: int | None = None
     offload: bool = False
+    costs: str = "flops"
+    recompute_seconds: float | None = None
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -82,6 +87,11 @@ class Plan:
             ["budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none (least peak)"],
             ["kept activations", "offloaded to pinned host memory" if self.offload else "on the device"],
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
+            *(
+                [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]
+                if self.recompute_seconds is not None
+                else []
+            ),
             ["capture + solve", f"{self.capture_seconds:.2f} s + {self.solve_seconds:.3f} s"],
         ]
         table = format_table(rows, ["", "value"])
