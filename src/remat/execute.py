@@ -71,11 +71,37 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
     def contexts():
         return contextlib.nullcontext(), _running_stats_frozen(modules)
 
+    def recompute_first(*inputs):
+        return pytree.tree_map_only(
+            torch.Tensor, lambda t: _RecomputeFirst.apply(t) if t.requires_grad else t, function(*inputs)
+        )
+
     # Recompute whole segments (no early stop): the cost model counts them so.
     with set_checkpoint_early_stop(False):
         return checkpoint(
-            function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
+            recompute_first, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
         )
+
+
+class _RecomputeFirst(torch.autograd.Function):
+    """Identity on a segment's output whose backward, the segment's first, starts its recompute.
+
+    Checkpoint recomputes a segment when backward first needs one of its saved
+    tensors; backward nodes that need none (views, reshapes, adds) would run
+    before that and hold their gradients through the recompute, which the
+    cost model (recompute, then backward) does not count. Saving the output
+    here makes the recompute the first thing the segment's backward does.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # unpacking triggers the recompute
+        return grad
 
 
 def _saving(offload: CheckpointOffload | None, boundary):
