@@ -312,10 +312,11 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
     def reads(members: tuple[fx.Node, ...]) -> tuple[fx.Node, ...]:
         """The earlier pieces' outputs that ``members`` use, in cut order."""
         used = {a for x in members for a in x.all_input_nodes}
-        return tuple(v for v in cut_values if v in used)
+        return tuple(sorted(used.intersection(cut_values), key=cut_values.__getitem__))
 
     pieces: list[Piece] = []
-    cut_values: list[fx.Node] = []  # outputs of the pieces so far, in order
+    cut_values: dict[fx.Node, int] = {}  # outputs of the pieces so far -> their order
+    last_cut: fx.Node | None = None
     start = 0
     live: set[fx.Node] = set()
     for k, n in enumerate(nodes):
@@ -339,7 +340,7 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
         members = piece_nodes(start, k + 1)
         owner = _storage_owner(value, gm)
         if owner in cut_values and not (
-            owner is cut_values[-1] and reads(members) == (owner,) and owner not in live
+            owner is last_cut and reads(members) == (owner,) and owner not in live
         ):
             # A view of an earlier piece's output (or an update to it in place)
             # is a boundary of no bytes of its own: only the piece just before
@@ -347,7 +348,8 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
             # profile merges the two).
             continue
         pieces.append(Piece(members, reads(members), value))
-        cut_values.append(value)
+        cut_values[value] = len(cut_values)
+        last_cut = value
         start = k + 1
     members = piece_nodes(start, len(nodes))
     pieces.append(Piece(members, reads(members), nodes[-1]))
