@@ -459,11 +459,14 @@ class _Terms:
         if not self.allowed(l, r):
             return _UNREACHABLE
         a_l = int(self.a_in[l])
-        live = self.in_segment(l, self.a_in)[l + 1 : r]
-        unretained = self.in_segment(l, self.unretained)[l + 1 : r] if self.carries else live
-        fns = max(self.f_ns[l + 1], (self.T_ns[l + 2 : r + 1] + live).max(initial=0))
-        rc = max(self.f_s[l + 1], (self.T_rc[l + 2 : r + 1] + unretained).max(initial=0) - self.Q[l])
-        bw = (self.T_bw[l + 1 : r + 1] - self.released_early(l)[l + 1 : r + 1]).max() - self.Q[l]
+        T_ns, T_rc, T_bw = self.T_ns[l + 2 : r + 1], self.T_rc[l + 2 : r + 1], self.T_bw[l + 1 : r + 1]
+        if self.carries:  # the l-dependent terms; O(n) each, so only where they can be nonzero
+            T_ns = T_ns + self.in_segment(l, self.a_in)[l + 1 : r]
+            T_rc = T_rc + self.in_segment(l, self.unretained)[l + 1 : r]
+            T_bw = T_bw - self.released_early(l)[l + 1 : r + 1]
+        fns = max(self.f_ns[l + 1], T_ns.max(initial=0))
+        rc = max(self.f_s[l + 1], T_rc.max(initial=0) - self.Q[l])
+        bw = T_bw.max() - self.Q[l]
         return a_l + int(max(fns, self.E[r] + rc, self.held + bw))
 
     def stored_segment(self, l: int, r: int) -> tuple[int, int]:
