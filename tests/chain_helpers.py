@@ -36,6 +36,30 @@ def plans_with_stored(n: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]
                         yield cps, stored
 
 
+def nested_options(l: int, r: int) -> Iterator[tuple]:
+    """Every way to nest checkpoints in the recompute of segment ``(l, r]``, as
+    ``ChainSolution.inner`` entries (the first option nests none)."""
+    yield ()
+    for cs in all_plans(r - l):
+        if not cs:
+            continue
+        cs = tuple(l + c for c in cs)
+        subs = list(zip((l, *cs[:-1]), cs))
+        for parts in itertools.product(*(list(nested_options(s, e)) for s, e in subs)):
+            yield ((l, r, cs), *itertools.chain.from_iterable(parts))
+
+
+def nested_plans(n: int) -> Iterator[tuple[tuple[int, ...], tuple]]:
+    """Every (checkpoints, inner) plan of an n-stage chain with at least one nested checkpoint."""
+    for cps in all_plans(n):
+        bounds = (0, *cps)
+        segments = list(zip(bounds[:-1], bounds[1:]))
+        for parts in itertools.product(*(list(nested_options(l, r)) for l, r in segments)):
+            inner = tuple(itertools.chain.from_iterable(parts))
+            if inner:
+                yield cps, inner
+
+
 def segmentations(m: int) -> Iterator[tuple[tuple[int, int], ...]]:
     """Every partition of ``m`` stages into consecutive segments ``(start, stop)``."""
     for cuts in all_plans(m):

@@ -24,7 +24,7 @@ from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import BackwardSkipsStage, profile_stages
 from remat.capture.timing import stage_seconds
-from remat.execute import CheckpointOffload, RematModule, segment_starts
+from remat.execute import CheckpointOffload, RematModule, nested_starts, segment_starts
 from remat.measure import (
     _model_device,
     as_tuple,
@@ -36,6 +36,8 @@ from remat.measure import (
 )
 from remat.plan import Plan
 from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front, recompute_flops_of
+from remat.solvers.nested import MAX_STAGES as MAX_NESTED_STAGES
+from remat.solvers.nested import min_peak_nested, min_recompute_nested
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
 
@@ -282,7 +284,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload, costs)[0]
+    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload, costs)[1]
 
 
 @dataclasses.dataclass
@@ -299,6 +301,7 @@ class _Profiled:
     baseline: Any = None
     fake: bool = True  # measured on fake tensors
     _seconds: np.ndarray | None = None  # forward seconds per stage, for costs="profile"
+    _plain: _Profiled | None = None  # profiled with single-tensor cuts only, for nested plans
 
     @classmethod
     def of(
@@ -311,6 +314,23 @@ class _Profiled:
         captured, chain, groups, profile = _capture_and_profile(model, inputs, loss_fn, profile, carried)
         elapsed = time.perf_counter() - start
         return cls(model, inputs, loss_fn, captured, chain, groups, elapsed, fake=profile == "fake")
+
+    def plain(self) -> _Profiled:
+        """The model cut only where a single tensor is live: nested plans need such a chain."""
+        if not self.chain.carries:
+            return self
+        if self._plain is None:
+            profile = "fake" if self.fake else "device"
+            self._plain = _Profiled.of(self.model, self.inputs, self.loss_fn, profile, carried=False)
+            self._plain.baseline = self.baseline
+        return self._plain
+
+    def module(self, plan: Plan) -> RematModule:
+        """The model run with ``plan``, on the capture the plan was made for."""
+        source = self.plain() if plan.inner else self
+        offload = CheckpointOffload() if plan.offload else None
+        nested = nested_starts(source.groups, plan.inner)
+        return RematModule(self.model, source.captured, segment_starts(source.groups, plan.checkpoints), plan, offload, nested)
 
     def stage_seconds(self) -> np.ndarray:
         """Forward seconds of every chain stage on the model's device (measured once)."""
@@ -330,8 +350,9 @@ class _Profiled:
     ) -> Plan:
         if self.baseline is None:
             self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=self.fake)
+        source = self.plain() if solution.inner else self
         return Plan(
-            stage_names=self.chain.names,
+            stage_names=source.chain.names,
             checkpoints=solution.checkpoints,
             predicted_peak_bytes=solution.peak_bytes,
             baseline_peak_bytes=self.baseline.peak_bytes,
@@ -340,12 +361,13 @@ class _Profiled:
             parameter_bytes=self.baseline.parameter_bytes,
             input_bytes=self.baseline.input_bytes,
             solve_seconds=solve_seconds,
-            capture_seconds=self.capture_seconds,
+            capture_seconds=self.capture_seconds + (self._plain.capture_seconds if self._plain else 0.0),
             fingerprint=fingerprint(self.model, self.inputs),
             budget_bytes=budget_bytes,
             offload=offload,
             costs="flops" if recompute_seconds is None else "profile",
             recompute_seconds=recompute_seconds,
+            inner=solution.inner,
         )
 
     def solve(self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops") -> Plan:
@@ -360,8 +382,10 @@ class _Profiled:
             solution = min_peak(chain, offload=offload)
         else:
             solution = min_recompute(chain, budget_bytes, offload=offload)
-            if solution is None:
-                raise InfeasibleBudget(budget_bytes, min_peak(chain, offload=offload).peak_bytes)
+        if not offload and costs == "flops":
+            solution = self._with_nested(solution, budget_bytes)
+        if solution is None:
+            raise InfeasibleBudget(budget_bytes, self.solve(None, offload).predicted_peak_bytes)
         seconds = time.perf_counter() - start
         recompute_seconds = None
         if costs == "profile":
@@ -370,6 +394,21 @@ class _Profiled:
                 solution, recompute_flops=recompute_flops_of(self.chain, solution.checkpoints, solution.stored)
             )
         return self.plan(solution, seconds, budget_bytes, offload, recompute_seconds)
+
+
+    def _with_nested(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
+        """``solution``, or a plan with nested checkpoints if it does better: a lower
+        peak within one forward of recompute, or less recompute within the budget."""
+        chain = self.plain().chain
+        if chain.n > MAX_NESTED_STAGES:
+            return solution
+        if budget_bytes is None:
+            nested = min_peak_nested(chain, max_recompute_flops=int(chain.fwd_flops[:-1].sum()))
+            better = nested.peak_bytes < solution.peak_bytes
+        else:
+            nested = min_recompute_nested(chain, budget_bytes)
+            better = nested is not None and (solution is None or nested.recompute_flops < solution.recompute_flops)
+        return nested if better and nested.inner else solution
 
 
 def _capture_and_profile(
@@ -402,7 +441,7 @@ def _plan_and_capture(
     budget_bytes = None if budget is None else parse_bytes(budget)
     offload = offload and _offload_possible(model, as_tuple(example_inputs))
     profiled = _Profiled.of(model, example_inputs, loss_fn, profile, carried=not offload)
-    return profiled.solve(budget_bytes, offload, costs), profiled.captured, profiled.groups
+    return profiled, profiled.solve(budget_bytes, offload, costs)
 
 
 def pareto(
@@ -531,11 +570,11 @@ def optimize(
                 "call remat.optimize without plan= to make a new one"
             )
         captured, _, groups, _ = _capture_and_profile(
-            model, inputs, loss_fn or default_loss, profile, carried=not plan.offload
+            model, inputs, loss_fn or default_loss, profile, carried=not (plan.offload or plan.inner)
         )
-        chosen = plan
-    else:
-        chosen, captured, groups = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload, costs)
-    boundaries = segment_starts(groups, chosen.checkpoints)
-    return RematModule(model, captured, boundaries, chosen, CheckpointOffload() if chosen.offload else None)
+        offload = CheckpointOffload() if plan.offload else None
+        starts = segment_starts(groups, plan.checkpoints)
+        return RematModule(model, captured, starts, plan, offload, nested_starts(groups, plan.inner))
+    profiled, chosen = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload, costs)
+    return profiled.module(chosen)
 

@@ -21,7 +21,14 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-__all__ = ["CheckpointOffload", "CheckpointedSequential", "RematModule", "run_segment_recomputed", "segment_starts"]
+__all__ = [
+    "CheckpointOffload",
+    "CheckpointedSequential",
+    "RematModule",
+    "nested_starts",
+    "run_segment_recomputed",
+    "segment_starts",
+]
 
 
 def segment_starts(groups: Sequence[Sequence[int]], checkpoints: Sequence[int]) -> tuple[int, ...]:
@@ -29,6 +36,15 @@ def segment_starts(groups: Sequence[Sequence[int]], checkpoints: Sequence[int]) 
     or graph pieces) where segments start; ``groups[i]`` lists the parts of chain
     stage ``i + 1``. A checkpoint past the parts (before the loss) starts none."""
     return tuple(groups[c - 1][-1] + 1 for c in checkpoints if c <= len(groups))
+
+
+def nested_starts(groups: Sequence[Sequence[int]], inner: Sequence) -> dict[tuple[int, int], tuple[int, ...]]:
+    """Nested chain checkpoints ``(l, r, (c1, ..))`` (see ``ChainSolution.inner``) as
+    a map from a recomputed segment's parts ``(start, stop)`` to its inner starts."""
+    def part(c: int) -> int:
+        return groups[c - 1][-1] + 1 if c else 0
+
+    return {(part(l), part(r)): tuple(part(c) for c in cs) for l, r, cs in inner}
 
 
 @contextlib.contextmanager
@@ -215,6 +231,8 @@ class CheckpointedSequential(nn.Module):
             :func:`remat.capture.sequential.profile_sequential`); checkpoints
             then count groups, not modules.
         offload: keep the checkpoints in host memory with this.
+        inner: checkpoints nested in recomputed segments, as in
+            ``ChainSolution.inner`` (not with ``offload``).
 
     Example:
         >>> import torch
@@ -230,6 +248,7 @@ class CheckpointedSequential(nn.Module):
         checkpoints: Sequence[int],
         groups: Sequence[Sequence[int]] | None = None,
         offload: CheckpointOffload | None = None,
+        inner: Sequence = (),
     ):
         super().__init__()
         for index, stage in enumerate(stages):
@@ -238,21 +257,30 @@ class CheckpointedSequential(nn.Module):
         self.boundaries = [0, *segment_starts(groups, checkpoints)]
         self.checkpoints = tuple(checkpoints)
         self.offload = offload
+        self.nested = nested_starts(groups, inner)
+        if self.nested and offload is not None:
+            raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
 
     def _run(self, start: int, stop: int, x):
         for index in range(start, stop):
             x = self._modules[str(index)](x)
         return x
 
-    def forward(self, x):
-        n = len(self._modules)
-        bounds = [*self.boundaries, n]
+    def _run_segments(self, bounds: Sequence[int], x, offload: CheckpointOffload | None = None):
+        """Segments between ``bounds``: all but the last recomputed in backward."""
         for start, stop in zip(bounds[:-2], bounds[1:-1]):
             modules = [self._modules[str(i)] for i in range(start, stop)]
             # The model's input is the caller's: it stays where it is.
-            with _saving(self.offload, x if start > 0 else None):
-                x = run_segment_recomputed(self._run, modules, start, stop, x)
-        return self._run(bounds[-2], n, x)
+            with _saving(offload, x if start > 0 else None):
+                x = run_segment_recomputed(self._run_nested, modules, start, stop, x)
+        return self._run(bounds[-2], bounds[-1], x)
+
+    def _run_nested(self, start: int, stop: int, x):
+        inner = self.nested.get((start, stop))
+        return self._run(start, stop, x) if inner is None else self._run_segments([start, *inner, stop], x)
+
+    def forward(self, x):
+        return self._run_segments([*self.boundaries, len(self._modules)], x, self.offload)
 
 
 class RematModule(nn.Module):
@@ -275,6 +303,7 @@ class RematModule(nn.Module):
         boundaries: Sequence[int],
         plan: Any = None,
         offload: CheckpointOffload | None = None,
+        nested: dict[tuple[int, int], tuple[int, ...]] | None = None,
     ):
         super().__init__()
         for name, child in model.named_children():
@@ -291,6 +320,9 @@ class RematModule(nn.Module):
         self.boundaries = tuple(boundaries)
         self.plan = plan
         self.offload = offload
+        self.nested = nested or {}  # recomputed segment (start, stop) -> its inner segment starts
+        if self.nested and offload is not None:
+            raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
         self.training = model.training  # not .train(): the children keep their own flags
 
     def train(self, mode: bool = True) -> RematModule:
@@ -313,8 +345,27 @@ class RematModule(nn.Module):
 
     def _run(self, start: int, stop: int, outside: tuple[int, ...], *args):
         """Pieces ``start..stop-1`` on the outputs of pieces ``outside`` (``args``
-        begins with them) and the model inputs; returns the last piece's output."""
-        return self._run_on(start, stop, dict(zip(outside, args)), args[len(outside) :])
+        begins with them) and the model inputs; returns the last piece's output.
+        A segment with nested checkpoints recomputes its inner segments."""
+        values, inputs = dict(zip(outside, args)), args[len(outside) :]
+        inner = self.nested.get((start, stop))
+        if inner is None:
+            return self._run_on(start, stop, values, inputs)
+        return self._run_segments([start, *inner, stop], values, inputs)
+
+    def _run_segments(self, bounds: Sequence[int], kept: dict[int, Any], inputs: tuple, offload=None):
+        """Segments between ``bounds``, all but the last recomputed in backward; ``kept``
+        holds the earlier outputs they read. Returns the last piece's output."""
+        captured = self._captured
+        for start, stop in zip(bounds[:-2], bounds[1:-1]):
+            outside = captured.outside_reads(start, stop)
+            modules = captured.submodules(start, stop, self)
+            with _saving(offload, kept.get(start - 1)):
+                kept[stop - 1] = run_segment_recomputed(
+                    self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
+                )
+            kept = {q: v for q, v in kept.items() if captured.last_reader[q] >= stop or q == stop - 1}
+        return self._run_on(bounds[-2], bounds[-1], kept, inputs)
 
     def _run_on(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):
         """Pieces ``start..stop-1``; ``values`` maps earlier pieces to their outputs
@@ -339,19 +390,8 @@ class RematModule(nn.Module):
                 "before remat.optimize to train with it"
             )
         inputs = self._inputs(args, kwargs)
-        captured = self._captured
-        n = len(captured.modules)
-        bounds = [0, *self.boundaries, n]
-        kept: dict[int, Any] = {}  # outputs of pieces that later segments read
-        for start, stop in zip(bounds[:-2], bounds[1:-1]):
-            outside = captured.outside_reads(start, stop)
-            modules = captured.submodules(start, stop, self)
-            with _saving(self.offload, kept.get(start - 1)):
-                kept[stop - 1] = run_segment_recomputed(
-                    self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
-                )
-            kept = {q: v for q, v in kept.items() if captured.last_reader[q] >= stop or q == stop - 1}
-        return self._outputs(self._run_on(bounds[-2], n, kept, inputs))
+        bounds = [0, *self.boundaries, len(self._captured.modules)]
+        return self._outputs(self._run_segments(bounds, {}, inputs, self.offload))
 
     def _outputs(self, out):
         """The graph's flat output in the model's output structure (``CodeGen.process_outputs``).
@@ -365,4 +405,5 @@ class RematModule(nn.Module):
 
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
-        return f"keeps: {kept}" + (" (offloaded to host memory)" if self.offload is not None else "")
+        nested = f" (and {sum(map(len, self.nested.values()))} nested in recomputes)" if self.nested else ""
+        return f"keeps: {kept}{nested}" + (" (offloaded to host memory)" if self.offload is not None else "")

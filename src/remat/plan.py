@@ -39,6 +39,10 @@ class Plan:
         costs: ``"flops"``, or ``"profile"`` when the stages were timed on the
             device; then ``recompute_seconds`` is the measured forward time
             of what the plan recomputes.
+        inner: checkpoints nested in the recompute of segments,
+            ``(l, r, (c1, ..))`` as in ``ChainSolution.inner``: those segments
+            are recomputed once more in parts (the stages are then cut only
+            where a single tensor is live).
 
     Example:
         >>> import torch, remat
@@ -64,6 +68,7 @@ class Plan:
     offload: bool = False
     costs: str = "flops"
     recompute_seconds: float | None = None
+    inner: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -86,6 +91,11 @@ class Plan:
             ["peak cut", f"{cut:.1%}"],
             ["budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none (least peak)"],
             ["kept activations", "offloaded to pinned host memory" if self.offload else "on the device"],
+            *(
+                [["nested checkpoints", f"{sum(len(cs) for _, _, cs in self.inner)} in {len(self.inner)} recomputes"]]
+                if self.inner
+                else []
+            ),
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             *(
                 [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]
@@ -108,6 +118,7 @@ class Plan:
             raise ValueError(f"not a remat plan (expected format {_FORMAT!r})")
         data["stage_names"] = tuple(data["stage_names"])
         data["checkpoints"] = tuple(data["checkpoints"])
+        data["inner"] = tuple((l, r, tuple(cs)) for l, r, cs in data.get("inner", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

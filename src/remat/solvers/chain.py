@@ -107,6 +107,9 @@ import numpy as np
 
 _UNREACHABLE = np.iinfo(np.int64).max // 4
 
+# Checkpoints nested in recomputed segments: ``(l, r, (c1, .., ck))`` per segment (l, r].
+Inner = tuple[tuple[int, int, tuple[int, ...]], ...]
+
 # Arrays with one entry per boundary (0..n) rather than per stage.
 _BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "skips_next")
 
@@ -309,6 +312,12 @@ class ChainSolution:
     (only plans from ``min_recompute(..., store=True)`` have any). An executor
     wraps each recomputed segment in a checkpoint and runs the others as they
     are.
+
+    ``inner`` nests checkpoints inside recomputed segments (plans from
+    :mod:`remat.solvers.nested`): an entry ``(l, r, (c1, ..., ck))`` says that
+    the recompute of segment ``(l, r]`` keeps ``a(c1)..a(ck)``; it then runs
+    ``(ck, r]`` normally and recomputes ``(l, c1], ..., (c(k-1), ck]`` again,
+    each when the backward reaches it (they may have entries of their own).
     """
 
     checkpoints: tuple[int, ...]
@@ -316,6 +325,7 @@ class ChainSolution:
     recompute_flops: int
     method: str = ""
     stored: tuple[int, ...] = ()
+    inner: Inner = ()
 
 
 # -- the cost model ----------------------------------------------------------
@@ -458,16 +468,34 @@ class _Terms:
         """Peak of segment (l, r] (forward without saving, recompute, backward)."""
         if not self.allowed(l, r):
             return _UNREACHABLE
-        a_l = int(self.a_in[l])
-        T_ns, T_rc, T_bw = self.T_ns[l + 2 : r + 1], self.T_rc[l + 2 : r + 1], self.T_bw[l + 1 : r + 1]
-        if self.carries:  # the l-dependent terms; O(n) each, so only where they can be nonzero
+        return max(int(self.a_in[l]) + self.forward_unsaved(l, r), self.recompute_phase(l, r))
+
+    def forward_unsaved(self, l: int, r: int) -> int:
+        """Peak of stages l+1..r run forward without saving, over what is held before (a(l) excluded)."""
+        T_ns = self.T_ns[l + 2 : r + 1]
+        if self.carries:  # the l-dependent term; O(n), so only where it can be nonzero
             T_ns = T_ns + self.in_segment(l, self.a_in)[l + 1 : r]
+        return int(max(self.f_ns[l + 1], T_ns.max(initial=0)))
+
+    def recompute_phase(self, l: int, r: int) -> int:
+        """Peak of segment (l, r]'s recompute (saving) and backward, a(l) held throughout."""
+        T_rc, T_bw = self.T_rc[l + 2 : r + 1], self.T_bw[l + 1 : r + 1]
+        if self.carries:
             T_rc = T_rc + self.in_segment(l, self.unretained)[l + 1 : r]
             T_bw = T_bw - self.released_early(l)[l + 1 : r + 1]
-        fns = max(self.f_ns[l + 1], T_ns.max(initial=0))
         rc = max(self.f_s[l + 1], T_rc.max(initial=0) - self.Q[l])
         bw = T_bw.max() - self.Q[l]
-        return a_l + int(max(fns, self.E[r] + rc, self.held + bw))
+        return int(self.a_in[l]) + int(max(self.E[r] + rc, self.held + bw))
+
+    def run_inside(self, c: int, r: int) -> int:
+        """Peak of stages c+1..r run normally (saving, then backward) inside the recompute
+        of a segment that ends at r: the last part of a nested recompute. a(c) is held
+        only while stage c+1 runs, or longer if it saves it (plain chains)."""
+        kept = int(self.a_in[c]) if self.keeps_in[c + 1] else 0
+        rc = int(self.T_rc[c + 2 : r + 1].max(initial=-_UNREACHABLE)) - int(self.Q[c])
+        bw = self.held + int(self.T_bw[c + 1 : r + 1].max()) - int(self.Q[c])
+        E = int(self.E[r])
+        return max(E + int(self.a_in[c] + self.f_s[c + 1]), kept + max(E + rc, bw))
 
     def stored_segment(self, l: int, r: int) -> tuple[int, int]:
         """Peak of a stored middle segment (l, r] (run normally), and the bytes it keeps until its backward.
@@ -577,14 +605,80 @@ def _validate_stored(
     return kept
 
 
-def peak_of(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), *, offload: bool = False) -> int:
+def _validate_inner(chain: Chain, checkpoints: tuple[int, ...], inner: Inner) -> dict[tuple[int, int], tuple[int, ...]]:
+    """``inner`` as a map from recomputed segments to their nested checkpoints, checked."""
+    nested: dict[tuple[int, int], tuple[int, ...]] = {}
+    for l, r, cs in inner:
+        cs = tuple(int(c) for c in cs)
+        if not cs or list(cs) != sorted(set(cs)) or not l < cs[0] <= cs[-1] < r:
+            raise ValueError(f"nested checkpoints of segment ({l}, {r}] must be sorted, distinct and inside it, got {list(cs)}")
+        if (l, r) in nested:
+            raise ValueError(f"segment ({l}, {r}] has two entries of nested checkpoints")
+        nested[int(l), int(r)] = cs
+    if nested and chain.carries:
+        raise ValueError("nested checkpoints are planned only for chains of single-tensor boundaries")
+    pending = _segments(chain.n, checkpoints)[:-1]
+    seen = set()
+    while pending:
+        l, r = pending.pop()
+        if (l, r) in nested:
+            seen.add((l, r))
+            cs = nested[l, r]
+            pending += zip((l, *cs[:-1]), cs)
+    unknown = sorted(set(nested) - seen)
+    if unknown:
+        raise ValueError(
+            f"nested checkpoints given for {unknown}, which are not recomputed segments of the plan: "
+            "a segment is recomputed if it ends at a checkpoint, or before the last nested checkpoint of its parent"
+        )
+    return nested
+
+
+def _nested_phase(
+    terms: _Terms, l: int, r: int, nested: dict[tuple[int, int], tuple[int, ...]], flops: np.ndarray
+) -> tuple[int, int]:
+    """Peak (a(l) included) and recomputed FLOPs of segment (l, r]'s recompute and backward.
+
+    With nested checkpoints ``c1..ck`` the recompute runs ``(l, ck]`` without
+    saving, keeping ``a(l), a(c1), ..`` (as checkpoint's inputs of the inner
+    segments), then ``(ck, r]`` normally, still in the context of ``g(r)``; the
+    inner segments are recomputed again as the backward reaches them, each
+    with the inputs of the inner segments before it kept.
+    """
+    cs = nested.get((l, r))
+    if not cs:
+        return terms.recompute_phase(l, r), int(flops[r] - flops[l])
+    inner = list(zip((l, *cs[:-1]), cs))
+    peak = kept = 0
+    for s, e in inner:
+        peak = max(peak, kept + int(terms.a_in[s] + terms.E[r]) + terms.forward_unsaved(s, e))
+        kept += int(terms.a_in[s])
+    peak = max(peak, kept + terms.run_inside(cs[-1], r))
+    recomputed = int(flops[r] - flops[l])
+    for s, e in reversed(inner):
+        kept -= int(terms.a_in[s])
+        local, more = _nested_phase(terms, s, e, nested, flops)
+        peak = max(peak, kept + local)
+        recomputed += more
+    return peak, recomputed
+
+
+def peak_of(
+    chain: Chain,
+    checkpoints: Sequence[int],
+    stored: Sequence[int] = (),
+    *,
+    offload: bool = False,
+    inner: Inner = (),
+) -> int:
     """Exact peak bytes of one training step of ``chain`` under ``checkpoints``.
 
     ``checkpoints`` are the boundaries ``i`` (1..n-1) whose activation ``a(i)``
     (the output of stage ``i``) is kept; ``[]`` stores everything. ``stored``
     names the starts of middle segments that run normally instead of being
-    recomputed (see :class:`ChainSolution`). With ``offload``, kept
-    activations wait in host memory (see "Offload" above).
+    recomputed, ``inner`` the checkpoints nested in recomputed segments (see
+    :class:`ChainSolution`). With ``offload``, kept activations wait in host
+    memory (see "Offload" above).
 
     Example:
         >>> chain = Chain.random(8, seed=0)
@@ -593,34 +687,51 @@ def peak_of(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = ()
         >>> peak_of(chain, [2, 5, 6], stored=[2]) >= peak_of(chain, [2, 5, 6])
         True
     """
+    return _cost(chain, checkpoints, stored, offload, inner)[0]
+
+
+def _cost(
+    chain: Chain,
+    checkpoints: Sequence[int],
+    stored: Sequence[int] = (),
+    offload: bool = False,
+    inner: Inner = (),
+    terms: _Terms | None = None,
+) -> tuple[int, int, tuple[int, ...], frozenset[int]]:
+    """Peak bytes and recomputed FLOPs of a plan, with its checked checkpoints and stored starts."""
     _check_offload(chain, offload)
     cps = _validate(chain, checkpoints)
     kept = _validate_stored(chain, cps, stored, offload)
+    nested = _validate_inner(chain, cps, inner)
+    if nested and (kept or offload):
+        raise ValueError("nested checkpoints are planned without stored segments and without offload")
+    terms = terms or _Terms(chain)
+    flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)])
+    segments = _segments(chain.n, cps)[:-1]
+    recomputed = sum(int(flops[r] - flops[l]) for l, r in segments if l not in kept)
     if offload:
-        return chain.base_bytes + _peak_offloaded(_Terms(chain), cps)
-    return chain.base_bytes + _peak_with(_Terms(chain), cps, kept)
-
-
-def _peak_with(terms: _Terms, checkpoints: Sequence[int], stored: frozenset[int] = frozenset()) -> int:
-    """Peak over ``base_bytes`` of a (validated) plan."""
-    peak = kept = 0
-    segments = _segments(terms.n, checkpoints)
-    for l, r in segments[:-1]:
-        if l in stored:
+        return chain.base_bytes + _peak_offloaded(terms, cps), recomputed, cps, kept
+    peak = held = 0
+    for l, r in segments:
+        if l in kept:
             local, keeps = terms.stored_segment(l, r)
         else:
-            local, keeps = terms.recompute_segment(l, r), int(terms.a_in[l])
-        peak = max(peak, kept + local)
-        kept += keeps
-    return max(peak, kept + terms.last_segment(segments[-1][0]))
+            local, more = _nested_phase(terms, l, r, nested, flops)
+            local = max(local, int(terms.a_in[l]) + terms.forward_unsaved(l, r))
+            recomputed += more - int(flops[r] - flops[l])
+            keeps = int(terms.a_in[l])
+        peak = max(peak, held + local)
+        held += keeps
+    peak = max(peak, held + terms.last_segment(segments[-1][1] if segments else 0))
+    return chain.base_bytes + peak, recomputed, cps, kept
 
 
-def recompute_flops_of(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = ()) -> int:
-    """FLOPs recomputed under ``checkpoints``: every stage before the last segment, but stored segments."""
-    cps = _validate(chain, checkpoints)
-    kept = _validate_stored(chain, cps, stored)
-    segments = _segments(chain.n, cps)[:-1]
-    return sum(int(chain.fwd_flops[l:r].sum()) for l, r in segments if l not in kept)
+def recompute_flops_of(
+    chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Inner = ()
+) -> int:
+    """FLOPs recomputed under a plan: every stage before the last segment but stored segments,
+    and the nested recomputes of ``inner``."""
+    return _cost(chain, checkpoints, stored, inner=inner)[1]
 
 
 def _solution(
@@ -630,12 +741,10 @@ def _solution(
     terms: _Terms | None = None,
     offload: bool = False,
     stored: Sequence[int] = (),
+    inner: Inner = (),
 ) -> ChainSolution:
-    cps = _validate(chain, checkpoints)
-    kept = _validate_stored(chain, cps, stored, offload)
-    terms = terms or _Terms(chain)
-    peak = chain.base_bytes + (_peak_offloaded(terms, cps) if offload else _peak_with(terms, cps, kept))
-    return ChainSolution(cps, peak, recompute_flops_of(chain, cps, tuple(kept)), method, tuple(sorted(kept)))
+    peak, recomputed, cps, kept = _cost(chain, checkpoints, stored, offload, inner, terms)
+    return ChainSolution(cps, peak, recomputed, method, tuple(sorted(kept)), tuple(inner))
 
 
 # -- solvers -----------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""Nested checkpoints: recompute some segments more than once, for lower peaks.
+
+The plans of :mod:`remat.solvers.chain` recompute each segment once, from its
+checkpoint, and then hold all of it; a long segment of large activations sets
+the peak. Here the recompute of a segment ``(l, r]`` may itself keep
+checkpoints ``c1 < .. < ck`` (``ChainSolution.inner``): it runs ``(l, ck]``
+without saving, ``(ck, r]`` normally, and recomputes ``(l, c1], ..,
+(c(k-1), ck]`` again when the backward reaches them, each of which may nest in
+turn (as Griewank's revolve, and the heterogeneous-chain algorithm of
+Beaumont et al., 2019). The executor nests ``torch.utils.checkpoint``
+(non-reentrant checkpoints nest: an inner checkpoint's inputs are saved by the
+outer one). ``peak_of(chain, checkpoints, inner=...)`` gives the exact peak.
+
+Recompute is no longer fixed by where the last segment starts, so peak and
+recompute trade off at every level. The dynamic program below minimises the
+recomputed FLOPs for every memory limit on a grid of ``slots`` steps at once:
+
+* ``B(l, r, m)``: the least FLOPs of segment ``(l, r]``'s recompute and
+  backward within ``m`` (its input ``a(l)`` counted): recompute it whole
+  (``recompute_phase <= m``), or keep a first inner checkpoint ``c``: run
+  ``(l, c]`` without saving next to ``g(r)`` and what the backward holds
+  (``a(l) + E(r) + forward_unsaved(l, c) <= m``), go on with ``G_r(c, m - a(l))``
+  and later do ``B(l, c, m)``;
+* ``G_r(c, m)``: the rest of that recompute from inner checkpoint ``c``: run
+  ``(c, r]`` normally (``run_inside(c, r) <= m``), or keep a next ``c2``;
+* ``T(l, m)``: the top level, from checkpoint ``l``: the last segment
+  (``S(l) <= m``), or a recomputed segment ``(l, c]`` then ``T(c, m - a(l))``.
+
+Sizes are rounded up to the grid, so every plan found fits its limit exactly
+(``peak_of`` is evaluated on the plan found); the rounding can miss plans
+within a few grid steps of a limit. O(n^3 slots) time, O(n^2 slots) memory:
+for chains of up to a few hundred stages. Plain chains only (single-tensor
+boundaries).
+
+Example:
+    >>> from remat.solvers.chain import Chain, min_peak
+    >>> from remat.solvers.nested import min_peak_nested
+    >>> chain = Chain.random(30, seed=4)
+    >>> single = min_peak(chain)
+    >>> nested = min_peak_nested(chain, max_recompute_flops=2 * int(chain.fwd_flops.sum()))
+    >>> nested.peak_bytes <= single.peak_bytes
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from remat.solvers.chain import Chain, ChainSolution, _solution, _Terms, min_peak, store_all
+
+__all__ = ["MAX_STAGES", "min_peak_nested", "min_recompute_nested"]
+
+MAX_STAGES = 240  # beyond this the O(n^3 slots) program takes more than seconds
+_INF = np.int64(1) << 61
+
+
+class _Program:
+    """The tables of the dynamic program at one grid step ``q`` (bytes)."""
+
+    def __init__(self, chain: Chain, limit: int, slots: int):
+        if chain.carries:
+            raise ValueError("nested checkpoints are planned only for chains of single-tensor boundaries")
+        if chain.n > MAX_STAGES:
+            raise ValueError(f"nested plans are solved for chains of up to {MAX_STAGES} stages, not {chain.n}")
+        self.chain = chain
+        self.terms = t = _Terms(chain)
+        self.n = n = chain.n
+        self.slots = slots
+        self.q = max(1, -(-max(limit, 1) // slots))
+        self.flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)]).astype(np.int64)
+        self.memory = np.arange(slots + 1)
+        units = self.units
+        self.a = [units(x) for x in t.a_in]
+        self.E = [int(x) for x in t.E]
+        # forward_unsaved(l, c), recompute_phase(l, r), run_inside(c, r) for all pairs, in bytes.
+        self.unsaved = np.zeros((n + 1, n + 1), dtype=np.int64)
+        self.phase = np.zeros((n + 1, n + 1), dtype=np.int64)
+        self.inside = np.zeros((n + 1, n + 1), dtype=np.int64)
+        for l in range(n):
+            for r in range(l + 1, n + 1):
+                self.unsaved[l, r] = t.forward_unsaved(l, r)
+                if r < n:
+                    self.phase[l, r] = t.recompute_phase(l, r)
+                    self.inside[l, r] = t.run_inside(l, r)
+        self.B = np.full((n + 1, n + 1, slots + 1), _INF, dtype=np.int64)
+        for r in range(1, n):
+            G = self.rest(r)
+            for l in range(r - 1, -1, -1):
+                self.B[l, r] = self.phase_options(l, r, G).min(axis=0)
+        self.T = np.full((n + 1, slots + 1), _INF, dtype=np.int64)
+        for l in range(n - 1, -1, -1):
+            self.T[l] = self.top_options(l).min(axis=0)
+
+    def units(self, nbytes) -> int:
+        return int(-(-int(nbytes) // self.q))
+
+    def _shifted(self, table: np.ndarray, by: int) -> np.ndarray:
+        """``out[..., m] = table[..., m - by]`` (infinite below ``by``)."""
+        out = np.full_like(table, _INF)
+        if by <= self.slots:
+            out[..., by:] = table[..., : self.slots + 1 - by]
+        return out
+
+    def _fits(self, nbytes) -> np.ndarray:
+        """Per grid limit m (rows: one per entry of ``nbytes``): whether it fits."""
+        need = np.array([self.units(x) for x in np.atleast_1d(nbytes)])
+        return self.memory[None, :] >= need[:, None]
+
+    def rest(self, r: int) -> np.ndarray:
+        """``G_r(c, m)`` for every c < r (rows), with r fixed."""
+        G = np.full((r + 1, self.slots + 1), _INF, dtype=np.int64)
+        for c in range(r - 1, 0, -1):
+            G[c] = self.rest_options(c, r, G).min(axis=0)
+        return G
+
+    def rest_options(self, c: int, r: int, G: np.ndarray) -> np.ndarray:
+        """Candidates for ``G_r(c, .)``: row 0 runs (c, r] normally, row j keeps c + j."""
+        flops = self.flops
+        whole = np.where(self._fits(self.inside[c, r])[0], flops[r] - flops[c], _INF)
+        nxt = np.arange(c + 1, r)
+        if not nxt.size:
+            return whole[None, :]
+        fits = self._fits(self.terms.a_in[c] + self.E[r] + self.unsaved[c, nxt])
+        cost = (flops[nxt] - flops[c])[:, None] + self.B[c, nxt] + self._shifted(G[nxt], self.a[c])
+        return np.minimum(np.vstack([whole[None, :], np.where(fits, cost, _INF)]), _INF)
+
+    def phase_options(self, l: int, r: int, G: np.ndarray) -> np.ndarray:
+        """Candidates for ``B(l, r, .)``: row 0 recomputes it whole, row j keeps l + j first."""
+        flops = self.flops
+        whole = np.where(self._fits(self.phase[l, r])[0], flops[r] - flops[l], _INF)
+        first = np.arange(l + 1, r)
+        if not first.size:
+            return whole[None, :]
+        fits = self._fits(self.terms.a_in[l] + self.E[r] + self.unsaved[l, first])
+        cost = (flops[first] - flops[l])[:, None] + self.B[l, first] + self._shifted(G[first], self.a[l])
+        return np.minimum(np.vstack([whole[None, :], np.where(fits, cost, _INF)]), _INF)
+
+    def top_options(self, l: int) -> np.ndarray:
+        """Candidates for ``T(l, .)``: row 0 is the last segment, row j keeps l + j."""
+        n = self.n
+        last = np.where(self._fits(self.terms.S[l])[0], 0, _INF)
+        nxt = np.arange(l + 1, n)
+        if not nxt.size:
+            return last[None, :]
+        fits = self._fits(self.terms.a_in[l] + self.unsaved[l, nxt]) & (self.B[l, nxt] < _INF)
+        cost = self.B[l, nxt] + self._shifted(self.T[nxt], self.a[l])
+        return np.minimum(np.vstack([last[None, :], np.where(fits, cost, _INF)]), _INF)
+
+    # -- the plan behind a table entry -------------------------------------------
+    def plan(self, m: int) -> ChainSolution:
+        checkpoints: list[int] = []
+        inner: list[tuple[int, int, tuple[int, ...]]] = []
+        l = 0
+        while True:
+            choice = int(np.argmin(self.top_options(l)[:, m]))
+            if choice == 0:
+                break
+            c = l + choice
+            checkpoints.append(c)
+            self._phase_plan(l, c, m, inner)
+            m -= self.a[l]
+            l = c
+        return _solution(self.chain, checkpoints, "nested", self.terms, inner=tuple(sorted(inner)))
+
+    def _phase_plan(self, l: int, r: int, m: int, inner: list) -> None:
+        G = self.rest(r)
+        choice = int(np.argmin(self.phase_options(l, r, G)[:, m]))
+        if choice == 0:
+            return
+        cs = [l + choice]
+        self._phase_plan(l, cs[0], m, inner)
+        m -= self.a[l]
+        while True:
+            c = cs[-1]
+            choice = int(np.argmin(self.rest_options(c, r, G)[:, m]))
+            if choice == 0:
+                break
+            cs.append(c + choice)
+            self._phase_plan(c, c + choice, m, inner)
+            m -= self.a[c]
+        inner.append((l, r, tuple(cs)))
+
+
+def min_recompute_nested(chain: Chain, budget_bytes: int, slots: int = 400) -> ChainSolution | None:
+    """The least recompute with nested checkpoints within ``budget_bytes`` (``None``: none found).
+
+    Every plan of :func:`remat.solvers.chain.min_recompute` is a candidate,
+    so this does at least as well up to the grid's rounding (``slots`` steps
+    between 0 and the budget).
+    """
+    limit = budget_bytes - chain.base_bytes
+    if limit <= 0:
+        return None
+    program = _Program(chain, limit, slots)
+    m = limit // program.q
+    if program.T[0, m] >= _INF:
+        return None
+    return program.plan(m)
+
+
+def min_peak_nested(chain: Chain, max_recompute_flops: int, slots: int = 400) -> ChainSolution:
+    """The least peak with nested checkpoints that recomputes at most ``max_recompute_flops``.
+
+    Among plans of that peak (on the grid of ``slots`` steps up to the peak
+    of the least-peak plan without nesting), the least recompute.
+    """
+    single = min_peak(chain)
+    upper = single if single.recompute_flops <= max_recompute_flops else store_all(chain)
+    program = _Program(chain, upper.peak_bytes - chain.base_bytes, slots)
+    within = np.nonzero(program.T[0] <= max_recompute_flops)[0]
+    if not within.size:
+        return upper
+    best = program.plan(int(within[0]))
+    return best if best.peak_bytes < upper.peak_bytes else upper
