@@ -40,7 +40,7 @@ from remat import InfeasibleBudget, measure_step, models
 from remat.api import _Profiled
 from remat.execute import RematModule, segment_starts
 from remat.report import format_bytes
-from remat.solvers.chain import min_peak, sqrt_segments, uniform_segments
+from remat.solvers.chain import sqrt_segments, uniform_segments
 from machine import results_header
 
 ROOT = Path(__file__).resolve().parent
@@ -104,19 +104,19 @@ def run_one(name: str, spec: str, batch: int, shape) -> dict:
     profiled = _Profiled.of(model, inputs, None)
     chain = profiled.chain
 
-    def remat_module(checkpoints, plan=None) -> RematModule:
-        return RematModule(model, profiled.captured, segment_starts(profiled.groups, checkpoints), plan)
+    def remat_module(checkpoints) -> RematModule:
+        return RematModule(model, profiled.captured, segment_starts(profiled.groups, checkpoints))
 
     rows.append(("remat sqrt", measure_step(remat_module(sqrt_segments(chain).checkpoints), inputs, fake=True)))
     rows.append(
         ("remat per-block", measure_step(remat_module(uniform_segments(chain, chain.n).checkpoints), inputs, fake=True))
     )
-    rows.append(("remat least peak", measure_step(remat_module(min_peak(chain).checkpoints), inputs, fake=True)))
+    rows.append(("remat least peak", measure_step(profiled.module(profiled.solve(None)), inputs, fake=True)))
     budget = per_layer.peak_bytes
     label = f"remat @ per-layer peak ({format_bytes(budget)})"
     try:
         plan = profiled.solve(budget)
-        rows.append((label, measure_step(remat_module(plan.checkpoints, plan), inputs, fake=True)))
+        rows.append((label, measure_step(profiled.module(plan), inputs, fake=True)))
     except InfeasibleBudget as error:
         rows.append((label, f"InfeasibleBudget: {error}"))
     seconds = time.perf_counter() - start

@@ -35,7 +35,15 @@ from remat.measure import (
     unique_storage_bytes,
 )
 from remat.plan import Plan
-from remat.solvers.chain import Chain, ChainSolution, min_peak, min_recompute, pareto_front, recompute_flops_of
+from remat.solvers.chain import (
+    Chain,
+    ChainSolution,
+    min_peak,
+    min_recompute,
+    pareto_front,
+    recompute_flops_of,
+    single_tensor_boundaries,
+)
 from remat.solvers.nested import MAX_STAGES as MAX_NESTED_STAGES
 from remat.solvers.nested import min_peak_nested, min_recompute_nested
 
@@ -398,16 +406,25 @@ class _Profiled:
 
     def _with_nested(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan with nested checkpoints if it does better: a lower
-        peak within one forward of recompute, or less recompute within the budget."""
+        peak, or less recompute within the budget. Nested plans recompute at most one
+        forward (plans without recompute less), so the least peak is the same in both modes."""
+        # The single-tensor cuts are the carried chain's boundaries that nothing live crosses.
+        if len(single_tensor_boundaries(self.chain)) >= MAX_NESTED_STAGES:
+            return solution
         chain = self.plain().chain
         if chain.n > MAX_NESTED_STAGES:
             return solution
+        forward = int(chain.fwd_flops[:-1].sum())
         if budget_bytes is None:
-            nested = min_peak_nested(chain, max_recompute_flops=int(chain.fwd_flops[:-1].sum()))
+            nested = min_peak_nested(chain, max_recompute_flops=forward)
             better = nested.peak_bytes < solution.peak_bytes
         else:
             nested = min_recompute_nested(chain, budget_bytes)
-            better = nested is not None and (solution is None or nested.recompute_flops < solution.recompute_flops)
+            better = (
+                nested is not None
+                and nested.recompute_flops <= forward
+                and (solution is None or nested.recompute_flops < solution.recompute_flops)
+            )
         return nested if better and nested.inner else solution
 
 

@@ -122,6 +122,7 @@ __all__ = [
     "min_recompute",
     "pareto_front",
     "store_all",
+    "single_tensor_boundaries",
     "sqrt_segments",
     "uniform_segments",
 ]
@@ -1184,7 +1185,7 @@ def uniform_segments(chain: Chain, k: int) -> ChainSolution:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, chain.n)
     targets = [round(j * chain.n / k) for j in range(1, k)]
-    free = np.array(_single_tensor_boundaries(chain))
+    free = np.array(single_tensor_boundaries(chain))
     if not free.size:
         return _solution(chain, (), f"uniform_{k}")
     # The nearest boundary where only one activation is live (always a valid plan).
@@ -1192,7 +1193,7 @@ def uniform_segments(chain: Chain, k: int) -> ChainSolution:
     return _solution(chain, cps, f"uniform_{k}")
 
 
-def _single_tensor_boundaries(chain: Chain) -> list[int]:
+def single_tensor_boundaries(chain: Chain) -> list[int]:
     """Boundaries 1..n-1 across which no earlier activation stays live."""
     if not chain.carries:
         return list(range(1, chain.n))
