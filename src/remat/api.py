@@ -255,6 +255,7 @@ def plan(
     profile: Profile = "fake",
     offload: bool = False,
     costs: Costs = "flops",
+    grad_accumulation: bool = False,
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
@@ -284,6 +285,13 @@ def plan(
             of repeats, CUDA events on a GPU) and report the plan's recompute
             in seconds (``Plan.recompute_seconds``); ties between plans of
             equal peak go to the one that recomputes for the least time.
+        grad_accumulation: plan for steps whose parameter gradients exist
+            before the backward (gradient accumulation over micro-batches, or
+            ``zero_grad(set_to_none=False)``): their memory is live all step,
+            so the least step peak is the least activation peak. By default
+            the gradients are made during the backward (``zero_grad()``
+            before each step), and the plan keeps more activations early in
+            the backward, where few gradients exist yet.
 
     Example:
         >>> import torch, remat
@@ -292,7 +300,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload, costs)[1]
+    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)[1]
 
 
 @dataclasses.dataclass
@@ -310,10 +318,18 @@ class _Profiled:
     fake: bool = True  # measured on fake tensors
     _seconds: np.ndarray | None = None  # forward seconds per stage, for costs="profile"
     _plain: _Profiled | None = None  # profiled with single-tensor cuts only, for nested plans
+    grad_accumulation: bool = False  # parameter gradients exist all step (see plan())
 
     @classmethod
     def of(
-        cls, model: nn.Module, example_inputs: Any, loss_fn, profile: Profile = "fake", *, carried: bool = True
+        cls,
+        model: nn.Module,
+        example_inputs: Any,
+        loss_fn,
+        profile: Profile = "fake",
+        *,
+        carried: bool = True,
+        grad_accumulation: bool = False,
     ) -> _Profiled:
         inputs = as_tuple(example_inputs)
         check_model_and_inputs(model, inputs)
@@ -321,7 +337,10 @@ class _Profiled:
         start = time.perf_counter()
         captured, chain, groups, profile = _capture_and_profile(model, inputs, loss_fn, profile, carried)
         elapsed = time.perf_counter() - start
-        return cls(model, inputs, loss_fn, captured, chain, groups, elapsed, fake=profile == "fake")
+        return cls(
+            model, inputs, loss_fn, captured, chain, groups, elapsed,
+            fake=profile == "fake", grad_accumulation=grad_accumulation,
+        )
 
     def plain(self) -> _Profiled:
         """The model cut only where a single tensor is live: nested plans need such a chain."""
@@ -329,9 +348,20 @@ class _Profiled:
             return self
         if self._plain is None:
             profile = "fake" if self.fake else "device"
-            self._plain = _Profiled.of(self.model, self.inputs, self.loss_fn, profile, carried=False)
+            self._plain = _Profiled.of(
+                self.model, self.inputs, self.loss_fn, profile, carried=False, grad_accumulation=self.grad_accumulation
+            )
             self._plain.baseline = self.baseline
         return self._plain
+
+    def planned(self, chain: Chain) -> Chain:
+        """``chain`` as the solvers should see it: with gradient accumulation the parameter
+        gradients are there from the start (base bytes), and each stage's new ones are
+        temporaries added into them (inside its backward peak)."""
+        if not self.grad_accumulation:
+            return chain
+        grads = chain.param_grad_bytes
+        return dataclasses.replace(chain, base_bytes=chain.base_bytes + int(grads.sum()), param_grad_bytes=0 * grads)
 
     def module(self, plan: Plan) -> RematModule:
         """The model run with ``plan``, on the capture the plan was made for."""
@@ -357,7 +387,9 @@ class _Profiled:
         recompute_seconds: float | None = None,
     ) -> Plan:
         if self.baseline is None:
-            self.baseline = measure_step(self.model, self.inputs, self.loss_fn, fake=self.fake)
+            self.baseline = measure_step(
+                self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
+            )
         source = self.plain() if solution.inner else self
         return Plan(
             stage_names=source.chain.names,
@@ -376,12 +408,13 @@ class _Profiled:
             costs="flops" if recompute_seconds is None else "profile",
             recompute_seconds=recompute_seconds,
             inner=solution.inner,
+            grad_accumulation=self.grad_accumulation,
         )
 
     def solve(self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops") -> Plan:
         if costs not in ("flops", "profile"):
             raise ValueError(f"costs must be 'flops' or 'profile', got {costs!r}")
-        chain = self.chain
+        chain = self.planned(self.chain)
         if costs == "profile":
             # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
             chain = dataclasses.replace(chain, fwd_flops=np.round(self.stage_seconds() * 1e9).astype(np.int64))
@@ -411,7 +444,7 @@ class _Profiled:
         # The single-tensor cuts are the carried chain's boundaries that nothing live crosses.
         if len(single_tensor_boundaries(self.chain)) >= MAX_NESTED_STAGES:
             return solution
-        chain = self.plain().chain
+        chain = self.planned(self.plain().chain)
         if chain.n > MAX_NESTED_STAGES:
             return solution
         forward = int(chain.fwd_flops[:-1].sum())
@@ -453,11 +486,20 @@ def _capture_and_profile(
 
 
 def _plan_and_capture(
-    model, example_inputs, loss_fn, budget, profile: Profile = "fake", offload: bool = False, costs: Costs = "flops"
+    model,
+    example_inputs,
+    loss_fn,
+    budget,
+    profile: Profile = "fake",
+    offload: bool = False,
+    costs: Costs = "flops",
+    grad_accumulation: bool = False,
 ):
     budget_bytes = None if budget is None else parse_bytes(budget)
     offload = offload and _offload_possible(model, as_tuple(example_inputs))
-    profiled = _Profiled.of(model, example_inputs, loss_fn, profile, carried=not offload)
+    profiled = _Profiled.of(
+        model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
+    )
     return profiled, profiled.solve(budget_bytes, offload, costs)
 
 
@@ -554,6 +596,7 @@ def optimize(
     profile: Profile = "fake",
     offload: bool = False,
     costs: Costs = "flops",
+    grad_accumulation: bool = False,
 ) -> RematModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -569,6 +612,7 @@ def optimize(
         offload: keep the checkpoints in pinned host memory, as in
             :func:`plan` (with ``plan=``, the plan's own setting is used).
         costs: ``"flops"`` or ``"profile"`` (time the stages), as in :func:`plan`.
+        grad_accumulation: plan for gradients that exist all step, as in :func:`plan`.
 
     Example:
         >>> import torch, remat
@@ -592,6 +636,6 @@ def optimize(
         offload = CheckpointOffload() if plan.offload else None
         starts = segment_starts(groups, plan.checkpoints)
         return RematModule(model, captured, starts, plan, offload, nested_starts(groups, plan.inner))
-    profiled, chosen = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload, costs)
+    profiled, chosen = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
     return profiled.module(chosen)
 

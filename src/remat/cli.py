@@ -166,15 +166,17 @@ def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str
 
 
 def _make_plan(
-    source: models.ModelSource, fake: bool, budget: str | None, costs: str = "flops"
+    source: models.ModelSource, fake: bool, budget: str | None, costs: str = "flops", grad_accumulation: bool = False
 ) -> tuple[remat.Plan, StepMeasurement]:
     """The plan, and one step of the planned module measured (on fake or real tensors)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
     goal = "the least peak" if budget is None else f"the least recompute within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
-        optimized = remat.optimize(source.model, source.example_inputs, budget=budget_bytes, costs=costs)
+        optimized = remat.optimize(
+            source.model, source.example_inputs, budget=budget_bytes, costs=costs, grad_accumulation=grad_accumulation
+        )
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
-        measured = measure_step(optimized, source.example_inputs, fake=fake)
+        measured = measure_step(optimized, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation)
     return optimized.plan, measured
 
 
@@ -184,8 +186,14 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
     return [
         ("stages", f"{len(plan.stage_names)} (the loss last)"),
         ("kept activations", f"{len(plan.checkpoints)}: {kept}"),
+        *(
+            [("nested checkpoints", f"{sum(len(cs) for _, _, cs in plan.inner)} in {len(plan.inner)} recomputes")]
+            if plan.inner
+            else []
+        ),
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
         ("budget", _budget_text(plan.budget_bytes)),
+        ("parameter gradients", "exist all step (accumulation)" if plan.grad_accumulation else "made in backward"),
         ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
         (f"measured peak ({'fake' if fake else 'real'} tensors)", format_bytes(measured.peak_bytes)),
         ("peak cut", f"{_percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes):.1%}"),
@@ -227,6 +235,8 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "recompute_flops": plan.recompute_flops,
         "recompute_overhead": plan.recompute_overhead,
         "recompute_seconds": plan.recompute_seconds,
+        "nested_checkpoints": [[l, r, list(cs)] for l, r, cs in plan.inner],
+        "grad_accumulation": plan.grad_accumulation,
         "capture_seconds": plan.capture_seconds,
         "solve_seconds": plan.solve_seconds,
     }
@@ -251,6 +261,13 @@ def plan(
             help="flops (counted) or profile (also time every stage's forward on --device, real tensors)",
         ),
     ] = "flops",
+    grad_accumulation: Annotated[
+        bool,
+        typer.Option(
+            "--grad-accumulation",
+            help="plan for steps whose parameter gradients exist from the start (gradient accumulation)",
+        ),
+    ] = False,
 ) -> None:
     """The least-peak checkpoint plan (or the least recompute within --budget): what it keeps, its peak, its cost.
 
@@ -260,7 +277,7 @@ def plan(
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
         source = _load(model, batch, input, device)
-        chosen, measured = _make_plan(source, fake, budget, costs)
+        chosen, measured = _make_plan(source, fake, budget, costs, grad_accumulation)
         _print_table(_describe(source, fake), ["", "remat plan"], _plan_rows(chosen, measured, fake), numbers=False)
         if json_out is not None:
             _write_json(json_out, _plan_json(source, chosen, measured, fake))

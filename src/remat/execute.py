@@ -364,7 +364,9 @@ class RematModule(nn.Module):
                 kept[stop - 1] = run_segment_recomputed(
                     self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
                 )
-            kept = {q: v for q, v in kept.items() if captured.last_reader[q] >= stop or q == stop - 1}
+            # In place: a nested caller holds this dict until its recompute returns.
+            for q in [q for q in kept if captured.last_reader[q] < stop and q != stop - 1]:
+                del kept[q]
         return self._run_on(bounds[-2], bounds[-1], kept, inputs)
 
     def _run_on(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):

@@ -332,6 +332,7 @@ def measure_step(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
     fake: bool = False,
+    grad_accumulation: bool = False,
 ) -> StepMeasurement:
     """Run one training step and measure its memory, FLOPs and time.
 
@@ -345,6 +346,10 @@ def measure_step(
         example_inputs: a tensor or a tuple of positional inputs.
         loss_fn: output -> scalar loss; default :func:`default_loss`.
         fake: simulate on fake tensors (no memory used, any size, any machine).
+        grad_accumulation: measure a step whose parameter gradients exist
+            before it starts (a gradient-accumulation micro-step): they are
+            counted in ``peak_bytes`` and ``gradient_bytes`` all step long,
+            and the backward adds into them.
 
     Example:
         >>> import torch, remat
@@ -359,6 +364,11 @@ def measure_step(
         params = [p for p in module.parameters() if p.requires_grad]
         round_to = round_to_of(device)
         parameter_bytes = unique_storage_bytes([*module.parameters(), *module.buffers()], round_to)
+        existing_grad_bytes = 0
+        if grad_accumulation:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            existing_grad_bytes = unique_storage_bytes([p.grad for p in params], round_to)
         input_bytes = unique_storage_bytes(tree_flatten(inputs)[0], round_to)
         saved: dict[int, torch.Tensor] = {}
 
@@ -390,8 +400,11 @@ def measure_step(
         base = parameter_bytes + input_bytes
         activation_peak = _activation_peak(mem, grad_records)
         gradient_bytes = unique_storage_bytes(grads, round_to)
+        if grad_accumulation:
+            for p in params:
+                p.grad = None  # ours, not the user's (the model's own .grad is put back)
         return StepMeasurement(
-            peak_bytes=base + mem.peak_bytes,
+            peak_bytes=base + existing_grad_bytes + mem.peak_bytes,
             activation_peak_bytes=activation_peak,
             saved_bytes=saved_bytes,
             parameter_bytes=parameter_bytes,

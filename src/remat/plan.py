@@ -43,6 +43,8 @@ class Plan:
             ``(l, r, (c1, ..))`` as in ``ChainSolution.inner``: those segments
             are recomputed once more in parts (the stages are then cut only
             where a single tensor is live).
+        grad_accumulation: planned (and the baseline measured) for steps
+            whose parameter gradients exist from the start.
 
     Example:
         >>> import torch, remat
@@ -69,6 +71,7 @@ class Plan:
     costs: str = "flops"
     recompute_seconds: float | None = None
     inner: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
+    grad_accumulation: bool = False
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -91,6 +94,7 @@ class Plan:
             ["peak cut", f"{cut:.1%}"],
             ["budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none (least peak)"],
             ["kept activations", "offloaded to pinned host memory" if self.offload else "on the device"],
+            ["parameter gradients", "exist all step (accumulation)" if self.grad_accumulation else "made in backward"],
             *(
                 [["nested checkpoints", f"{sum(len(cs) for _, _, cs in self.inner)} in {len(self.inner)} recomputes"]]
                 if self.inner
