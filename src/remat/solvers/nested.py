@@ -26,11 +26,13 @@ recomputed FLOPs for every memory limit on a grid of ``slots`` steps at once:
 * ``T(l, m)``: the top level, from checkpoint ``l``: the last segment
   (``S(l) <= m``), or a recomputed segment ``(l, c]`` then ``T(c, m - a(l))``.
 
-Sizes are rounded up to the grid, so every plan found fits its limit exactly
-(``peak_of`` is evaluated on the plan found); the rounding can miss plans
-within a few grid steps of a limit. O(n^3 slots) time, O(n^2 slots) memory:
-for chains of up to a few hundred stages. Plain chains only (single-tensor
-boundaries).
+Sizes rounded up to the grid make every plan found fit its limit, but miss
+plans within a few grid steps of it (a budget equal to a plan's peak, say);
+rounded down, the program finds those, and some that do not fit. Both are
+solved, every plan found is evaluated exactly (``peak_of``), and the best
+that fits wins, with the best plan without nesting as a candidate too.
+O(n^3 slots) time, O(n^2 slots) memory: for chains of up to a few hundred
+stages. Plain chains only (single-tensor boundaries).
 
 Example:
     >>> from remat.solvers.chain import Chain, min_peak
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from remat.solvers.chain import Chain, ChainSolution, _solution, _Terms, min_peak, store_all
+from remat.solvers.chain import Chain, ChainSolution, _solution, _Terms, min_peak, min_recompute, store_all
 
 __all__ = ["MAX_STAGES", "min_peak_nested", "min_recompute_nested"]
 
@@ -57,7 +59,7 @@ _INF = np.int64(1) << 61
 class _Program:
     """The tables of the dynamic program at one grid step ``q`` (bytes)."""
 
-    def __init__(self, chain: Chain, limit: int, slots: int):
+    def __init__(self, chain: Chain, limit: int, slots: int, round_up: bool = True):
         if chain.carries:
             raise ValueError("nested checkpoints are planned only for chains of single-tensor boundaries")
         if chain.n > MAX_STAGES:
@@ -67,6 +69,7 @@ class _Program:
         self.n = n = chain.n
         self.slots = slots
         self.q = max(1, -(-max(limit, 1) // slots))
+        self.round_up = round_up
         self.flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)]).astype(np.int64)
         self.memory = np.arange(slots + 1)
         units = self.units
@@ -92,7 +95,7 @@ class _Program:
             self.T[l] = self.top_options(l).min(axis=0)
 
     def units(self, nbytes) -> int:
-        return int(-(-int(nbytes) // self.q))
+        return int(-(-int(nbytes) // self.q)) if self.round_up else int(nbytes) // self.q
 
     def _shifted(self, table: np.ndarray, by: int) -> np.ndarray:
         """``out[..., m] = table[..., m - by]`` (infinite below ``by``)."""
@@ -184,18 +187,19 @@ class _Program:
 def min_recompute_nested(chain: Chain, budget_bytes: int, slots: int = 400) -> ChainSolution | None:
     """The least recompute with nested checkpoints within ``budget_bytes`` (``None``: none found).
 
-    Every plan of :func:`remat.solvers.chain.min_recompute` is a candidate,
-    so this does at least as well up to the grid's rounding (``slots`` steps
-    between 0 and the budget).
+    The plan of :func:`remat.solvers.chain.min_recompute` is a candidate, so
+    this never does worse; the grid has ``slots`` steps between 0 and the budget.
     """
     limit = budget_bytes - chain.base_bytes
-    if limit <= 0:
-        return None
-    program = _Program(chain, limit, slots)
-    m = limit // program.q
-    if program.T[0, m] >= _INF:
-        return None
-    return program.plan(m)
+    candidates = [min_recompute(chain, budget_bytes)]
+    if limit > 0:
+        for round_up in (True, False):
+            program = _Program(chain, limit, slots, round_up)
+            m = min(limit // program.q, slots)
+            if program.T[0, m] < _INF:
+                candidates.append(program.plan(m))
+    fitting = [c for c in candidates if c is not None and c.peak_bytes <= budget_bytes]
+    return min(fitting, key=lambda c: (c.recompute_flops, c.peak_bytes), default=None)
 
 
 def min_peak_nested(chain: Chain, max_recompute_flops: int, slots: int = 400) -> ChainSolution:
@@ -206,9 +210,10 @@ def min_peak_nested(chain: Chain, max_recompute_flops: int, slots: int = 400) ->
     """
     single = min_peak(chain)
     upper = single if single.recompute_flops <= max_recompute_flops else store_all(chain)
-    program = _Program(chain, upper.peak_bytes - chain.base_bytes, slots)
-    within = np.nonzero(program.T[0] <= max_recompute_flops)[0]
-    if not within.size:
-        return upper
-    best = program.plan(int(within[0]))
-    return best if best.peak_bytes < upper.peak_bytes else upper
+    candidates = [upper]
+    for round_up in (True, False):
+        program = _Program(chain, upper.peak_bytes - chain.base_bytes, slots, round_up)
+        within = np.nonzero(program.T[0] <= max_recompute_flops)[0]
+        if within.size:
+            candidates.append(program.plan(int(within[0])))
+    return min(candidates, key=lambda c: (c.peak_bytes, c.recompute_flops))

@@ -370,16 +370,20 @@ def to_chain(graph: OpGraph) -> Chain:
     )
 
 
-def chain_schedule(graph: OpGraph, checkpoints: Sequence[int], stored: Sequence[int] = ()) -> Schedule:
+def chain_schedule(
+    graph: OpGraph, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Sequence = ()
+) -> Schedule:
     """The schedule remat's executor runs for chain plan ``checkpoints`` on ``graph``.
 
     ``checkpoints`` index the stages of :func:`to_chain` (1..n-1, as in
     :func:`remat.solvers.chain.peak_of`); segments starting at ``stored`` run
-    normally, like the last one (``ChainSolution.stored``). Every value is released after the
-    last step that refers to it: its readers, the end of the stage it is the
-    input of, the backward of an op that saved it, and, for a recomputed
-    segment's input, the end of that segment's backward.
+    normally, like the last one (``ChainSolution.stored``); ``inner`` nests
+    checkpoints in recomputes (``ChainSolution.inner``). Every value is
+    released after the last step that refers to it: its readers, the end of
+    the stage it is the input of, the backward of an op that saved it, and,
+    for a recomputed segment's input, the end of that segment's backward.
     """
+    nested = {(l, r): tuple(cs) for l, r, cs in inner}
     stages = _stages(graph)
     bounds = [0, *checkpoints, len(stages)]
     if list(bounds) != sorted(set(bounds)):
@@ -404,18 +408,23 @@ def chain_schedule(graph: OpGraph, checkpoints: Sequence[int], stored: Sequence[
             if ops.start > 0:  # the caller holds the stage input until the stage returns
                 refs[-1].append(current[ops.start - 1])
 
-    segments = list(zip(bounds[:-1], bounds[1:]))
     recompute_at = {}  # last op of a recomputed segment -> (first stage, end stage)
-    for l, r in segments:
-        normal = r == len(stages) or l in stored
-        run_forward(l, r, save=normal)
-        if not normal:
-            recompute_at[stages[r - 1][-1]] = (l, r)
-            if l > 0:  # the checkpoint holds its input until the segment's backward is done
-                hold.setdefault(stages[l].start, []).append(current[stages[l].start - 1])
+
+    def run_segments(bounds: Sequence[int]) -> None:
+        """Segments between ``bounds``: each but the last without saving, to be recomputed."""
+        for l, r in zip(bounds[:-1], bounds[1:]):
+            normal = r == bounds[-1] or l in stored
+            run_forward(l, r, save=normal)
+            if not normal:
+                recompute_at[stages[r - 1][-1]] = (l, r)
+                if l > 0:  # the checkpoint holds its input until the segment's backward is done
+                    hold.setdefault(stages[l].start, []).append(current[stages[l].start - 1])
+
+    run_segments(bounds)
     for v in range(graph.n - 1, -1, -1):
         if v in recompute_at:
-            run_forward(*recompute_at[v], save=True)
+            l, r = recompute_at.pop(v)
+            run_segments([l, *nested.get((l, r), ()), r])
         refs.append(saved.get(v, []) + hold.get(v, []))
         steps.append((v, True))
     last_ref = [0] * len(op_of)
