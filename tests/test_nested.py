@@ -155,3 +155,22 @@ def test_nested_plan_of_a_residual_network_is_predicted_exactly():
     fast = remat.optimize(source.model, source.example_inputs)
     assert fast.plan.inner
     assert fast.plan.predicted_peak_bytes == measure_step(fast, source.example_inputs, fake=True).peak_bytes
+
+
+def test_op_level_simulation_of_nested_plans_equals_peak_of():
+    """The op-level schedule of a nested plan (remat.solvers.opgraph, the ILP's model) costs
+    what the chain model says, peak and recomputed FLOPs."""
+    from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
+
+    checked = 0
+    for seed in range(12):
+        graph = OpGraph.random_chain(6 + seed % 4, seed)
+        chain = to_chain(graph)
+        plans = list(nested_plans(chain.n))
+        random.Random(seed).shuffle(plans)
+        for cps, inner in plans[:15]:
+            cost = simulate(graph, chain_schedule(graph, cps, inner=inner))
+            assert cost.peak_bytes == peak_of(chain, cps, inner=inner), (seed, cps, inner)
+            assert cost.recompute_flops == recompute_flops_of(chain, cps, inner=inner)
+            checked += 1
+    assert checked >= 100

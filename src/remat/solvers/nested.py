@@ -52,7 +52,7 @@ from remat.solvers.chain import Chain, ChainSolution, _solution, _Terms, min_pea
 
 __all__ = ["MAX_STAGES", "min_peak_nested", "min_recompute_nested"]
 
-MAX_STAGES = 240  # beyond this the O(n^3 slots) program takes more than seconds
+MAX_STAGES = 100  # beyond this the O(n^3 slots) program takes more than a few seconds
 _INF = np.int64(1) << 61
 
 
