@@ -86,8 +86,8 @@ def run_one(name: str, spec: str, batch: int, shape, target, accumulate: bool = 
 
 def format_rows(rows: list[dict]) -> str:
     headers = [
-        "model", "batch", "input", "parameter gradients", "stages", "kept (nested)", "baseline step peak", "optimized step peak",
-        "activation peak baseline", "activation peak optimized", "activation cut", "target cut",
+        "model", "batch", "input", "parameter gradients", "stages", "kept (nested)", "baseline step peak",
+        "optimized step peak", "activation peak baseline", "activation peak optimized", "activation cut", "target cut",
         "met", "recompute (% of fwd)", "predicted vs measured peak", "planning s (capture+solve)",
     ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]

@@ -148,7 +148,8 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['kind']} | {r['ops']} | {r['stages']} | {r['where']} | {r['budget'] / 1024:.0f} | {fmt(r['plain'], 0) if r['plain'] is not None else '-'} "
+            f"| {r['kind']} | {r['ops']} | {r['stages']} | {r['where']} | {r['budget'] / 1024:.0f} "
+            f"| {fmt(r['plain'], 0) if r['plain'] is not None else '-'} "
             f"| {r['store']} | {fmt(r['nested'], 0) if r['nested'] is not None else '-'} "
             f"| {r['ilp'] if r['ilp'] is not None else '-'} | {r['status']} | {r['seconds']:.1f} "
             f"| {fmt(gap(r['plain'], r))} | {fmt(gap(r['store'], r))} | {fmt(gap(r['nested'], r))} |"

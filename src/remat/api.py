@@ -300,7 +300,7 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _plan_and_capture(model, example_inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)[1]
+    return _profile_and_solve(model, example_inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)[1]
 
 
 @dataclasses.dataclass
@@ -368,7 +368,8 @@ class _Profiled:
         source = self.plain() if plan.inner else self
         offload = CheckpointOffload() if plan.offload else None
         nested = nested_starts(source.groups, plan.inner)
-        return RematModule(self.model, source.captured, segment_starts(source.groups, plan.checkpoints), plan, offload, nested)
+        starts = segment_starts(source.groups, plan.checkpoints)
+        return RematModule(self.model, source.captured, starts, plan, offload, nested)
 
     def stage_seconds(self) -> np.ndarray:
         """Forward seconds of every chain stage on the model's device (measured once)."""
@@ -436,7 +437,6 @@ class _Profiled:
             )
         return self.plan(solution, seconds, budget_bytes, offload, recompute_seconds)
 
-
     def _with_nested(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan with nested checkpoints if it does better: a lower
         peak, or less recompute within the budget. Nested plans recompute at most one
@@ -485,7 +485,7 @@ def _capture_and_profile(
     return captured, chain, groups, profile
 
 
-def _plan_and_capture(
+def _profile_and_solve(
     model,
     example_inputs,
     loss_fn,
@@ -494,7 +494,8 @@ def _plan_and_capture(
     offload: bool = False,
     costs: Costs = "flops",
     grad_accumulation: bool = False,
-):
+) -> tuple[_Profiled, Plan]:
+    """The model captured and profiled, and the plan solved on it."""
     budget_bytes = None if budget is None else parse_bytes(budget)
     offload = offload and _offload_possible(model, as_tuple(example_inputs))
     profiled = _Profiled.of(
@@ -636,6 +637,6 @@ def optimize(
         offload = CheckpointOffload() if plan.offload else None
         starts = segment_starts(groups, plan.checkpoints)
         return RematModule(model, captured, starts, plan, offload, nested_starts(groups, plan.inner))
-    profiled, chosen = _plan_and_capture(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
+    profiled, chosen = _profile_and_solve(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
     return profiled.module(chosen)
 

@@ -612,7 +612,9 @@ def _validate_inner(chain: Chain, checkpoints: tuple[int, ...], inner: Inner) ->
     for l, r, cs in inner:
         cs = tuple(int(c) for c in cs)
         if not cs or list(cs) != sorted(set(cs)) or not l < cs[0] <= cs[-1] < r:
-            raise ValueError(f"nested checkpoints of segment ({l}, {r}] must be sorted, distinct and inside it, got {list(cs)}")
+            raise ValueError(
+                f"nested checkpoints of segment ({l}, {r}] must be sorted, distinct and inside it, got {list(cs)}"
+            )
         if (l, r) in nested:
             raise ValueError(f"segment ({l}, {r}] has two entries of nested checkpoints")
         nested[int(l), int(r)] = cs

@@ -117,25 +117,24 @@ class _Program:
         return G
 
     def rest_options(self, c: int, r: int, G: np.ndarray) -> np.ndarray:
-        """Candidates for ``G_r(c, .)``: row 0 runs (c, r] normally, row j keeps c + j."""
-        flops = self.flops
-        whole = np.where(self._fits(self.inside[c, r])[0], flops[r] - flops[c], _INF)
-        nxt = np.arange(c + 1, r)
-        if not nxt.size:
-            return whole[None, :]
-        fits = self._fits(self.terms.a_in[c] + self.E[r] + self.unsaved[c, nxt])
-        cost = (flops[nxt] - flops[c])[:, None] + self.B[c, nxt] + self._shifted(G[nxt], self.a[c])
-        return np.minimum(np.vstack([whole[None, :], np.where(fits, cost, _INF)]), _INF)
+        """Candidates for ``G_r(c, .)``: row 0 runs (c, r] normally, row j keeps c + j next."""
+        return self._options(c, r, G, self.inside[c, r])
 
     def phase_options(self, l: int, r: int, G: np.ndarray) -> np.ndarray:
         """Candidates for ``B(l, r, .)``: row 0 recomputes it whole, row j keeps l + j first."""
+        return self._options(l, r, G, self.phase[l, r])
+
+    def _options(self, l: int, r: int, G: np.ndarray, whole_bytes: int) -> np.ndarray:
+        """Row 0: (l, r] run in one go (``whole_bytes`` at its peak); row j: (l, l + j] run
+        without saving next to what the backward holds at r, then ``G_r(l + j)`` with a(l)
+        kept, then (l, l + j] recomputed later. FLOPs: every recompute of each stage."""
         flops = self.flops
-        whole = np.where(self._fits(self.phase[l, r])[0], flops[r] - flops[l], _INF)
-        first = np.arange(l + 1, r)
-        if not first.size:
+        whole = np.where(self._fits(whole_bytes)[0], flops[r] - flops[l], _INF)
+        nxt = np.arange(l + 1, r)
+        if not nxt.size:
             return whole[None, :]
-        fits = self._fits(self.terms.a_in[l] + self.E[r] + self.unsaved[l, first])
-        cost = (flops[first] - flops[l])[:, None] + self.B[l, first] + self._shifted(G[first], self.a[l])
+        fits = self._fits(self.terms.a_in[l] + self.E[r] + self.unsaved[l, nxt])
+        cost = (flops[nxt] - flops[l])[:, None] + self.B[l, nxt] + self._shifted(G[nxt], self.a[l])
         return np.minimum(np.vstack([whole[None, :], np.where(fits, cost, _INF)]), _INF)
 
     def top_options(self, l: int) -> np.ndarray:
