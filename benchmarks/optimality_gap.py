@@ -19,7 +19,7 @@ number of times) at the same budget. Every plan is run through
 
 Run: ``make bench-gap`` (or ``.venv/bin/python benchmarks/optimality_gap.py``).
 Writes ``benchmarks/results/optimality_gap.md``. Needs ``highspy`` (extra
-``ilp``). About 15 minutes on 2 cores.
+``ilp``). About an hour on 2 cores (the integer programs of the larger graphs run to their time limit).
 """
 
 from __future__ import annotations

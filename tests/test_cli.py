@@ -55,6 +55,19 @@ def test_plan_with_profiled_costs_reports_the_measured_recompute_time(tmp_path):
     assert json.loads(summary.read_text())["recompute_seconds"] > 0
 
 
+def test_plan_for_gradient_accumulation_says_so_and_predicts_that_step(tmp_path):
+    summary = tmp_path / "summary.json"
+    result = invoke("plan", MLP, "--grad-accumulation", "--json", str(summary))
+    assert result.exit_code == 0, result.output
+    assert "exist all step (accumulation)" in result.stdout
+    data = json.loads(summary.read_text())
+    assert data["grad_accumulation"] is True
+    assert data["predicted_peak_bytes"] == data["measured_peak_bytes"]
+    source = models.load(MLP)
+    accumulating = remat.measure_step(source.model, source.example_inputs, fake=True, grad_accumulation=True)
+    assert data["baseline_peak_bytes"] == accumulating.peak_bytes
+
+
 def test_plan_within_a_budget_shows_it_and_keeps_to_it(tmp_path):
     source = models.load(MLP)
     least = remat.plan(source.model, source.example_inputs).predicted_peak_bytes

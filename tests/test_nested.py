@@ -174,3 +174,18 @@ def test_op_level_simulation_of_nested_plans_equals_peak_of():
             assert cost.recompute_flops == recompute_flops_of(chain, cps, inner=inner)
             checked += 1
     assert checked >= 100
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_largest_retained_bounds_every_plan_that_cuts_only_at_the_bounds(seed):
+    """What remat.plan uses to skip profiling the single-tensor chain when no plan of it can win."""
+    from remat.solvers.chain import largest_retained
+
+    chain = Chain.random(7, seed=seed)
+    bounds = [0, *sorted(random.Random(seed).sample(range(1, 7), 3)), 7]
+    bound = chain.base_bytes + largest_retained(chain, bounds)
+    plans = [(c, ()) for c in all_plans(chain.n)] + list(nested_plans(chain.n))
+    allowed = set(bounds)
+    for cps, inner in plans:
+        if set(cps) <= allowed and all(set(cs) <= allowed for _, _, cs in inner):
+            assert peak_of(chain, cps, inner=inner) >= bound, (cps, inner)

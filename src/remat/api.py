@@ -38,6 +38,7 @@ from remat.plan import Plan
 from remat.solvers.chain import (
     Chain,
     ChainSolution,
+    largest_retained,
     min_peak,
     min_recompute,
     pareto_front,
@@ -442,7 +443,13 @@ class _Profiled:
         peak, or less recompute within the budget. Nested plans recompute at most one
         forward (plans without recompute less), so the least peak is the same in both modes."""
         # The single-tensor cuts are the carried chain's boundaries that nothing live crosses.
-        if len(single_tensor_boundaries(self.chain)) >= MAX_NESTED_STAGES:
+        cuts = [0, *single_tensor_boundaries(self.chain), self.chain.n]
+        if len(cuts) > MAX_NESTED_STAGES:
+            return solution
+        # Profiling the plain chain is only worth it if none of its stages (between two
+        # cuts) retains, for its own backward, more than the peak to beat.
+        to_beat = solution.peak_bytes if budget_bytes is None else budget_bytes
+        if self.chain.base_bytes + largest_retained(self.planned(self.chain), cuts) >= to_beat:
             return solution
         chain = self.planned(self.plain().chain)
         if chain.n > MAX_NESTED_STAGES:

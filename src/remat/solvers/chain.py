@@ -122,6 +122,7 @@ __all__ = [
     "min_recompute",
     "pareto_front",
     "store_all",
+    "largest_retained",
     "single_tensor_boundaries",
     "sqrt_segments",
     "uniform_segments",
@@ -1193,6 +1194,21 @@ def uniform_segments(chain: Chain, k: int) -> ChainSolution:
     # The nearest boundary where only one activation is live (always a valid plan).
     cps = sorted({int(free[np.abs(free - t).argmin()]) for t in targets} - {0, chain.n})
     return _solution(chain, cps, f"uniform_{k}")
+
+
+def largest_retained(chain: Chain, bounds: Sequence[int]) -> int:
+    """The most bytes that the stages between two consecutive ``bounds`` keep for their
+    own backward (saved tensors and activations), all alive when the backward of the
+    last of them starts: a lower bound on the peak over ``base_bytes`` of any plan of
+    a chain whose stages are those stretches.
+
+    Example:
+        >>> chain = Chain.random(10, seed=0)
+        >>> largest_retained(chain, [0, 10]) <= peak_of(chain, []) - chain.base_bytes
+        True
+    """
+    terms = _Terms(chain)
+    return max(int(terms.HH[r] - terms.Q[l]) for l, r in zip(bounds[:-1], bounds[1:]))
 
 
 def single_tensor_boundaries(chain: Chain) -> list[int]:
