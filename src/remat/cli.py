@@ -186,11 +186,7 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
     return [
         ("stages", f"{len(plan.stage_names)} (the loss last)"),
         ("kept activations", f"{len(plan.checkpoints)}: {kept}"),
-        *(
-            [("nested checkpoints", f"{sum(len(cs) for _, _, cs in plan.inner)} in {len(plan.inner)} recomputes")]
-            if plan.inner
-            else []
-        ),
+        *([("nested checkpoints", _nested_text(plan).strip(" ()"))] if plan.inner else []),
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
         ("budget", _budget_text(plan.budget_bytes)),
         ("parameter gradients", "exist all step (accumulation)" if plan.grad_accumulation else "made in backward"),
@@ -205,6 +201,13 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
         ),
         ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
     ]
+
+
+def _nested_text(plan: remat.Plan) -> str:
+    """`` (+5 kept inside 3 recomputes)`` for a plan with nested checkpoints, else empty."""
+    if not plan.inner:
+        return ""
+    return f" (+{sum(len(cs) for _, _, cs in plan.inner)} kept inside {len(plan.inner)} recomputes)"
 
 
 def _exact_bytes(n: int) -> str:
@@ -442,7 +445,8 @@ def fit(
             ("predicted peak", _exact_bytes(chosen.predicted_peak_bytes)),
             ("without remat (store everything)", format_bytes(chosen.baseline_peak_bytes)),
             ("recompute", f"{_gflop(chosen.recompute_flops)} ({chosen.recompute_overhead:.1%} of a forward)"),
-            ("kept activations", f"{len(chosen.checkpoints)} of {len(chosen.stage_names) - 1} stage outputs"),
+            ("kept activations", f"{len(chosen.checkpoints)} of {len(chosen.stage_names) - 1} stage outputs"
+             + _nested_text(chosen)),
             (f"batch {batch + 1}", f"{beyond}: least peak {_exact_bytes(next_least)}"),
         ]
         at_batch = dataclasses.replace(source, example_inputs=source.make_inputs(batch))
