@@ -12,8 +12,9 @@ was already allocated before the step besides parameters, buffers and inputs
 taken out. Step time is the median of ``--steps`` steps of each module,
 interleaved, in the same run. The least-peak plan with ``offload=True`` (kept
 activations in pinned host memory) is checked the same way, and its gradients
-are compared bit for bit with the plain model's. Writes a markdown table
-(``--out``).
+are compared bit for bit with the plain model's; so is the plan for gradient
+accumulation (``grad_accumulation=True``), on a step that adds into existing
+gradients. Writes a markdown table (``--out``).
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ def _step(module, inputs) -> None:
     loss.backward()
 
 
-def _measured_peak(module, inputs, device, resident_step_bytes: int) -> int:
-    """Allocator peak of one step, less what was allocated before it that is not the step's."""
+def _measured_peak(module, inputs, device, resident_step_bytes: int, accumulate: bool = False) -> int:
+    """Allocator peak of one step, less what was allocated before it that is not the step's.
+
+    With ``accumulate``, the step adds into gradients left by the warm-up step
+    (zeroed, not freed): they are the step's, counted from the start.
+    """
     _step(module, inputs)  # warm-up: workspaces, lazy initialisation
-    module.zero_grad(set_to_none=True)
+    module.zero_grad(set_to_none=not accumulate)
     _sync(device)
     if device.type != "cuda":
-        return remat.measure_step(module, inputs).peak_bytes
-    other = torch.cuda.memory_allocated(device) - resident_step_bytes
+        module.zero_grad(set_to_none=True)
+        return remat.measure_step(module, inputs, grad_accumulation=accumulate).peak_bytes
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    resident = resident_step_bytes + unique_storage_bytes(grads, round_to_of(device))
+    other = torch.cuda.memory_allocated(device) - resident
     torch.cuda.reset_peak_memory_stats(device)
     _step(module, inputs)
     _sync(device)
@@ -123,11 +131,15 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
     budget = (baseline_peak + device_peak) // 2
     budgeted = remat.optimize(model, inputs, budget=budget, profile="device")
     budget_peak = _measured_peak(budgeted, inputs, device, resident)
+    # Planned for gradient accumulation: the step adds into gradients that exist before it.
+    accumulating = remat.optimize(model, inputs, grad_accumulation=True)
+    accumulate_peak = _measured_peak(accumulating, inputs, device, resident, accumulate=True)
     return {
         "model": f"{spec} b{batch}",
         "baseline predicted": predicted_baseline,
         "baseline measured": baseline_peak,
         "remat predicted": plan.predicted_peak_bytes,
+        "nested": sum(len(cs) for _, _, cs in plan.inner),
         "remat measured": remat_peak,
         "remat dispatch": remat_dispatch,
         "recompute": plan.recompute_overhead,
@@ -144,6 +156,8 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
         "offload recompute": offloaded.plan.recompute_overhead,
         "offload time ratio": offload_s / base_s,
         "offload grads equal": _grads_equal(model, offloaded, inputs),
+        "accumulate predicted": accumulating.plan.predicted_peak_bytes,
+        "accumulate measured": accumulate_peak,
     }
 
 
@@ -170,8 +184,9 @@ def main() -> None:
         "| model | baseline peak (pred / measured, err) | remat peak (pred / measured, err) "
         "| remat peak at the dispatcher (err) | peak cut | recompute (% of fwd) | step time ratio "
         "| profiled on device: pred / measured, err | budget: measured <= budget? (recompute) "
-        "| offload: pred / measured, err | offload recompute | offload step time ratio | offload grads exact |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| offload: pred / measured, err | offload recompute | offload step time ratio | offload grads exact "
+        "| grad accumulation: pred / measured, err | nested checkpoints in the remat plan |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     print(header, flush=True)
@@ -193,7 +208,9 @@ def main() -> None:
             f"| {'' if r['offload'] else '(not offloaded) '}{format_bytes(r['offload predicted'])} / "
             f"{format_bytes(r['offload measured'])}, {_error(r['offload predicted'], r['offload measured'])} "
             f"| {r['offload recompute']:.1%} | {r['offload time ratio']:.2f}x "
-            f"| {'yes' if r['offload grads equal'] else 'NO'} |"
+            f"| {'yes' if r['offload grads equal'] else 'NO'} "
+            f"| {format_bytes(r['accumulate predicted'])} / {format_bytes(r['accumulate measured'])}, "
+            f"{_error(r['accumulate predicted'], r['accumulate measured'])} | {r['nested']} |"
         )
         lines.append(line)
         print(line, flush=True)
