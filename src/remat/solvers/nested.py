@@ -31,8 +31,8 @@ plans within a few grid steps of it (a budget equal to a plan's peak, say);
 rounded down, the program finds those, and some that do not fit. Both are
 solved, every plan found is evaluated exactly (``peak_of``), and the best
 that fits wins, with the best plan without nesting as a candidate too.
-O(n^3 slots) time, O(n^2 slots) memory: for chains of up to a few hundred
-stages. Plain chains only (single-tensor boundaries).
+O(n^3 slots) time, O(n^2 slots) memory: for chains of up to ``MAX_STAGES``
+stages (a few seconds at 100). Plain chains only (single-tensor boundaries).
 
 Example:
     >>> from remat.solvers.chain import Chain, min_peak
