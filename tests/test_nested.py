@@ -55,20 +55,20 @@ def test_nesting_never_does_worse_than_single_recompute(seed):
     nested = min_peak_nested(chain, max_recompute_flops=forward)
     assert nested.peak_bytes <= single.peak_bytes and nested.recompute_flops <= forward
     budget = (single.peak_bytes + peak_of(chain, [])) // 2
-    assert min_recompute_nested(chain, budget).recompute_flops <= min_recompute(chain, budget).recompute_flops * 1.02
+    assert min_recompute_nested(chain, budget).recompute_flops <= min_recompute(chain, budget).recompute_flops
 
 
 def test_nesting_lowers_the_peak_of_a_long_uniform_chain():
-    chain = Chain.random(60, seed=0)
-    chain = Chain.from_arrays(**{
-        **{f: getattr(chain, f) for f in ("fwd_flops", "bwd_flops", "param_grad_bytes", "saved_bytes")},
-        "act_bytes": [4096] * 61, "grad_bytes": [0] + [4096] * 60, "fwd_nosave_peak": [4096] * 60,
-        "fwd_save_peak": [4096] * 60, "saves_input": [True] * 60, "saves_output": [False] * 60,
-        "bwd_peak": [8192] * 60, "saved_bytes": [0] * 60, "param_grad_bytes": [0] * 60,
-    })
+    n = 60  # equal stages that save their input: the sqrt(n) bound of one level is beaten by two
+    chain = Chain.from_arrays(
+        act_bytes=[4096] * (n + 1), grad_bytes=[0] + [4096] * n, fwd_nosave_peak=[4096] * n,
+        fwd_save_peak=[4096] * n, saved_bytes=[0] * n, saves_input=[True] * n, saves_output=[False] * n,
+        bwd_peak=[8192] * n, param_grad_bytes=[0] * n, fwd_flops=[100] * n, bwd_flops=[200] * n,
+    )
     single = min_peak(chain)
-    nested = min_peak_nested(chain, max_recompute_flops=int(chain.fwd_flops.sum()))
+    nested = min_peak_nested(chain, max_recompute_flops=2 * int(chain.fwd_flops.sum()))
     assert nested.inner and nested.peak_bytes < single.peak_bytes
+    assert single.recompute_flops < nested.recompute_flops <= 2 * int(chain.fwd_flops.sum())
 
 
 @pytest.mark.parametrize("inner, message", [
