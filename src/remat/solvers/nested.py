@@ -56,26 +56,18 @@ MAX_STAGES = 100  # beyond this the O(n^3 slots) program takes more than a few s
 _INF = np.int64(1) << 61
 
 
-class _Program:
-    """The tables of the dynamic program at one grid step ``q`` (bytes)."""
+class _Costs:
+    """Every segment's local costs in bytes, the same at any grid step."""
 
-    def __init__(self, chain: Chain, limit: int, slots: int, round_up: bool = True):
+    def __init__(self, chain: Chain):
         if chain.carries:
             raise ValueError("nested checkpoints are planned only for chains of single-tensor boundaries")
         if chain.n > MAX_STAGES:
             raise ValueError(f"nested plans are solved for chains of up to {MAX_STAGES} stages, not {chain.n}")
         self.chain = chain
         self.terms = t = _Terms(chain)
-        self.n = n = chain.n
-        self.slots = slots
-        self.q = max(1, -(-max(limit, 1) // slots))
-        self.round_up = round_up
-        self.flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)]).astype(np.int64)
-        self.memory = np.arange(slots + 1)
-        units = self.units
-        self.a = [units(x) for x in t.a_in]
-        self.E = [int(x) for x in t.E]
-        # forward_unsaved(l, c), recompute_phase(l, r), run_inside(c, r) for all pairs, in bytes.
+        n = chain.n
+        # forward_unsaved(l, c), recompute_phase(l, r), run_inside(c, r) for all pairs.
         self.unsaved = np.zeros((n + 1, n + 1), dtype=np.int64)
         self.phase = np.zeros((n + 1, n + 1), dtype=np.int64)
         self.inside = np.zeros((n + 1, n + 1), dtype=np.int64)
@@ -85,6 +77,24 @@ class _Program:
                 if r < n:
                     self.phase[l, r] = t.recompute_phase(l, r)
                     self.inside[l, r] = t.run_inside(l, r)
+
+
+class _Program:
+    """The tables of the dynamic program at one grid step ``q`` (bytes)."""
+
+    def __init__(self, costs: _Costs, limit: int, slots: int, round_up: bool = True):
+        self.chain = chain = costs.chain
+        self.terms = t = costs.terms
+        self.unsaved, self.phase, self.inside = costs.unsaved, costs.phase, costs.inside
+        self.n = n = chain.n
+        self.slots = slots
+        self.q = max(1, -(-max(limit, 1) // slots))
+        self.round_up = round_up
+        self.flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)]).astype(np.int64)
+        self.memory = np.arange(slots + 1)
+        units = self.units
+        self.a = [units(x) for x in t.a_in]
+        self.E = [int(x) for x in t.E]
         self.B = np.full((n + 1, n + 1, slots + 1), _INF, dtype=np.int64)
         for r in range(1, n):
             G = self.rest(r)
@@ -192,8 +202,9 @@ def min_recompute_nested(chain: Chain, budget_bytes: int, slots: int = 400) -> C
     limit = budget_bytes - chain.base_bytes
     candidates = [min_recompute(chain, budget_bytes)]
     if limit > 0:
+        costs = _Costs(chain)
         for round_up in (True, False):
-            program = _Program(chain, limit, slots, round_up)
+            program = _Program(costs, limit, slots, round_up)
             m = min(limit // program.q, slots)
             if program.T[0, m] < _INF:
                 candidates.append(program.plan(m))
@@ -210,8 +221,9 @@ def min_peak_nested(chain: Chain, max_recompute_flops: int, slots: int = 400) ->
     single = min_peak(chain)
     upper = single if single.recompute_flops <= max_recompute_flops else store_all(chain)
     candidates = [upper]
+    costs = _Costs(chain)
     for round_up in (True, False):
-        program = _Program(chain, upper.peak_bytes - chain.base_bytes, slots, round_up)
+        program = _Program(costs, upper.peak_bytes - chain.base_bytes, slots, round_up)
         within = np.nonzero(program.T[0] <= max_recompute_flops)[0]
         if within.size:
             candidates.append(program.plan(int(within[0])))
