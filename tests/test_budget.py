@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from chain_helpers import all_plans
+from grad_helpers import assert_grads_equal, step_grads
 import remat
 from remat import InfeasibleBudget, measure_step, models, parse_bytes
+from remat.api import _Profiled
 from remat.report import format_bytes
 from remat.solvers.chain import Chain, min_peak, min_recompute, pareto_front, peak_of, recompute_flops_of, store_all
 
@@ -186,11 +189,15 @@ def test_budget_is_kept_end_to_end(spec, batch, shape):
     source = models.load(spec, batch, input_shape=shape)
     model, x = source.model, source.example_inputs
     baseline = measure_step(model, x, fake=True)
+    profiled = _Profiled.of(model, x, None)  # captured once for the other budgets
     kept = 0
     for fraction in FRACTIONS:
         budget = fraction_budget(baseline, fraction)
         try:
-            optimized = remat.optimize(model, x, budget=budget)
+            if fraction == FRACTIONS[0]:
+                optimized = remat.optimize(model, x, budget=budget)
+            else:
+                optimized = profiled.module(profiled.solve(budget))
         except InfeasibleBudget as error:
             assert error.least_peak_bytes > budget, (fraction, error)
             continue
@@ -229,3 +236,41 @@ def test_max_batch_of_a_module_needs_make_inputs():
 @heavy
 def test_max_batch_resnet50_in_8gib():
     assert check_max_batch("torchvision:resnet50", "8GiB") > 32
+
+
+# -- stored segments -----------------------------------------------------------------
+
+
+def uneven_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """Linear + Tanh stages of very different widths: some segments are cheaper to keep whole."""
+    torch.manual_seed(0)
+    widths = [64, 512, 64, 256, 32, 512, 64, 128, 64]
+    layers = [m for a, b in zip(widths[:-1], widths[1:]) for m in (nn.Linear(a, b), nn.Tanh())]
+    return nn.Sequential(*layers), torch.randn(256, 64)
+
+
+def test_budget_plans_run_stored_segments_exactly(tmp_path):
+    """Where running a middle segment normally recomputes less within the budget, the plan
+    does so: the measured peak is the predicted one, within budget, gradients exact, and the
+    saved plan rebuilds the same module."""
+    net, x = uneven_mlp()
+    least = remat.plan(net, x)
+    plain = step_grads(net, (x,))
+    used = 0
+    for fraction in (0.5, 0.7, 0.9):
+        budget = int(least.predicted_peak_bytes + fraction * (least.baseline_peak_bytes - least.predicted_peak_bytes))
+        fast = remat.optimize(net, x, budget=budget)
+        one_level = min_recompute(_Profiled.of(net, x, None).chain, budget)
+        assert fast.plan.recompute_flops <= one_level.recompute_flops
+        if not fast.plan.stored:
+            continue
+        used += 1
+        assert fast.plan.recompute_flops < one_level.recompute_flops
+        measured = measure_step(fast, x, fake=True).peak_bytes
+        assert measured == fast.plan.predicted_peak_bytes <= budget
+        assert_grads_equal(plain, step_grads(fast, (x,)))
+        fast.plan.save(tmp_path / "plan.json")
+        again = remat.optimize(net, x, plan=remat.Plan.load(tmp_path / "plan.json"))
+        assert again.stored == fast.stored and again.boundaries == fast.boundaries
+        assert "stored segments" in fast.plan.summary()
+    assert used >= 2

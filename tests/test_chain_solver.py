@@ -108,7 +108,11 @@ class Reference:
         if last and self.pinned and i == self.n - 1:
             out = 0  # the caller's a(n-1), already in `held`
         return (a_l_held + self.held + self.W_after(i) + self.H(l, i, backward=True) + out + self.g(i)
-                + int(c.bwd_peak[i - 1]))
+                + int(c.bwd_peak[i - 1]) + self.stranded(i))
+
+    def stranded(self, i: int) -> int:
+        """Saved for ignored outputs by stage n-1: live once its backward (before stage i's) ran."""
+        return self.c.stranded_bytes if i < self.n - 1 else 0
 
     @functools.cache
     def segment(self, l: int, r: int, last: bool) -> int:
@@ -120,7 +124,7 @@ class Reference:
             a_l = self.a_in[l]
             for i in range(l + 1, r + 1):
                 peaks.append(a_l + prev(i) + self.carried_in(l, i - 1, False) + int(c.fwd_nosave_peak[i - 1]))
-            extra = self.held + self.W_after(r) + self.g(r)
+            extra = self.held + self.W_after(r) + self.g(r) + self.stranded(r)
             for i in range(l + 1, r + 1):
                 peaks.append(a_l + extra + self.H(l, i - 1) + prev(i) + self.carried_in(l, i - 1, True)
                              + int(c.fwd_save_peak[i - 1]))
@@ -423,6 +427,40 @@ def test_budget_solver_is_exact_with_carried_activations():
             sol = min_recompute(chain, budget)
             best = min(flops for peak, flops in plans if peak <= budget)
             assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best
+
+
+# -- stranded bytes: what the last model stage saves for outputs the loss ignores --
+
+
+def stranded_chains():
+    """100 plain and carried random chains whose stage n-1 leaves 1-4 of its outputs' sizes stranded."""
+    chains = [*random_chains()[:50], *carried_chains()[:50]]
+    return [
+        dataclasses.replace(chain, stranded_bytes=int(chain.act_bytes[-2]) * (1 + seed % 4))
+        for seed, chain in enumerate(chains)
+    ]
+
+
+def test_reference_matches_peak_of_with_stranded_bytes():
+    rng = random.Random(2)
+    for chain in stranded_chains():
+        ref = Reference(chain)
+        plans = [cps for cps in all_plans(chain.n) if ref.valid(cps)]
+        plain = dataclasses.replace(chain, stranded_bytes=0)
+        for cps in rng.sample(plans, min(6, len(plans))):
+            assert ref.peak(cps) == peak_of(chain, cps) >= peak_of(plain, cps), (chain.n, cps)
+            if not chain.carries:  # offload plans cut at single tensors
+                assert ref.peak(cps, offload=True) == peak_of(chain, cps, offload=True), (chain.n, cps)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_solvers_find_the_exhaustive_optimum_with_stranded_bytes(method):
+    for chain in stranded_chains():
+        ref = Reference(chain)
+        sol = min_peak(chain, method)
+        assert (sol.peak_bytes, sol.recompute_flops) == ref.best(), (chain.n, sol)
+        if not chain.carries:
+            assert min_peak(chain, offload=True).peak_bytes == ref.best(offload=True)[0]
 
 
 # -- offload: kept activations in host memory ------------------------------------

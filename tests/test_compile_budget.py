@@ -104,11 +104,6 @@ def test_remat_matches_every_peak_torch_reaches_with_no_more_recompute():
     assert any(m.peak_bytes < none.peak_bytes for m in search.trials.values())  # torch did cut the peak
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the partitioner keeps the peak down by recomputing pointwise ops (Tanh, GELU, LayerNorm, scaling) "
-    "inside blocks, which the FLOP count prices at zero; remat recomputes whole segments, linears included",
-)
 def test_remat_recomputes_no_more_than_torch_at_its_budget_peaks(source, search):
     """Issue #5's claim on a small model: at each budget plan's measured peak, remat's recompute <= torch's."""
     model, x = source.model, source.example_inputs

@@ -12,7 +12,7 @@ from the same seed. For each case:
   the measured peak fits the budget, the gradients are still exact, and the
   prediction is within 2% again.
 
-300 seeds run by default (well under a minute on two cores); 2000 more with
+300 seeds run by default (about two minutes on two cores); 2000 more with
 ``-m heavy``.
 """
 
@@ -29,29 +29,18 @@ from grad_helpers import assert_grads_equal, step_grads
 
 import remat
 from remat import default_loss, measure_step
-from remat.api import capture
+from remat.api import _Profiled, capture
 from remat.execute import RematModule
 from remat.models import RandomNet
 
 DEFAULT_SEEDS = range(300)
 HEAVY_SEEDS = range(300, 2300)
-# Peaks are checked by default on the seeds surveyed so far; the rest with -m heavy.
-PEAK_SEEDS = range(167)
-# Seeds whose predicted peak is off by more than 2% or whose measured peak
-# exceeds the budget: the chain cost model does not follow a model with
-# several outputs exactly (outputs made early stay alive to the end, and an
-# output that passes a piece's input through, e.g. seed 2, keeps that input
-# alive: the peak is under-predicted). Gradients are exact for all of them.
-# Models with several outputs: outputs the model produces early are held by the caller to
-# the end of the backward, and the output gradients reach the model's backward in an order
-# the per-stage profile does not follow; the chain model is exact for one output (a model
-# stage, then the loss), not yet for all of these.
-PEAK_REASON = "chain cost model is not exact for several outputs held by the caller"
-# All of these have several outputs.
-KNOWN_PEAK_FAILURES: set[int] = {
-    5, 12, 15, 17, 27, 31, 36, 37, 50, 55, 62, 66, 81, 87, 91, 93, 105, 107, 111, 116, 120, 121, 138,
-    148, 159, 163, 164,
-}
+# Seeds whose predicted peak is below the measured one, by more than 2% or enough to pass the
+# budget (gradients are exact): all three cut inside blocks, with activations read by several
+# stages whose gradients autograd sums out of place (a transient the per-stage profile, which
+# sees one reader at a time, does not count): 81: -1.3%, 207: -2.3%, 209: -2.5%.
+PEAK_REASON = "chain cost model misses gradient sums of activations read by several stages"
+KNOWN_PEAK_FAILURES: set[int] = {81, 207, 209}
 
 
 def loss_over_all_outputs(output) -> torch.Tensor:
@@ -93,28 +82,26 @@ def assert_peak_predicted(module: remat.RematModule, x: torch.Tensor, loss_fn) -
 def plans(seed: int) -> tuple[FuzzCase, remat.RematModule, remat.RematModule, int]:
     """The case of ``seed``, its least-peak module, a module within a random budget, and that budget."""
     case = FuzzCase.of(seed)
-    least = remat.optimize(case.model, case.x, case.loss_fn)
+    # What remat.optimize does, with one capture for both plans.
+    profiled = _Profiled.of(case.model, case.x, case.loss_fn)
+    least = profiled.module(profiled.solve(None))
     low = least.plan.predicted_peak_bytes
     high = max(low, least.plan.baseline_peak_bytes)
     budget = low + int(case.budget_fraction * (high - low))
-    return case, least, remat.optimize(case.model, case.x, case.loss_fn, budget=budget), budget
+    return case, least, profiled.module(profiled.solve(budget)), budget
 
 
-def check_gradients(seed: int) -> None:
-    """Loss gradients of both plans equal the plain model's, bit for bit (same seed: same dropout masks)."""
-    case = FuzzCase.of(seed)
+def check_case(seed: int, peaks: bool = True) -> None:
+    """Both plans: loss and gradients equal the plain model's bit for bit (same seed: same
+    dropout masks); predictions within 2% of the measured (fake) peaks, the budget kept."""
+    case, least, fitted, budget = plans(seed)
     plain = step_grads(case.model, (case.x,), seed, case.loss_fn)
-    _, least, fitted, _ = plans(seed)
     assert_grads_equal(plain, step_grads(least, (case.x,), seed, case.loss_fn))
     assert_grads_equal(plain, step_grads(fitted, (case.x,), seed, case.loss_fn))
-
-
-def check_peaks(seed: int) -> None:
-    """Predictions within 2% of the measured (fake) peaks, and the budgeted plan's peak within budget."""
-    case, least, fitted, budget = plans(seed)
-    assert_peak_predicted(least, case.x, case.loss_fn)
-    measured = assert_peak_predicted(fitted, case.x, case.loss_fn)
-    assert measured <= budget, f"measured peak {measured} B over the budget {budget} B"
+    if peaks:
+        assert_peak_predicted(least, case.x, case.loss_fn)
+        measured = assert_peak_predicted(fitted, case.x, case.loss_fn)
+        assert measured <= budget, f"measured peak {measured} B over the budget {budget} B"
 
 
 def seeds(numbers, *marks, known: set[int] = frozenset(), reason: str = "") -> list:
@@ -127,24 +114,19 @@ def seeds(numbers, *marks, known: set[int] = frozenset(), reason: str = "") -> l
     ]
 
 
-@pytest.mark.parametrize("seed", seeds(DEFAULT_SEEDS))
-def test_exact_gradients(seed):
-    check_gradients(seed)
+@pytest.mark.parametrize("seed", seeds(DEFAULT_SEEDS, known=KNOWN_PEAK_FAILURES, reason=PEAK_REASON))
+def test_random_network(seed):
+    check_case(seed)
+
+
+@pytest.mark.parametrize("seed", [*seeds(sorted(KNOWN_PEAK_FAILURES))])
+def test_random_network_gradients_where_peaks_are_off(seed):
+    check_case(seed, peaks=False)
 
 
 @pytest.mark.parametrize("seed", seeds(HEAVY_SEEDS, pytest.mark.heavy))
-def test_exact_gradients_heavy(seed):
-    check_gradients(seed)
-
-
-@pytest.mark.parametrize("seed", seeds(PEAK_SEEDS, known=KNOWN_PEAK_FAILURES, reason=PEAK_REASON))
-def test_peaks(seed):
-    check_peaks(seed)
-
-
-@pytest.mark.parametrize("seed", seeds([s for s in DEFAULT_SEEDS if s not in PEAK_SEEDS], pytest.mark.heavy))
-def test_peaks_heavy(seed):
-    check_peaks(seed)
+def test_random_network_heavy(seed):
+    check_case(seed)
 
 
 class InputOnlyChangedInPlace(nn.Module):

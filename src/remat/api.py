@@ -24,7 +24,7 @@ from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import BackwardSkipsStage, profile_stages
 from remat.capture.timing import stage_seconds
-from remat.execute import CheckpointOffload, RematModule, nested_starts, segment_starts
+from remat.execute import CheckpointOffload, RematModule, nested_starts, segment_starts, stored_starts
 from remat.measure import (
     _model_device,
     as_tuple,
@@ -32,6 +32,7 @@ from remat.measure import (
     measure_step,
     round_to_of,
     step_model,
+    track_memory,
     unique_storage_bytes,
 )
 from remat.plan import Plan
@@ -237,7 +238,7 @@ def _profile(
             keys.append(structure_key(piece, fake_host) + ("<last>" if index == last else ""))
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
-        base = unique_storage_bytes(tensors, round_to_of(device))
+        base = unique_storage_bytes(tensors, round_to_of(device)) + _cached_casts(fake_host, fake_inputs, device)
         # A stage measured once for several places hands the next stage stand-in values;
         # untraced code may branch on values, so then every stage runs on the real ones.
         keys = None if captured.opaque else keys
@@ -245,6 +246,21 @@ def _profile(
             specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys,
             exact=profile == "fake", reads=captured.reads,
         )
+
+
+def _cached_casts(host: RematModule, inputs: tuple, device: torch.device | None) -> int:
+    """Bytes of the weight copies autocast makes and caches in a forward (0 outside autocast).
+
+    Autocast keeps a parameter's low-precision copy from its first use until
+    the autocast block exits, so for a step run in one block they are live to
+    its end: counted with the parameters. The forward run here fills the
+    cache, so the stage profiles that follow see no cast of their own.
+    """
+    if device is None or not (torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
+        return 0
+    with torch.no_grad(), track_memory(device, exact=True) as mem:
+        host._run_on(0, len(host._captured.modules), {}, inputs)
+    return mem.current_bytes
 
 
 def plan(
@@ -366,11 +382,12 @@ class _Profiled:
 
     def module(self, plan: Plan) -> RematModule:
         """The model run with ``plan``, on the capture the plan was made for."""
-        source = self.plain() if plan.inner else self
+        source = self.plain() if plan.inner or plan.stored else self
         offload = CheckpointOffload() if plan.offload else None
         nested = nested_starts(source.groups, plan.inner)
+        stored = stored_starts(source.groups, plan.stored)
         starts = segment_starts(source.groups, plan.checkpoints)
-        return RematModule(self.model, source.captured, starts, plan, offload, nested)
+        return RematModule(self.model, source.captured, starts, plan, offload, nested, stored)
 
     def stage_seconds(self) -> np.ndarray:
         """Forward seconds of every chain stage on the model's device (measured once)."""
@@ -392,7 +409,7 @@ class _Profiled:
             self.baseline = measure_step(
                 self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
             )
-        source = self.plain() if solution.inner else self
+        source = self.plain() if solution.inner or solution.stored else self
         return Plan(
             stage_names=source.chain.names,
             checkpoints=solution.checkpoints,
@@ -411,6 +428,7 @@ class _Profiled:
             recompute_seconds=recompute_seconds,
             inner=solution.inner,
             grad_accumulation=self.grad_accumulation,
+            stored=solution.stored,
         )
 
     def solve(self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops") -> Plan:
@@ -427,9 +445,14 @@ class _Profiled:
             solution = min_recompute(chain, budget_bytes, offload=offload)
         profiled_plain = self._plain is not None
         if not offload and costs == "flops":
-            solution = self._with_nested(solution, budget_bytes)
+            solution = self._on_plain_chain(solution, budget_bytes)
         if solution is None:
-            raise InfeasibleBudget(budget_bytes, self.solve(None, offload).predicted_peak_bytes)
+            # The nested least-peak plan may be below every plan the budget search's
+            # grid (or the one-level family) reaches: it is the plan if it fits.
+            least = self.solve(None, offload)
+            if least.predicted_peak_bytes > budget_bytes:
+                raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
+            return dataclasses.replace(least, budget_bytes=budget_bytes)
         seconds = time.perf_counter() - start
         if not profiled_plain and self._plain is not None:  # its capture counts as capture, not solve
             seconds -= self._plain.capture_seconds
@@ -441,10 +464,12 @@ class _Profiled:
             )
         return self.plan(solution, seconds, budget_bytes, offload, recompute_seconds)
 
-    def _with_nested(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
-        """``solution``, or a plan with nested checkpoints if it does better: a lower
-        peak, or less recompute within the budget. Nested plans recompute at most one
-        forward (plans without recompute less), so the least peak is the same in both modes."""
+    def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
+        """``solution``, or a plan on the chain cut only at single tensors that does
+        better: nested checkpoints (a lower peak, or less recompute within the budget;
+        they recompute at most one forward, plans without recompute less, so the least
+        peak is the same in both modes), or stored segments (less recompute at the same
+        peak or budget)."""
         # The single-tensor cuts are the carried chain's boundaries that nothing live crosses.
         cuts = [0, *single_tensor_boundaries(self.chain), self.chain.n]
         if len(cuts) > MAX_NESTED_STAGES:
@@ -460,15 +485,23 @@ class _Profiled:
         forward = int(chain.fwd_flops[:-1].sum())
         if budget_bytes is None:
             nested = min_peak_nested(chain, max_recompute_flops=forward)
-            better = nested.peak_bytes < solution.peak_bytes
+            if nested.inner and nested.peak_bytes < solution.peak_bytes:
+                return nested
         else:
             nested = min_recompute_nested(chain, budget_bytes)
-            better = (
+            if (
                 nested is not None
+                and nested.inner
                 and nested.recompute_flops <= forward
                 and (solution is None or nested.recompute_flops < solution.recompute_flops)
-            )
-        return nested if better and nested.inner else solution
+            ):
+                solution = nested
+        # Stored segments never lower the least peak; at a peak or budget they may recompute less.
+        limit = solution.peak_bytes if budget_bytes is None else budget_bytes
+        stored = min_recompute(chain, limit, store=True) if solution is not None else None
+        if stored is not None and stored.stored and stored.recompute_flops < solution.recompute_flops:
+            return stored
+        return solution
 
 
 def _capture_and_profile(
@@ -642,11 +675,12 @@ def optimize(
                 "call remat.optimize without plan= to make a new one"
             )
         captured, _, groups, _ = _capture_and_profile(
-            model, inputs, loss_fn or default_loss, profile, carried=not (plan.offload or plan.inner)
+            model, inputs, loss_fn or default_loss, profile, carried=not (plan.offload or plan.inner or plan.stored)
         )
         offload = CheckpointOffload() if plan.offload else None
         starts = segment_starts(groups, plan.checkpoints)
-        return RematModule(model, captured, starts, plan, offload, nested_starts(groups, plan.inner))
+        nested, stored = nested_starts(groups, plan.inner), stored_starts(groups, plan.stored)
+        return RematModule(model, captured, starts, plan, offload, nested, stored)
     profiled, chosen = _profile_and_solve(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
     return profiled.module(chosen)
 

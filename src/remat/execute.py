@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointedSequential",
     "RematModule",
     "nested_starts",
+    "stored_starts",
     "run_segment_recomputed",
     "segment_starts",
 ]
@@ -35,16 +36,30 @@ def segment_starts(groups: Sequence[Sequence[int]], checkpoints: Sequence[int]) 
     """Chain checkpoints (kept stage outputs) as the indices of the parts (modules
     or graph pieces) where segments start; ``groups[i]`` lists the parts of chain
     stage ``i + 1``. A checkpoint past the parts (before the loss) starts none."""
-    return tuple(groups[c - 1][-1] + 1 for c in checkpoints if c <= len(groups))
+    return tuple(_part(groups, c) for c in checkpoints if c <= len(groups))
+
+
+def _part(groups: Sequence[Sequence[int]], c: int) -> int:
+    """The part (module or graph piece) where chain boundary ``c``'s segment starts."""
+    return groups[c - 1][-1] + 1 if c else 0
 
 
 def nested_starts(groups: Sequence[Sequence[int]], inner: Sequence) -> dict[tuple[int, int], tuple[int, ...]]:
     """Nested chain checkpoints ``(l, r, (c1, ..))`` (see ``ChainSolution.inner``) as
     a map from a recomputed segment's parts ``(start, stop)`` to its inner starts."""
-    def part(c: int) -> int:
-        return groups[c - 1][-1] + 1 if c else 0
+    return {(_part(groups, l), _part(groups, r)): tuple(_part(groups, c) for c in cs) for l, r, cs in inner}
 
-    return {(part(l), part(r)): tuple(part(c) for c in cs) for l, r, cs in inner}
+
+def stored_starts(groups: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
+    """Starts of stored segments (chain boundaries, see ``ChainSolution.stored``) as parts."""
+    return frozenset(_part(groups, c) for c in stored)
+
+
+def _check_combination(nested: dict, stored: frozenset[int], offload: CheckpointOffload | None) -> None:
+    if nested and offload is not None:
+        raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
+    if stored and (nested or offload is not None):
+        raise ValueError("stored segments are planned without nested checkpoints or offload")
 
 
 @contextlib.contextmanager
@@ -105,13 +120,15 @@ class _RecomputeFirst(torch.autograd.Function):
     Checkpoint recomputes a segment when backward first needs one of its saved
     tensors; backward nodes that need none (views, reshapes, adds) would run
     before that and hold their gradients through the recompute, which the
-    cost model (recompute, then backward) does not count. Saving the output
+    cost model (recompute, then backward) does not count. Saving a tensor
     here makes the recompute the first thing the segment's backward does.
+    It is an empty one, not the output: the recompute keeps whatever it saves
+    until its backward, which never comes for an output the loss ignores.
     """
 
     @staticmethod
     def forward(ctx, output: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(output)
+        ctx.save_for_backward(output.new_empty(0))
         return output
 
     @staticmethod
@@ -233,6 +250,9 @@ class CheckpointedSequential(nn.Module):
         offload: keep the checkpoints in host memory with this.
         inner: checkpoints nested in recomputed segments, as in
             ``ChainSolution.inner`` (not with ``offload``).
+        stored: starts (0 or a checkpoint) of segments that run normally,
+            keeping what their backward needs, instead of being recomputed
+            (as in ``ChainSolution.stored``).
 
     Example:
         >>> import torch
@@ -249,6 +269,7 @@ class CheckpointedSequential(nn.Module):
         groups: Sequence[Sequence[int]] | None = None,
         offload: CheckpointOffload | None = None,
         inner: Sequence = (),
+        stored: Sequence[int] = (),
     ):
         super().__init__()
         for index, stage in enumerate(stages):
@@ -258,8 +279,8 @@ class CheckpointedSequential(nn.Module):
         self.checkpoints = tuple(checkpoints)
         self.offload = offload
         self.nested = nested_starts(groups, inner)
-        if self.nested and offload is not None:
-            raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
+        self.stored = stored_starts(groups, stored)
+        _check_combination(self.nested, self.stored, offload)
 
     def _run(self, start: int, stop: int, x):
         for index in range(start, stop):
@@ -267,8 +288,11 @@ class CheckpointedSequential(nn.Module):
         return x
 
     def _run_segments(self, bounds: Sequence[int], x, offload: CheckpointOffload | None = None):
-        """Segments between ``bounds``: all but the last recomputed in backward."""
+        """Segments between ``bounds``: all but the last (and the stored ones) recomputed in backward."""
         for start, stop in zip(bounds[:-2], bounds[1:-1]):
+            if start in self.stored:
+                x = self._run(start, stop, x)
+                continue
             modules = [self._modules[str(i)] for i in range(start, stop)]
             # The model's input is the caller's: it stays where it is.
             with _saving(offload, x if start > 0 else None):
@@ -304,6 +328,7 @@ class RematModule(nn.Module):
         plan: Any = None,
         offload: CheckpointOffload | None = None,
         nested: dict[tuple[int, int], tuple[int, ...]] | None = None,
+        stored: frozenset[int] = frozenset(),
     ):
         super().__init__()
         for name, child in model.named_children():
@@ -321,8 +346,8 @@ class RematModule(nn.Module):
         self.plan = plan
         self.offload = offload
         self.nested = nested or {}  # recomputed segment (start, stop) -> its inner segment starts
-        if self.nested and offload is not None:
-            raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
+        self.stored = stored  # starts of segments run normally (not recomputed)
+        _check_combination(self.nested, self.stored, offload)
         self.training = model.training  # not .train(): the children keep their own flags
 
     def train(self, mode: bool = True) -> RematModule:
@@ -354,16 +379,18 @@ class RematModule(nn.Module):
         return self._run_segments([start, *inner, stop], values, inputs)
 
     def _run_segments(self, bounds: Sequence[int], kept: dict[int, Any], inputs: tuple, offload=None):
-        """Segments between ``bounds``, all but the last recomputed in backward; ``kept``
-        holds the earlier outputs they read. Returns the last piece's output."""
+        """Segments between ``bounds``, all but the last (and the stored ones) recomputed
+        in backward; ``kept`` holds the earlier outputs they read. Returns the last
+        piece's output."""
         captured = self._captured
         for start, stop in zip(bounds[:-2], bounds[1:-1]):
             outside = captured.outside_reads(start, stop)
-            modules = captured.submodules(start, stop, self)
-            with _saving(offload, kept.get(start - 1)):
-                kept[stop - 1] = run_segment_recomputed(
-                    self._run, modules, start, stop, outside, *(kept[q] for q in outside), *inputs
-                )
+            args = (start, stop, outside, *(kept[q] for q in outside), *inputs)
+            if start in self.stored:
+                kept[stop - 1] = self._run(*args)
+            else:
+                with _saving(offload, kept.get(start - 1)):
+                    kept[stop - 1] = run_segment_recomputed(self._run, captured.submodules(start, stop, self), *args)
             # In place: a nested caller holds this dict until its recompute returns.
             for q in [q for q in kept if captured.last_reader[q] < stop and q != stop - 1]:
                 del kept[q]

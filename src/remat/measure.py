@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -137,6 +137,11 @@ class MemoryTracker(TorchDispatchMode):
             torch.cuda.synchronize(self.cuda_device)
             torch.cuda.reset_peak_memory_stats(self.cuda_device)
         self._counted_peak = self._counted
+
+    def live_bytes(self, storages: Iterable[torch.UntypedStorage]) -> int:
+        """Bytes of those of ``storages`` (alive, as the caller holds them) created here."""
+        records = {id(s): self._live.get(id(s)) for s in storages}
+        return sum(record.nbytes for record in records.values() if record is not None)
 
     def record_of(self, tensor: torch.Tensor) -> _StorageRecord | None:
         """The record of ``tensor``'s storage if it was created here and is alive."""

@@ -45,6 +45,10 @@ class Plan:
             where a single tensor is live).
         grad_accumulation: planned (and the baseline measured) for steps
             whose parameter gradients exist from the start.
+        stored: starts (0 or a checkpoint) of segments that run normally,
+            keeping what their backward needs, rather than being recomputed
+            (as ``ChainSolution.stored``; the stages are then cut only where
+            a single tensor is live).
 
     Example:
         >>> import torch, remat
@@ -72,6 +76,7 @@ class Plan:
     recompute_seconds: float | None = None
     inner: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
     grad_accumulation: bool = False
+    stored: tuple[int, ...] = ()
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -100,6 +105,7 @@ class Plan:
                 if self.inner
                 else []
             ),
+            *([["stored segments", f"{len(self.stored)} run without recompute"]] if self.stored else []),
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             *(
                 [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]
@@ -123,6 +129,7 @@ class Plan:
         data["stage_names"] = tuple(data["stage_names"])
         data["checkpoints"] = tuple(data["checkpoints"])
         data["inner"] = tuple((l, r, tuple(cs)) for l, r, cs in data.get("inner", ()))
+        data["stored"] = tuple(data.get("stored", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

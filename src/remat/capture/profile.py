@@ -10,6 +10,7 @@ Stage inputs and outputs may be tensors or nested tuples/lists/dicts of them.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ class StageCost:
     # gradient tensor to both its inputs).
     inputs_saved: tuple[bool, ...] = ()
     input_grads: tuple[tuple[int, int] | None, ...] = ()
+    # Saved for outputs the loss ignores: their backward never runs, so these
+    # stay until the caller lets the outputs go, after the step.
+    stranded: int = 0
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -88,15 +92,19 @@ class _SeedGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *outputs: torch.Tensor) -> torch.Tensor:
-        ctx.layouts = [(t.shape, t.stride(), t.dtype, t.device) for t in outputs]
+        ctx.layouts = [(t.shape, t.dtype, t.device) for t in outputs]
         return outputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, _: torch.Tensor):
-        return tuple(
-            torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
-            for shape, stride, dtype, device in ctx.layouts
-        )
+        # Dense, one per output, as the next stage's backward makes them: outputs
+        # that are views of one storage (chunks of a cat) get a gradient each.
+        return tuple(torch.ones(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.layouts)
+
+
+def _dense_bytes(t: torch.Tensor, round_to: int) -> int:
+    """Bytes of a contiguous tensor shaped like ``t``, as the allocator rounds them."""
+    return -(-t.numel() * t.element_size() // round_to) * round_to
 
 
 def _stage_input(x: Any, received: list) -> Any:
@@ -134,6 +142,7 @@ def _profile_stage(
     exact: bool = True,
     seeded: Sequence[bool] | None = None,
     received: list[bool] | None = None,
+    outputs_held: bool = False,
 ) -> tuple[StageCost, Any]:
     """Costs of one stage on input ``x`` (leaves) and its output (detached).
 
@@ -148,7 +157,9 @@ def _profile_stage(
     ``seeded[k]``: whether output ``k`` (of those requiring grad) gets a
     gradient in backward (the loss may use only some outputs); all by
     default. ``received``, if given, is filled with whether each input
-    tensor got a gradient.
+    tensor got a gradient. ``outputs_held``: the stage makes the model's
+    output, which the caller holds through the backward (with the graphs of
+    outputs the loss ignores).
     """
     leaves = x
     input_grads: list[torch.Tensor | None] = []
@@ -166,9 +177,11 @@ def _profile_stage(
     del y
 
     saved_ids: set[int] = set()
+    saved_storages: dict[int, weakref.ref] = {}  # ids are reused once a storage dies
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved_ids.add(id(t.untyped_storage()))
+        saved_storages[id(t.untyped_storage())] = weakref.ref(t.untyped_storage())
         return t
 
     del x
@@ -188,15 +201,25 @@ def _profile_stage(
         saved = mem.current_bytes - out_bytes
         flops_before = mem.flops
         outputs = [t for t in _tensors(y) if t.requires_grad]
+        held = list(outputs) if outputs_held else []
+        ignored = []
         if seeded is not None:
+            ignored = [t for t, seed in zip(outputs, seeded) if not seed]
             outputs = [t for t, seed in zip(outputs, seeded) if seed]
-        grad_bytes = unique_storage_bytes(outputs, mem.round_to)  # the output gradients, created in the backward
+        # The output gradients, created in the backward: one dense tensor per output.
+        grad_bytes = sum(_dense_bytes(t, mem.round_to) for t in outputs)
         if root:
             seeds, grads = outputs, [torch.ones_like(t) for t in outputs]
         else:
             seeds = [_SeedGradient.apply(*outputs)] if outputs else []
             grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
             del y, outputs  # the output stays alive only if the stage saved it
+        # Only the graph holds the stage inputs from here on: those that only the
+        # ignored outputs' graphs save stay alive after the backward.
+        callers = _storage_ids(leaves)  # the caller's own inputs (those that need no grad) stay anyway
+        inputs_left = {id(s): weakref.ref(s) for s in (t.untyped_storage() for t in _tensors(x)) if id(s) not in callers}
+        inputs_bytes = {id(t.untyped_storage()): unique_storage_bytes([t], mem.round_to) for t in _tensors(x)}
+        del x
         live_at_start = mem.current_bytes
         mem.mark()
         inputs = [t for t in [*_tensors(leaves), *params] if t.requires_grad]
@@ -206,6 +229,15 @@ def _profile_stage(
         if root:
             del y, outputs
         after = mem.peak_bytes  # since the mark: the backward's peak
+        stranded = 0
+        if ignored:
+            outs = _storage_ids(held)
+            alive = [s for s in (ref() for ref in saved_storages.values()) if s is not None and id(s) not in outs]
+            stranded = mem.live_bytes(alive)
+            alive = [s for s in (ref() for ref in inputs_left.values()) if s is not None and id(s) not in outs]
+            stranded += sum(inputs_bytes[id(s)] for s in alive)
+            del alive
+        del ignored, held
         # Over what is live when the backward starts, output gradients aside
         # (the chain counts them, g(i), separately).
         bwd = after - live_at_start - (0 if root else grad_bytes)
@@ -226,6 +258,7 @@ def _profile_stage(
         bwd, param_grad_bytes, input_grad_bytes, fwd_flops, bwd_flops,
         tuple(flag for flag, tensor in zip(inputs_saved, is_tensor) if tensor),
         tuple(g for g, tensor in zip(numbered, is_tensor) if tensor),
+        stranded,
     )
     return cost, output
 
@@ -338,15 +371,37 @@ def profile_stages(
     received: list[bool] = []
     loss_cost, _ = _profile_stage(loss_fn, loss_input, [], device, root=True, exact=exact, received=received)
     seeded = [got for t, got in zip(_tensors(loss_input), received) if t.requires_grad]
-    if members and not all(seeded):
-        # The loss reads only some outputs: only those get a gradient, so the
-        # last model stage's backward is measured again, seeded with just them.
+    held_cost = None
+    if members:
+        # The last model stage's backward is measured again as it runs in the step:
+        # the loss may read only some outputs (only those get a gradient), and, run
+        # normally, the caller holds its outputs throughout (a recompute makes copies
+        # that nobody holds).
         group_input, group_grad, runs, group_params, _ = members[-1]
         owned = tuple(last_use[id(p)] <= len(stages) - 1 for p in group_params)
-        costs[-1], _ = _profile_stage(
-            _chained(runs), _leaf(group_input, group_grad), group_params, device,
-            owned=owned, exact=exact, seeded=seeded,
+
+        def last_stage(**kwargs) -> StageCost:
+            return _profile_stage(
+                _chained(runs), _leaf(group_input, group_grad), group_params, device,
+                owned=owned, exact=exact, seeded=None if all(seeded) else seeded, **kwargs,
+            )[0]
+
+        if not all(seeded):
+            costs[-1] = last_stage()
+        held_cost = last_stage(outputs_held=True)
+    dead = _last_boundary_without_gradient(costs, groups, outputs, reads)
+    if dead:
+        # No gradient flows back into stage `dead + 1`'s input (the loss ignores every
+        # path from it): the stages before never run backward and their saved tensors
+        # stay all step, which only a stage that contains them all can measure.
+        upto = groups[dead][-1]
+        merged, merged_keys, merged_reads = _merge_prefix(stages, keys, reads, upto)
+        chain, merged_groups = profile_stages(
+            merged, first_input, loss_fn, base_bytes=base_bytes, device=device,
+            keys=merged_keys, exact=exact, reads=merged_reads,
         )
+        piece = lambda j: list(range(upto + 1)) if j == 0 else [j + upto]  # noqa: E731
+        return chain, [[q for j in group for q in piece(j)] for group in merged_groups]
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
@@ -354,7 +409,39 @@ def profile_stages(
     if any(read != (i,) for i, read in enumerate(group_reads)):  # stage i + 1 reads more than a(i)
         ends = [outputs[pieces[-1]] for pieces in groups]
         _check_backward_reaches(costs, group_reads, ends, names)
-    return _chain_of(costs, x_bytes, base_bytes, names, group_reads), groups
+    return _chain_of(costs, x_bytes, base_bytes, names, group_reads, held_cost), groups
+
+
+def _last_boundary_without_gradient(
+    costs: list[StageCost], groups: list[list[int]], outputs: list[Any], reads: Sequence[tuple[int, ...]] | None
+) -> int:
+    """The last boundary ``m`` (a stage output that requires grad) to which the next
+    stage's backward makes no gradient, on a chain whose stages read only the previous
+    output; 0 if none (multi-input stages are checked by :func:`_check_backward_reaches`)."""
+    if reads is not None and any(tuple(read) != (i - 1,) for i, read in enumerate(reads) if i):
+        return 0
+    for m in range(len(groups) - 1, 0, -1):
+        made = costs[m].input_grad_bytes > 0
+        if not made and any(t.requires_grad for t in _tensors(outputs[groups[m - 1][-1]])):
+            return m
+    return 0
+
+
+def _merge_prefix(
+    stages: Sequence[tuple[str, Callable[[Any], Any], Sequence[torch.Tensor]]],
+    keys: Sequence[Hashable | None],
+    reads: Sequence[tuple[int, ...]] | None,
+    upto: int,
+) -> tuple[list, list, list | None]:
+    """``stages`` with stages ``0..upto`` run as one (a chain whose stages read the previous output)."""
+    runs = [stages[0][1]] + [run if reads is None else lambda y, run=run: run((y,)) for _, run, _ in stages[1 : upto + 1]]
+    params: list[torch.Tensor] = []
+    for _, _, stage_params in stages[: upto + 1]:
+        params.extend(p for p in stage_params if all(p is not q for q in params))
+    name = f"{stages[0][0]}..{stages[upto][0]}"
+    merged = [(name, _chained(runs), params), *stages[upto + 1 :]]
+    merged_reads = None if reads is None else [reads[0], *((i - 1,) for i in range(1, len(merged)))]
+    return merged, [None, *keys[upto + 1 :]], merged_reads
 
 
 class BackwardSkipsStage(ValueError):
@@ -445,7 +532,12 @@ def _chained(runs: Sequence[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 
 
 def _chain_of(
-    costs: list[StageCost], x_bytes: int, base_bytes: int, names: list[str], reads: list[tuple[int, ...]]
+    costs: list[StageCost],
+    x_bytes: int,
+    base_bytes: int,
+    names: list[str],
+    reads: list[tuple[int, ...]],
+    held_cost: StageCost | None = None,
 ) -> Chain:
     col = lambda field: [getattr(c, field) for c in costs]  # noqa: E731
     n = len(costs)
@@ -505,6 +597,8 @@ def _chain_of(
         bwd_flops=col("bwd_flops"),
         base_bytes=base_bytes,
         output_held=True,
+        stranded_bytes=held_cost.stranded if held_cost else 0,
+        held_output_bwd_peak=held_cost.bwd if held_cost else None,
         names=tuple(names),
         **extra,
     )

@@ -172,6 +172,12 @@ class Chain:
         carried_grad_bytes: bytes of the gradients of the activations made
             before ``m`` that are live at boundary ``m``, alive when the
             backward reaches it (each counted once where they share storage).
+        stranded_bytes: what stage ``n - 1`` saves for model outputs the
+            loss ignores: their backward never runs, so these bytes stay
+            from that stage's backward to the end of the step.
+        held_output_bwd_peak: stage ``n - 1``'s ``bwd_peak`` when it runs
+            in the last segment, where the caller holds its outputs through
+            the backward (``None``: the same as recomputed).
     """
 
     act_bytes: np.ndarray
@@ -192,6 +198,8 @@ class Chain:
     later_saver: np.ndarray | None = None
     carried_grad_bytes: np.ndarray | None = None
     skips_next: np.ndarray | None = None
+    stranded_bytes: int = 0
+    held_output_bwd_peak: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)
@@ -227,7 +235,7 @@ class Chain:
         """Build a chain from lists; booleans and integers are converted."""
         converted = {}
         for key, value in arrays.items():
-            if key in ("base_bytes", "names", "output_held"):
+            if key in ("base_bytes", "names", "output_held", "stranded_bytes", "held_output_bwd_peak"):
                 converted[key] = value
             elif value is None:
                 converted[key] = None
@@ -392,6 +400,9 @@ class _Terms:
         self.T_bw[0] = 0
         # Extra held while a segment ending at r is recomputed.
         self.E = self.held + w_after + g
+        # After stage n-1's backward (recomputed or not), what it saved for ignored outputs stays.
+        self.T_bw[1 : n - 1] += chain.stranded_bytes
+        self.E[: n - 1] += chain.stranded_bytes
         # S(l), the local cost of the last segment (l, n], for every l at once.
         suffix_max = lambda t: np.maximum.accumulate(t[::-1])[::-1]  # noqa: E731
         rc_after = np.concatenate([suffix_max(self.T_rc[2:]), [0, 0]])[: n + 1]  # max T_rc[l+2..n]
@@ -401,6 +412,8 @@ class _Terms:
         if pinned:
             T_bw_last[n - 1] -= out_kept[n - 1]
             kept[n - 1] = 0
+        if chain.held_output_bwd_peak is not None and n >= 2:
+            T_bw_last[n - 1] += chain.held_output_bwd_peak - chain.bwd_peak[n - 2]
         self.T_bw_last = T_bw_last
         bw_after = suffix_max(T_bw_last[1:])  # max T_bw[l+1..n], l = 0..n-1
         self.carries = chain.carries
