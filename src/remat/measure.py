@@ -52,9 +52,13 @@ def round_to_of(device: torch.device | str | None) -> int:
     return CUDA_BLOCK_BYTES if device is not None and torch.device(device).type == "cuda" else 1
 
 
-def _storage_bytes(storage: torch.UntypedStorage, round_to: int) -> int:
-    nbytes = storage.nbytes()
+def rounded_bytes(nbytes: int, round_to: int) -> int:
+    """``nbytes`` rounded up to the allocator's block size ``round_to``."""
     return -(-nbytes // round_to) * round_to
+
+
+def _storage_bytes(storage: torch.UntypedStorage, round_to: int) -> int:
+    return rounded_bytes(storage.nbytes(), round_to)
 
 
 @dataclasses.dataclass

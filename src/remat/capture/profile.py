@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
-from remat.measure import round_to_of, track_memory, unique_storage_bytes
+from remat.measure import MemoryTracker, round_to_of, rounded_bytes, track_memory, unique_storage_bytes
 from remat.solvers.chain import Chain
 
 __all__ = ["BackwardSkipsStage", "StageCost", "profile_stages"]
@@ -100,11 +100,6 @@ class _SeedGradient(torch.autograd.Function):
         # Dense, one per output, as the next stage's backward makes them: outputs
         # that are views of one storage (chunks of a cat) get a gradient each.
         return tuple(torch.ones(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.layouts)
-
-
-def _dense_bytes(t: torch.Tensor, round_to: int) -> int:
-    """Bytes of a contiguous tensor shaped like ``t``, as the allocator rounds them."""
-    return -(-t.numel() * t.element_size() // round_to) * round_to
 
 
 def _stage_input(x: Any, received: list) -> Any:
@@ -207,7 +202,7 @@ def _profile_stage(
             ignored = [t for t, seed in zip(outputs, seeded) if not seed]
             outputs = [t for t, seed in zip(outputs, seeded) if seed]
         # The output gradients, created in the backward: one dense tensor per output.
-        grad_bytes = sum(_dense_bytes(t, mem.round_to) for t in outputs)
+        grad_bytes = sum(rounded_bytes(t.numel() * t.element_size(), mem.round_to) for t in outputs)
         if root:
             seeds, grads = outputs, [torch.ones_like(t) for t in outputs]
         else:
@@ -215,10 +210,14 @@ def _profile_stage(
             grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
             del y, outputs  # the output stays alive only if the stage saved it
         # Only the graph holds the stage inputs from here on: those that only the
-        # ignored outputs' graphs save stay alive after the backward.
-        callers = _storage_ids(leaves)  # the caller's own inputs (those that need no grad) stay anyway
-        inputs_left = {id(s): weakref.ref(s) for s in (t.untyped_storage() for t in _tensors(x)) if id(s) not in callers}
-        inputs_bytes = {id(t.untyped_storage()): unique_storage_bytes([t], mem.round_to) for t in _tensors(x)}
+        # ignored outputs' graphs save stay alive after the backward (the caller's
+        # own inputs, which need no grad, stay anyway).
+        callers = _storage_ids(leaves)
+        inputs_left = {
+            id(t.untyped_storage()): (weakref.ref(t.untyped_storage()), unique_storage_bytes([t], mem.round_to))
+            for t in _tensors(x)
+            if id(t.untyped_storage()) not in callers
+        }
         del x
         live_at_start = mem.current_bytes
         mem.mark()
@@ -229,14 +228,7 @@ def _profile_stage(
         if root:
             del y, outputs
         after = mem.peak_bytes  # since the mark: the backward's peak
-        stranded = 0
-        if ignored:
-            outs = _storage_ids(held)
-            alive = [s for s in (ref() for ref in saved_storages.values()) if s is not None and id(s) not in outs]
-            stranded = mem.live_bytes(alive)
-            alive = [s for s in (ref() for ref in inputs_left.values()) if s is not None and id(s) not in outs]
-            stranded += sum(inputs_bytes[id(s)] for s in alive)
-            del alive
+        stranded = _stranded_bytes(mem, saved_storages, inputs_left, _storage_ids(held)) if ignored else 0
         del ignored, held
         # Over what is live when the backward starts, output gradients aside
         # (the chain counts them, g(i), separately).
@@ -261,6 +253,20 @@ def _profile_stage(
         stranded,
     )
     return cost, output
+
+
+def _stranded_bytes(
+    mem: MemoryTracker,
+    saved: dict[int, weakref.ref],
+    inputs: dict[int, tuple[weakref.ref, int]],
+    outputs: set[int],
+) -> int:
+    """After a backward, what the graph still holds: the saved tensors made in the stage
+    and the stage inputs (with their bytes) still alive, outputs (held anyway) aside."""
+    made_here = mem.live_bytes(s for s in (ref() for ref in saved.values()) if s is not None and id(s) not in outputs)
+    return made_here + sum(
+        nbytes for ref, nbytes in inputs.values() if (s := ref()) is not None and id(s) not in outputs
+    )
 
 
 def _leaf(tree: Any, requires_grad: bool) -> Any:
