@@ -449,7 +449,7 @@ class _Profiled:
         if solution is None:
             # The nested least-peak plan may be below every plan the budget search's
             # grid (or the one-level family) reaches: it is the plan if it fits.
-            least = self.solve(None, offload)
+            least = self.solve(None, offload, costs)
             if least.predicted_peak_bytes > budget_bytes:
                 raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
             return dataclasses.replace(least, budget_bytes=budget_bytes)

@@ -56,6 +56,7 @@ def stored_starts(groups: Sequence[Sequence[int]], stored: Sequence[int]) -> fro
 
 
 def _check_combination(nested: dict, stored: frozenset[int], offload: CheckpointOffload | None) -> None:
+    """Refuse plan kinds the cost model does not combine."""
     if nested and offload is not None:
         raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
     if stored and (nested or offload is not None):
@@ -435,4 +436,5 @@ class RematModule(nn.Module):
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
         nested = f" (and {sum(map(len, self.nested.values()))} nested in recomputes)" if self.nested else ""
-        return f"keeps: {kept}{nested}" + (" (offloaded to host memory)" if self.offload is not None else "")
+        stored = f" ({len(self.stored)} segments stored, not recomputed)" if self.stored else ""
+        return f"keeps: {kept}{nested}{stored}" + (" (offloaded to host memory)" if self.offload is not None else "")
