@@ -30,11 +30,11 @@ from remat.solvers.chain import (
 )
 
 METHODS = ["dp", "linear"]
-N_CHAINS = 1000
+N_CHAINS = 600
 
 
 def random_chains():
-    """1,000 heterogeneous chains, n from 1 to 14 (seed = index)."""
+    """600 heterogeneous chains, n from 1 to 14 (seed = index)."""
     return [Chain.random(1 + seed % 14, seed) for seed in range(N_CHAINS)]
 
 
@@ -204,7 +204,7 @@ def test_reference_matches_peak_of_on_a_sample(chains):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_solvers_find_the_exhaustive_optimum(chains, method):
-    """Both methods: least (peak, recompute) over every plan of 1,000 random chains."""
+    """Both methods: least (peak, recompute) over every plan of 600 random chains."""
     for chain in chains:
         sol = min_peak(chain, method)
         assert (sol.peak_bytes, sol.recompute_flops) == Reference(chain).best(), (chain.n, sol)
@@ -467,7 +467,7 @@ def test_solvers_find_the_exhaustive_optimum_with_stranded_bytes(method):
 
 
 def test_offload_solver_finds_the_exhaustive_optimum(chains):
-    """The O(n^2) offload DP: least (peak, recompute) over every plan of 1,000 random chains."""
+    """The O(n^2) offload DP: least (peak, recompute) over every plan of 600 random chains."""
     fewer = 0
     for chain in chains:
         sol = min_peak(chain, offload=True)
