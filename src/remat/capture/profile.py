@@ -171,11 +171,10 @@ def _profile_stage(
     output = tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), y)
     del y
 
-    saved_ids: set[int] = set()
-    saved_storages: dict[int, weakref.ref] = {}  # ids are reused once a storage dies
+    # Saved storages by id, held weakly: an id is reused once its storage dies.
+    saved_storages: dict[int, weakref.ref] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved_ids.add(id(t.untyped_storage()))
         saved_storages[id(t.untyped_storage())] = weakref.ref(t.untyped_storage())
         return t
 
@@ -187,6 +186,7 @@ def _profile_stage(
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = run(x)
         fwd_save = mem.peak_bytes
+        saved_ids = saved_storages.keys()
         saves_input = bool(saved_ids & x_storages)
         inputs_saved = tuple(
             isinstance(t, torch.Tensor) and id(t.untyped_storage()) in saved_ids for t in x_tensors
@@ -215,7 +215,7 @@ def _profile_stage(
         callers = _storage_ids(leaves)
         inputs_left = {
             id(t.untyped_storage()): (weakref.ref(t.untyped_storage()), unique_storage_bytes([t], mem.round_to))
-            for t in _tensors(x)
+            for t in (_tensors(x) if ignored else ())
             if id(t.untyped_storage()) not in callers
         }
         del x
