@@ -93,7 +93,9 @@ class Reference:
         bounds = [0, *checkpoints, self.n]
         return all(
             self.d[m] < r for l, r in zip(bounds[:-1], bounds[1:]) for m in range(l + 1, r)
-        ) and not any(self.skips[l] for l in bounds[:-2])
+        ) and not any(self.skips[l] for l in bounds[:-2]) and not (
+            self.c.stranded_bytes and self.n - 1 in checkpoints  # see Chain.stranded_bytes
+        )
 
     def carried_in(self, l: int, k: int, unretained_only: bool) -> int:
         """Activations made in (l, k) still live at boundary k (read further on)."""
@@ -175,6 +177,8 @@ class Reference:
             for r in range(l + 1, n):
                 if any(self.d[m] >= r for m in range(l + 1, r)) or self.skips[l]:
                     continue  # r would need an activation made inside (l, r), or a(l) is not read next
+                if self.c.stranded_bytes and r == n - 1:
+                    continue  # see Chain.stranded_bytes
                 seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
                 segment = kept + self.segment(l, r, False)
                 visit(r, kept + (0 if offload else self.a_in[l]), max(peak, segment), seg_flops)

@@ -8,8 +8,9 @@ never run backward at all. For every plan of each model the gradients
 equal the plain model's and the measured (fake) peak never exceeds the
 prediction, so budgets hold. The prediction is exact where the last model
 stage runs normally; where it is recomputed (the last segment is the loss
-alone) or where a stage input is saved only for an ignored output (counted
-both as an activation and as stranded), it is somewhat high.
+alone: planned only if the loss reads every output) or where a stage input
+is saved only for an ignored output (counted both as an activation and as
+stranded), it is somewhat high.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def test_every_plan_bounded_by_its_prediction_with_exact_gradients(name):
             assert predicted == measured, (checkpoints, predicted, measured)
         assert_grads_equal(plain, step_grads(module, (x,), loss_fn=loss_fn))
         checked += 1
-    assert checked >= 2, f"{name}: only {checked} plan(s)"
+    # "ignored start" is one model stage and the loss, and a last model stage whose outputs
+    # the loss partly ignores is never recomputed (see Chain.stranded_bytes): one plan.
+    assert checked >= (1 if name == "ignored start" else 2), f"{name}: only {checked} plan(s)"
 
 
 def test_the_ignored_branch_is_stranded_and_the_dead_start_merged():

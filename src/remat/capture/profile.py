@@ -22,6 +22,8 @@ from remat.solvers.chain import Chain
 
 __all__ = ["BackwardSkipsStage", "StageCost", "profile_stages"]
 
+PASSED_ON = -1  # storage number of a gradient that is the stage's output gradient (see StageCost)
+
 
 @dataclasses.dataclass
 class StageCost:
@@ -44,6 +46,7 @@ class StageCost:
     # bytes), or None. Equal storage numbers share memory (an add hands one
     # gradient tensor to both its inputs).
     inputs_saved: tuple[bool, ...] = ()
+    # PASSED_ON: the stage's output gradient itself, handed on.
     input_grads: tuple[tuple[int, int] | None, ...] = ()
     # Saved for outputs the loss ignores: their backward never runs, so these
     # stay until the caller lets the outputs go, after the step.
@@ -69,14 +72,42 @@ class _StageInput(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, received: list, position: int) -> torch.Tensor:
-        ctx.received, ctx.position = received, position
+    def forward(ctx, t: torch.Tensor, received: list, position: int, earlier: list) -> torch.Tensor:
+        ctx.received, ctx.position, ctx.earlier = received, position, earlier
         return t.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.received[ctx.position] = grad
-        return None, None, None
+        # Only an earlier gradient (see _EarlierGradient), nothing added: the stage made none.
+        made = all(ref() is not grad.untyped_storage() for ref in ctx.earlier)
+        ctx.received[ctx.position] = grad if made else None
+        return None, None, None, None
+
+
+class _EarlierGradient(torch.autograd.Function):
+    """A root whose backward gives a stage input the gradient a later stage made for it.
+
+    An activation that this stage and a later one read gets its first gradient
+    from the later stage's backward; autograd then adds this stage's into it.
+    While a dispatch mode is active (as when remat measures), it adds out of
+    place (without one it may add in place), so the sum is a transient the
+    size of the gradient, next to what the stage's backward holds at that
+    moment. Created after the stage's graph, this node has the highest
+    sequence number and runs first; the gradient it makes is the one the
+    chain already counts at the boundary (``carried_grad_bytes``).
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, earlier: list) -> torch.Tensor:
+        ctx.layout, ctx.earlier = (t.shape, t.dtype, t.device), earlier
+        return t.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: torch.Tensor):
+        shape, dtype, device = ctx.layout
+        grad = torch.ones(shape, dtype=dtype, device=device)
+        ctx.earlier.append(weakref.ref(grad.untyped_storage()))
+        return grad, None
 
 
 class _SeedGradient(torch.autograd.Function):
@@ -87,41 +118,51 @@ class _SeedGradient(torch.autograd.Function):
     stage's first backward node has used it. Seeding the stage's backward
     with tensors we hold would keep it alive through the whole stage. The
     outputs themselves are not referenced either: like in a real step, they
-    stay alive only if the stage saved them for backward.
+    stay alive only if the stage saved them for backward. ``made`` gets a
+    weak reference to each gradient's storage; ``held``, if a list, keeps the
+    gradients to the end: the next stage's backward made one tensor for this
+    output and an earlier stage's, which holds it until its own backward.
     """
 
     @staticmethod
-    def forward(ctx, *outputs: torch.Tensor) -> torch.Tensor:
-        ctx.layouts = [(t.shape, t.dtype, t.device) for t in outputs]
+    def forward(ctx, made: list, held: list | None, *outputs: torch.Tensor) -> torch.Tensor:
+        ctx.layouts, ctx.made, ctx.held = [(t.shape, t.dtype, t.device) for t in outputs], made, held
         return outputs[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, _: torch.Tensor):
         # Dense, one per output, as the next stage's backward makes them: outputs
         # that are views of one storage (chunks of a cat) get a gradient each.
-        return tuple(torch.ones(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.layouts)
+        grads = tuple(torch.ones(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.layouts)
+        ctx.made.extend(weakref.ref(g.untyped_storage()) for g in grads)
+        if ctx.held is not None:
+            ctx.held.extend(grads)
+        return None, None, *grads
 
 
-def _stage_input(x: Any, received: list) -> Any:
+def _stage_input(x: Any, received: list, earlier: list) -> Any:
     """``x`` with every tensor that requires grad behind a :class:`_StageInput`."""
     leaves, spec = tree_flatten(x)
     received[:] = [None] * len(leaves)
     wrapped = [
-        _StageInput.apply(t, received, k) if isinstance(t, torch.Tensor) and t.requires_grad else t
+        _StageInput.apply(t, received, k, earlier) if isinstance(t, torch.Tensor) and t.requires_grad else t
         for k, t in enumerate(leaves)
     ]
     return tree_unflatten(wrapped, spec)
 
 
-def _numbered_grads(grads: Sequence[torch.Tensor | None], round_to: int) -> tuple[tuple[int, int] | None, ...]:
-    """Each gradient as (storage number in order of first appearance, bytes)."""
-    numbers: dict[int, int] = {}
+def _numbered_grads(
+    grads: Sequence[torch.Tensor | None], round_to: int, passed: set[int]
+) -> tuple[tuple[int, int] | None, ...]:
+    """Each gradient as (storage number in order of first appearance, bytes); number
+    ``PASSED_ON`` for the storage of the stage's output gradient (id in ``passed``)."""
+    numbers: dict[int, int] = {storage: PASSED_ON for storage in passed}
     out = []
     for g in grads:
         if g is None:
             out.append(None)
             continue
-        number = numbers.setdefault(id(g.untyped_storage()), len(numbers))
+        number = numbers.setdefault(id(g.untyped_storage()), len(numbers) - len(passed))
         out.append((number, unique_storage_bytes([g], round_to)))
     return tuple(out)
 
@@ -138,6 +179,8 @@ def _profile_stage(
     seeded: Sequence[bool] | None = None,
     received: list[bool] | None = None,
     outputs_held: bool = False,
+    accumulated: Sequence[bool] | None = None,
+    output_grads_held: bool = False,
 ) -> tuple[StageCost, Any]:
     """Costs of one stage on input ``x`` (leaves) and its output (detached).
 
@@ -154,11 +197,17 @@ def _profile_stage(
     default. ``received``, if given, is filled with whether each input
     tensor got a gradient. ``outputs_held``: the stage makes the model's
     output, which the caller holds through the backward (with the graphs of
-    outputs the loss ignores).
+    outputs the loss ignores). ``accumulated[k]``: input tensor ``k`` (in
+    flattened order) is read by a later stage too, whose backward made its
+    gradient first (see :class:`_EarlierGradient`). ``output_grads_held``:
+    the gradients of the stage's outputs stay alive through its backward
+    (they share storage with an earlier stage's output gradient).
     """
     leaves = x
     input_grads: list[torch.Tensor | None] = []
-    x = _stage_input(leaves, input_grads)
+    earlier: list[weakref.ref] = []
+    seed_grads: list[weakref.ref] = []  # the output gradients' storages
+    x = _stage_input(leaves, input_grads, earlier)
     x_storages = _storage_ids(x)
     with track_memory(device, exact=exact) as nosave:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
@@ -179,7 +228,7 @@ def _profile_stage(
         return t
 
     del x
-    x = _stage_input(leaves, input_grads)  # a fresh copy: an in-place stage changed the first one
+    x = _stage_input(leaves, input_grads, earlier)  # a fresh copy: an in-place stage changed the first one
     x_tensors = [t for t in tree_flatten(x)[0]]
     x_storages = _storage_ids(x)
     with track_memory(device, exact=exact) as mem:
@@ -204,11 +253,20 @@ def _profile_stage(
         # The output gradients, created in the backward: one dense tensor per output.
         grad_bytes = sum(rounded_bytes(t.numel() * t.element_size(), mem.round_to) for t in outputs)
         if root:
-            seeds, grads = outputs, [torch.ones_like(t) for t in outputs]
+            seeds = list(outputs)
         else:
-            seeds = [_SeedGradient.apply(*outputs)] if outputs else []
-            grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
+            held_grads: list | None = [] if output_grads_held else None
+            seeds = [_SeedGradient.apply(seed_grads, held_grads, *outputs)] if outputs else []
             del y, outputs  # the output stays alive only if the stage saved it
+        added_into = [
+            t for t, later in zip(tree_flatten(x)[0], accumulated or ())
+            if later and isinstance(t, torch.Tensor) and t.requires_grad
+        ]
+        earlier_bytes = sum(rounded_bytes(t.numel() * t.element_size(), mem.round_to) for t in added_into)
+        if seeds:  # (no gradient from this stage: nothing to add into)
+            seeds += [_EarlierGradient.apply(t, earlier) for t in added_into]
+        del added_into
+        grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
         # Only the graph holds the stage inputs from here on: those that only the
         # ignored outputs' graphs save stay alive after the backward (the caller's
         # own inputs, which need no grad, stay anyway).
@@ -227,12 +285,14 @@ def _profile_stage(
         del grads, seeds
         if root:
             del y, outputs
+        else:
+            del held_grads
         after = mem.peak_bytes  # since the mark: the backward's peak
         stranded = _stranded_bytes(mem, saved_storages, inputs_left, _storage_ids(held)) if ignored else 0
         del ignored, held
-        # Over what is live when the backward starts, output gradients aside
-        # (the chain counts them, g(i), separately).
-        bwd = after - live_at_start - (0 if root else grad_bytes)
+        # Over what is live when the backward starts, output gradients and the
+        # gradients later stages made for its inputs aside (the chain counts them).
+        bwd = after - live_at_start - (0 if root else grad_bytes) - earlier_bytes
         bwd_flops = mem.flops - flops_before
     is_tensor = [isinstance(t, torch.Tensor) for t in tree_flatten(leaves)[0]]
     if received is not None:
@@ -242,7 +302,10 @@ def _profile_stage(
         [p.grad for p, own in zip(params, owned) if own and p.grad is not None], mem.round_to
     )
     input_grad_bytes = unique_storage_bytes([g for g in input_grads if g is not None], mem.round_to)
-    numbered = _numbered_grads(input_grads, mem.round_to)
+    # A backward that hands its one output's gradient on unchanged (an add) hands on
+    # whatever storage that gradient has in the step (a slice of a larger one, say).
+    passed = {id(s) for s in (ref() for ref in seed_grads) if s is not None} if len(seed_grads) == 1 else set()
+    numbered = _numbered_grads(input_grads, mem.round_to, passed)
     for t in params:
         t.grad = None
     cost = StageCost(
@@ -317,6 +380,7 @@ def profile_stages(
     names: list[str] = []
     # Per group: its input, whether that requires grad, its runs, parameters and keys.
     members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor], list[Hashable]]] = []
+    accumulated: list[tuple[bool, ...]] = []  # per group: see _profile_stage
     cache: dict[Hashable, tuple[StageCost, Any]] = {}
     outputs: list[Any] = []
 
@@ -324,15 +388,21 @@ def profile_stages(
     last_use = {id(p): index for index, (_, _, params) in enumerate(stages) for p in params}
     last_reader = {q: i for i, read in enumerate(reads or ()) for q in read}
 
-    def profile(key: Hashable | None, run, x, requires_grad: bool, params, upto: int) -> tuple[StageCost, Any]:
+    def profile(
+        key: Hashable | None, run, x, requires_grad: bool, params, upto: int, added: tuple[bool, ...],
+        grads_held: bool = False,
+    ) -> tuple[StageCost, Any]:
         """One stage's cost; stages of the same structure on the same input are measured once."""
         owned = tuple(last_use[id(p)] <= upto for p in params)
         if key is not None:
-            key = (key, requires_grad, owned, _signature(x))
+            key = (key, requires_grad, owned, added, grads_held, _signature(x))
             if key in cache:
                 cost, template = cache[key]
                 return cost, _materialize(template)
-        cost, output = _profile_stage(run, _leaf(x, requires_grad), params, device, owned=owned, exact=exact)
+        cost, output = _profile_stage(
+            run, _leaf(x, requires_grad), params, device, owned=owned, exact=exact, accumulated=added,
+            output_grads_held=grads_held,
+        )
         if key is not None:
             cache[key] = (cost, _template(output))
         return cost, output
@@ -344,6 +414,14 @@ def profile_stages(
             return outputs[-1]
         return tuple(outputs[q] for q in reads[index])
 
+    def added_into(index: int) -> tuple[bool, ...]:
+        """Per input tensor of stage ``index``: a later stage reads it too (and makes its gradient first)."""
+        if index == 0 or reads is None:
+            return ()
+        return tuple(
+            later for q in reads[index] for later in [last_reader[q] > index] * len(tree_flatten(outputs[q])[0])
+        )
+
     def mergeable(index: int) -> bool:
         """A view or in-place stage on the previous output alone, which nothing else reads."""
         return reads is None or (tuple(reads[index]) == (index - 1,) and last_reader[index - 1] == index)
@@ -352,8 +430,8 @@ def profile_stages(
     first_requires_grad = any(t.requires_grad for t in _tensors(first_input))
     for index, ((name, run, params), key) in enumerate(zip(stages, keys)):
         requires_grad = first_requires_grad or index > 0
-        current = input_of(index)
-        cost, output = profile(key, run, current, requires_grad, params, index)
+        current, added = input_of(index), added_into(index)
+        cost, output = profile(key, run, current, requires_grad, params, index, added)
         if cost.out_aliases_input and costs and mergeable(index):
             # A view or an in-place op: merged into the stage before, and the
             # merged stage profiled again as one (its backward frees the
@@ -364,11 +442,14 @@ def profile_stages(
             group_params.extend(p for p in params if all(p is not q for q in group_params))
             group_keys.append(key)
             group_key = None if None in group_keys else tuple(group_keys)
-            cost, output = profile(group_key, _chained(runs), group_input, group_grad, group_params, index)
+            cost, output = profile(
+                group_key, _chained(runs), group_input, group_grad, group_params, index, accumulated[-1]
+            )
             groups[-1].append(index)
             costs[-1] = cost
         else:
             members.append((current, requires_grad, [run], list(params), [key]))
+            accumulated.append(added)
             groups.append([index])
             costs.append(cost)
             names.append(name)
@@ -389,7 +470,8 @@ def profile_stages(
         def last_stage(**kwargs) -> StageCost:
             return _profile_stage(
                 _chained(runs), _leaf(group_input, group_grad), group_params, device,
-                owned=owned, exact=exact, seeded=None if all(seeded) else seeded, **kwargs,
+                owned=owned, exact=exact, seeded=None if all(seeded) else seeded,
+                accumulated=accumulated[-1], **kwargs,
             )[0]
 
         if not all(seeded):
@@ -408,10 +490,18 @@ def profile_stages(
         )
         piece = lambda j: list(range(upto + 1)) if j == 0 else [j + upto]  # noqa: E731
         return chain, [[q for j in group for q in piece(j)] for group in merged_groups]
+    group_reads = _group_reads(groups, reads)
+    for g in _outputs_sharing_gradients(costs, group_reads):
+        if g < len(members) - 1:  # (the last one's gradient comes from the loss alone)
+            group_input, group_grad, runs, group_params, group_keys = members[g]
+            group_key = None if None in group_keys else tuple(group_keys)
+            costs[g], _ = profile(
+                group_key, _chained(runs), group_input, group_grad, group_params, groups[g][-1], accumulated[g],
+                grads_held=True,
+            )
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = unique_storage_bytes(_tensors(first_input), round_to_of(device))
-    group_reads = _group_reads(groups, reads)
     if any(read != (i,) for i, read in enumerate(group_reads)):  # stage i + 1 reads more than a(i)
         ends = [outputs[pieces[-1]] for pieces in groups]
         _check_backward_reaches(costs, group_reads, ends, names)
@@ -470,6 +560,25 @@ def _check_backward_reaches(
     for m, output in enumerate(ends, start=1):
         if m not in graded and any(t.requires_grad for t in _tensors(output)):
             raise BackwardSkipsStage(f"no gradient reaches the output of stage {m} ({names[m - 1]})")
+
+
+def _outputs_sharing_gradients(costs: Sequence[StageCost], reads: Sequence[tuple[int, ...]]) -> set[int]:
+    """Chain stages (0-based) whose output gets its gradient as one tensor with an earlier
+    stage's output (an add hands one gradient to both its inputs): it stays alive until the
+    earlier stage's backward, through this stage's. Only where the stage making it is the
+    last to read both (an earlier reader's gradient is added into a fresh sum)."""
+    last_reader = {m: i for i, read in enumerate(reads) for m in read}
+    sharing = set()
+    for i, (read, cost) in enumerate(zip(reads, costs)):
+        first_boundary: dict[int, int] = {}
+        for m, made in sorted(zip(read, cost.input_grads), key=lambda pair: pair[0]):
+            if made is None or last_reader[m] != i:
+                continue
+            if made[0] in first_boundary:
+                sharing.add(m - 1)
+            else:
+                first_boundary[made[0]] = m
+    return sharing
 
 
 def _group_reads(groups: list[list[int]], reads: Sequence[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
@@ -557,7 +666,9 @@ def _chain_of(
     # backward): (that stage, (storage number in its profile, bytes)).
     maker: dict[int, tuple[int, tuple[int, int]]] = {}
     for i, (read, cost) in enumerate(zip(reads, costs), start=1):
-        if len(read) == 1:  # one boundary, maybe a structure of tensors (the model output)
+        if len(read) == 1 and len(cost.input_grads) == 1:
+            saved, grads = (cost.saves_input,), cost.input_grads
+        elif len(read) == 1:  # one boundary, a structure of tensors
             saved, grads = (cost.saves_input,), ((0, cost.input_grad_bytes) if cost.input_grad_bytes else None,)
         else:
             saved, grads = cost.inputs_saved, cost.input_grads
@@ -570,6 +681,10 @@ def _chain_of(
             if made is not None:
                 maker[m] = (i, made)
     live_until[0] = 0  # the model input is the caller's
+    for m in sorted(maker, reverse=True):
+        stage, (number, _) = maker[m]
+        if number == PASSED_ON and stage in maker:  # the gradient of a(stage), handed on
+            maker[m] = maker[stage]
     grad = [costs[0].input_grad_bytes, *(maker[m][1][1] if m in maker else 0 for m in range(1, n)), act[-1]]
     extra = {}
     if any(live_until[m] > m for m in range(n + 1)):

@@ -174,7 +174,10 @@ class Chain:
             backward reaches it (each counted once where they share storage).
         stranded_bytes: what stage ``n - 1`` saves for model outputs the
             loss ignores: their backward never runs, so these bytes stay
-            from that stage's backward to the end of the step.
+            from that stage's backward to the end of the step. A chain
+            with some has no checkpoint at ``n - 1``: the recompute of stage
+            ``n - 1`` would save them again, and its checkpoint would keep its
+            input alive with them.
         held_output_bwd_peak: stage ``n - 1``'s ``bwd_peak`` when it runs
             in the last segment, where the caller holds its outputs through
             the backward (``None``: the same as recomputed).
@@ -403,6 +406,10 @@ class _Terms:
         # After stage n-1's backward (recomputed or not), what it saved for ignored outputs stays.
         self.T_bw[1 : n - 1] += chain.stranded_bytes
         self.E[: n - 1] += chain.stranded_bytes
+        if chain.stranded_bytes and n >= 2:
+            # Stage n-1 is never recomputed then: the ignored outputs' graph would keep the
+            # checkpoint, and with it the segment input, alive to the end of the step.
+            self.E[n - 1] = _UNREACHABLE
         # S(l), the local cost of the last segment (l, n], for every l at once.
         suffix_max = lambda t: np.maximum.accumulate(t[::-1])[::-1]  # noqa: E731
         rc_after = np.concatenate([suffix_max(self.T_rc[2:]), [0, 0]])[: n + 1]  # max T_rc[l+2..n]
@@ -572,6 +579,11 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
     if list(cps) != sorted(set(cps)) or any(not 1 <= c <= chain.n - 1 for c in cps):
         raise ValueError(
             f"checkpoints must be distinct sorted stage indices in 1..{chain.n - 1}, got {list(cps)}"
+        )
+    if chain.stranded_bytes and chain.n - 1 in cps:
+        raise ValueError(
+            f"checkpoint {chain.n - 1} would recompute the last model stage, whose outputs the loss "
+            "partly ignores (their graph would keep the recompute alive to the end of the step): drop it"
         )
     if chain.carries:
         for l, r in _segments(chain.n, cps):
@@ -1225,13 +1237,15 @@ def largest_retained(chain: Chain, bounds: Sequence[int]) -> int:
 
 
 def single_tensor_boundaries(chain: Chain) -> list[int]:
-    """Boundaries 1..n-1 across which no earlier activation stays live."""
+    """Boundaries 1..n-1 across which no earlier activation stays live (not n-1 if a
+    checkpoint may not be there, see ``Chain.stranded_bytes``)."""
+    last = chain.n - 1 if chain.stranded_bytes else chain.n
     if not chain.carries:
-        return list(range(1, chain.n))
+        return list(range(1, last))
     live_across = np.zeros(chain.n + 1, dtype=bool)
     for m, d in enumerate(chain.live_until):
         live_across[m + 1 : d + 1] = True
-    return [k for k in range(1, chain.n) if not live_across[k]]
+    return [k for k in range(1, last) if not live_across[k]]
 
 
 def sqrt_segments(chain: Chain) -> ChainSolution:
