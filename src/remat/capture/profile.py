@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -566,13 +567,13 @@ def _outputs_sharing_gradients(costs: Sequence[StageCost], reads: Sequence[tuple
     """Chain stages (0-based) whose output gets its gradient as one tensor with an earlier
     stage's output (an add hands one gradient to both its inputs): it stays alive until the
     earlier stage's backward, through this stage's. Only where the stage making it is the
-    last to read both (an earlier reader's gradient is added into a fresh sum)."""
-    last_reader = {m: i for i, read in enumerate(reads) for m in read}
+    only one to read both (another reader's gradient is added into it: a new tensor)."""
+    readers = Counter(m for read in reads for m in read)
     sharing = set()
     for i, (read, cost) in enumerate(zip(reads, costs)):
         first_boundary: dict[int, int] = {}
         for m, made in sorted(zip(read, cost.input_grads), key=lambda pair: pair[0]):
-            if made is None or last_reader[m] != i:
+            if made is None or readers[m] > 1:
                 continue
             if made[0] in first_boundary:
                 sharing.add(m - 1)
@@ -662,9 +663,8 @@ def _chain_of(
     live_until = list(range(n + 1))
     saves_input = [False] * n
     later_saver = [0] * (n + 1)  # the first stage after m + 1 that saves a(m)
-    # The gradient of boundary m is made by its last reader (the first in
-    # backward): (that stage, (storage number in its profile, bytes)).
-    maker: dict[int, tuple[int, tuple[int, int]]] = {}
+    # Gradients made for boundary m, by stage, in stage order: (stage, (storage number, bytes)).
+    grads_of: dict[int, list[tuple[int, tuple[int, int]]]] = {}
     for i, (read, cost) in enumerate(zip(reads, costs), start=1):
         if len(read) == 1 and len(cost.input_grads) == 1:
             saved, grads = (cost.saves_input,), cost.input_grads
@@ -679,26 +679,37 @@ def _chain_of(
             elif was_saved and not later_saver[m]:
                 later_saver[m] = i
             if made is not None:
-                maker[m] = (i, made)
+                grads_of.setdefault(m, []).append((i, made))
     live_until[0] = 0  # the model input is the caller's
-    for m in sorted(maker, reverse=True):
-        stage, (number, _) = maker[m]
-        if number == PASSED_ON and stage in maker:  # the gradient of a(stage), handed on
-            maker[m] = maker[stage]
-    grad = [costs[0].input_grad_bytes, *(maker[m][1][1] if m in maker else 0 for m in range(1, n)), act[-1]]
+    # The gradient of boundary m that its last reader (the first in backward) made: a key
+    # naming its storage across stages, and its bytes. An add hands one tensor to both
+    # inputs; a backward that hands on its output gradient hands on that one's storage.
+    made: dict[int, tuple[Hashable, int]] = {}
+
+    def gradient_at(m: int, k: int) -> tuple[Hashable, int]:
+        """The storage key and bytes of a(m)'s gradient when the backward reaches stage k."""
+        if sum(i > k for i, _ in grads_of[m]) > 1:  # a second reader's gradient was added: a new tensor
+            return ("sum", m), grads_of[m][-1][1][1]
+        return made[m]
+
+    for m in sorted(grads_of, reverse=True):
+        stage, (number, nbytes) = grads_of[m][-1]
+        passed_on = number == PASSED_ON and stage in grads_of
+        made[m] = gradient_at(stage, stage) if passed_on else ((stage, number), nbytes)
+    grad = [costs[0].input_grad_bytes, *(gradient_at(m, m)[1] if m in grads_of else 0 for m in range(1, n)), act[-1]]
     extra = {}
     if any(live_until[m] > m for m in range(n + 1)):
         carried = [0] * (n + 1)
         for k in range(1, n):
             # The gradients live when the backward reaches boundary k: of every
-            # activation live there, made by a later stage; those one stage
-            # made for several inputs may share storage (counted once).
-            by_stage: dict[int, dict[int, int]] = {}
-            for m in range(1, k + 1):
-                if live_until[m] >= k and m in maker and maker[m][0] > k:
-                    stage, (number, nbytes) = maker[m]
-                    by_stage.setdefault(stage, {})[number] = nbytes
-            carried[k] = sum(sum(storages.values()) for storages in by_stage.values()) - grad[k]
+            # activation live there, made by a later stage; one storage may be the
+            # gradient of several: counted once.
+            storages = dict(
+                gradient_at(m, k)
+                for m in range(1, k + 1)
+                if live_until[m] >= k and m in grads_of and grads_of[m][-1][0] > k
+            )
+            carried[k] = sum(storages.values()) - grad[k]
         skips_next = [0 < m < n and m not in reads[m] for m in range(n + 1)]
         extra = dict(
             live_until=live_until, later_saver=later_saver, carried_grad_bytes=carried, skips_next=skips_next
