@@ -52,6 +52,8 @@ class StageCost:
     # Saved for outputs the loss ignores: their backward never runs, so these
     # stay until the caller lets the outputs go, after the step.
     stranded: int = 0
+    # Dense bytes of the gradients of its outputs (what adding two of them makes).
+    output_grad_bytes: int = 0
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
@@ -315,6 +317,7 @@ def _profile_stage(
         tuple(flag for flag, tensor in zip(inputs_saved, is_tensor) if tensor),
         tuple(g for g, tensor in zip(numbered, is_tensor) if tensor),
         stranded,
+        0 if root else grad_bytes,
     )
     return cost, output
 
@@ -689,7 +692,7 @@ def _chain_of(
     def gradient_at(m: int, k: int) -> tuple[Hashable, int]:
         """The storage key and bytes of a(m)'s gradient when the backward reaches stage k."""
         if sum(i > k for i, _ in grads_of[m]) > 1:  # a second reader's gradient was added: a new tensor
-            return ("sum", m), grads_of[m][-1][1][1]
+            return ("sum", m), costs[m - 1].output_grad_bytes
         return made[m]
 
     for m in sorted(grads_of, reverse=True):
