@@ -569,19 +569,23 @@ def _check_backward_reaches(
 def _outputs_sharing_gradients(costs: Sequence[StageCost], reads: Sequence[tuple[int, ...]]) -> set[int]:
     """Chain stages (0-based) whose output gets its gradient as one tensor with an earlier
     stage's output (an add hands one gradient to both its inputs): it stays alive until the
-    earlier stage's backward, through this stage's. Only where the stage making it is the
-    only one to read both (another reader's gradient is added into it: a new tensor)."""
-    readers = Counter(m for read in reads for m in read)
+    earlier output's gradient is used, through this stage's backward. Not where another
+    reader adds into the earlier output's gradient before this stage's backward, nor where
+    another reader adds into this stage's own (either makes a new tensor)."""
+    readers: dict[int, list[int]] = {}
+    for i, read in enumerate(reads):
+        for m in read:
+            readers.setdefault(m, []).append(i)
     sharing = set()
     for i, (read, cost) in enumerate(zip(reads, costs)):
         first_boundary: dict[int, int] = {}
         for m, made in sorted(zip(read, cost.input_grads), key=lambda pair: pair[0]):
-            if made is None or readers[m] > 1:
+            if made is None:
                 continue
-            if made[0] in first_boundary:
+            p = first_boundary.setdefault(made[0], m)
+            # Stage j (0-based) is chain stage j + 1: its backward comes after stage m's if j < m.
+            if p != m and readers[m] == [i] and all(j < m or j == i for j in readers[p]):
                 sharing.add(m - 1)
-            else:
-                first_boundary[made[0]] = m
     return sharing
 
 
