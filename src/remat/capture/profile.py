@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
