@@ -21,11 +21,10 @@ from grad_helpers import assert_grads_equal, step_grads
 
 import remat
 from remat import default_loss, measure_step, models
-from remat.api import _profile, _Profiled, capture
+from remat.api import _profile, capture
 from remat.execute import segment_starts
 from remat.execute import RematModule
 from remat.plan import Plan
-from remat.solvers.chain import peak_of
 
 heavy = pytest.mark.heavy
 
@@ -528,15 +527,10 @@ def test_segment_starts_follow_the_chain_groups():
     assert remat.optimize(model, x).boundaries == boundaries
 
 
-def test_densenet_prediction_is_exact_where_activations_dominate():
-    """Cuts inside dense blocks, at a size where activations outweigh the weights: every
-    feature map is read by every later layer of its block, so its gradient is slices of
-    several layers' gradients, summed as the backward goes. The store-everything peak
-    and the least-peak plan's are predicted to the byte."""
-    source = models.load("torchvision:densenet121", 16, input_shape=(3, 64, 64))
-    model, x = source.model, source.example_inputs
-    profiled = _Profiled.of(model, x, None)
-    assert profiled.chain.carries
-    assert peak_of(profiled.chain, []) == measure_step(model, x, fake=True).peak_bytes
-    least = profiled.module(profiled.solve(None))
-    assert least.plan.predicted_peak_bytes == measure_step(least, x, fake=True).peak_bytes
+def test_densenet_prediction_is_exact():
+    """Cuts inside dense blocks: every feature map is read by every later layer of its
+    block, so its gradient is slices of several layers' gradients, summed as the backward
+    goes. The least-peak plan's peak is predicted to the byte (a summed gradient counted
+    at the size of the slices' storage was 0.1% high here, 12.7% on DenseNet-201 at b16)."""
+    _, inputs, fast, _ = prepared("densenet121")
+    assert fast.plan.predicted_peak_bytes == measure_step(fast, inputs, fake=True).peak_bytes
