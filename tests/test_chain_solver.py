@@ -24,6 +24,7 @@ from remat.solvers.chain import (
     pareto_front,
     peak_of,
     recompute_flops_of,
+    single_tensor_boundaries,
     sqrt_segments,
     store_all,
     uniform_segments,
@@ -446,6 +447,15 @@ def test_reference_matches_peak_of_with_stranded_bytes():
             assert ref.peak(cps) == peak_of(chain, cps) >= peak_of(plain, cps), (chain.n, cps)
             if not chain.carries:  # offload plans cut at single tensors
                 assert ref.peak(cps, offload=True) == peak_of(chain, cps, offload=True), (chain.n, cps)
+
+
+def test_a_stage_with_ignored_outputs_is_never_recomputed():
+    """Its checkpoint would be kept alive to the end of the step by the ignored outputs' graph."""
+    chain = next(c for c in stranded_chains() if c.n >= 4 and not c.carries)
+    last = chain.n - 1
+    assert last not in min_peak(chain).checkpoints and last not in single_tensor_boundaries(chain)
+    with pytest.raises(ValueError, match="partly ignores"):
+        peak_of(chain, [last])
 
 
 @pytest.mark.parametrize("method", METHODS)
