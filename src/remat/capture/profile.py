@@ -80,40 +80,15 @@ class _StageInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # Only an earlier gradient (see _EarlierGradient), nothing added: the stage made none.
+        # Only the gradient a later stage made (see ``accumulated`` in _profile_stage),
+        # nothing added: this stage made none.
         made = all(ref() is not grad.untyped_storage() for ref in ctx.earlier)
         ctx.received[ctx.position] = grad if made else None
         return None, None, None, None
 
 
-class _EarlierGradient(torch.autograd.Function):
-    """A root whose backward gives a stage input the gradient a later stage made for it.
-
-    An activation that this stage and a later one read gets its first gradient
-    from the later stage's backward; autograd then adds this stage's into it.
-    While a dispatch mode is active (as when remat measures), it adds out of
-    place (without one it may add in place), so the sum is a transient the
-    size of the gradient, next to what the stage's backward holds at that
-    moment. Created after the stage's graph, this node has the highest
-    sequence number and runs first; the gradient it makes is the one the
-    chain already counts at the boundary (``carried_grad_bytes``).
-    """
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, earlier: list) -> torch.Tensor:
-        ctx.layout, ctx.earlier = (t.shape, t.dtype, t.device), earlier
-        return t.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _: torch.Tensor):
-        shape, dtype, device = ctx.layout
-        grad = torch.ones(shape, dtype=dtype, device=device)
-        ctx.earlier.append(weakref.ref(grad.untyped_storage()))
-        return grad, None
-
-
 class _SeedGradient(torch.autograd.Function):
-    """A scalar root whose backward creates the stage's output gradients.
+    """A scalar root whose backward creates the gradients of ``outputs``.
 
     In a real step the gradient of a stage's output is created by the next
     stage's backward and handed to autograd, which frees it as soon as the
@@ -140,6 +115,11 @@ class _SeedGradient(torch.autograd.Function):
         if ctx.held is not None:
             ctx.held.extend(grads)
         return None, None, *grads
+
+
+def _dense_bytes(tensors: Sequence[torch.Tensor], round_to: int) -> int:
+    """Bytes of one dense gradient per tensor, as a backward makes them."""
+    return sum(rounded_bytes(t.numel() * t.element_size(), round_to) for t in tensors)
 
 
 def _stage_input(x: Any, received: list, earlier: list) -> Any:
@@ -201,7 +181,7 @@ def _profile_stage(
     output, which the caller holds through the backward (with the graphs of
     outputs the loss ignores). ``accumulated[k]``: input tensor ``k`` (in
     flattened order) is read by a later stage too, whose backward made its
-    gradient first (see :class:`_EarlierGradient`). ``output_grads_held``:
+    gradient first. ``output_grads_held``:
     the gradients of the stage's outputs stay alive through its backward
     (they share storage with an earlier stage's output gradient).
     """
@@ -253,20 +233,26 @@ def _profile_stage(
             ignored = [t for t, seed in zip(outputs, seeded) if not seed]
             outputs = [t for t, seed in zip(outputs, seeded) if seed]
         # The output gradients, created in the backward: one dense tensor per output.
-        grad_bytes = sum(rounded_bytes(t.numel() * t.element_size(), mem.round_to) for t in outputs)
+        grad_bytes = _dense_bytes(outputs, mem.round_to)
         if root:
             seeds = list(outputs)
         else:
             held_grads: list | None = [] if output_grads_held else None
             seeds = [_SeedGradient.apply(seed_grads, held_grads, *outputs)] if outputs else []
             del y, outputs  # the output stays alive only if the stage saved it
+        # Inputs a later stage reads too: that stage's backward made their gradient first,
+        # and autograd adds this stage's into it, out of place while a dispatch mode is
+        # active (as when remat measures; without one it may add in place): a transient
+        # the size of the gradient. A second root, created last (the highest sequence
+        # number), runs first and makes those gradients, which the chain counts at the
+        # boundary (``carried_grad_bytes``); ``earlier`` lets _StageInput tell them apart.
         added_into = [
             t for t, later in zip(tree_flatten(x)[0], accumulated or ())
             if later and isinstance(t, torch.Tensor) and t.requires_grad
         ]
-        earlier_bytes = sum(rounded_bytes(t.numel() * t.element_size(), mem.round_to) for t in added_into)
-        if seeds:  # (no gradient from this stage: nothing to add into)
-            seeds += [_EarlierGradient.apply(t, earlier) for t in added_into]
+        earlier_bytes = _dense_bytes(added_into, mem.round_to)
+        if seeds and added_into:  # (no gradient from this stage: nothing to add into)
+            seeds.append(_SeedGradient.apply(earlier, None, *added_into))
         del added_into
         grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
         # Only the graph holds the stage inputs from here on: those that only the
