@@ -36,6 +36,16 @@ def plans_with_stored(n: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]
                         yield cps, stored
 
 
+def plans_with_selective(n: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Every (checkpoints, stored starts, selective starts) plan: any of the stored
+    segments and the last may run selectively."""
+    for cps, stored in plans_with_stored(n):
+        kept = (*stored, cps[-1] if cps else 0)
+        for k in range(len(kept) + 1):
+            for selective in itertools.combinations(kept, k):
+                yield cps, stored, selective
+
+
 def nested_options(l: int, r: int) -> Iterator[tuple]:
     """Every way to nest checkpoints in the recompute of segment ``(l, r]``, as
     ``ChainSolution.inner`` entries (the first option nests none)."""

@@ -11,6 +11,8 @@ alone shrank to ``f`` of theirs. Standard sizes and ViT-B/16 run with
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -276,3 +278,33 @@ def test_budget_plans_run_stored_segments_exactly(tmp_path):
         assert again.stored == fast.stored and again.boundaries == fast.boundaries
         assert "stored segments" in fast.plan.summary()
     assert used >= 2
+
+
+# -- selective segments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, shape", [("hf:gpt2?n_layer=3&n_embd=64&n_head=4", (32,)), ("torchvision:resnet18", (3, 96, 96))]
+)
+def test_budget_plans_run_selective_segments_exactly(spec, shape, tmp_path):
+    """Where stages may keep only what their matmuls and convolutions made (and remake
+    layer norms, activations, dropout and BatchNorm when their backward starts), a generous
+    budget is met with no recompute FLOPs at all: the measured peak is the predicted one,
+    gradients and BatchNorm statistics are exactly the model's, and the saved plan rebuilds
+    the same module."""
+    source = models.load(spec, 2, input_shape=shape)
+    net, x = source.model, source.example_inputs
+    least = remat.plan(net, x)
+    budget = int(least.predicted_peak_bytes + 0.5 * (least.baseline_peak_bytes - least.predicted_peak_bytes))
+    fast = remat.optimize(net, x, budget=budget)
+    assert fast.plan.selective and fast.plan.recompute_flops == 0
+    assert measure_step(fast, x, fake=True).peak_bytes == fast.plan.predicted_peak_bytes <= budget
+    # one-level plans without selective segments recompute to fit the same budget
+    assert min_recompute(_Profiled.of(net, x, None).chain, budget).recompute_flops > 0
+    plain_net = copy.deepcopy(net)
+    assert_grads_equal(step_grads(plain_net, x), step_grads(fast, x))
+    assert all(torch.equal(a, b) for a, b in zip(plain_net.state_dict().values(), net.state_dict().values()))
+    fast.plan.save(tmp_path / "plan.json")
+    again = remat.optimize(net, x, plan=remat.Plan.load(tmp_path / "plan.json"))
+    assert again.selective == fast.selective and again.boundaries == fast.boundaries
+    assert "selective stages" in fast.plan.summary()

@@ -18,12 +18,14 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from chain_helpers import SimulatedOffload, StockCheckpointed, all_plans, plans_with_stored, segmentations
+from chain_helpers import (
+    SimulatedOffload, StockCheckpointed, all_plans, plans_with_selective, plans_with_stored, segmentations,
+)
 from grad_helpers import assert_grads_equal, step_grads
 from remat.capture.sequential import profile_sequential
 from remat.execute import CheckpointedSequential
 from remat.measure import measure_step
-from remat.solvers.chain import min_peak, peak_of, sqrt_segments
+from remat.solvers.chain import min_peak, peak_of, segment_stages, sqrt_segments
 
 
 class WideSoftmax(nn.Module):
@@ -242,3 +244,37 @@ def test_least_peak_plan_beats_stock_checkpoint(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_least_peak_plan_beats_every_stock_checkpoint_segmentation(name):
     check_least_peak_beats_stock(name, full=True)
+
+
+@functools.cache
+def selective_profile(name: str):
+    net, x, _ = model(name)
+    return profile_sequential(net, x, selective=True)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_selective_segments_peak_of_equals_measured(name):
+    """Plans whose stored and last segments run selectively: sampled plans of every model,
+    measured on fake tensors, equal ``peak_of``; gradients and BatchNorm statistics stay exact."""
+    net, x, _ = model(name)
+    prof = selective_profile(name)
+    plans = [plan for plan in plans_with_selective(prof.chain.n) if plan[2]]
+    plain = step_grads(net, (x,))
+    def module(cps, stored, selective, net=net):
+        stages = [i for i in segment_stages(prof.chain.n, cps, selective) if i not in prof.plainly]
+        return CheckpointedSequential(list(net), cps, prof.groups, stored=stored, selective=stages)
+
+    for k, (cps, stored, selective) in enumerate(random.Random(0).sample(plans, min(40, len(plans)))):
+        fast = module(cps, stored, selective)
+        predicted = peak_of(prof.chain, cps, stored, selective=selective)
+        assert measure_step(fast, x, fake=True).peak_bytes == predicted, (cps, stored, selective)
+        if k < 4:
+            assert_grads_equal(plain, step_grads(fast, (x,)))
+    # BatchNorm statistics are updated once per step, as without a plan
+    cps, stored, selective = plans[0]
+    stepped = []
+    for make in (lambda m: m, lambda m: module(cps, stored, selective, m)):
+        copy_ = copy.deepcopy(net)
+        step_grads(make(copy_), (x,))
+        stepped.append(copy_.state_dict())
+    assert all(torch.equal(stepped[0][k], stepped[1][k]) for k in stepped[0])

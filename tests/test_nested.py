@@ -84,7 +84,7 @@ def test_bad_nested_checkpoints_are_refused(inner, message):
 
 
 def test_nested_checkpoints_are_refused_with_offload_or_cuts_inside_blocks():
-    with pytest.raises(ValueError, match="without stored segments and without offload"):
+    with pytest.raises(ValueError, match="without stored or selective segments and without offload"):
         peak_of(Chain.random(6, seed=0), (3, 5), stored=(0,), inner=((3, 5, (4,)),))
     carried = next(c for s in range(50) if (c := Chain.random(8, seed=s, carried=True)).carries)
     with pytest.raises(ValueError, match="single-tensor boundaries"):

@@ -479,7 +479,7 @@ def test_plan_json_round_trip_and_reuse(tmp_path):
     source = models.load("torchvision:resnet18", 2, input_shape=(3, 64, 64))
     model, inputs = source.model, source.example_inputs
     plan = remat.plan(model, inputs)
-    assert plan.checkpoints, "choose a size where the plan keeps something"
+    assert plan.checkpoints or plan.selective, "choose a size where the plan does something"
     path = tmp_path / "plan.json"
     plan.save(path)
     loaded = Plan.load(path)
@@ -488,7 +488,7 @@ def test_plan_json_round_trip_and_reuse(tmp_path):
     fresh = remat.optimize(model, inputs)
     reused = remat.optimize(model, inputs, plan=loaded)
     assert reused.plan is loaded
-    assert reused.boundaries == fresh.boundaries and reused.boundaries
+    assert reused.boundaries == fresh.boundaries and reused.selective == fresh.selective
     assert_grads_equal(step_grads(model, inputs), step_grads(reused, inputs))
 
 
@@ -516,7 +516,7 @@ def test_segment_starts_follow_the_chain_groups():
     torch.manual_seed(0)
     model, x = DropoutMLP(), torch.randn(512, 128)
     captured = capture(model, (x,))
-    chain, groups = _profile(model, captured, (x,), default_loss)
+    chain, groups, _ = _profile(model, captured, (x,), default_loss)
     n = len(captured.modules)
     assert [i for g in groups for i in g] == list(range(n))  # every piece in one chain stage
     assert len(chain.names) == len(groups) + 1  # + the loss

@@ -9,6 +9,7 @@ recompute within a budget, and run the plan with the user's own modules.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 import warnings
@@ -18,13 +19,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
-from remat.capture.profile import BackwardSkipsStage, profile_stages
+from remat.capture.profile import BackwardSkipsStage, profile_selectively, profile_stages
 from remat.capture.timing import stage_seconds
-from remat.execute import CheckpointOffload, RematModule, nested_starts, segment_starts, stored_starts
+from remat.execute import (
+    CheckpointOffload, RematModule, nested_starts, run_selective, segment_starts, stored_starts,
+)
 from remat.measure import (
     _model_device,
     as_tuple,
@@ -44,6 +47,7 @@ from remat.solvers.chain import (
     min_recompute,
     pareto_front,
     recompute_flops_of,
+    segment_stages,
     single_tensor_boundaries,
 )
 from remat.solvers.nested import MAX_STAGES as MAX_NESTED_STAGES
@@ -214,9 +218,21 @@ def _offload_possible(model: nn.Module, inputs: tuple) -> bool:
 
 
 def _profile(
-    model: nn.Module, captured: Captured, inputs: tuple, loss_fn, profile: Profile = "fake"
-) -> tuple[Chain, list[list[int]]]:
-    """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors or the device."""
+    model: nn.Module,
+    captured: Captured,
+    inputs: tuple,
+    loss_fn,
+    profile: Profile = "fake",
+    selective_groups: list[list[int]] | None = None,
+) -> tuple[Chain, list[list[int]], frozenset[int]]:
+    """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors or the
+    device, and its grouping of pieces into chain stages.
+
+    With ``selective_groups`` (the pieces of each chain stage, as a first
+    profile grouped them), every chain stage is measured run selectively
+    instead (:func:`remat.execute.run_selective`, one region per stage), but
+    those that cannot run so, whose indices (0-based) come back third.
+    """
     if profile not in ("fake", "device"):
         raise ValueError(f"profile must be 'fake' or 'device', got {profile!r}")
     host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
@@ -239,13 +255,49 @@ def _profile(
         device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device)) + _cached_casts(fake_host, fake_inputs, device)
-        # A stage measured once for several places hands the next stage stand-in values;
-        # untraced code may branch on values, so then every stage runs on the real ones.
-        keys = None if captured.opaque else keys
-        return profile_stages(
-            specs, fake_inputs, loss_fn, base_bytes=base, device=device, keys=keys,
-            exact=profile == "fake", reads=captured.reads,
-        )
+        common = dict(base_bytes=base, device=device, exact=profile == "fake")
+        if selective_groups is None:
+            # A stage measured once for several places hands the next stage stand-in values;
+            # untraced code may branch on values, so then every stage runs on the real ones.
+            keys = None if captured.opaque else keys
+            return (*profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common), frozenset())
+        selective, group_keys, reads = _stage_specs(fake_host, specs, keys, selective_groups, captured, True)
+        plain, _, _ = _stage_specs(fake_host, specs, keys, selective_groups, captured, False)
+        keys = None if captured.opaque else group_keys
+        return profile_selectively(selective, plain, fake_inputs, loss_fn, keys=keys, reads=reads, **common)
+
+
+def _stage_specs(
+    host: RematModule, specs: list, keys: list, groups: list[list[int]], captured: Captured, selectively: bool
+):
+    """Specs, keys and reads of the chain stages (groups of pieces, each piece after a
+    group's first reading only the one before: merged views), run selectively or not."""
+
+    def run_group(group: list[int], spec, *leaves):
+        x = tree_unflatten(list(leaves), spec)
+        for index in group:
+            x = specs[index][1](x if index == group[0] else (x,))
+        return x
+
+    def run(x, group: list[int], modules: list[nn.Module]):
+        # The region's inputs one by one, as the executor passes them: checkpoint keeps
+        # tensor arguments through saved-tensor hooks (which the profile sees), and
+        # containers of tensors only by reference.
+        leaves, spec = tree_flatten(x)
+        if not selectively:
+            return run_group(group, spec, *leaves)
+        return run_selective(functools.partial(run_group, group, spec), modules, *leaves)
+
+    grouped = []
+    for group in groups:
+        modules = captured.submodules(group[0], group[-1] + 1, host)
+        trainable = list({id(p): p for i in group for p in specs[i][2]}.values())
+        run = functools.partial(run, group=group, modules=modules)
+        grouped.append((" + ".join(specs[i][0] for i in group), run, trainable))
+    group_keys = ["|".join(keys[i] for i in group) for group in groups]
+    group_of = {index: k for k, group in enumerate(groups) for index in group}
+    reads = [tuple(group_of[q] for q in captured.reads[group[0]]) for group in groups]
+    return grouped, group_keys, reads
 
 
 def _cached_casts(host: RematModule, inputs: tuple, device: torch.device | None) -> int:
@@ -336,6 +388,8 @@ class _Profiled:
     _seconds: np.ndarray | None = None  # forward seconds per stage, for costs="profile"
     _plain: _Profiled | None = None  # profiled with single-tensor cuts only, for nested plans
     grad_accumulation: bool = False  # parameter gradients exist all step (see plan())
+    _selective: Chain | None = None  # the chain with selective costs too (see selective_chain())
+    _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
 
     @classmethod
     def of(
@@ -371,6 +425,30 @@ class _Profiled:
             self._plain.baseline = self.baseline
         return self._plain
 
+    def selective_chain(self) -> Chain:
+        """This chain with the costs of its stages run selectively too (measured once).
+
+        Only chains cut at single tensors have them (stored segments are planned on
+        those). Stages that selective checkpointing refuses (an in-place change of a
+        tensor it keeps) have their plain costs and run plainly; where the profile
+        fails otherwise, the plain chain, with a warning.
+        """
+        if self._selective is None:
+            try:
+                measured, _, plainly = _profile(
+                    self.model, self.captured, self.inputs, self.loss_fn,
+                    "fake" if self.fake else "device", selective_groups=self.groups,
+                )
+                self._selective = self.chain.with_selective(measured)
+                self._plainly = frozenset(k + 1 for k in plainly)
+            except RuntimeError as error:
+                warnings.warn(
+                    f"remat: no selective segments for this model ({error}); planning without them",
+                    stacklevel=4,
+                )
+                self._selective = self.chain
+        return self._selective
+
     def planned(self, chain: Chain) -> Chain:
         """``chain`` as the solvers should see it: with gradient accumulation the parameter
         gradients are there from the start (base bytes), and each stage's new ones are
@@ -382,12 +460,8 @@ class _Profiled:
 
     def module(self, plan: Plan) -> RematModule:
         """The model run with ``plan``, on the capture the plan was made for."""
-        source = self.plain() if plan.inner or plan.stored else self
-        offload = CheckpointOffload() if plan.offload else None
-        nested = nested_starts(source.groups, plan.inner)
-        stored = stored_starts(source.groups, plan.stored)
-        starts = segment_starts(source.groups, plan.checkpoints)
-        return RematModule(self.model, source.captured, starts, plan, offload, nested, stored)
+        source = self.plain() if plan.inner or plan.stored or plan.selective else self
+        return _module(self.model, source.captured, source.groups, plan)
 
     def stage_seconds(self) -> np.ndarray:
         """Forward seconds of every chain stage on the model's device (measured once)."""
@@ -409,7 +483,7 @@ class _Profiled:
             self.baseline = measure_step(
                 self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
             )
-        source = self.plain() if solution.inner or solution.stored else self
+        source = self.plain() if solution.inner or solution.stored or solution.selective else self
         return Plan(
             stage_names=source.chain.names,
             checkpoints=solution.checkpoints,
@@ -429,6 +503,10 @@ class _Profiled:
             inner=solution.inner,
             grad_accumulation=self.grad_accumulation,
             stored=solution.stored,
+            selective=tuple(
+                i for i in segment_stages(source.chain.n, solution.checkpoints, solution.selective)
+                if i not in source._plainly
+            ),
         )
 
     def solve(self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops") -> Plan:
@@ -496,12 +574,33 @@ class _Profiled:
                 and (solution is None or nested.recompute_flops < solution.recompute_flops)
             ):
                 solution = nested
-        # Stored segments never lower the least peak; at a peak or budget they may recompute less.
+        # Stored segments never lower the least peak; at a peak or budget they may recompute
+        # less, the more so where they (or the last segment) run selectively.
         limit = solution.peak_bytes if budget_bytes is None else budget_bytes
+        chain = self.planned(self.plain().selective_chain())
         stored = min_recompute(chain, limit, store=True) if solution is not None else None
-        if stored is not None and stored.stored and stored.recompute_flops < solution.recompute_flops:
+        if (
+            stored is not None
+            and (stored.stored or stored.selective)
+            and stored.recompute_flops < solution.recompute_flops
+        ):
             return stored
         return solution
+
+
+def _module(model: nn.Module, captured: Captured, groups: list[list[int]], plan: Plan) -> RematModule:
+    """``model`` run with ``plan`` on ``captured``, cut into chain stages by ``groups``."""
+    return RematModule(
+        model,
+        captured,
+        segment_starts(groups, plan.checkpoints),
+        plan,
+        CheckpointOffload() if plan.offload else None,
+        nested_starts(groups, plan.inner),
+        stored_starts(groups, plan.stored),
+        frozenset(groups[i - 1][0] for i in plan.selective),
+        tuple(group[0] for group in groups),
+    )
 
 
 def _capture_and_profile(
@@ -519,12 +618,12 @@ def _capture_and_profile(
         # on the real ones; the plan is exact for the branches the example inputs take.
         profile = "device"
     try:
-        chain, groups = _profile(model, captured, inputs, loss_fn, profile)
+        chain, groups, _ = _profile(model, captured, inputs, loss_fn, profile)
     except BackwardSkipsStage:
         # A branch the loss ignores: cut only where a single tensor is live,
         # so that branch stays inside a stage whose profile sees it.
         captured = capture(model, inputs, carried=False)
-        chain, groups = _profile(model, captured, inputs, loss_fn, profile)
+        chain, groups, _ = _profile(model, captured, inputs, loss_fn, profile)
     return captured, chain, groups, profile
 
 
@@ -674,13 +773,9 @@ def optimize(
                 "this plan was made for another model or input size (fingerprint mismatch); "
                 "call remat.optimize without plan= to make a new one"
             )
-        captured, _, groups, _ = _capture_and_profile(
-            model, inputs, loss_fn or default_loss, profile, carried=not (plan.offload or plan.inner or plan.stored)
-        )
-        offload = CheckpointOffload() if plan.offload else None
-        starts = segment_starts(groups, plan.checkpoints)
-        nested, stored = nested_starts(groups, plan.inner), stored_starts(groups, plan.stored)
-        return RematModule(model, captured, starts, plan, offload, nested, stored)
+        single = plan.offload or plan.inner or plan.stored or plan.selective
+        captured, _, groups, _ = _capture_and_profile(model, inputs, loss_fn or default_loss, profile, carried=not single)
+        return _module(model, captured, groups, plan)
     profiled, chosen = _profile_and_solve(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
     return profiled.module(chosen)
 

@@ -188,6 +188,11 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
         ("kept activations", f"{len(plan.checkpoints)}: {kept}"),
         *([("nested checkpoints", _nested_text(plan).strip(" ()"))] if plan.inner else []),
         *([("stored segments", f"{len(plan.stored)} run without recompute")] if plan.stored else []),
+        *(
+            [("selective stages", f"{len(plan.selective)} keep only what has FLOPs to remake")]
+            if plan.selective
+            else []
+        ),
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
         ("budget", _budget_text(plan.budget_bytes)),
         ("parameter gradients", "exist all step (accumulation)" if plan.grad_accumulation else "made in backward"),
@@ -241,6 +246,7 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "recompute_seconds": plan.recompute_seconds,
         "nested_checkpoints": [[l, r, list(cs)] for l, r, cs in plan.inner],
         "stored_segments": list(plan.stored),
+        "selective_stages": list(plan.selective),
         "grad_accumulation": plan.grad_accumulation,
         "capture_seconds": plan.capture_seconds,
         "solve_seconds": plan.solve_seconds,

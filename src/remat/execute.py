@@ -19,7 +19,13 @@ import torch
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    set_checkpoint_early_stop,
+)
+from torch.utils.flop_counter import flop_registry
 
 __all__ = [
     "CheckpointOffload",
@@ -28,6 +34,7 @@ __all__ = [
     "nested_starts",
     "stored_starts",
     "run_segment_recomputed",
+    "run_selective",
     "segment_starts",
 ]
 
@@ -51,8 +58,26 @@ def nested_starts(groups: Sequence[Sequence[int]], inner: Sequence) -> dict[tupl
 
 
 def stored_starts(groups: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
-    """Starts of stored segments (chain boundaries, see ``ChainSolution.stored``) as parts."""
+    """Starts of stored (or selective) segments (chain boundaries, see ``ChainSolution.stored``) as parts."""
     return frozenset(_part(groups, c) for c in stored)
+
+
+def stage_ranges(stage_starts: Sequence[int], start: int, stop: int) -> list[tuple[int, int]]:
+    """The parts ``[a, b)`` of each chain stage between parts ``start`` and ``stop`` (stage bounds)."""
+    bounds = [start, *sorted(s for s in stage_starts if start < s < stop), stop]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _check_selective(bounds: Sequence[int], stored: frozenset[int], selective: frozenset[int]) -> None:
+    """Stages run selectively lie in stored segments or the last: inside a recomputed segment's
+    first forward, selective checkpointing's cache would live on to the backward."""
+    for s in selective:
+        l = max(b for b in bounds[:-1] if b <= s)
+        if l not in stored and l != bounds[-2]:
+            raise ValueError(
+                f"the stage starting at part {s} runs selectively inside a recomputed segment (from part {l}): "
+                "only stages of stored segments and of the last one may"
+            )
 
 
 def _check_combination(nested: dict, stored: frozenset[int], offload: CheckpointOffload | None) -> None:
@@ -60,7 +85,7 @@ def _check_combination(nested: dict, stored: frozenset[int], offload: Checkpoint
     if nested and offload is not None:
         raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
     if stored and (nested or offload is not None):
-        raise ValueError("stored segments are planned without nested checkpoints or offload")
+        raise ValueError("stored and selective segments are planned without nested checkpoints or offload")
 
 
 @contextlib.contextmanager
@@ -113,6 +138,55 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
         return checkpoint(
             recompute_first, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
         )
+
+
+def _save_what_has_flops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of operators that count FLOPs (matmuls, convolutions, attention);
+    recompute the rest (normalisations, activations, dropout, adds, views), which count none."""
+    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in flop_registry else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Newer torch asks whether SAC's cached tensors go through saved-tensor hooks around the
+# region (and warns when it is not told): they do not, as in older releases.
+_SAC_HOOKS = (
+    {"respect_saved_tensors_hooks": False}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
+
+
+def run_selective(function: Callable, modules: Sequence[nn.Module], *args):
+    """Run ``function(*args)`` keeping only its inputs and what its costly operators make.
+
+    Selective checkpointing (``torch.utils.checkpoint`` with
+    :func:`~torch.utils.checkpoint.create_selective_checkpoint_contexts`):
+    the outputs of operators that count FLOPs are cached, everything else
+    the backward needs is recomputed from them when the backward reaches
+    the region, at no FLOPs. Dropout is replayed with the same RNG state and
+    BatchNorm recomputed without touching its running statistics, so
+    gradients and buffers are exactly those of a plain run.
+    """
+    if torch.compiler.is_compiling():
+        # The compiler's partitioner chooses what to save in compiled graphs.
+        return function(*args)
+
+    def contexts():
+        forward, recompute = create_selective_checkpoint_contexts(_save_what_has_flops)
+        # The statistics are put back after the recompute mode is left: outside the region.
+        return forward, _entered_together(_running_stats_frozen(modules), recompute)
+
+    with set_checkpoint_early_stop(True):
+        return checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts, **_SAC_HOOKS
+        )
+
+
+@contextlib.contextmanager
+def _entered_together(*managers) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
 
 
 class _RecomputeFirst(torch.autograd.Function):
@@ -254,6 +328,9 @@ class CheckpointedSequential(nn.Module):
         stored: starts (0 or a checkpoint) of segments that run normally,
             keeping what their backward needs, instead of being recomputed
             (as in ``ChainSolution.stored``).
+        selective: chain stages (1-based, as checkpoints count them) that
+            run selectively, each on its own (:func:`run_selective`); only
+            stages of stored or last segments may.
 
     Example:
         >>> import torch
@@ -271,6 +348,7 @@ class CheckpointedSequential(nn.Module):
         offload: CheckpointOffload | None = None,
         inner: Sequence = (),
         stored: Sequence[int] = (),
+        selective: Sequence[int] = (),
     ):
         super().__init__()
         for index, stage in enumerate(stages):
@@ -281,9 +359,20 @@ class CheckpointedSequential(nn.Module):
         self.offload = offload
         self.nested = nested_starts(groups, inner)
         self.stored = stored_starts(groups, stored)
-        _check_combination(self.nested, self.stored, offload)
+        self.selective = frozenset(groups[i - 1][0] for i in selective)  # where those stages start
+        self.stage_starts = tuple(group[0] for group in groups)
+        _check_combination(self.nested, self.stored | self.selective, offload)
+        _check_selective([*self.boundaries, len(stages)], self.stored, self.selective)
 
     def _run(self, start: int, stop: int, x):
+        for a, b in stage_ranges(self.stage_starts, start, stop):
+            if a in self.selective:
+                x = run_selective(self._run_plainly, [self._modules[str(i)] for i in range(a, b)], a, b, x)
+            else:
+                x = self._run_plainly(a, b, x)
+        return x
+
+    def _run_plainly(self, start: int, stop: int, x):
         for index in range(start, stop):
             x = self._modules[str(index)](x)
         return x
@@ -330,6 +419,8 @@ class RematModule(nn.Module):
         offload: CheckpointOffload | None = None,
         nested: dict[tuple[int, int], tuple[int, ...]] | None = None,
         stored: frozenset[int] = frozenset(),
+        selective: frozenset[int] = frozenset(),
+        stage_starts: Sequence[int] = (),
     ):
         super().__init__()
         for name, child in model.named_children():
@@ -348,7 +439,10 @@ class RematModule(nn.Module):
         self.offload = offload
         self.nested = nested or {}  # recomputed segment (start, stop) -> its inner segment starts
         self.stored = stored  # starts of segments run normally (not recomputed)
-        _check_combination(self.nested, self.stored, offload)
+        self.selective = selective  # pieces where the chain stages that run selectively start
+        self.stage_starts = tuple(stage_starts)  # pieces where chain stages start
+        _check_combination(self.nested, self.stored | self.selective, offload)
+        _check_selective([0, *self.boundaries, len(captured.modules)], self.stored, self.selective)
         self.training = model.training  # not .train(): the children keep their own flags
 
     def train(self, mode: bool = True) -> RematModule:
@@ -375,9 +469,35 @@ class RematModule(nn.Module):
         A segment with nested checkpoints recomputes its inner segments."""
         values, inputs = dict(zip(outside, args)), args[len(outside) :]
         inner = self.nested.get((start, stop))
-        if inner is None:
-            return self._run_on(start, stop, values, inputs)
-        return self._run_segments([start, *inner, stop], values, inputs)
+        if inner is not None:
+            return self._run_segments([start, *inner, stop], values, inputs)
+        return self._run_kept(start, stop, values, inputs)
+
+    def _run_kept(self, start: int, stop: int, kept: dict[int, Any], inputs: tuple):
+        """Pieces ``start..stop-1`` run normally, those of the chain stages that run
+        selectively each stage on its own selectively."""
+        if not any(start <= s < stop for s in self.selective):
+            return self._run_on(start, stop, kept, inputs)
+        captured = self._captured
+        for a, b in stage_ranges(self.stage_starts, start, stop):
+            if a in self.selective:
+                outside = captured.outside_reads(a, b)
+                args = (a, b, outside, *(kept[q] for q in outside), *inputs)
+                kept[b - 1] = run_selective(self._run_plainly, captured.submodules(a, b, self), *args)
+            else:
+                kept[b - 1] = self._run_on(a, b, kept, inputs)
+            self._forget_read(kept, b)
+        return kept.pop(stop - 1)
+
+    def _run_plainly(self, start: int, stop: int, outside: tuple[int, ...], *args):
+        """Pieces ``start..stop-1`` as :meth:`_run` has them, run as they are."""
+        return self._run_on(start, stop, dict(zip(outside, args)), args[len(outside) :])
+
+    def _forget_read(self, kept: dict[int, Any], stop: int) -> None:
+        """Drop from ``kept`` (in place: a nested caller holds it until its recompute
+        returns) the outputs no piece from ``stop`` on reads, but piece ``stop - 1``'s."""
+        for q in [q for q in kept if self._captured.last_reader[q] < stop and q != stop - 1]:
+            del kept[q]
 
     def _run_segments(self, bounds: Sequence[int], kept: dict[int, Any], inputs: tuple, offload=None):
         """Segments between ``bounds``, all but the last (and the stored ones) recomputed
@@ -392,10 +512,8 @@ class RematModule(nn.Module):
             else:
                 with _saving(offload, kept.get(start - 1)):
                     kept[stop - 1] = run_segment_recomputed(self._run, captured.submodules(start, stop, self), *args)
-            # In place: a nested caller holds this dict until its recompute returns.
-            for q in [q for q in kept if captured.last_reader[q] < stop and q != stop - 1]:
-                del kept[q]
-        return self._run_on(bounds[-2], bounds[-1], kept, inputs)
+            self._forget_read(kept, stop)
+        return self._run_kept(bounds[-2], bounds[-1], kept, inputs)
 
     def _run_on(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):
         """Pieces ``start..stop-1``; ``values`` maps earlier pieces to their outputs
@@ -437,4 +555,5 @@ class RematModule(nn.Module):
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
         nested = f" (and {sum(map(len, self.nested.values()))} nested in recomputes)" if self.nested else ""
         stored = f" ({len(self.stored)} segments stored, not recomputed)" if self.stored else ""
+        stored += f" ({len(self.selective)} stages selective)" if self.selective else ""
         return f"keeps: {kept}{nested}{stored}" + (" (offloaded to host memory)" if self.offload is not None else "")

@@ -49,6 +49,11 @@ class Plan:
             keeping what their backward needs, rather than being recomputed
             (as ``ChainSolution.stored``; the stages are then cut only where
             a single tensor is live).
+        selective: the stages (indices into ``stage_names``, 1-based) that
+            run selectively, all in stored segments or the last: each keeps
+            its input and what its matmuls, convolutions and attention made,
+            and remakes the rest (normalisations, activations, dropout) when
+            its backward starts, at no FLOPs (``remat.execute.run_selective``).
 
     Example:
         >>> import torch, remat
@@ -77,6 +82,7 @@ class Plan:
     inner: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
     grad_accumulation: bool = False
     stored: tuple[int, ...] = ()
+    selective: tuple[int, ...] = ()
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -106,6 +112,11 @@ class Plan:
                 else []
             ),
             *([["stored segments", f"{len(self.stored)} run without recompute"]] if self.stored else []),
+            *(
+                [["selective stages", f"{len(self.selective)} keep only what has FLOPs to remake"]]
+                if self.selective
+                else []
+            ),
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             *(
                 [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]
@@ -130,6 +141,7 @@ class Plan:
         data["checkpoints"] = tuple(data["checkpoints"])
         data["inner"] = tuple((l, r, tuple(cs)) for l, r, cs in data.get("inner", ()))
         data["stored"] = tuple(data.get("stored", ()))
+        data["selective"] = tuple(data.get("selective", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 from remat.measure import MemoryTracker, round_to_of, rounded_bytes, track_memory, unique_storage_bytes
 from remat.solvers.chain import Chain
 
-__all__ = ["BackwardSkipsStage", "StageCost", "profile_stages"]
+__all__ = ["BackwardSkipsStage", "StageCost", "profile_selectively", "profile_stages"]
 
 PASSED_ON = -1  # storage number of a gradient that is the stage's output gradient (see StageCost)
 
@@ -239,7 +239,12 @@ def _profile_stage(
         else:
             held_grads: list | None = [] if output_grads_held else None
             seeds = [_SeedGradient.apply(seed_grads, held_grads, *outputs)] if outputs else []
+            made = [weakref.ref(s) for s in {id(s): s for s in map(torch.Tensor.untyped_storage, _tensors(y))}.values()]
             del y, outputs  # the output stays alive only if the stage saved it
+            if not (held or ignored):
+                # Also where saved-tensor hooks do not see it: selective checkpointing's cache.
+                saves_output |= any(ref() is not None and id(ref()) not in x_storages for ref in made)
+            del made
         # Inputs a later stage reads too: that stage's backward made their gradient first,
         # and autograd adds this stage's into it, out of place while a dispatch mode is
         # active (as when remat measures; without one it may add in place): a transient
@@ -726,3 +731,48 @@ def _chain_of(
         names=tuple(names),
         **extra,
     )
+
+
+def profile_selectively(
+    selective: Sequence[tuple[str, Callable[[Any], Any], Sequence[torch.Tensor]]],
+    plain: Sequence[tuple[str, Callable[[Any], Any], Sequence[torch.Tensor]]],
+    first_input: Any,
+    loss_fn: Callable[[Any], torch.Tensor],
+    *,
+    keys: Sequence[Hashable] | None = None,
+    **kwargs,
+) -> tuple[Chain, list[list[int]], frozenset[int]]:
+    """:func:`profile_stages` on the stages run selectively (``selective``), each
+    stage that cannot run so run plainly instead (its spec in ``plain``).
+
+    Selective checkpointing refuses some stages, in their backward (an operator
+    that changes in place the output of a matmul or convolution it keeps, as a
+    convolution followed by an in-place ReLU does): such a stage, and every stage
+    of the same structure (``keys``), is profiled plainly and the whole chain again.
+    Returns the chain, the grouping of stages, and the stages run plainly.
+    """
+    plainly: set[int] = set()
+    while True:
+        started: list[int] = []
+
+        def noting(run: Callable[[Any], Any], index: int) -> Callable[[Any], Any]:
+            def noted(x):
+                started.append(index)
+                return run(x)
+
+            return noted
+
+        specs = [
+            (name, noting(run, index), params)
+            for index, (name, run, params) in enumerate(plain[index] if index in plainly else spec for index, spec in enumerate(selective))
+        ]
+        try:
+            chain, groups = profile_stages(specs, first_input, loss_fn, keys=keys, **kwargs)
+        except RuntimeError:
+            failed = started[-1] if started else None
+            if failed is None or failed in plainly or failed >= len(selective):
+                raise
+            same = [k for k in range(len(selective)) if keys is not None and keys[k] is not None and keys[k] == keys[failed]]
+            plainly.update([failed, *same])
+            continue
+        return chain, groups, frozenset(plainly)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from remat.capture.profile import profile_stages
+from remat.capture.profile import profile_selectively, profile_stages
+from remat.execute import run_selective
 from remat.measure import as_tuple, default_loss, round_to_of, step_model, unique_storage_bytes
 from remat.solvers.chain import Chain
 
@@ -28,6 +30,7 @@ class SequentialProfile:
 
     chain: Chain
     groups: tuple[tuple[int, ...], ...]
+    plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
 
 
 def sequential_stages(module: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
@@ -42,14 +45,24 @@ def sequential_stages(module: nn.Module | Sequence[nn.Module]) -> list[nn.Module
     )
 
 
+def _run_all(modules: Sequence[nn.Module], x):
+    for module in modules:
+        x = module(x)
+    return x
+
+
 def profile_sequential(
     module: nn.Module | Sequence[nn.Module],
     example_input: Any,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
     fake: bool = True,
+    selective: bool = False,
 ) -> SequentialProfile:
     """Measure every stage of a sequential model (plus the loss) as a chain.
+
+    With ``selective``, every stage is measured again run selectively
+    (:func:`remat.execute.run_selective`), for plans with selective segments.
 
     Example:
         >>> import torch
@@ -70,4 +83,26 @@ def profile_sequential(
         ]
         base = unique_storage_bytes([*copy.parameters(), *copy.buffers(), x], round_to_of(x.device))
         chain, groups = profile_stages(specs, x, loss_fn or default_loss, base_bytes=base, device=x.device)
-    return SequentialProfile(chain, tuple(tuple(g) for g in groups))
+        plainly: frozenset[int] = frozenset()
+        if selective:
+            # Each chain stage (its modules together: an in-place one must not change the
+            # input its region keeps) runs as one selective region.
+            def stage_specs(selectively: bool) -> list:
+                out = []
+                for group in groups:
+                    modules = [copy[i] for i in group]
+                    run = functools.partial(_run_all, modules)
+                    if selectively:
+                        run = functools.partial(run_selective, run, modules)
+                    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+                    out.append((" + ".join(specs[i][0] for i in group), run, params))
+                return out
+
+            measured, same, plain_stages = profile_selectively(
+                stage_specs(True), stage_specs(False), x, loss_fn or default_loss, base_bytes=base, device=x.device
+            )
+            if len(same) != len(groups):
+                raise RuntimeError(f"run selectively, the stages group differently: {same} for {groups}")
+            chain = chain.with_selective(measured)
+            plainly = frozenset(k + 1 for k in plain_stages)
+    return SequentialProfile(chain, tuple(tuple(g) for g in groups), plainly)

@@ -112,12 +112,15 @@ Inner = tuple[tuple[int, int, tuple[int, ...]], ...]
 
 # Arrays with one entry per boundary (0..n) rather than per stage.
 _BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "skips_next")
+# Per-stage arrays measured again for stages run selectively (``Chain.selective_*``).
+_SELECTIVE_FIELDS = ("fwd_save_peak", "saved_bytes", "saves_input", "saves_output", "bwd_peak")
 
 __all__ = [
     "Chain",
     "ChainSolution",
     "peak_of",
     "recompute_flops_of",
+    "segment_stages",
     "min_peak",
     "min_recompute",
     "pareto_front",
@@ -181,6 +184,15 @@ class Chain:
         held_output_bwd_peak: stage ``n - 1``'s ``bwd_peak`` when it runs
             in the last segment, where the caller holds its outputs through
             the backward (``None``: the same as recomputed).
+        selective_*: the same quantities for each stage run *selectively*
+            (:func:`remat.execute.run_selective`): its forward keeps its
+            input and the outputs of the operators that have FLOPs, and
+            its backward first recomputes the rest, at no FLOPs. Only
+            stored and last segments run so (``ChainSolution.selective``);
+            ``None`` where not measured (no such plans then). The last
+            segment runs selectively only if stage ``n - 1`` strands as much
+            either way (``selective_stranded_bytes``): the other segments'
+            costs count what it strands.
     """
 
     act_bytes: np.ndarray
@@ -203,6 +215,13 @@ class Chain:
     skips_next: np.ndarray | None = None
     stranded_bytes: int = 0
     held_output_bwd_peak: int | None = None
+    selective_fwd_save_peak: np.ndarray | None = None
+    selective_saved_bytes: np.ndarray | None = None
+    selective_saves_input: np.ndarray | None = None
+    selective_saves_output: np.ndarray | None = None
+    selective_bwd_peak: np.ndarray | None = None
+    selective_held_output_bwd_peak: int | None = None
+    selective_stranded_bytes: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)
@@ -219,6 +238,9 @@ class Chain:
                     )
         if not self.names:
             object.__setattr__(self, "names", tuple(f"stage{i}" for i in range(1, n + 1)))
+        selective = [getattr(self, f"selective_{name}") for name in _SELECTIVE_FIELDS]
+        if any(x is None for x in selective) and any(x is not None for x in selective):
+            raise ValueError(f"Chain.selective_* ({', '.join(_SELECTIVE_FIELDS)}) are given all together or not at all")
         if self.live_until is not None:
             bounds = np.arange(n + 1)
             if (self.live_until < bounds).any() or (self.live_until[:-1] > n - 1).any():
@@ -233,29 +255,72 @@ class Chain:
     def n(self) -> int:
         return len(self.fwd_save_peak)
 
+    @property
+    def has_selective(self) -> bool:
+        """Whether the stages' selective costs were measured (plans may run segments selectively)."""
+        return self.selective_bwd_peak is not None
+
+    def with_selective(self, measured: Chain) -> Chain:
+        """This chain with selective costs: those ``measured`` on the same stages run selectively."""
+        if measured.n != self.n or not np.array_equal(measured.act_bytes, self.act_bytes):
+            raise ValueError("the selective costs were measured on other stages than this chain's")
+        return dataclasses.replace(
+            self,
+            **{f"selective_{name}": getattr(measured, name) for name in _SELECTIVE_FIELDS},
+            selective_held_output_bwd_peak=measured.held_output_bwd_peak,
+            selective_stranded_bytes=measured.stranded_bytes,
+        )
+
+    @property
+    def selective_last(self) -> bool:
+        """Whether the last segment may run selectively (see ``selective_*``)."""
+        return self.has_selective and self.selective_stranded_bytes == self.stranded_bytes
+
+    def selective_view(self) -> Chain:
+        """The chain as if every stage ran selectively: the costs of its kept segments then."""
+        if not self.has_selective:
+            raise ValueError(
+                "this chain has no selective costs (Chain.selective_*): profile the stages selectively "
+                "too to plan selective segments"
+            )
+        return dataclasses.replace(
+            self,
+            **{name: getattr(self, f"selective_{name}") for name in _SELECTIVE_FIELDS},
+            held_output_bwd_peak=self.selective_held_output_bwd_peak,
+            **{f"selective_{name}": None for name in _SELECTIVE_FIELDS},
+            selective_held_output_bwd_peak=None,
+            selective_stranded_bytes=0,
+        )
+
     @classmethod
     def from_arrays(cls, **arrays) -> Chain:
         """Build a chain from lists; booleans and integers are converted."""
         converted = {}
         for key, value in arrays.items():
-            if key in ("base_bytes", "names", "output_held", "stranded_bytes", "held_output_bwd_peak"):
+            if key in (
+                "base_bytes", "names", "output_held", "stranded_bytes", "held_output_bwd_peak",
+                "selective_held_output_bwd_peak", "selective_stranded_bytes",
+            ):
                 converted[key] = value
             elif value is None:
                 converted[key] = None
-            elif key in ("saves_input", "saves_output", "skips_next"):
+            elif key in ("saves_input", "saves_output", "skips_next", "selective_saves_input", "selective_saves_output"):
                 converted[key] = np.asarray(value, dtype=bool)
             else:
                 converted[key] = np.asarray(value, dtype=np.int64)
         return cls(**converted)
 
     @classmethod
-    def random(cls, n: int, seed: int = 0, *, carried: bool = False) -> Chain:
+    def random(cls, n: int, seed: int = 0, *, carried: bool = False, selective: bool = False) -> Chain:
         """A heterogeneous random chain for tests and benchmarks.
 
         Stages vary in output size by orders of magnitude; some save nothing,
         some only their input or output, some have a large internal temporary.
         With ``carried``, some activations stay live for a few more stages
         (like residual inputs) and some of those are saved by a later stage.
+        With ``selective``, stages also have selective costs: run so, a
+        stage keeps its input and part of what it saves, and its backward
+        first makes the rest again.
         """
         rng = np.random.default_rng(seed)
         act = rng.choice([1, 2, 4, 8, 16, 64], size=n + 1) * 1024 * rng.integers(1, 5, size=n + 1)
@@ -286,6 +351,17 @@ class Chain:
                 carried_grad[m + 1 : live[m] + 1] += grad[m]
             skips = (live >= bounds + 2) & (rng.random(n + 1) < 0.2)
             extra = dict(live_until=live, later_saver=later, carried_grad_bytes=carried_grad, skips_next=skips)
+        if selective:
+            kept_output = saves_output & (rng.random(n) < 0.5)
+            kept = saved // rng.integers(1, 5, size=n)
+            remade = saved - kept + np.where(saves_output & ~kept_output, act[1:], 0)
+            extra.update(
+                selective_fwd_save_peak=act[1:] + kept + temp,
+                selective_saved_bytes=kept,
+                selective_saves_input=np.ones(n, dtype=bool),
+                selective_saves_output=kept_output,
+                selective_bwd_peak=bwd + remade,
+            )
         return cls(**extra,
             act_bytes=act.astype(np.int64),
             grad_bytes=grad.astype(np.int64),
@@ -326,6 +402,12 @@ class ChainSolution:
     wraps each recomputed segment in a checkpoint and runs the others as they
     are.
 
+    ``selective`` names the starts of segments, stored ones or the last,
+    whose stages run selectively (each its own selective checkpoint, see
+    :func:`remat.execute.run_selective`): they keep only their inputs and
+    what the operators with FLOPs made, and remake the rest, at no FLOPs,
+    when their backward starts (plans of chains with selective costs).
+
     ``inner`` nests checkpoints inside recomputed segments (plans from
     :mod:`remat.solvers.nested`): an entry ``(l, r, (c1, ..., ck))`` says that
     the recompute of segment ``(l, r]`` keeps ``a(c1)..a(ck)``; it then runs
@@ -339,6 +421,7 @@ class ChainSolution:
     method: str = ""
     stored: tuple[int, ...] = ()
     inner: Inner = ()
+    selective: tuple[int, ...] = ()
 
 
 # -- the cost model ----------------------------------------------------------
@@ -632,6 +715,39 @@ def _validate_stored(
     return kept
 
 
+def segment_stages(n: int, checkpoints: Sequence[int], starts: Sequence[int]) -> tuple[int, ...]:
+    """The model stages (1..n-1: the loss, stage n, aside) of the segments starting at ``starts``.
+
+    Example:
+        >>> segment_stages(6, [2, 4], [0, 4])
+        (1, 2, 5)
+    """
+    bounds = [0, *checkpoints, n]
+    chosen = set(starts)
+    return tuple(i for l, r in zip(bounds[:-1], bounds[1:]) if l in chosen for i in range(l + 1, r + 1) if i < n)
+
+
+def _validate_selective(chain: Chain, checkpoints: tuple[int, ...], stored: frozenset[int], selective: Sequence[int]) -> frozenset[int]:
+    """Selective segments are stored ones or the last, on a chain with selective costs."""
+    chosen = frozenset(int(l) for l in selective)
+    if not chosen:
+        return chosen
+    chain.selective_view()  # says what is missing
+    last = checkpoints[-1] if checkpoints else 0
+    if last in chosen and not chain.selective_last:
+        raise ValueError(
+            "the last segment cannot run selectively: the model's last stage, run so, would keep other "
+            "tensors for the outputs the loss ignores than the costs of the other segments count"
+        )
+    wrong = sorted(chosen - stored - {last})
+    if wrong:
+        raise ValueError(
+            f"selective segment starts {wrong} are neither stored segments ({sorted(stored)}) nor the last "
+            f"segment (starting at {last}): recomputed segments run plainly"
+        )
+    return chosen
+
+
 def _validate_inner(chain: Chain, checkpoints: tuple[int, ...], inner: Inner) -> dict[tuple[int, int], tuple[int, ...]]:
     """``inner`` as a map from recomputed segments to their nested checkpoints, checked."""
     nested: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -699,13 +815,15 @@ def peak_of(
     *,
     offload: bool = False,
     inner: Inner = (),
+    selective: Sequence[int] = (),
 ) -> int:
     """Exact peak bytes of one training step of ``chain`` under ``checkpoints``.
 
     ``checkpoints`` are the boundaries ``i`` (1..n-1) whose activation ``a(i)``
     (the output of stage ``i``) is kept; ``[]`` stores everything. ``stored``
     names the starts of middle segments that run normally instead of being
-    recomputed, ``inner`` the checkpoints nested in recomputed segments (see
+    recomputed, ``selective`` those of the stored or last segments that run
+    selectively, ``inner`` the checkpoints nested in recomputed segments (see
     :class:`ChainSolution`). With ``offload``, kept activations wait in host
     memory (see "Offload" above).
 
@@ -716,7 +834,7 @@ def peak_of(
         >>> peak_of(chain, [2, 5, 6], stored=[2]) >= peak_of(chain, [2, 5, 6])
         True
     """
-    return _cost(chain, checkpoints, stored, offload, inner)[0]
+    return _cost(chain, checkpoints, stored, offload, inner, selective=selective)[0]
 
 
 def _cost(
@@ -726,24 +844,33 @@ def _cost(
     offload: bool = False,
     inner: Inner = (),
     terms: _Terms | None = None,
-) -> tuple[int, int, tuple[int, ...], frozenset[int]]:
-    """Peak bytes and recomputed FLOPs of a plan, with its checked checkpoints and stored starts."""
+    selective: Sequence[int] = (),
+    selective_terms: _Terms | None = None,
+) -> tuple[int, int, tuple[int, ...], frozenset[int], frozenset[int]]:
+    """Peak bytes and recomputed FLOPs of a plan, with its checked checkpoints, stored
+    and selective starts."""
     _check_offload(chain, offload)
     cps = _validate(chain, checkpoints)
     kept = _validate_stored(chain, cps, stored, offload)
     nested = _validate_inner(chain, cps, inner)
-    if nested and (kept or offload):
-        raise ValueError("nested checkpoints are planned without stored segments and without offload")
+    chosen = _validate_selective(chain, cps, kept, selective)
+    if nested and (kept or offload or chosen):
+        raise ValueError("nested checkpoints are planned without stored or selective segments and without offload")
+    if chosen and offload:
+        raise ValueError("selective segments are planned without offload")
     terms = terms or _Terms(chain)
+    if chosen and selective_terms is None:
+        selective_terms = _Terms(chain.selective_view())
+    of = lambda l: selective_terms if l in chosen else terms  # noqa: E731
     flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)])
     segments = _segments(chain.n, cps)[:-1]
     recomputed = sum(int(flops[r] - flops[l]) for l, r in segments if l not in kept)
     if offload:
-        return chain.base_bytes + _peak_offloaded(terms, cps), recomputed, cps, kept
+        return chain.base_bytes + _peak_offloaded(terms, cps), recomputed, cps, kept, chosen
     peak = held = 0
     for l, r in segments:
         if l in kept:
-            local, keeps = terms.stored_segment(l, r)
+            local, keeps = of(l).stored_segment(l, r)
         else:
             local, more = _nested_phase(terms, l, r, nested, flops)
             local = max(local, int(terms.a_in[l]) + terms.forward_unsaved(l, r))
@@ -751,15 +878,16 @@ def _cost(
             keeps = int(terms.a_in[l])
         peak = max(peak, held + local)
         held += keeps
-    peak = max(peak, held + terms.last_segment(segments[-1][1] if segments else 0))
-    return chain.base_bytes + peak, recomputed, cps, kept
+    last = segments[-1][1] if segments else 0
+    peak = max(peak, held + of(last).last_segment(last))
+    return chain.base_bytes + peak, recomputed, cps, kept, chosen
 
 
 def recompute_flops_of(
     chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Inner = ()
 ) -> int:
     """FLOPs recomputed under a plan: every stage before the last segment but stored segments,
-    and the nested recomputes of ``inner``."""
+    and the nested recomputes of ``inner`` (selective segments remake only what has no FLOPs)."""
     return _cost(chain, checkpoints, stored, inner=inner)[1]
 
 
@@ -771,9 +899,13 @@ def _solution(
     offload: bool = False,
     stored: Sequence[int] = (),
     inner: Inner = (),
+    selective: Sequence[int] = (),
+    selective_terms: _Terms | None = None,
 ) -> ChainSolution:
-    peak, recomputed, cps, kept = _cost(chain, checkpoints, stored, offload, inner, terms)
-    return ChainSolution(cps, peak, recomputed, method, tuple(sorted(kept)), tuple(inner))
+    peak, recomputed, cps, kept, chosen = _cost(
+        chain, checkpoints, stored, offload, inner, terms, selective, selective_terms
+    )
+    return ChainSolution(cps, peak, recomputed, method, tuple(sorted(kept)), tuple(inner), tuple(sorted(chosen)))
 
 
 # -- solvers -----------------------------------------------------------------
@@ -825,7 +957,9 @@ def min_recompute(
 
     With ``store=True`` the plans may also run middle segments normally
     (``ChainSolution.stored``), keeping their saved tensors instead of
-    recomputing them, which pays at generous budgets. Then ``method`` is
+    recomputing them, which pays at generous budgets; on a chain with
+    selective costs, stored and last segments may also run selectively
+    (``ChainSolution.selective``). Then ``method`` is
     unused: a dynamic program over boundaries keeps, per boundary, the
     Pareto set of (bytes kept before it, FLOPs recomputed so far) of feasible
     prefixes, which is exact because what a prefix leaves to the rest of the
@@ -851,36 +985,52 @@ def min_recompute(
         feasible, method = _prefix_feasible_offloaded, "offload_dp"
     if store:
         _check_store(chain, offload)
-        plan = _plan_with_stored(terms, chain.fwd_flops, budget_bytes - chain.base_bytes)
-        return None if plan is None else _solution(chain, plan[0], "store", terms, stored=plan[1])
+        selective = _Terms(chain.selective_view()) if chain.has_selective else None
+        plan = _plan_with_stored(
+            terms, chain.fwd_flops, budget_bytes - chain.base_bytes, selective, chain.selective_last
+        )
+        if plan is None:
+            return None
+        return _solution(chain, plan[0], "store", terms, stored=plan[1], selective=plan[2], selective_terms=selective)
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
     return None if cps is None else _solution(chain, cps, method, terms, offload)
 
 
-def _plan_with_stored(terms: _Terms, fwd_flops: np.ndarray, limit: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Least-recompute (checkpoints, stored starts) within ``limit``, by Pareto sets per boundary.
+def _plan_with_stored(
+    terms: _Terms, fwd_flops: np.ndarray, limit: int, selective: _Terms | None = None, selective_last: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+    """Least-recompute (checkpoints, stored starts, selective starts) within ``limit``, by Pareto
+    sets per boundary.
 
     A label is ``(kept bytes, recomputed FLOPs, previous label, boundary,
-    whether the segment ending there is stored)``.
+    how the segment ending there runs: "recomputed", "stored" or "selective")``.
     ``free[r]`` holds prefixes whose segment ending at ``r`` was recomputed
     (or ``r = 0``), ``after_stored[r]`` those that end with a stored segment
-    (the next one must be recomputed).
+    (the next one must be recomputed). With ``selective`` (the terms of the
+    chain run selectively), stored segments may also run so, and the last one
+    with ``selective_last``.
     """
     n = terms.n
     flops = np.concatenate([[0], np.cumsum(fwd_flops)]).tolist()
+    kinds = [("stored", terms)] + ([("selective", selective)] if selective is not None else [])
     free: list[list[tuple]] = [[] for _ in range(n)]
     after_stored: list[list[tuple]] = [[] for _ in range(n)]
-    free[0].append((0, 0, None, 0, False))
-    best = None
+    free[0].append((0, 0, None, 0, "recomputed"))
+    best = None  # (label, whether the last segment runs selectively)
     for l in range(n):
         for labels, may_store in ((free[l], True), (after_stored[l], False)):
             front = _pareto(labels)
             if not front:
                 continue
-            if may_store and front[0][0] + terms.last_segment(l) <= limit:
-                top = min((lab for lab in front if lab[0] + terms.last_segment(l) <= limit), key=lambda x: x[1])
-                if best is None or top[1] < best[1]:
-                    best = top
+            for kind, kind_terms in kinds if may_store else ():
+                if kind == "selective" and not selective_last:
+                    continue
+                last = kind_terms.last_segment(l)
+                fits = [lab for lab in front if lab[0] + last <= limit]
+                if fits:
+                    top = min(fits, key=lambda x: x[1])
+                    if best is None or top[1] < best[0][1]:
+                        best = (top, kind == "selective")
             recompute, _ = terms.row(l)
             a_l = int(terms.a_in[l])
             for r in range(l + 1, n):
@@ -888,23 +1038,25 @@ def _plan_with_stored(terms: _Terms, fwd_flops: np.ndarray, limit: int) -> tuple
                 for label in front:  # kept bytes ascending: the feasible ones come first
                     if label[0] + cost > limit:
                         break
-                    free[r].append((label[0] + a_l, label[1] + flops[r] - flops[l], label, r, False))
-                if may_store:
-                    cost, keeps = terms.stored_segment(l, r)
+                    free[r].append((label[0] + a_l, label[1] + flops[r] - flops[l], label, r, "recomputed"))
+                for kind, kind_terms in kinds if may_store else ():
+                    cost, keeps = kind_terms.stored_segment(l, r)
                     for label in front:
                         if label[0] + cost > limit:
                             break
-                        after_stored[r].append((label[0] + keeps, label[1], label, r, True))
+                        after_stored[r].append((label[0] + keeps, label[1], label, r, kind))
     if best is None:
         return None
-    checkpoints, stored = [], []
-    label = best
+    label, last_selective = best
+    checkpoints, stored, chosen = [], [], [label[3]] if last_selective else []
     while label[2] is not None:
         checkpoints.append(label[3])
-        if label[4]:
+        if label[4] != "recomputed":
             stored.append(label[2][3])
+            if label[4] == "selective":
+                chosen.append(label[2][3])
         label = label[2]
-    return tuple(reversed(checkpoints)), tuple(reversed(stored))
+    return tuple(reversed(checkpoints)), tuple(reversed(stored)), tuple(sorted(chosen))
 
 
 def _pareto(labels: list[tuple]) -> list[tuple]:
