@@ -14,7 +14,10 @@ interleaved, in the same run. The least-peak plan with ``offload=True`` (kept
 activations in pinned host memory) is checked the same way, and its gradients
 are compared bit for bit with the plain model's; so is the plan for gradient
 accumulation (``grad_accumulation=True``), on a step that adds into existing
-gradients. Writes a markdown table (``--out``).
+gradients. A budget halfway between the least peak and the baseline is planned
+on the device too: its measured peak, its selective stages (which remake
+normalisations and activations in backward), its step time and its gradients.
+Writes a markdown table (``--out``).
 """
 
 from __future__ import annotations
@@ -123,14 +126,17 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
     # Kept activations in pinned host memory (CUDA only; elsewhere a warning and no offload).
     offloaded = remat.optimize(model, inputs, offload=True)
     offload_peak = _measured_peak(offloaded, inputs, device, resident)
-    base_s, remat_s, offload_s = _median_step_seconds([model, optimized, offloaded], inputs, device, steps)
     # Profiled on the device: the allocator's figures, workspaces inside operators included.
     on_device = remat.optimize(model, inputs, profile="device")
     device_peak = _measured_peak(on_device, inputs, device, resident)
-    # A budget halfway between the plan and the baseline, planned on the device.
+    # A budget halfway between the plan and the baseline, planned on the device (where
+    # stages may run selectively: they remake normalisations and activations in backward).
     budget = (baseline_peak + device_peak) // 2
     budgeted = remat.optimize(model, inputs, budget=budget, profile="device")
     budget_peak = _measured_peak(budgeted, inputs, device, resident)
+    base_s, remat_s, offload_s, budget_s = _median_step_seconds(
+        [model, optimized, offloaded, budgeted], inputs, device, steps
+    )
     # Planned for gradient accumulation: the step adds into gradients that exist before it.
     accumulating = remat.optimize(model, inputs, grad_accumulation=True)
     accumulate_peak = _measured_peak(accumulating, inputs, device, resident, accumulate=True)
@@ -150,6 +156,9 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
         "budget": budget,
         "budget measured": budget_peak,
         "budget recompute": budgeted.plan.recompute_overhead,
+        "budget selective": len(budgeted.plan.selective),
+        "budget time ratio": budget_s / base_s,
+        "budget grads equal": _grads_equal(model, budgeted, inputs),
         "offload": offloaded.plan.offload,
         "offload predicted": offloaded.plan.predicted_peak_bytes,
         "offload measured": offload_peak,
@@ -179,14 +188,16 @@ def main() -> None:
     specs = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else DEFAULT_MODELS)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     header = (
-        f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''}`  \n"
+        f"Command: `python benchmarks/gpu_check.py{' --quick' if args.quick else ''}"
+        f"{f' --models {args.models}' if args.models else ''}`  \n"
         f"Device: {card}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n\n"
         "| model | baseline peak (pred / measured, err) | remat peak (pred / measured, err) "
         "| remat peak at the dispatcher (err) | peak cut | recompute (% of fwd) | step time ratio "
         "| profiled on device: pred / measured, err | budget: measured <= budget? (recompute) "
+        "| budget: selective stages, step time ratio, grads exact "
         "| offload: pred / measured, err | offload recompute | offload step time ratio | offload grads exact "
         "| grad accumulation: pred / measured, err | nested checkpoints in the remat plan |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     print(header, flush=True)
@@ -205,6 +216,7 @@ def main() -> None:
             f"{_error(r['device predicted'], r['device measured'])} "
             f"| {format_bytes(r['budget measured'])} <= {format_bytes(r['budget'])}: "
             f"{'yes' if r['budget measured'] <= r['budget'] else 'NO'} ({r['budget recompute']:.0%}) "
+            f"| {r['budget selective']}, {r['budget time ratio']:.2f}x, {'yes' if r['budget grads equal'] else 'NO'} "
             f"| {'' if r['offload'] else '(not offloaded) '}{format_bytes(r['offload predicted'])} / "
             f"{format_bytes(r['offload measured'])}, {_error(r['offload predicted'], r['offload measured'])} "
             f"| {r['offload recompute']:.1%} | {r['offload time ratio']:.2f}x "
