@@ -545,9 +545,9 @@ class _Profiled:
     def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan on the chain cut only at single tensors that does
         better: nested checkpoints (a lower peak, or less recompute within the budget;
-        they recompute at most one forward, plans without recompute less, so the least
-        peak is the same in both modes), or stored segments (less recompute at the same
-        peak or budget)."""
+        they recompute at most one forward, plans without recompute less), or stored
+        and selective segments (less recompute at the same peak or budget; selective
+        ones may also lower the least peak). Ties keep ``solution``."""
         # The single-tensor cuts are the carried chain's boundaries that nothing live crosses.
         cuts = [0, *single_tensor_boundaries(self.chain), self.chain.n]
         if len(cuts) > MAX_NESTED_STAGES:
@@ -561,31 +561,21 @@ class _Profiled:
         if chain.n > MAX_NESTED_STAGES:
             return solution
         forward = int(chain.fwd_flops[:-1].sum())
+        richer = self.planned(self.plain().selective_chain())
         if budget_bytes is None:
             nested = min_peak_nested(chain, max_recompute_flops=forward)
-            if nested.inner and nested.peak_bytes < solution.peak_bytes:
-                return nested
+            stored = min_peak(richer, store=True)
         else:
             nested = min_recompute_nested(chain, budget_bytes)
-            if (
-                nested is not None
-                and nested.inner
-                and nested.recompute_flops <= forward
-                and (solution is None or nested.recompute_flops < solution.recompute_flops)
-            ):
-                solution = nested
-        # Stored segments never lower the least peak; at a peak or budget they may recompute
-        # less, the more so where they (or the last segment) run selectively.
-        limit = solution.peak_bytes if budget_bytes is None else budget_bytes
-        chain = self.planned(self.plain().selective_chain())
-        stored = min_recompute(chain, limit, store=True) if solution is not None else None
-        if (
-            stored is not None
-            and (stored.stored or stored.selective)
-            and stored.recompute_flops < solution.recompute_flops
-        ):
-            return stored
-        return solution
+            stored = min_recompute(richer, budget_bytes, store=True)
+        candidates = [
+            solution,
+            nested if nested is not None and nested.inner and nested.recompute_flops <= forward else None,
+            stored if stored is not None and (stored.stored or stored.selective) else None,
+        ]
+        if budget_bytes is None:
+            return min((c for c in candidates if c is not None), key=lambda c: (c.peak_bytes, c.recompute_flops))
+        return min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
 
 
 def _module(model: nn.Module, captured: Captured, groups: list[list[int]], plan: Plan) -> RematModule:
@@ -651,10 +641,13 @@ def pareto(
     example_inputs: Any,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> list[Plan]:
-    """Every plan worth having, from "store everything" to the least peak.
+    """Every plan worth having, from the lowest peak that recomputes nothing to the least peak.
 
     Each plan recomputes the least possible for its peak, and each has a
-    lower peak than the one before it (and recomputes more).
+    lower peak than the one before it (and recomputes more). Plans with
+    stored or selective segments are among them (see :class:`Plan`): the
+    first plan stores everything, or runs stages selectively where that
+    lowers the peak at no recompute FLOPs.
 
     Example:
         >>> import torch, remat
@@ -669,8 +662,21 @@ def pareto(
     profiled = _Profiled.of(model, example_inputs, loss_fn)
     start = time.perf_counter()
     front = pareto_front(profiled.chain)
+    if profiled.plain().chain.n <= MAX_NESTED_STAGES:
+        # Plans with stored or selective segments, on the chain cut at single tensors.
+        richer = pareto_front(profiled.plain().selective_chain(), store=True)
+        front = _lower_envelope(front + [s for s in richer if s.stored or s.selective])
     seconds = (time.perf_counter() - start) / len(front)  # the whole front's solve time, shared out
     return [profiled.plan(solution, seconds, None) for solution in front]
+
+
+def _lower_envelope(solutions: list[ChainSolution]) -> list[ChainSolution]:
+    """The solutions no other beats on both peak and recompute, by peak descending."""
+    front: list[ChainSolution] = []
+    for solution in sorted(solutions, key=lambda s: (s.recompute_flops, s.peak_bytes)):
+        if not front or solution.peak_bytes < front[-1].peak_bytes:
+            front.append(solution)
+    return front
 
 
 def max_batch(

@@ -147,6 +147,11 @@ class MemoryTracker(TorchDispatchMode):
         records = {id(s): self._live.get(id(s)) for s in storages}
         return sum(record.nbytes for record in records.values() if record is not None)
 
+    def live_bytes_besides(self, storages: Iterable[torch.UntypedStorage]) -> int:
+        """Bytes of every storage created here and still alive but ``storages``."""
+        besides = {id(s) for s in storages}
+        return sum(record.nbytes for key, record in self._live.items() if key not in besides)
+
     def record_of(self, tensor: torch.Tensor) -> _StorageRecord | None:
         """The record of ``tensor``'s storage if it was created here and is alive."""
         return self._live.get(id(tensor.untyped_storage()))

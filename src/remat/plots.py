@@ -72,7 +72,8 @@ def pareto_front(plans: Sequence[Plan], path: str | Path, title: str = "") -> Pa
 
     One point per plan: x is its recompute as a percentage of one forward
     pass, y its predicted step peak (parameters, inputs, activations and
-    gradients) in MiB or GiB. The "store everything" end (no recompute) and
+    gradients) in MiB or GiB. The no-recompute end ("store everything", or
+    the least peak with no recompute FLOPs where stages run selectively) and
     the least-peak end are labelled.
     """
     if not plans:
@@ -84,7 +85,8 @@ def pareto_front(plans: Sequence[Plan], path: str | Path, title: str = "") -> Pa
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ax.plot(x, y, color=_COLORS[1], linewidth=1.4, marker="o", markersize=5,
             label=f"least recompute for each peak ({len(plans)} plans)")
-    ends = [(0, "store everything", _COLORS[0], (8, 6), "left"),
+    first = "store everything" if not (plans[0].checkpoints or plans[0].selective) else "no recompute"
+    ends = [(0, first, _COLORS[0], (8, 6), "left"),
             (len(plans) - 1, "least peak", _COLORS[2], (6, -20), "right")]
     for index, name, color, offset, align in ends[: 1 if len(plans) == 1 else 2]:
         ax.plot(x[index], y[index], "o", color=color, markersize=9, zorder=3,

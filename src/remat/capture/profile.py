@@ -48,8 +48,9 @@ class StageCost:
     inputs_saved: tuple[bool, ...] = ()
     # PASSED_ON: the stage's output gradient itself, handed on.
     input_grads: tuple[tuple[int, int] | None, ...] = ()
-    # Saved for outputs the loss ignores: their backward never runs, so these
-    # stay until the caller lets the outputs go, after the step.
+    # What stays from the stage's backward until the caller lets its outputs go,
+    # after the step: what it saved for outputs the loss ignores (their backward
+    # never runs), and the inputs a checkpoint around it keeps with its outputs.
     stranded: int = 0
     # Dense bytes of the gradients of its outputs (what adding two of them makes).
     output_grad_bytes: int = 0
@@ -261,12 +262,14 @@ def _profile_stage(
         del added_into
         grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
         # Only the graph holds the stage inputs from here on: those that only the
-        # ignored outputs' graphs save stay alive after the backward (the caller's
-        # own inputs, which need no grad, stay anyway).
+        # ignored outputs' graphs save stay alive after the backward, and so do those
+        # a checkpoint around the stage keeps while the caller holds its outputs (the
+        # caller's own inputs, which need no grad, stay anyway).
         callers = _storage_ids(leaves)
+        strands = bool(ignored) or outputs_held
         inputs_left = {
             id(t.untyped_storage()): (weakref.ref(t.untyped_storage()), unique_storage_bytes([t], mem.round_to))
-            for t in (_tensors(x) if ignored else ())
+            for t in (_tensors(x) if strands else ())
             if id(t.untyped_storage()) not in callers
         }
         del x
@@ -281,7 +284,11 @@ def _profile_stage(
         else:
             del held_grads
         after = mem.peak_bytes  # since the mark: the backward's peak
-        stranded = _stranded_bytes(mem, saved_storages, inputs_left, _storage_ids(held)) if ignored else 0
+        stranded = 0
+        if strands:
+            kept = [*held, *(p.grad for p in params if p.grad is not None), *(g for g in input_grads if g is not None)]
+            stranded = _stranded_bytes(mem, inputs_left, kept)
+            del kept
         del ignored, held
         # Over what is live when the backward starts, output gradients and the
         # gradients later stages made for its inputs aside (the chain counts them).
@@ -313,16 +320,15 @@ def _profile_stage(
 
 
 def _stranded_bytes(
-    mem: MemoryTracker,
-    saved: dict[int, weakref.ref],
-    inputs: dict[int, tuple[weakref.ref, int]],
-    outputs: set[int],
+    mem: MemoryTracker, inputs: dict[int, tuple[weakref.ref, int]], kept: Sequence[torch.Tensor]
 ) -> int:
-    """After a backward, what the graph still holds: the saved tensors made in the stage
-    and the stage inputs (with their bytes) still alive, outputs (held anyway) aside."""
-    made_here = mem.live_bytes(s for s in (ref() for ref in saved.values()) if s is not None and id(s) not in outputs)
-    return made_here + sum(
-        nbytes for ref, nbytes in inputs.values() if (s := ref()) is not None and id(s) not in outputs
+    """After a backward, what the graph still holds: whatever the stage made (saved
+    tensors, and what a checkpoint's recompute saved for outputs whose backward never
+    runs) and the stage inputs (with their bytes) still alive, but the outputs the
+    caller holds and the gradients (``kept``)."""
+    storages = {id(t.untyped_storage()): t.untyped_storage() for t in kept}
+    return mem.live_bytes_besides(storages.values()) + sum(
+        nbytes for ref, nbytes in inputs.values() if (s := ref()) is not None and id(s) not in storages
     )
 
 

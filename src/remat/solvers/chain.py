@@ -912,7 +912,7 @@ def _solution(
 
 
 def min_peak(
-    chain: Chain, method: Literal["dp", "linear"] = "linear", *, offload: bool = False
+    chain: Chain, method: Literal["dp", "linear"] = "linear", *, offload: bool = False, store: bool = False
 ) -> ChainSolution:
     """Checkpoints with the least peak; among those, the least recompute.
 
@@ -923,7 +923,22 @@ def min_peak(
             long chains). Both return the optimum.
         offload: kept activations wait in host memory; always solved by the
             O(n^2) dynamic program (``method`` is not used).
+        store: over the plans of ``min_recompute(..., store=True)`` (stored
+            and selective segments): the least budget it meets, found by
+            bisection from the plain least peak (selective segments may
+            lower it; stored ones alone never do).
     """
+    if store:
+        best = min_recompute(chain, min_peak(chain, method).peak_bytes, store=True)
+        low = chain.base_bytes  # nothing fits below what lives all step
+        while low < best.peak_bytes:
+            middle = (low + best.peak_bytes) // 2
+            found = min_recompute(chain, middle, store=True)
+            if found is None:
+                low = middle + 1
+            else:
+                best = found
+        return best
     terms = _Terms(chain)
     _check_offload(chain, offload)
     if offload:
