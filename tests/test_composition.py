@@ -412,3 +412,34 @@ def test_frozen_and_lora():
     measured = remat.measure_step(fast, x, fake=True).peak_bytes
     assert fast.plan.predicted_peak_bytes == pytest.approx(measured, rel=0.02)
     assert fast.plan.predicted_peak_bytes < fast.plan.baseline_peak_bytes
+
+
+# -- 6. selective stages -------------------------------------------------------------
+
+
+def test_selective_stages_under_autocast_and_compile():
+    """A budget plan whose stages run selectively (keep the convolutions' outputs, remake
+    BatchNorm and ReLU in backward): under autocast(bf16) its peak is predicted to the byte
+    and its gradients are bit-for-bit autocast's without remat; under torch.compile (where
+    the partitioner decides what to save) its loss and gradients are the plain compiled
+    model's."""
+    net, x = cnn()
+    plain = copy.deepcopy(net)
+    with bf16():
+        least = remat.plan(net, x)
+        budget = (least.predicted_peak_bytes + least.baseline_peak_bytes) // 2
+        fast = remat.optimize(net, x, budget=budget)
+    assert fast.plan.selective
+    with bf16():
+        assert remat.measure_step(fast, x, fake=True).peak_bytes == fast.plan.predicted_peak_bytes <= budget
+    with bf16():
+        loss, grads = step(fast, x, net)
+        expected_loss, expected = step(plain, x)
+    assert torch.equal(loss, expected_loss)
+    assert_grads_equal(expected, grads)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        expected_loss, expected, _, _ = compiled_step(plain, x, plain)
+        loss, grads, _, _ = compiled_step(fast, x, net)
+    torch.testing.assert_close(loss, expected_loss)
+    assert_grads_close(expected, grads)
