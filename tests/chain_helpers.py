@@ -37,13 +37,23 @@ def plans_with_stored(n: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]
 
 
 def plans_with_selective(n: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """Every (checkpoints, stored starts, selective starts) plan: any of the stored
-    segments and the last may run selectively."""
-    for cps, stored in plans_with_stored(n):
-        kept = (*stored, cps[-1] if cps else 0)
-        for k in range(len(kept) + 1):
-            for selective in itertools.combinations(kept, k):
-                yield cps, stored, selective
+    """Every (checkpoints, stored starts, selective starts) plan: each segment but the last is
+    recomputed, stored or stored and selective, the last plain or selective; a stored segment
+    followed by a kept one (stored or the last) runs the other way."""
+    for size in range(n):
+        for cps in itertools.combinations(range(1, n), size):
+            starts = (0, *cps)
+            # 0 recomputed, 1 stored plainly, 2 stored selectively; the last: 1 or 2
+            for modes in itertools.product((0, 1, 2), repeat=len(starts) - 1):
+                for last in (1, 2):
+                    every = (*modes, last)
+                    if any(a and b and a == b for a, b in zip(every, every[1:])):
+                        continue
+                    if modes and modes[-1] and cps[-1] == n - 1:  # the loss alone after a stored segment
+                        continue
+                    stored = tuple(l for l, m in zip(starts, modes) if m)
+                    selective = tuple(l for l, m in zip(starts, every) if m == 2)
+                    yield cps, stored, selective
 
 
 def nested_options(l: int, r: int) -> Iterator[tuple]:

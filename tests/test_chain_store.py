@@ -22,7 +22,7 @@ def assert_least_recompute_found(chain: Chain, plans) -> int:
     """At several budgets, ``min_recompute(..., store=True)`` finds the least recompute of
     ``plans`` ((checkpoints, stored starts, selective starts) each), never more than the plain
     family; returns how many of its plans run segments selectively."""
-    costs = [(peak_of(chain, c, s, selective=v), recompute_flops_of(chain, c, s)) for c, s, v in plans]
+    costs = [(peak_of(chain, c, s, selective=v), recompute_flops_of(chain, c, s, selective=v)) for c, s, v in plans]
     chosen = 0
     for budget in budgets(chain, [p for p, _ in costs]):
         best = min((flops for peak, flops in costs if peak <= budget), default=None)
@@ -46,11 +46,11 @@ def test_store_solver_finds_the_least_recompute_of_every_plan():
 
 
 def test_selective_segments_are_planned_where_they_recompute_least():
-    """120 random chains of 1..7 stages with selective costs: the least recompute of every
+    """120 random chains of 1..6 stages with selective costs: the least recompute of every
     plan whose stored and last segments may run selectively."""
     chosen = 0
     for seed in range(120):
-        chain = Chain.random(1 + seed % 7, seed, selective=True)
+        chain = Chain.random(1 + seed % 6, seed, selective=True)
         chosen += assert_least_recompute_found(chain, list(plans_with_selective(chain.n)))
     assert chosen > 50  # the random chains make selective segments worth it often
 
@@ -116,19 +116,18 @@ def test_a_last_stage_stranding_other_tensors_selectively_keeps_the_last_segment
 
 
 def test_the_least_peak_with_selective_segments_is_the_least_of_every_plan():
-    """Selective segments may lower the least peak (stored ones alone never do): min_peak with
+    """Stored and selective segments may lower the least peak (a stored segment holds its
+    saved tensors but has no recompute phase, which holds the gradients too): min_peak with
     ``store=True`` finds the least (peak, recompute) of every plan of 80 random chains."""
     lower = 0
     for seed in range(80):
-        chain = Chain.random(1 + seed % 7, seed, selective=True)
+        chain = Chain.random(1 + seed % 6, seed, selective=True)
         best = min(
-            (peak_of(chain, c, s, selective=v), recompute_flops_of(chain, c, s))
+            (peak_of(chain, c, s, selective=v), recompute_flops_of(chain, c, s, selective=v))
             for c, s, v in plans_with_selective(chain.n)
         )
         found = min_peak(chain, store=True)
         assert (found.peak_bytes, found.recompute_flops) == best, seed
         assert found.peak_bytes == peak_of(chain, found.checkpoints, found.stored, selective=found.selective)
         lower += found.peak_bytes < min_peak(chain).peak_bytes
-        plain = Chain.random(1 + seed % 7, seed)
-        assert min_peak(plain, store=True).peak_bytes == min_peak(plain).peak_bytes
-    assert lower > 0  # 5 of these 80
+    assert lower > 0

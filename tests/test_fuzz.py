@@ -41,12 +41,13 @@ PEAK_REASON = "chain cost model off by more than 2% on this graph"
 KNOWN_PEAK_FAILURES: set[int] = set()
 # The heavy seeds (-m heavy) whose peak check fails, gradients exact on all 2000: 38, i.e.
 # 1.9% (13 below by up to 4.9% or over the budget; 25 above, by up to 6.3%: gradient aliasing
-# and over-counts of the kinds docs/design.md lists under "Several outputs", not each traced).
+# and over-counts of the kinds docs/design.md lists under "Several outputs", not each traced;
+# 1251, 1476 and 1817 are budget plans with selective stages, 2.6-3.6% above).
 HEAVY_REASON = "chain cost model off by more than 2% on this multi-output graph"
 KNOWN_HEAVY_PEAK_FAILURES: set[int] = {
-    324, 401, 624, 659, 671, 734, 893, 913, 983, 1077, 1125, 1222, 1223, 1262, 1276, 1330, 1343,
-    1351, 1359, 1382, 1399, 1425, 1468, 1485, 1504, 1510, 1586, 1631, 1659, 1717, 1778, 1997, 2030,
-    2069, 2122, 2185, 2234, 2284,
+    324, 401, 624, 659, 671, 734, 893, 913, 983, 1077, 1125, 1223, 1251, 1262, 1276, 1330, 1351,
+    1359, 1382, 1399, 1425, 1468, 1476, 1485, 1504, 1510, 1586, 1631, 1659, 1717, 1778, 1817, 1997,
+    2030, 2069, 2185, 2234, 2284,
 }
 
 

@@ -546,8 +546,8 @@ class _Profiled:
         """``solution``, or a plan on the chain cut only at single tensors that does
         better: nested checkpoints (a lower peak, or less recompute within the budget;
         they recompute at most one forward, plans without recompute less), or stored
-        and selective segments (less recompute at the same peak or budget; selective
-        ones may also lower the least peak). Ties keep ``solution``."""
+        and selective segments (a lower peak, or less recompute within the budget).
+        Ties keep ``solution``."""
         # The single-tensor cuts are the carried chain's boundaries that nothing live crosses.
         cuts = [0, *single_tensor_boundaries(self.chain), self.chain.n]
         if len(cuts) > MAX_NESTED_STAGES:

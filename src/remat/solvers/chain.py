@@ -446,7 +446,7 @@ class _Terms:
         self.f_ns = pad(chain.fwd_nosave_peak)
         self.f_s = pad(chain.fwd_save_peak)
         self.keeps_in = np.concatenate([[False], chain.saves_input, [False]])
-        keeps_out = np.concatenate([[False], chain.saves_output])
+        keeps_out = self.keeps_out = np.concatenate([[False], chain.saves_output])
         # a(j), 1 <= j < n, is retained for backward if stage j or j+1 saves it.
         saver = chain.later_saver if chain.later_saver is not None else np.zeros(n + 1, dtype=np.int64)
         later = saver > 0
@@ -457,7 +457,7 @@ class _Terms:
         retained[0] = retained[n] = 0
         # A caller-held output a(n-1) is live through the whole backward: it
         # is counted once, in `held`, instead of as retained by stage n.
-        pinned = chain.output_held and n >= 2
+        pinned = self.pinned = chain.output_held and n >= 2
         if pinned:
             retained[n - 1] = 0
         h = pad(chain.saved_bytes)
@@ -695,7 +695,7 @@ def _check_store(chain: Chain, offload: bool) -> None:
 def _validate_stored(
     chain: Chain, checkpoints: tuple[int, ...], stored: Sequence[int], offload: bool = False
 ) -> frozenset[int]:
-    """Stored segments are middle segments, each followed by a recomputed one."""
+    """Stored segments are middle segments (see :func:`_check_adjacent` for their neighbours)."""
     if stored:
         _check_store(chain, offload)
     starts = (0, *checkpoints)
@@ -706,13 +706,25 @@ def _validate_stored(
                 f"stored segment start {l} must be 0 or a checkpoint before the last ({list(starts[:-1])}): "
                 "the last segment always runs normally"
             )
-        following = starts[starts.index(l) + 1]
-        if following in kept or following == starts[-1]:
+        if starts[starts.index(l) + 1] == chain.n - 1:
             raise ValueError(
-                f"stored segments starting at {l} and {following} are adjacent (or the second is the last "
-                f"segment): drop checkpoint {following} to make them one"
+                f"the stored segment starting at {l} ends at stage {chain.n - 1}, leaving the loss alone in the "
+                f"last segment: start the last segment at {l} instead"
             )
     return kept
+
+
+def _check_adjacent(checkpoints: tuple[int, ...], stored: frozenset[int], selective: frozenset[int]) -> None:
+    """A stored segment followed by another one or by the last runs the other way (plainly or
+    selectively): two kept segments that run the same way are one."""
+    starts = (0, *checkpoints)
+    for l in sorted(stored):
+        following = starts[starts.index(l) + 1]
+        if (following in stored or following == starts[-1]) and (l in selective) == (following in selective):
+            raise ValueError(
+                f"stored segments starting at {l} and {following} are adjacent (or the second is the last "
+                f"segment) and run the same way: drop checkpoint {following} to make them one"
+            )
 
 
 def segment_stages(n: int, checkpoints: Sequence[int], starts: Sequence[int]) -> tuple[int, ...]:
@@ -854,6 +866,7 @@ def _cost(
     kept = _validate_stored(chain, cps, stored, offload)
     nested = _validate_inner(chain, cps, inner)
     chosen = _validate_selective(chain, cps, kept, selective)
+    _check_adjacent(cps, kept, chosen)
     if nested and (kept or offload or chosen):
         raise ValueError("nested checkpoints are planned without stored or selective segments and without offload")
     if chosen and offload:
@@ -868,27 +881,45 @@ def _cost(
     if offload:
         return chain.base_bytes + _peak_offloaded(terms, cps), recomputed, cps, kept, chosen
     peak = held = 0
+    previous = None  # the terms of the segment before, if it was stored
     for l, r in segments:
         if l in kept:
+            held += _handed_over(previous, of(l), l)
             local, keeps = of(l).stored_segment(l, r)
+            previous = of(l)
         else:
             local, more = _nested_phase(terms, l, r, nested, flops)
             local = max(local, int(terms.a_in[l]) + terms.forward_unsaved(l, r))
             recomputed += more - int(flops[r] - flops[l])
             keeps = int(terms.a_in[l])
+            previous = None
         peak = max(peak, held + local)
         held += keeps
     last = segments[-1][1] if segments else 0
+    held += _handed_over(previous, of(last), last)
     peak = max(peak, held + of(last).last_segment(last))
     return chain.base_bytes + peak, recomputed, cps, kept, chosen
 
 
+def _handed_over(before: _Terms | None, after: _Terms, r: int) -> int:
+    """Bytes of ``a(r)`` a stored segment ending at ``r`` (run as ``before`` says) keeps for
+    its last stage's backward, which the kept segment after it (run as ``after`` says) does
+    not count: a stored segment's kept bytes leave ``a(r)`` to the segment after it, which
+    counts it only if its first stage saves it."""
+    if before is None or not before.keeps_out[r] or after.keeps_in[r + 1]:
+        return 0
+    if before.pinned and r == before.n - 1:  # the caller's output, counted as held
+        return 0
+    return int(before.a_in[r])
+
+
 def recompute_flops_of(
-    chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Inner = ()
+    chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Inner = (),
+    selective: Sequence[int] = (),
 ) -> int:
     """FLOPs recomputed under a plan: every stage before the last segment but stored segments,
     and the nested recomputes of ``inner`` (selective segments remake only what has no FLOPs)."""
-    return _cost(chain, checkpoints, stored, inner=inner)[1]
+    return _cost(chain, checkpoints, stored, inner=inner, selective=selective)[1]
 
 
 def _solution(
@@ -925,8 +956,9 @@ def min_peak(
             O(n^2) dynamic program (``method`` is not used).
         store: over the plans of ``min_recompute(..., store=True)`` (stored
             and selective segments): the least budget it meets, found by
-            bisection from the plain least peak (selective segments may
-            lower it; stored ones alone never do).
+            bisection from the plain least peak (both kinds may lower it: a
+            stored segment holds its saved tensors, but has no recompute
+            phase, which holds the gradients too).
     """
     if store:
         best = min_recompute(chain, min_peak(chain, method).peak_bytes, store=True)
@@ -1020,46 +1052,48 @@ def _plan_with_stored(
     A label is ``(kept bytes, recomputed FLOPs, previous label, boundary,
     how the segment ending there runs: "recomputed", "stored" or "selective")``.
     ``free[r]`` holds prefixes whose segment ending at ``r`` was recomputed
-    (or ``r = 0``), ``after_stored[r]`` those that end with a stored segment
-    (the next one must be recomputed). With ``selective`` (the terms of the
-    chain run selectively), stored segments may also run so, and the last one
-    with ``selective_last``.
+    (or ``r = 0``); ``after[kind][r]`` those that end with a stored segment run
+    that way, which the next kept segment (stored or last) must run the other
+    way. With ``selective`` (the terms of the chain run selectively), stored
+    segments may run so, and the last one with ``selective_last``.
     """
     n = terms.n
     flops = np.concatenate([[0], np.cumsum(fwd_flops)]).tolist()
-    kinds = [("stored", terms)] + ([("selective", selective)] if selective is not None else [])
+    kinds = {"stored": terms, **({"selective": selective} if selective is not None else {})}
     free: list[list[tuple]] = [[] for _ in range(n)]
-    after_stored: list[list[tuple]] = [[] for _ in range(n)]
+    after: dict[str, list[list[tuple]]] = {kind: [[] for _ in range(n)] for kind in kinds}
     free[0].append((0, 0, None, 0, "recomputed"))
     best = None  # (label, whether the last segment runs selectively)
     for l in range(n):
-        for labels, may_store in ((free[l], True), (after_stored[l], False)):
+        for before, labels in [(None, free[l]), *((kind, after[kind][l]) for kind in kinds)]:
             front = _pareto(labels)
             if not front:
                 continue
-            for kind, kind_terms in kinds if may_store else ():
-                if kind == "selective" and not selective_last:
+            for kind, kind_terms in kinds.items():
+                if kind == before:
                     continue
-                last = kind_terms.last_segment(l)
-                fits = [lab for lab in front if lab[0] + last <= limit]
-                if fits:
-                    top = min(fits, key=lambda x: x[1])
-                    if best is None or top[1] < best[0][1]:
-                        best = (top, kind == "selective")
+                handed = _handed_over(kinds[before] if before else None, kind_terms, l)
+                if kind != "selective" or selective_last:
+                    last = handed + kind_terms.last_segment(l)
+                    fits = [lab for lab in front if lab[0] + last <= limit]
+                    if fits:
+                        top = min(fits, key=lambda x: x[1])
+                        if best is None or top[1] < best[0][1]:
+                            best = (top, kind == "selective")
+                for r in range(l + 1, n - 1):  # (a last segment of the loss alone would follow)
+                    cost, keeps = kind_terms.stored_segment(l, r)
+                    for label in front:  # kept bytes ascending: the feasible ones come first
+                        if label[0] + handed + cost > limit:
+                            break
+                        after[kind][r].append((label[0] + handed + keeps, label[1], label, r, kind))
             recompute, _ = terms.row(l)
             a_l = int(terms.a_in[l])
             for r in range(l + 1, n):
                 cost = int(recompute[r - l - 1])
-                for label in front:  # kept bytes ascending: the feasible ones come first
+                for label in front:
                     if label[0] + cost > limit:
                         break
                     free[r].append((label[0] + a_l, label[1] + flops[r] - flops[l], label, r, "recomputed"))
-                for kind, kind_terms in kinds if may_store else ():
-                    cost, keeps = kind_terms.stored_segment(l, r)
-                    for label in front:
-                        if label[0] + cost > limit:
-                            break
-                        after_stored[r].append((label[0] + keeps, label[1], label, r, kind))
     if best is None:
         return None
     label, last_selective = best
