@@ -260,7 +260,8 @@ def _profile(
             # A stage measured once for several places hands the next stage stand-in values;
             # untraced code may branch on values, so then every stage runs on the real ones.
             keys = None if captured.opaque else keys
-            return (*profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common), frozenset())
+            chain, groups = profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common)
+            return chain, groups, frozenset()
         selective, group_keys, reads = _stage_specs(fake_host, specs, keys, selective_groups, captured, True)
         plain, _, _ = _stage_specs(fake_host, specs, keys, selective_groups, captured, False)
         keys = None if captured.opaque else group_keys
@@ -292,8 +293,8 @@ def _stage_specs(
     for group in groups:
         modules = captured.submodules(group[0], group[-1] + 1, host)
         trainable = list({id(p): p for i in group for p in specs[i][2]}.values())
-        run = functools.partial(run, group=group, modules=modules)
-        grouped.append((" + ".join(specs[i][0] for i in group), run, trainable))
+        stage = functools.partial(run, group=group, modules=modules)
+        grouped.append((" + ".join(specs[i][0] for i in group), stage, trainable))
     group_keys = ["|".join(keys[i] for i in group) for group in groups]
     group_of = {index: k for k, group in enumerate(groups) for index in group}
     reads = [tuple(group_of[q] for q in captured.reads[group[0]]) for group in groups]
@@ -780,7 +781,9 @@ def optimize(
                 "call remat.optimize without plan= to make a new one"
             )
         single = plan.offload or plan.inner or plan.stored or plan.selective
-        captured, _, groups, _ = _capture_and_profile(model, inputs, loss_fn or default_loss, profile, carried=not single)
+        captured, _, groups, _ = _capture_and_profile(
+            model, inputs, loss_fn or default_loss, profile, carried=not single
+        )
         return _module(model, captured, groups, plan)
     profiled, chosen = _profile_and_solve(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
     return profiled.module(chosen)

@@ -768,17 +768,15 @@ def profile_selectively(
 
             return noted
 
-        specs = [
-            (name, noting(run, index), params)
-            for index, (name, run, params) in enumerate(plain[index] if index in plainly else spec for index, spec in enumerate(selective))
-        ]
+        chosen = [plain[index] if index in plainly else spec for index, spec in enumerate(selective)]
+        specs = [(name, noting(run, index), params) for index, (name, run, params) in enumerate(chosen)]
         try:
             chain, groups = profile_stages(specs, first_input, loss_fn, keys=keys, **kwargs)
         except RuntimeError:
             failed = started[-1] if started else None
-            if failed is None or failed in plainly or failed >= len(selective):
+            if failed is None or failed in plainly:
                 raise
-            same = [k for k in range(len(selective)) if keys is not None and keys[k] is not None and keys[k] == keys[failed]]
+            same = [k for k, key in enumerate(keys or ()) if key is not None and key == keys[failed]]
             plainly.update([failed, *same])
             continue
         return chain, groups, frozenset(plainly)

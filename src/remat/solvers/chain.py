@@ -398,9 +398,10 @@ class ChainSolution:
     ``checkpoints`` cut the chain into segments; every segment but the last is
     recomputed in backward, except those whose start (``0`` or a checkpoint)
     is in ``stored``: they run normally, keeping what their backward needs
-    (only plans from ``min_recompute(..., store=True)`` have any). An executor
-    wraps each recomputed segment in a checkpoint and runs the others as they
-    are.
+    (only plans from ``min_recompute(..., store=True)`` have any; a stored
+    segment followed by another kept one, stored or the last, runs the other
+    way, plainly or selectively). An executor wraps each recomputed segment
+    in a checkpoint and runs the others as they are.
 
     ``selective`` names the starts of segments, stored ones or the last,
     whose stages run selectively (each its own selective checkpoint, see
@@ -739,7 +740,9 @@ def segment_stages(n: int, checkpoints: Sequence[int], starts: Sequence[int]) ->
     return tuple(i for l, r in zip(bounds[:-1], bounds[1:]) if l in chosen for i in range(l + 1, r + 1) if i < n)
 
 
-def _validate_selective(chain: Chain, checkpoints: tuple[int, ...], stored: frozenset[int], selective: Sequence[int]) -> frozenset[int]:
+def _validate_selective(
+    chain: Chain, checkpoints: tuple[int, ...], stored: frozenset[int], selective: Sequence[int]
+) -> frozenset[int]:
     """Selective segments are stored ones or the last, on a chain with selective costs."""
     chosen = frozenset(int(l) for l in selective)
     if not chosen:
