@@ -260,6 +260,7 @@ def test_selective_segments_peak_of_equals_measured(name):
     prof = selective_profile(name)
     plans = [plan for plan in plans_with_selective(prof.chain.n) if plan[2]]
     plain = step_grads(net, (x,))
+
     def module(cps, stored, selective, net=net):
         stages = [i for i in segment_stages(prof.chain.n, cps, selective) if i not in prof.plainly]
         return CheckpointedSequential(list(net), cps, prof.groups, stored=stored, selective=stages)

@@ -58,11 +58,11 @@ def nested_starts(groups: Sequence[Sequence[int]], inner: Sequence) -> dict[tupl
 
 
 def stored_starts(groups: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
-    """Starts of stored (or selective) segments (chain boundaries, see ``ChainSolution.stored``) as parts."""
+    """Starts of stored segments (chain boundaries, see ``ChainSolution.stored``) as parts."""
     return frozenset(_part(groups, c) for c in stored)
 
 
-def stage_ranges(stage_starts: Sequence[int], start: int, stop: int) -> list[tuple[int, int]]:
+def _stage_ranges(stage_starts: Sequence[int], start: int, stop: int) -> list[tuple[int, int]]:
     """The parts ``[a, b)`` of each chain stage between parts ``start`` and ``stop`` (stage bounds)."""
     bounds = [start, *sorted(s for s in stage_starts if start < s < stop), stop]
     return list(zip(bounds[:-1], bounds[1:]))
@@ -365,7 +365,7 @@ class CheckpointedSequential(nn.Module):
         _check_selective([*self.boundaries, len(stages)], self.stored, self.selective)
 
     def _run(self, start: int, stop: int, x):
-        for a, b in stage_ranges(self.stage_starts, start, stop):
+        for a, b in _stage_ranges(self.stage_starts, start, stop):
             if a in self.selective:
                 x = run_selective(self._run_plainly, [self._modules[str(i)] for i in range(a, b)], a, b, x)
             else:
@@ -479,7 +479,7 @@ class RematModule(nn.Module):
         if not any(start <= s < stop for s in self.selective):
             return self._run_on(start, stop, kept, inputs)
         captured = self._captured
-        for a, b in stage_ranges(self.stage_starts, start, stop):
+        for a, b in _stage_ranges(self.stage_starts, start, stop):
             if a in self.selective:
                 outside = captured.outside_reads(a, b)
                 args = (a, b, outside, *(kept[q] for q in outside), *inputs)
