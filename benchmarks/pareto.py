@@ -39,7 +39,7 @@ def front_table(front: list[remat.Plan]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for index, plan in enumerate(front):
-        first = "store everything" if not (plan.checkpoints or plan.selective) else "no recompute"
+        first = "store everything" if plan.stores_everything else "no recompute"
         name = first if index == 0 else "least peak" if index == len(front) - 1 else ""
         peak = plan.predicted_peak_bytes / 2**30
         lines.append(

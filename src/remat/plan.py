@@ -85,6 +85,11 @@ class Plan:
     selective: tuple[int, ...] = ()
 
     @property
+    def stores_everything(self) -> bool:
+        """The model runs as it is: nothing recomputed, no stage run selectively."""
+        return not (self.checkpoints or self.selective)
+
+    @property
     def checkpoint_names(self) -> tuple[str, ...]:
         """Readable names of the kept activations: the stage that produces each."""
         return tuple(self.stage_names[i - 1] for i in self.checkpoints)

@@ -85,7 +85,7 @@ def pareto_front(plans: Sequence[Plan], path: str | Path, title: str = "") -> Pa
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ax.plot(x, y, color=_COLORS[1], linewidth=1.4, marker="o", markersize=5,
             label=f"least recompute for each peak ({len(plans)} plans)")
-    first = "store everything" if not (plans[0].checkpoints or plans[0].selective) else "no recompute"
+    first = "store everything" if plans[0].stores_everything else "no recompute"
     ends = [(0, first, _COLORS[0], (8, 6), "left"),
             (len(plans) - 1, "least peak", _COLORS[2], (6, -20), "right")]
     for index, name, color, offset, align in ends[: 1 if len(plans) == 1 else 2]:

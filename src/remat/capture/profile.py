@@ -49,8 +49,8 @@ class StageCost:
     # PASSED_ON: the stage's output gradient itself, handed on.
     input_grads: tuple[tuple[int, int] | None, ...] = ()
     # What stays from the stage's backward until the caller lets its outputs go,
-    # after the step: what it saved for outputs the loss ignores (their backward
-    # never runs), and the inputs a checkpoint around it keeps with its outputs.
+    # after the step: what it made for outputs the loss ignores (their backward
+    # never runs), and whatever the graphs of the outputs the caller holds keep.
     stranded: int = 0
     # Dense bytes of the gradients of its outputs (what adding two of them makes).
     output_grad_bytes: int = 0
@@ -262,9 +262,9 @@ def _profile_stage(
         del added_into
         grads = [torch.ones_like(t) for t in seeds]  # made now, not counted in the backward
         # Only the graph holds the stage inputs from here on: those that only the
-        # ignored outputs' graphs save stay alive after the backward, and so do those
-        # a checkpoint around the stage keeps while the caller holds its outputs (the
-        # caller's own inputs, which need no grad, stay anyway).
+        # ignored outputs' graphs save stay alive after the backward, and so does
+        # whatever the graphs of outputs the caller holds keep (the caller's own
+        # inputs, which need no grad, stay anyway).
         callers = _storage_ids(leaves)
         strands = bool(ignored) or outputs_held
         inputs_left = {

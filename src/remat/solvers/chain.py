@@ -876,7 +876,7 @@ def _cost(
         raise ValueError("selective segments are planned without offload")
     terms = terms or _Terms(chain)
     if chosen and selective_terms is None:
-        selective_terms = _Terms(chain.selective_view())
+        selective_terms = _selective_terms(chain)
     of = lambda l: selective_terms if l in chosen else terms  # noqa: E731
     flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)])
     segments = _segments(chain.n, cps)[:-1]
@@ -964,11 +964,13 @@ def min_peak(
             phase, which holds the gradients too).
     """
     if store:
-        best = min_recompute(chain, min_peak(chain, method).peak_bytes, store=True)
+        _check_store(chain, offload)
+        terms, selective = _Terms(chain), _selective_terms(chain)
+        best = _stored_plan(chain, min_peak(chain, method).peak_bytes, terms, selective)
         low = chain.base_bytes  # nothing fits below what lives all step
         while low < best.peak_bytes:
             middle = (low + best.peak_bytes) // 2
-            found = min_recompute(chain, middle, store=True)
+            found = _stored_plan(chain, middle, terms, selective)
             if found is None:
                 low = middle + 1
             else:
@@ -1035,15 +1037,22 @@ def min_recompute(
         feasible, method = _prefix_feasible_offloaded, "offload_dp"
     if store:
         _check_store(chain, offload)
-        selective = _Terms(chain.selective_view()) if chain.has_selective else None
-        plan = _plan_with_stored(
-            terms, chain.fwd_flops, budget_bytes - chain.base_bytes, selective, chain.selective_last
-        )
-        if plan is None:
-            return None
-        return _solution(chain, plan[0], "store", terms, stored=plan[1], selective=plan[2], selective_terms=selective)
+        return _stored_plan(chain, budget_bytes, terms, _selective_terms(chain))
     cps = _plan_within(terms, budget_bytes - chain.base_bytes, feasible)
     return None if cps is None else _solution(chain, cps, method, terms, offload)
+
+
+def _selective_terms(chain: Chain) -> _Terms | None:
+    """The terms of the chain run selectively, if it has selective costs."""
+    return _Terms(chain.selective_view()) if chain.has_selective else None
+
+
+def _stored_plan(chain: Chain, budget_bytes: int, terms: _Terms, selective: _Terms | None) -> ChainSolution | None:
+    """``min_recompute(..., store=True)`` on terms built once (the least-peak bisection asks many budgets)."""
+    plan = _plan_with_stored(terms, chain.fwd_flops, budget_bytes - chain.base_bytes, selective, chain.selective_last)
+    if plan is None:
+        return None
+    return _solution(chain, plan[0], "store", terms, stored=plan[1], selective=plan[2], selective_terms=selective)
 
 
 def _plan_with_stored(
