@@ -11,6 +11,8 @@ FLOPs of
 * ``remat+nested``: :func:`remat.solvers.nested.min_recompute_nested`
   (recomputes may keep checkpoints of their own and recompute parts again;
   a grid of 4,000 steps up to the budget),
+* ``remat values`` (chains only): :func:`remat.solvers.values.min_recompute_values`
+  (single values dropped and remade, nested; not yet run by remat's executor),
 
 with the optimum of the integer program of :mod:`remat.solvers.ilp` (any
 schedule of the op-level model: values dropped and recomputed one by one, any
@@ -19,12 +21,14 @@ number of times) at the same budget. Every plan is run through
 
 Run: ``make bench-gap`` (or ``.venv/bin/python benchmarks/optimality_gap.py``).
 Writes ``benchmarks/results/optimality_gap.md``. Needs ``highspy`` (extra
-``ilp``). About an hour on 2 cores (the integer programs of the larger graphs run to their time limit).
+``ilp``). About an hour with ``--jobs 2`` on 2 cores (the integer programs of
+the larger graphs run to their time limit).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ from remat.solvers.chain import min_recompute, pareto_front
 from remat.solvers.ilp import min_recompute_ilp
 from remat.solvers.nested import min_recompute_nested
 from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
+from remat.solvers.values import least_recompute_front
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optimality_gap.md"
 
@@ -51,9 +56,20 @@ def budgets(front) -> list[tuple[str, int]]:
     return out
 
 
-def run_case(kind: str, graph: OpGraph, time_limit_s: float) -> list[dict]:
+def graph_of(kind: str, seed: int) -> OpGraph:
+    n = 10 + seed  # 10..39 ops
+    return OpGraph.random_chain(n, seed) if kind == "chain" else OpGraph.random_dag(n, seed)
+
+
+def run_case(kind: str, seed: int, time_limit_s: float) -> list[dict]:
+    graph = graph_of(kind, seed)
     chain = to_chain(graph)
     forward = sum(graph.flops)
+    values_front, values_seconds = None, None
+    if kind == "chain":
+        start = time.perf_counter()
+        values_front = least_recompute_front(graph)
+        values_seconds = time.perf_counter() - start
     rows = []
     for where, budget in budgets(pareto_front(chain, store=True)):
         plain = min_recompute(chain, budget)
@@ -64,16 +80,26 @@ def run_case(kind: str, graph: OpGraph, time_limit_s: float) -> list[dict]:
             if plan is not None:
                 cost = simulate(graph, chain_schedule(graph, plan.checkpoints, plan.stored, plan.inner))
                 assert cost.peak_bytes <= budget and cost.recompute_flops == plan.recompute_flops
+        values = None
+        if values_front is not None:
+            fitting = [p for p in values_front if p.peak_bytes <= budget]
+            values = min(p.recompute_flops for p in fitting) if fitting else None
         assert exact.peak_bytes is None or exact.peak_bytes <= budget
+        found = [x.recompute_flops for x in (plain, store, nested) if x is not None]
         rows.append(dict(
             kind=kind, ops=graph.n, stages=chain.n, where=where, budget=budget, forward=forward,
             plain=None if plain is None else plain.recompute_flops,
             store=store.recompute_flops, nested=None if nested is None else nested.recompute_flops,
-            best=min(x.recompute_flops for x in (plain, store, nested) if x is not None),
+            values=values, values_seconds=values_seconds,
+            best=min(found + ([values] if values is not None else [])),
             ilp=exact.recompute_flops, bound=exact.bound_flops,
             status=exact.status, seconds=exact.seconds,
         ))
     return rows
+
+
+def _run_case(args: tuple[str, int, float]) -> list[dict]:
+    return run_case(*args)
 
 
 def gap(remat: int | None, row: dict) -> float | None:
@@ -95,13 +121,19 @@ def summary(rows: list[dict], kind: str) -> list[str]:
              f"{len(rows)} solved to optimality (gaps below are over those)", ""]
     lines.append("| solver | max gap (% fwd) | mean gap (% fwd) | budgets equal to the ILP | max gap where ILP > 0 (x ILP) |")
     lines.append("|---|---|---|---|---|")
-    for name in ("plain", "store", "nested", "best"):
+    names = ["plain", "store", "nested"] + (["values"] if kind == "chain" else []) + ["best"]
+    for name in names:
         gaps = [gap(r[name], r) for r in rows if gap(r[name], r) is not None]
         equal = sum(1 for r in rows if r[name] is not None and r[name] == r["ilp"])
         ratios = [r[name] / r["ilp"] - 1 for r in rows if r[name] is not None and r["ilp"]]
-        label = {"plain": "remat", "store": "remat+store", "nested": "remat+nested", "best": "best of the three"}[name]
+        label = {"plain": "remat", "store": "remat+store", "nested": "remat+nested", "values": "remat values",
+                 "best": f"best of the {len(names) - 1}"}[name]
         lines.append(f"| {label} | {fmt(max(gaps, default=None))} | {fmt(statistics.mean(gaps) if gaps else None)} "
                      f"| {equal} of {len(rows)} | {fmt(100 * max(ratios, default=0), 0)}% |")
+    if kind == "chain":
+        solve_times = {r["ops"]: r["values_seconds"] for r in every}
+        lines += ["", f"remat values: whole front per graph in max {max(solve_times.values()):.1f} s, "
+                  f"mean {statistics.mean(solve_times.values()):.1f} s"]
     seconds = [r["seconds"] for r in every]
     statuses = {s: sum(1 for r in every if r["status"] == s) for s in ("optimal", "time_limit", "infeasible")}
     lines += ["", f"ILP solve time: max {max(seconds):.1f} s, mean {statistics.mean(seconds):.1f} s; "
@@ -113,17 +145,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=30, help="graphs of each kind (default 30)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per ILP solve (default 60)")
+    parser.add_argument("--jobs", type=int, default=1, help="cases solved at once, one per core (default 1)")
     args = parser.parse_args()
     start = time.perf_counter()
+    cases = [(kind, seed, args.time_limit) for seed in range(args.cases) for kind in ("chain", "dag")]
     rows = []
-    for seed in range(args.cases):
-        n = 10 + seed  # 10..39 ops
-        for kind, graph in (("chain", OpGraph.random_chain(n, seed)), ("dag", OpGraph.random_dag(n, seed))):
-            rows += run_case(kind, graph, args.time_limit)
+    with multiprocessing.Pool(args.jobs) as pool:
+        for (kind, seed, _), case_rows in zip(cases, pool.imap(_run_case, cases)):
+            rows += case_rows
             print(f"{kind} seed {seed}: done ({time.perf_counter() - start:.0f} s)", flush=True)
     command = "python benchmarks/optimality_gap.py" + (
         f" --cases {args.cases}" if args.cases != 30 else "") + (
-        f" --time-limit {args.time_limit:g}" if args.time_limit != 60 else "")
+        f" --time-limit {args.time_limit:g}" if args.time_limit != 60 else "") + (
+        f" --jobs {args.jobs}" if args.jobs != 1 else "")
     lines = [
         *results_header("Optimality gap of remat's chain solvers against an exact ILP", command, "bench-gap"),
         "",
@@ -142,17 +176,19 @@ def main() -> None:
         "",
         "## Every case",
         "",
-        "| kind | ops | stages | budget | budget (KiB) | remat | remat+store | remat+nested | ILP | ILP status "
-        "| ILP s | gap remat (% fwd) | gap remat+store (% fwd) | gap remat+nested (% fwd) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | ops | stages | budget | budget (KiB) | remat | remat+store | remat+nested | remat values | ILP "
+        "| ILP status | ILP s | gap remat (% fwd) | gap remat+store (% fwd) | gap remat+nested (% fwd) "
+        "| gap remat values (% fwd) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['kind']} | {r['ops']} | {r['stages']} | {r['where']} | {r['budget'] / 1024:.0f} "
-            f"| {fmt(r['plain'], 0) if r['plain'] is not None else '-'} "
-            f"| {r['store']} | {fmt(r['nested'], 0) if r['nested'] is not None else '-'} "
+            f"| {fmt(r['plain'], 0)} "
+            f"| {r['store']} | {fmt(r['nested'], 0)} | {fmt(r['values'], 0)} "
             f"| {r['ilp'] if r['ilp'] is not None else '-'} | {r['status']} | {r['seconds']:.1f} "
-            f"| {fmt(gap(r['plain'], r))} | {fmt(gap(r['store'], r))} | {fmt(gap(r['nested'], r))} |"
+            f"| {fmt(gap(r['plain'], r))} | {fmt(gap(r['store'], r))} | {fmt(gap(r['nested'], r))} "
+            f"| {fmt(gap(r['values'], r))} |"
         )
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[: lines.index("## Every case")]))

@@ -52,7 +52,7 @@ from typing import Literal
 
 import numpy as np
 
-from remat.solvers.opgraph import OpGraph, Schedule, Step, simulate
+from remat.solvers.opgraph import OpGraph, Schedule, Step, gradient_profile, simulate
 
 __all__ = ["IlpResult", "min_recompute_ilp"]
 
@@ -149,7 +149,7 @@ def min_recompute_ilp(graph: OpGraph, budget_bytes: int, time_limit_s: float = 6
             readers[u].append(v)
     stages = 2 * n
     backward_op = [None] * n + [n - 1 - k for k in range(n)]
-    grads_before, grads_step = _gradient_profile(graph)
+    grads_before, grads_step = gradient_profile(graph)
 
     m = _Model()
     R: dict[tuple[int, int], int] = {}
@@ -231,21 +231,6 @@ def _frees(m: _Model, graph: OpGraph, readers, R, S, t: int, k: int | None, b: i
             m.row({f: 1.0, S[t + 1, i]: 1.0}, upper=1.0)
         frees.append((f, graph.out_bytes[i]))
     return frees
-
-
-def _gradient_profile(graph: OpGraph) -> tuple[list[int], list[int]]:
-    """Per stage: gradient bytes live before its backward op, and what that op allocates."""
-    n = graph.n
-    last = graph.last_consumer
-    before, step = [0] * (2 * n), [0] * (2 * n)
-    params_done = 0
-    for k in range(n):
-        b = n - 1 - k
-        buffers = sum(graph.grad_bytes[u] for u in range(b + 1) if u != n - 1 and last[u] > b)
-        before[n + k] = graph.grad_bytes[n - 1] + params_done + buffers
-        step[n + k] = graph.param_grad_bytes[b] + sum(graph.grad_bytes[u] for u in graph.inputs[b] if last[u] == b)
-        params_done += graph.param_grad_bytes[b]
-    return before, step
 
 
 def _result(graph: OpGraph, h, R, S, backward_op) -> IlpResult:

@@ -65,7 +65,7 @@ import numpy as np
 
 from remat.solvers.chain import Chain
 
-__all__ = ["OpGraph", "Step", "Schedule", "Cost", "simulate", "linear_cuts", "to_chain", "chain_schedule"]
+__all__ = ["OpGraph", "Step", "Schedule", "Cost", "simulate", "gradient_profile", "linear_cuts", "to_chain", "chain_schedule"]
 
 KiB = 1024
 
@@ -289,6 +289,25 @@ def simulate(graph: OpGraph, schedule: Schedule) -> Cost:
     return Cost(peak, flops - sum(graph.flops))
 
 
+def gradient_profile(graph: OpGraph) -> tuple[list[int], list[int]]:
+    """Gradient bytes live before each backward op, and what that op allocates.
+
+    Indexed like the stages of :mod:`remat.solvers.ilp`: entry ``n + k`` is for
+    ``B_{n-1-k}`` (the loss's gradient included), entries below ``n`` are 0.
+    """
+    n = graph.n
+    last = graph.last_consumer
+    before, step = [0] * (2 * n), [0] * (2 * n)
+    params_done = 0
+    for k in range(n):
+        b = n - 1 - k
+        buffers = sum(graph.grad_bytes[u] for u in range(b + 1) if u != n - 1 and last[u] > b)
+        before[n + k] = graph.grad_bytes[n - 1] + params_done + buffers
+        step[n + k] = graph.param_grad_bytes[b] + sum(graph.grad_bytes[u] for u in graph.inputs[b] if last[u] == b)
+        params_done += graph.param_grad_bytes[b]
+    return before, step
+
+
 # -- reduction to a chain -------------------------------------------------------
 
 
@@ -427,12 +446,23 @@ def chain_schedule(
             run_segments([l, *nested.get((l, r), ()), r])
         refs.append(saved.get(v, []) + hold.get(v, []))
         steps.append((v, True))
-    last_ref = [0] * len(op_of)
-    for index, instances in enumerate(refs):
+    return release_after_last_use(graph, steps, refs, op_of)
+
+
+def release_after_last_use(
+    graph: OpGraph, steps: Sequence[tuple[int, bool]], uses: Sequence[Sequence[int]], op_of: Sequence[int]
+) -> Schedule:
+    """The schedule of ``steps`` (op, backward) that releases each value instance after its last use.
+
+    ``uses[i]`` are the instances step ``i`` reads, makes or holds on to;
+    instance ``k`` is a value of op ``op_of[k]``. The loss is never released.
+    """
+    last_use = [0] * len(op_of)
+    for index, instances in enumerate(uses):
         for k in instances:
-            last_ref[k] = index
+            last_use[k] = index
     free: list[list[int]] = [[] for _ in steps]
-    for k, index in enumerate(last_ref):
+    for k, index in enumerate(last_use):
         if op_of[k] != graph.n - 1:
             free[index].append(op_of[k])
-    return Schedule(tuple(Step(v, bw, tuple(f)) for (v, bw), f in zip(steps, free)))
+    return Schedule(tuple(Step(v, backward, tuple(f)) for (v, backward), f in zip(steps, free)))

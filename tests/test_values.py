@@ -1,0 +1,97 @@
+"""The value-level chain program (remat.solvers.values) against the simulator, remat's chain solvers and the ILP."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_ilp import KiB, three_op_chain
+
+from remat.solvers.chain import min_recompute, pareto_front
+from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
+from remat.solvers.values import MAX_OPS, least_recompute_front, min_recompute_values
+
+
+def front_budgets(graph: OpGraph) -> list[int]:
+    """Peaks along remat's own front: store all, the middle, its least peak."""
+    front = pareto_front(to_chain(graph), store=True)
+    return sorted({front[i].peak_bytes for i in (0, len(front) // 2, len(front) - 1)})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_front_is_what_simulate_measures_and_strictly_trades_memory_for_flops(seed):
+    graph = OpGraph.random_chain(6 + seed, seed)
+    front = least_recompute_front(graph)
+    for plan in front:
+        cost = simulate(graph, plan.schedule)
+        assert (cost.peak_bytes, cost.recompute_flops) == (plan.peak_bytes, plan.recompute_flops)
+    assert front[0].recompute_flops == 0
+    assert front[0].peak_bytes <= simulate(graph, chain_schedule(graph, ())).peak_bytes
+    for before, after in zip(front, front[1:]):
+        assert after.peak_bytes < before.peak_bytes and after.recompute_flops > before.recompute_flops
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_never_worse_than_the_chain_solvers_and_never_over_budget(seed):
+    graph = OpGraph.random_chain(8 + seed, seed)
+    chain = to_chain(graph)
+    for budget in front_budgets(graph):
+        plan = min_recompute_values(graph, budget)
+        assert plan.peak_bytes <= budget
+        assert plan.recompute_flops <= min_recompute(chain, budget, store=True).recompute_flops
+    least = least_recompute_front(graph)[-1]
+    assert min_recompute_values(graph, least.peak_bytes - 1) is None
+
+
+def test_the_hand_made_recompute():
+    # test_ilp's three-op chain: at 19 KiB + 8 B, drop x0 and remake it for B1 (10 FLOPs).
+    graph = three_op_chain()
+    plan = min_recompute_values(graph, 19 * KiB + 8)
+    assert (plan.peak_bytes, plan.recompute_flops) == (19 * KiB + 8, 10)
+    assert min_recompute_values(graph, 19 * KiB + 7) is None
+
+
+def test_drops_a_value_the_next_op_saves_and_remakes_it_alone():
+    # Op 3 saves its input x2 (48 KiB). remat's segments keep x2 with op 3 or recompute
+    # ops 0..2 (696,320 FLOPs); remaking x2 from x1 just before B3 costs op 2 alone.
+    graph = OpGraph.random_chain(11, seed=1)
+    budget = front_budgets(graph)[1]
+    assert min_recompute(to_chain(graph), budget, store=True).recompute_flops == 696_320
+    plan = min_recompute_values(graph, budget)
+    assert plan.recompute_flops == graph.flops[2] == 294_912
+    remade = [step.op for step in plan.schedule.steps[graph.n:] if not step.backward]
+    assert remade == [2]
+
+
+def test_rejects_graphs_it_cannot_plan():
+    with pytest.raises(ValueError, match="op chains only"):
+        least_recompute_front(OpGraph.random_dag(12, seed=1))
+    with pytest.raises(ValueError, match=f"up to {MAX_OPS} ops"):
+        least_recompute_front(OpGraph.random_chain(MAX_OPS + 1, seed=0))
+
+
+highspy = pytest.importorskip("highspy")
+from remat.solvers.ilp import min_recompute_ilp  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_the_ilp_optimum(seed):
+    graph = OpGraph.random_chain(10 + seed, seed)
+    front = least_recompute_front(graph)
+    for budget in front_budgets(graph):
+        exact = min_recompute_ilp(graph, budget, time_limit_s=60)
+        assert exact.status == "optimal"
+        assert min(p.recompute_flops for p in front if p.peak_bytes <= budget) == exact.recompute_flops
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("seed", range(6, 20))
+def test_equals_the_ilp_optimum_up_to_30_ops(seed):
+    """Chains of 16..29 ops (a few minutes; the ILP's time limit may leave it unproven, then it only bounds)."""
+    graph = OpGraph.random_chain(10 + seed, seed)
+    front = least_recompute_front(graph)
+    for budget in front_budgets(graph):
+        exact = min_recompute_ilp(graph, budget, time_limit_s=60)
+        ours = min(p.recompute_flops for p in front if p.peak_bytes <= budget)
+        assert exact.bound_flops <= ours
+        if exact.status == "optimal":
+            assert ours == exact.recompute_flops
