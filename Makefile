@@ -46,10 +46,11 @@ bench-compare: $(STAMP)
 bench-compile: $(STAMP)
 	$(PY) benchmarks/compile_budget.py
 
-# remat's chain solvers against the exact integer program (HiGHS) on random op chains and DAGs
-# of at most 40 ops: writes benchmarks/results/optimality_gap.md
+# remat's chain solvers and value-level chain program against the exact integer program (HiGHS)
+# on random op chains and DAGs of at most 40 ops (about an hour on 2 cores): writes
+# benchmarks/results/optimality_gap.md
 bench-gap: $(STAMP)
-	$(PY) benchmarks/optimality_gap.py
+	$(PY) benchmarks/optimality_gap.py --jobs 2
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -166,6 +166,8 @@ def main() -> None:
         "(the first that recomputes, the middle one, the least peak). Gap: remat's recompute minus the",
         "ILP optimum, in % of one forward pass's FLOPs (the ILP's schedules may drop and recompute single",
         "values, several times: see `remat/solvers/ilp.py`). `-` in remat: no plan of that family fits.",
+        "`remat values` (`remat/solvers/values.py`, chains only) plans such value-level schedules too;",
+        "remat's executor does not run them yet.",
         f"Total time {time.perf_counter() - start:.0f} s.",
         "",
         "## Summary",

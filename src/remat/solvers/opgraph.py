@@ -65,7 +65,10 @@ import numpy as np
 
 from remat.solvers.chain import Chain
 
-__all__ = ["OpGraph", "Step", "Schedule", "Cost", "simulate", "gradient_profile", "linear_cuts", "to_chain", "chain_schedule"]
+__all__ = [
+    "OpGraph", "Step", "Schedule", "Cost", "simulate", "gradient_profile", "release_after_last_use",
+    "linear_cuts", "to_chain", "chain_schedule",
+]
 
 KiB = 1024
 

@@ -67,7 +67,7 @@ from remat.solvers.opgraph import OpGraph, Schedule, gradient_profile, release_a
 
 __all__ = ["MAX_OPS", "ValuePlan", "least_recompute_front", "min_recompute_values"]
 
-MAX_OPS = 60  # beyond this the O(n^5) program runs for many minutes
+MAX_OPS = 50  # beyond this the O(n^5) program runs for many minutes
 
 # A Pareto point: (bytes needed beyond what the callers hold, FLOPs of all
 # forward runs, the actions as a tree of nested tuples of ("F" | "B", op)).
@@ -103,7 +103,10 @@ def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
 def min_recompute_values(graph: OpGraph, budget_bytes: int) -> ValuePlan | None:
     """The schedule of the op chain ``graph`` with the least recompute whose peak fits ``budget_bytes``.
 
-    ``None`` if none fits. Example:
+    ``None`` if none fits. This solves for every budget at once: for several
+    budgets, call :func:`least_recompute_front` once instead.
+
+    Example:
         >>> from remat.solvers.opgraph import OpGraph
         >>> graph = OpGraph.random_chain(8, seed=1)
         >>> min_recompute_values(graph, 1) is None
