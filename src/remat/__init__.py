@@ -10,6 +10,7 @@ from remat.capture.graph import TraceError
 from remat.execute import CheckpointedSequential, CheckpointOffload, RematModule
 from remat.measure import StepMeasurement, default_loss, measure_step, track_memory
 from remat.plan import Plan
+from remat.remake import remake_cheap
 
 __all__ = [
     "CheckpointOffload",
@@ -26,6 +27,7 @@ __all__ = [
     "pareto",
     "parse_bytes",
     "plan",
+    "remake_cheap",
     "track_memory",
 ]
 __version__ = "0.1.0"

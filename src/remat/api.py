@@ -326,6 +326,7 @@ def plan(
     offload: bool = False,
     costs: Costs = "flops",
     grad_accumulation: bool = False,
+    remake: bool = True,
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
 
@@ -362,6 +363,14 @@ def plan(
             the gradients are made during the backward (``zero_grad()``
             before each step), and the plan keeps more activations early in
             the backward, where few gradients exist yet.
+        remake: plans may also remake, in backward, the values autograd
+            keeps that operators without FLOPs made (normalisations,
+            activations, adds: :func:`remat.remake_cheap`), at no recompute
+            FLOPs (the remade operators still take time, and every operator
+            of the forward passes through a Python dispatch mode). Such a
+            plan is chosen when it has a lower peak, or recomputes fewer
+            FLOPs within the budget; its peak is a simulated step. Not with
+            ``offload`` or ``costs="profile"``.
 
     Example:
         >>> import torch, remat
@@ -370,7 +379,9 @@ def plan(
         >>> p.predicted_peak_bytes < p.baseline_peak_bytes
         True
     """
-    return _profile_and_solve(model, example_inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)[1]
+    return _profile_and_solve(
+        model, example_inputs, loss_fn, budget, profile, offload, costs, grad_accumulation, remake
+    )[1]
 
 
 @dataclasses.dataclass
@@ -510,9 +521,25 @@ class _Profiled:
             ),
         )
 
-    def solve(self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops") -> Plan:
+    def solve(
+        self, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops", remake: bool = True
+    ) -> Plan:
+        """The least-peak plan, or the least recompute within ``budget_bytes`` (see :func:`plan`)."""
         if costs not in ("flops", "profile"):
             raise ValueError(f"costs must be 'flops' or 'profile', got {costs!r}")
+        try:
+            chosen = self._solve_chain(budget_bytes, offload, costs)
+        except InfeasibleBudget:
+            chosen = None
+        if remake and not offload and costs == "flops":
+            chosen = self._remade(chosen, budget_bytes)
+        if chosen is None:
+            least = self.solve(None, offload, costs, remake)
+            raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
+        return chosen
+
+    def _solve_chain(self, budget_bytes: int | None, offload: bool, costs: Costs) -> Plan:
+        """The best plan of the chain cost model's families (no remade values)."""
         chain = self.planned(self.chain)
         if costs == "profile":
             # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
@@ -528,7 +555,7 @@ class _Profiled:
         if solution is None:
             # The nested least-peak plan may be below every plan the budget search's
             # grid (or the one-level family) reaches: it is the plan if it fits.
-            least = self.solve(None, offload, costs)
+            least = self._solve_chain(None, offload, costs)
             if least.predicted_peak_bytes > budget_bytes:
                 raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
             return dataclasses.replace(least, budget_bytes=budget_bytes)
@@ -542,6 +569,55 @@ class _Profiled:
                 solution, recompute_flops=recompute_flops_of(self.chain, solution.checkpoints, solution.stored)
             )
         return self.plan(solution, seconds, budget_bytes, offload, recompute_seconds)
+
+    def front(self) -> list[ChainSolution]:
+        """The chain's Pareto front of plans (peak descending, recompute ascending), with the stored
+        and selective segments of the chain cut at single tensors where that chain is small enough."""
+        front = pareto_front(self.chain)
+        if self.plain().chain.n <= MAX_NESTED_STAGES:
+            richer = pareto_front(self.plain().selective_chain(), store=True)
+            front = _lower_envelope(front + [s for s in richer if s.stored or s.selective], lambda s: s.peak_bytes)
+        return front
+
+    def remade(self, plan: Plan) -> Plan | None:
+        """``plan`` with cheap values remade in backward (:mod:`remat.remake`), its peak simulated;
+        None (with a warning) where the model does something remaking cannot follow."""
+        plan = dataclasses.replace(plan, remake=True)
+        try:
+            step = measure_step(
+                self.module(plan), self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
+            )
+        except RuntimeError as error:
+            warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
+            return None
+        return dataclasses.replace(plan, predicted_peak_bytes=step.peak_bytes)
+
+    def _remade(self, chosen: Plan | None, budget_bytes: int | None) -> Plan | None:
+        """``chosen``, or the same plan run with remade values if that lowers the least peak; within
+        a budget, the plan of the front with the least recompute that fits when run so, if it
+        recomputes less than ``chosen``. Each candidate is one simulated step; along the front
+        (recompute ascending) the remade peaks fall, so it is found by bisection."""
+        start = time.perf_counter()
+        if budget_bytes is None:  # the least-peak plan is there
+            best = self.remade(chosen)
+            if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
+                best = chosen
+        else:
+            cheaper = [s for s in self.front() if chosen is None or s.recompute_flops < chosen.recompute_flops]
+            best, low, high = chosen, 0, len(cheaper)  # the first fitting candidate is in [low, high)
+            while low < high:
+                middle = (low + high) // 2
+                candidate = self.remade(self.plan(cheaper[middle], 0.0, budget_bytes))
+                if candidate is not None and candidate.predicted_peak_bytes <= budget_bytes:
+                    best, high = candidate, middle
+                else:
+                    low = middle + 1
+        if best is None:
+            return None
+        # The simulated steps count as solve time, whichever plan won.
+        return dataclasses.replace(
+            best, solve_seconds=(chosen.solve_seconds if chosen else 0.0) + time.perf_counter() - start
+        )
 
     def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan on the chain cut only at single tensors that does
@@ -591,6 +667,7 @@ def _module(model: nn.Module, captured: Captured, groups: list[list[int]], plan:
         stored_starts(groups, plan.stored),
         frozenset(groups[i - 1][0] for i in plan.selective),
         tuple(group[0] for group in groups),
+        remake=plan.remake,
     )
 
 
@@ -627,6 +704,7 @@ def _profile_and_solve(
     offload: bool = False,
     costs: Costs = "flops",
     grad_accumulation: bool = False,
+    remake: bool = True,
 ) -> tuple[_Profiled, Plan]:
     """The model captured and profiled, and the plan solved on it."""
     budget_bytes = None if budget is None else parse_bytes(budget)
@@ -634,13 +712,15 @@ def _profile_and_solve(
     profiled = _Profiled.of(
         model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
     )
-    return profiled, profiled.solve(budget_bytes, offload, costs)
+    return profiled, profiled.solve(budget_bytes, offload, costs, remake)
 
 
 def pareto(
     model: nn.Module,
     example_inputs: Any,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    *,
+    remake: bool = True,
 ) -> list[Plan]:
     """Every plan worth having, from the lowest peak that recomputes nothing to the least peak.
 
@@ -648,7 +728,9 @@ def pareto(
     lower peak than the one before it (and recomputes more). Plans with
     stored or selective segments are among them (see :class:`Plan`): the
     first plan stores everything, or runs stages selectively where that
-    lowers the peak at no recompute FLOPs.
+    lowers the peak at no recompute FLOPs; with ``remake``, so are the
+    front's plans run with cheap values remade in backward (see :func:`plan`),
+    one simulated step each.
 
     Example:
         >>> import torch, remat
@@ -662,21 +744,21 @@ def pareto(
     """
     profiled = _Profiled.of(model, example_inputs, loss_fn)
     start = time.perf_counter()
-    front = pareto_front(profiled.chain)
-    if profiled.plain().chain.n <= MAX_NESTED_STAGES:
-        # Plans with stored or selective segments, on the chain cut at single tensors.
-        richer = pareto_front(profiled.plain().selective_chain(), store=True)
-        front = _lower_envelope(front + [s for s in richer if s.stored or s.selective])
+    front = profiled.front()
     seconds = (time.perf_counter() - start) / len(front)  # the whole front's solve time, shared out
-    return [profiled.plan(solution, seconds, None) for solution in front]
+    plans = [profiled.plan(solution, seconds, None) for solution in front]
+    if remake:
+        remade = [r for r in map(profiled.remade, plans) if r is not None]
+        plans = _lower_envelope(plans + remade, lambda p: p.predicted_peak_bytes)
+    return plans
 
 
-def _lower_envelope(solutions: list[ChainSolution]) -> list[ChainSolution]:
-    """The solutions no other beats on both peak and recompute, by peak descending."""
-    front: list[ChainSolution] = []
-    for solution in sorted(solutions, key=lambda s: (s.recompute_flops, s.peak_bytes)):
-        if not front or solution.peak_bytes < front[-1].peak_bytes:
-            front.append(solution)
+def _lower_envelope(items: list, peak: Callable[[Any], int]) -> list:
+    """The plans (or chain solutions) no other beats on both ``peak`` and recompute, by peak descending."""
+    front: list = []
+    for item in sorted(items, key=lambda x: (x.recompute_flops, peak(x))):
+        if not front or peak(item) < peak(front[-1]):
+            front.append(item)
     return front
 
 
@@ -747,6 +829,7 @@ def optimize(
     offload: bool = False,
     costs: Costs = "flops",
     grad_accumulation: bool = False,
+    remake: bool = True,
 ) -> RematModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -763,6 +846,7 @@ def optimize(
             :func:`plan` (with ``plan=``, the plan's own setting is used).
         costs: ``"flops"`` or ``"profile"`` (time the stages), as in :func:`plan`.
         grad_accumulation: plan for gradients that exist all step, as in :func:`plan`.
+        remake: plans may remake cheap values in backward, as in :func:`plan`.
 
     Example:
         >>> import torch, remat
@@ -785,6 +869,8 @@ def optimize(
             model, inputs, loss_fn or default_loss, profile, carried=not single
         )
         return _module(model, captured, groups, plan)
-    profiled, chosen = _profile_and_solve(model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation)
+    profiled, chosen = _profile_and_solve(
+        model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation, remake
+    )
     return profiled.module(chosen)
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import (
     set_checkpoint_early_stop,
 )
 from torch.utils.flop_counter import flop_registry
+from remat.remake import remake_cheap
 
 __all__ = [
     "CheckpointOffload",
@@ -421,6 +422,7 @@ class RematModule(nn.Module):
         stored: frozenset[int] = frozenset(),
         selective: frozenset[int] = frozenset(),
         stage_starts: Sequence[int] = (),
+        remake: bool = False,
     ):
         super().__init__()
         for name, child in model.named_children():
@@ -441,6 +443,7 @@ class RematModule(nn.Module):
         self.stored = stored  # starts of segments run normally (not recomputed)
         self.selective = selective  # pieces where the chain stages that run selectively start
         self.stage_starts = tuple(stage_starts)  # pieces where chain stages start
+        self.remake = remake  # autograd keeps recipes of cheap values (remat.remake.remake_cheap)
         _check_combination(self.nested, self.stored | self.selective, offload)
         _check_selective([0, *self.boundaries, len(captured.modules)], self.stored, self.selective)
         self.training = model.training  # not .train(): the children keep their own flags
@@ -539,7 +542,10 @@ class RematModule(nn.Module):
             )
         inputs = self._inputs(args, kwargs)
         bounds = [0, *self.boundaries, len(self._captured.modules)]
-        return self._outputs(self._run_segments(bounds, {}, inputs, self.offload))
+        # Compiled, the partitioner chooses what to save (and a dispatch mode would stop the compile).
+        remaking = remake_cheap() if self.remake and not torch.compiler.is_compiling() else contextlib.nullcontext()
+        with remaking:
+            return self._outputs(self._run_segments(bounds, {}, inputs, self.offload))
 
     def _outputs(self, out):
         """The graph's flat output in the model's output structure (``CodeGen.process_outputs``).
@@ -556,4 +562,5 @@ class RematModule(nn.Module):
         nested = f" (and {sum(map(len, self.nested.values()))} nested in recomputes)" if self.nested else ""
         stored = f" ({len(self.stored)} segments stored, not recomputed)" if self.stored else ""
         stored += f" ({len(self.selective)} stages selective)" if self.selective else ""
+        stored += " (cheap values remade in backward)" if self.remake else ""
         return f"keeps: {kept}{nested}{stored}" + (" (offloaded to host memory)" if self.offload is not None else "")

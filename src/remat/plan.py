@@ -54,6 +54,13 @@ class Plan:
             its input and what its matmuls, convolutions and attention made,
             and remakes the rest (normalisations, activations, dropout) when
             its backward starts, at no FLOPs (``remat.execute.run_selective``).
+        remake: the step runs under :func:`remat.remake.remake_cheap`:
+            autograd keeps, instead of each value it needs that an operator
+            without FLOPs made (normalisations, activations, adds), how to
+            make it again, and the backward remakes it when it is needed.
+            Such a plan's ``predicted_peak_bytes`` is a simulated step (fake
+            tensors, or the device with ``profile="device"``), not the chain
+            cost model's figure.
 
     Example:
         >>> import torch, remat
@@ -83,11 +90,12 @@ class Plan:
     grad_accumulation: bool = False
     stored: tuple[int, ...] = ()
     selective: tuple[int, ...] = ()
+    remake: bool = False
 
     @property
     def stores_everything(self) -> bool:
-        """The model runs as it is: nothing recomputed, no stage run selectively."""
-        return not (self.checkpoints or self.selective)
+        """The model runs as it is: nothing recomputed, no stage run selectively, nothing remade."""
+        return not (self.checkpoints or self.selective or self.remake)
 
     @property
     def checkpoint_names(self) -> tuple[str, ...]:
@@ -122,6 +130,7 @@ class Plan:
                 if self.selective
                 else []
             ),
+            *([["cheap values", "remade in backward (simulated peak)"]] if self.remake else []),
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             *(
                 [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]

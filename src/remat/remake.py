@@ -1,0 +1,366 @@
+"""Remake cheap values in the backward instead of keeping them: a per-tensor form of selective checkpointing.
+
+Autograd keeps every tensor a backward formula needs. Many of them are the
+outputs of operators that count no FLOPs (normalisations, activations, adds,
+concatenations, casts up, views) computed from values that are kept anyway,
+such as the outputs of convolutions and matmuls. :func:`remake_cheap` records,
+while the forward runs, how each such value was made; when autograd saves it,
+only that recipe is kept, and the value is made again the moment the backward
+unpacks it, then dropped with the backward node that used it.
+
+It is what PyTorch's min-cut partitioner does inside ``torch.compile``, done
+in eager mode, value by value: unlike selective checkpointing of a region
+(:func:`remat.execute.run_selective`), which remakes a whole region when its
+backward starts, nothing is remade before it is needed, and the values a
+region reads from outside need not be kept either.
+
+Rules (each one keeps gradients, buffers and random draws those of a plain run):
+
+* Outputs of operators that count FLOPs (``torch.utils.flop_counter``) are
+  kept, and so are the values recipes read that are not remade themselves.
+* Random operators (dropout) are remade with the generator state they drew
+  from in the forward, put back afterwards.
+* A value is remade only from values no larger than itself (an elementwise op,
+  a concatenation, a cast up), so a recipe never keeps alive more bytes than
+  the value it replaces; reductions, slices and casts down are kept.
+* A recipe is at most ``max_depth`` cheap operators deep, which bounds the
+  repeated work when a chain of recipes is unpacked several times.
+* In-place operators are recorded as their out-of-place forms; BatchNorm is
+  remade with momentum 0, so its running statistics do not move twice.
+  Before a tensor that recipes read changes in place, those recipes make
+  their values and hold them from then on.
+
+Example:
+    >>> import torch
+    >>> from remat.remake import remake_cheap
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    >>> x = torch.randn(4, 8)
+    >>> with remake_cheap():
+    ...     loss = net(x).sum()
+    >>> loss.backward()  # the ReLU's output is remade from the first Linear's when needed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakTensorKeyDictionary
+
+__all__ = ["remake_cheap", "DEFAULT_MAX_DEPTH"]
+
+#: Cheap operators a recipe may chain (a value remade from a value remade from ...).
+DEFAULT_MAX_DEPTH = 16
+
+# Names of the argument that sets how far BatchNorm moves its running statistics.
+_MOMENTUM_ARGUMENTS = ("momentum", "exponential_average_factor")
+
+
+class _Call:
+    """One recorded cheap operator call: what to run again, and the outputs it made."""
+
+    __slots__ = ("func", "args", "kwargs", "depth", "versions", "rng", "results", "pinned", "__weakref__")
+
+    def __init__(self, func, args, kwargs, depth: int, versions: tuple, rng: _RandomState | None):
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.depth = depth
+        self.versions = versions  # (tensor, version) of every kept tensor it reads
+        self.rng = rng  # the generator's state before a random operator ran
+        self.results: list[tuple[weakref.ref, int] | None] = []
+        self.pinned: list[tuple[torch.Tensor, int] | None] | None = None  # outputs held (see pin)
+
+    def output(self, index: int) -> torch.Tensor:
+        """Output ``index``: held, or the living original or last remake if unchanged, else made again."""
+        if self.pinned is not None:
+            tensor, version = self.pinned[index]
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"remat.remake: the output of {self.func} was changed in place after a value made from it "
+                    "was saved for backward, so it cannot be made again; use remake=False (or run the model "
+                    "outside remat.remake_cheap)"
+                )
+            return tensor
+        cached = self.results[index]
+        if cached is not None:
+            tensor = cached[0]()
+            if tensor is not None and tensor._version == cached[1]:
+                return tensor
+        for tensor, version in self.versions:
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"remat.remake: {self.func} reads a tensor that was changed in place without remat seeing "
+                    "it, so its output cannot be made again; use remake=False (or run the model outside "
+                    "remat.remake_cheap)"
+                )
+        args, kwargs = tree_map_only((_Recipe, _Like), lambda r: r.make(), (self.args, self.kwargs))
+        with self.rng.replayed() if self.rng is not None else contextlib.nullcontext():
+            outputs = self.func(*args, **kwargs)
+        flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        self.results = [(weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else None for t in flat]
+        return flat[index]
+
+    def pin(self) -> None:
+        """Hold the outputs from now on: a tensor this call reads is about to change in place."""
+        if self.pinned is None:
+            outputs = [self.output(i) if r is not None else None for i, r in enumerate(self.results)]
+            self.pinned = [None if t is None else (t, t._version) for t in outputs]
+            self.args = self.kwargs = self.versions = ()  # the inputs are no longer needed
+
+
+class _RandomState:
+    """The state of a device's default generator, to run a random operator again with the same draws."""
+
+    __slots__ = ("device", "state")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        now = _RandomState(self.device)
+        _set_rng_state(self.device, self.state)
+        try:
+            yield
+        finally:
+            _set_rng_state(self.device, now.state)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class _Recipe:
+    """How to make one tensor again: output ``index`` of a recorded call."""
+
+    __slots__ = ("call", "index", "version")
+
+    def __init__(self, call: _Call, index: int, version: int):
+        self.call = call
+        self.index = index
+        self.version = version  # the tensor's version when it was made
+
+    def make(self) -> torch.Tensor:
+        return self.call.output(self.index)
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()
+
+
+@functools.cache
+def _remakable(func) -> bool:
+    """Whether running ``func`` again gives the same outputs at no FLOPs."""
+    name = func.overloadpacket.__name__
+    return func.overloadpacket not in flop_registry and not name.startswith(("empty", "new_empty"))
+
+
+def _out_of_place(func):
+    """The out-of-place form of an in-place operator (``aten.relu_`` -> ``aten.relu``), or None."""
+    name = func.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return None if packet is None else getattr(packet, func._overloadname, None)
+
+
+@functools.cache
+def _writes(func) -> tuple[int, ...]:
+    """Positions of the arguments ``func`` changes in place."""
+    return tuple(
+        i for i, argument in enumerate(func._schema.arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write
+    )
+
+
+# In-place operators that overwrite every element and read only their argument's shape: remade
+# into a fresh tensor like it (dropout's mask on CPU is ``empty_like(x).bernoulli_(1 - p)``).
+_FILLS = frozenset(
+    {"bernoulli_", "uniform_", "normal_", "exponential_", "geometric_", "cauchy_", "log_normal_", "random_",
+     "fill_", "zero_"}
+)
+
+
+class _Like:
+    """A fresh tensor with the shape, strides, dtype and device of one a call overwrote."""
+
+    __slots__ = ("size", "stride", "dtype", "device")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.size, self.stride = tensor.shape, tensor.stride()
+        self.dtype, self.device = tensor.dtype, tensor.device
+
+    def make(self) -> torch.Tensor:
+        return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=self.device)
+
+
+class _Replay(NamedTuple):
+    """How to run a call again without changing any tensor."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    in_place: bool  # changes its first argument and returns it (autograd bumps its version after)
+    reads_first: bool  # the first argument's values matter (not for fills)
+    statistics: tuple  # BatchNorm's running statistics: changing them changes nothing it remakes
+
+
+def _replay_form(func, args: tuple, kwargs: dict) -> _Replay | None:
+    """How to remake ``func``'s outputs without changing any tensor, or None."""
+    schema = func._schema
+    names = [a.name for a in schema.arguments]
+    writes = _writes(func)
+    momentum = next((names.index(n) for n in _MOMENTUM_ARGUMENTS if n in names), None)
+    if momentum is not None:
+        # BatchNorm in training moves its running statistics (``native_batch_norm``'s schema does
+        # not say it writes them); with momentum 0 they keep their value.
+        if any(not names[i].startswith("running_") for i in writes):
+            return None
+        if momentum < len(args):
+            args = (*args[:momentum], 0.0, *args[momentum + 1 :])
+        else:
+            kwargs = {**kwargs, names[momentum]: 0.0}
+        bound = dict(zip(names, args)) | kwargs
+        statistics = tuple(t for name, t in bound.items() if name.startswith("running_") and t is not None)
+        return _Replay(func, args, kwargs, False, True, statistics)
+    if not writes:
+        return _Replay(func, args, kwargs, False, True, ())
+    if writes != (0,) or not schema.returns or schema.returns[0].alias_info is None or not args:
+        return None
+    if func.overloadpacket.__name__ in _FILLS:
+        return _Replay(func, (_Like(args[0]), *args[1:]), kwargs, True, False, ())
+    pure = _out_of_place(func)
+    return None if pure is None else _Replay(pure, args, kwargs, True, True, ())
+
+
+class _Recorder(TorchDispatchMode):
+    """Records a recipe for every cheap value the forward makes (see the module docstring)."""
+
+    def __init__(self, max_depth: int):
+        super().__init__()
+        self.max_depth = max_depth
+        self.recipes = WeakTensorKeyDictionary()
+        # Storage -> the calls that read it as a kept tensor, to pin before it changes in place.
+        self.readers: dict[int, list[weakref.ref]] = {}
+
+    def recipe_of(self, tensor: torch.Tensor) -> _Recipe | None:
+        recipe = self.recipes.get(tensor)
+        return recipe if recipe is not None and recipe.version == tensor._version else None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._pin_readers_of_written(func, args, kwargs)
+        replay = _replay_form(func, args, kwargs) if _remakable(func) else None
+        rng = None
+        if replay is not None and torch.Tag.nondeterministic_seeded in func.tags:
+            device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+            if device is None or device.type not in ("cpu", "cuda"):
+                replay = None  # a generator it has no state of
+            else:
+                rng = _RandomState(device)
+        outputs = func(*args, **kwargs)
+        if replay is not None:
+            self._record(replay, rng, outputs)
+        return outputs
+
+    def _pin_readers_of_written(self, func, args: tuple, kwargs: dict) -> None:
+        """Before ``func`` changes tensors in place, the calls that read them hold their outputs."""
+        writes = _writes(func)
+        if not writes or not self.readers:
+            return
+        names = [a.name for a in func._schema.arguments]
+        bound = dict(zip(names, args)) | kwargs
+        for i in writes:
+            written = bound.get(names[i])
+            for tensor in written if isinstance(written, (list, tuple)) else [written]:
+                if isinstance(tensor, torch.Tensor):
+                    for reader in self.readers.pop(_storage_key(tensor), ()):
+                        call = reader()
+                        if call is not None:
+                            call.pin()
+
+    def _record(self, replay: _Replay, rng: _RandomState | None, outputs) -> None:
+        func, args, kwargs, in_place = replay.func, replay.args, replay.kwargs, replay.in_place
+        flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        recipes = [self.recipe_of(t) for t in inputs]
+        depth = 1 + max((r.call.depth for r in recipes if r is not None), default=0)
+        strided = all(t.layout == torch.strided for t in [*inputs, *flat] if isinstance(t, torch.Tensor))
+        lost = in_place and replay.reads_first and recipes[0] is None
+        if depth > self.max_depth or lost or not strided:
+            # Too deep, the value it changed in place is lost, or sparse: keep the outputs as they are.
+            for tensor in flat:
+                if isinstance(tensor, torch.Tensor):
+                    self.recipes.pop(tensor, None)
+            return
+        largest_input = max(map(_storage_bytes, inputs), default=0)
+        # Inputs with a recipe are held as recipes; the others (kept values) as tensors.
+        held = {id(t): r for t, r in zip(inputs, recipes) if r is not None}
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: held.get(id(t), t), (args, kwargs))
+        unchecked = held.keys() | {id(t) for t in replay.statistics}
+        kept = tuple((t, t._version) for t in inputs if id(t) not in unchecked)
+        call = _Call(func, args, kwargs, depth, kept, rng)
+        for tensor, _ in kept:
+            self.readers.setdefault(_storage_key(tensor), []).append(weakref.ref(call))
+        # Autograd bumps the version of a tensor changed in place once this call returns.
+        versions = [t._version + in_place if isinstance(t, torch.Tensor) else 0 for t in flat]
+        call.results = [(weakref.ref(t), v) if isinstance(t, torch.Tensor) else None for t, v in zip(flat, versions)]
+        for index, (tensor, version) in enumerate(zip(flat, versions)):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            if _storage_bytes(tensor) >= largest_input:
+                self.recipes[tensor] = _Recipe(call, index, version)
+            else:
+                self.recipes.pop(tensor, None)
+
+
+def _unpack(saved: Any) -> torch.Tensor:
+    if not isinstance(saved, _Recipe):
+        return saved
+    with torch.no_grad(), _autocast_off():
+        return saved.make().detach()
+
+
+@contextlib.contextmanager
+def _autocast_off() -> Iterator[None]:
+    """Replay operators as recorded: their dtypes were already chosen by autocast in the forward."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
+def remake_cheap(max_depth: int = DEFAULT_MAX_DEPTH) -> Iterator[None]:
+    """Within this block, autograd keeps recipes instead of cheap values (see the module docstring).
+
+    The backward may run outside the block. Gradients are exactly those of a
+    plain run; the step's FLOPs are the same (the remade operators count none).
+    """
+    if max_depth < 1:
+        raise ValueError(f"max_depth must be at least 1 (a recipe of one operator), got {max_depth}")
+    recorder = _Recorder(max_depth)
+
+    def pack(tensor: torch.Tensor) -> Any:
+        recipe = recorder.recipe_of(tensor)
+        return tensor if recipe is None else recipe
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), recorder:
+        yield

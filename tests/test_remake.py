@@ -1,0 +1,191 @@
+"""remat.remake_cheap: exact gradients, buffers and random draws; fewer bytes kept; remade plans."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import remat
+from grad_helpers import assert_grads_equal, step_grads
+from remat import measure_step, models
+from remat.remake import remake_cheap
+
+
+class Remade(nn.Module):
+    """``module`` run under :func:`remake_cheap`."""
+
+    def __init__(self, module: nn.Module, max_depth: int = 16):
+        super().__init__()
+        self.module = module
+        self.max_depth = max_depth
+
+    def forward(self, *args):
+        with remake_cheap(self.max_depth):
+            return self.module(*args)
+
+
+SPECS = [
+    ("torchvision:resnet18", 2, (3, 32, 32)),  # BatchNorm, in-place ReLU and add
+    ("torchvision:densenet121", 2, (3, 32, 32)),  # concatenations of earlier features
+    ("torchvision:mobilenet_v3_small", 2, (3, 32, 32)),  # hardswish, squeeze-excitation, dropout
+    ("hf:gpt2?n_layer=2&seq=32&n_embd=64&n_head=2", 2, None),  # dropout (random draws replayed)
+    ("remat:preact_resnet?depth=11", 2, None),
+]
+
+
+@pytest.mark.parametrize("spec,batch,shape", SPECS, ids=[s for s, _, _ in SPECS])
+def test_gradients_buffers_and_random_state_are_a_plain_steps(spec, batch, shape):
+    source = models.load(spec, batch, input_shape=shape)
+    plain, remade = source.model, copy.deepcopy(source.model)
+    expected = step_grads(plain, source.example_inputs, seed=3)
+    after_plain = torch.get_rng_state()
+    actual = step_grads(Remade(remade), source.example_inputs, seed=3)
+    assert torch.equal(torch.get_rng_state(), after_plain)  # replayed draws leave the generator as it was
+    assert_grads_equal(expected, {name.removeprefix("module."): g for name, g in actual.items()})
+    for (name, a), b in zip(plain.state_dict().items(), remade.state_dict().values()):
+        assert torch.equal(a, b), f"buffer {name} moved differently"
+
+
+def test_under_autocast_gradients_are_a_plain_steps():
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 8))
+    x = torch.randn(16, 32)
+
+    def loss(out):
+        return out.float().pow(2).mean()
+
+    def grads(module):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step_grads(module, (x,), loss_fn=loss)
+
+    expected = grads(net)
+    actual = grads(Remade(net))
+    assert_grads_equal(expected, {name.removeprefix("module."): g for name, g in actual.items()})
+
+
+class _ChangesKeptInPlace(nn.Module):
+    """A kept value (a Linear's output) is changed in place after a cheap value made from it was saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        c = self.a(x)
+        y = c * 2  # cheap, saved by self.b as a recipe that reads c
+        z = self.b(y)
+        c.add_(1)  # the recipe holds y from now on
+        return z + c
+
+
+def test_an_in_place_change_of_what_a_recipe_reads_keeps_the_value_first():
+    net = _ChangesKeptInPlace()
+    x = torch.randn(4, 8)
+    assert_grads_equal(
+        step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in step_grads(Remade(net), (x,)).items()}
+    )
+
+
+def test_a_cheap_value_between_two_matmuls_is_remade_not_kept():
+    """Linear -> GELU -> Linear keeps the GELU's input and its output; remade, only the input."""
+    batch, width = 512, 64
+    net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+    x = torch.randn(batch, width)
+    plain = measure_step(net, (x,), fake=True)
+    remade = measure_step(Remade(net), (x,), fake=True)
+    assert plain.peak_bytes - remade.peak_bytes == batch * width * 4
+    assert remade.forward_flops + remade.backward_flops == plain.forward_flops + plain.backward_flops
+
+
+def test_recipes_never_keep_more_than_the_value_they_replace():
+    """A reduction's output is smaller than its input: it is kept, and its input is not."""
+    net = nn.Sequential(nn.Linear(64, 256), nn.Unflatten(1, (4, 64)))
+
+    class SumThenLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.last = net, nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.last(self.first(x).sum(1))
+
+    model = SumThenLinear()
+    x = torch.randn(256, 64)
+    assert measure_step(Remade(model), (x,), fake=True).peak_bytes <= measure_step(model, (x,), fake=True).peak_bytes
+
+
+def test_fake_and_real_steps_agree():
+    source = models.load("torchvision:resnet18", 4, input_shape=(3, 32, 32))
+    module = Remade(source.model)
+    fake = measure_step(module, source.example_inputs, fake=True)
+    real = measure_step(module, source.example_inputs, fake=False)
+    assert (fake.peak_bytes, fake.activation_peak_bytes) == (real.peak_bytes, real.activation_peak_bytes)
+    plain = measure_step(source.model, source.example_inputs, fake=True)
+    assert fake.activation_peak_bytes < 0.7 * plain.activation_peak_bytes
+
+
+def test_depth_limits_the_chain_of_remakes():
+    source = models.load("torchvision:resnet18", 4, input_shape=(3, 32, 32))
+    peaks = [
+        measure_step(Remade(source.model, depth), source.example_inputs, fake=True).activation_peak_bytes
+        for depth in (1, 2, 16)
+    ]
+    assert peaks[0] > peaks[1] > peaks[2]
+    with pytest.raises(ValueError, match="max_depth"):
+        with remake_cheap(0):
+            pass
+
+
+# The planner: remade plans are simulated steps, chosen where they beat the chain's plans.
+
+RESNET = ("remat:preact_resnet?depth=20", 32, None)
+
+
+def test_a_budget_below_every_plain_plan_without_recompute_is_met_without_recompute():
+    source = models.load(*RESNET[:2], input_shape=RESNET[2])
+    model, x = source.model, source.example_inputs
+    without = remat.pareto(model, x, remake=False)[0]
+    remade = remat.pareto(model, x)[0]
+    assert remade.remake and remade.recompute_flops == 0
+    assert remade.predicted_peak_bytes < without.predicted_peak_bytes
+    budget = (remade.predicted_peak_bytes + without.predicted_peak_bytes) // 2
+    chain_only = remat.plan(model, x, budget=budget, remake=False)
+    assert chain_only.recompute_flops > 0
+    module = remat.optimize(model, x, budget=budget)
+    assert module.plan.remake and module.plan.recompute_flops == 0
+    step, plain = measure_step(module, x, fake=True), measure_step(model, x, fake=True)
+    assert step.peak_bytes == module.plan.predicted_peak_bytes <= budget
+    assert step.forward_flops + step.backward_flops == plain.forward_flops + plain.backward_flops
+    assert_grads_equal(step_grads(model, x), step_grads(module, x))
+
+
+def test_remade_plans_round_trip_and_rebuild_from_a_saved_plan(tmp_path):
+    source = models.load(*RESNET[:2], input_shape=RESNET[2])
+    model, x = source.model, source.example_inputs
+    plan = remat.pareto(model, x)[0]
+    assert plan.remake and "remade" in plan.summary()
+    plan.save(tmp_path / "plan.json")
+    loaded = remat.Plan.load(tmp_path / "plan.json")
+    assert loaded == plan
+    module = remat.optimize(model, x, plan=loaded)
+    assert module.remake
+    assert measure_step(module, x, fake=True).peak_bytes == plan.predicted_peak_bytes
+
+
+def test_the_pareto_front_with_remade_plans_is_a_front():
+    source = models.load(*RESNET[:2], input_shape=RESNET[2])
+    front = remat.pareto(source.model, source.example_inputs)
+    peaks = [p.predicted_peak_bytes for p in front]
+    flops = [p.recompute_flops for p in front]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
+    assert flops == sorted(flops) and len(set(flops)) == len(flops)
+    assert any(p.remake for p in front)
+
+
+def test_remake_false_plans_as_before():
+    net = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    x = torch.randn(128, 64)
+    assert not remat.plan(net, x, remake=False).remake
+    assert not any(p.remake for p in remat.pareto(net, x, remake=False))
