@@ -166,14 +166,20 @@ def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str
 
 
 def _make_plan(
-    source: models.ModelSource, fake: bool, budget: str | None, costs: str = "flops", grad_accumulation: bool = False
+    source: models.ModelSource,
+    fake: bool,
+    budget: str | None,
+    costs: str = "flops",
+    grad_accumulation: bool = False,
+    remake: bool = True,
 ) -> tuple[remat.Plan, StepMeasurement]:
     """The plan, and one step of the planned module measured (on fake or real tensors)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
     goal = "the least peak" if budget is None else f"the least recompute within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
         optimized = remat.optimize(
-            source.model, source.example_inputs, budget=budget_bytes, costs=costs, grad_accumulation=grad_accumulation
+            source.model, source.example_inputs, budget=budget_bytes, costs=costs,
+            grad_accumulation=grad_accumulation, remake=remake,
         )
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
         measured = measure_step(optimized, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation)
@@ -193,6 +199,7 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
             if plan.selective
             else []
         ),
+        *([("cheap values", "remade in backward (predicted peak: a simulated step)")] if plan.remake else []),
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
         ("budget", _budget_text(plan.budget_bytes)),
         ("parameter gradients", "exist all step (accumulation)" if plan.grad_accumulation else "made in backward"),
@@ -248,6 +255,7 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "stored_segments": list(plan.stored),
         "selective_stages": list(plan.selective),
         "grad_accumulation": plan.grad_accumulation,
+        "remake": plan.remake,
         "capture_seconds": plan.capture_seconds,
         "solve_seconds": plan.solve_seconds,
     }
@@ -279,6 +287,13 @@ def plan(
             help="plan for steps whose parameter gradients exist from the start (gradient accumulation)",
         ),
     ] = False,
+    remake: Annotated[
+        bool,
+        typer.Option(
+            "--remake/--no-remake",
+            help="plans may remake cheap values (norms, activations, adds) in backward instead of keeping them",
+        ),
+    ] = True,
 ) -> None:
     """The least-peak checkpoint plan (or the least recompute within --budget): what it keeps, its peak, its cost.
 
@@ -288,7 +303,7 @@ def plan(
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
         source = _load(model, batch, input, device)
-        chosen, measured = _make_plan(source, fake, budget, costs, grad_accumulation)
+        chosen, measured = _make_plan(source, fake, budget, costs, grad_accumulation, remake)
         _print_table(_describe(source, fake), ["", "remat plan"], _plan_rows(chosen, measured, fake), numbers=False)
         if json_out is not None:
             _write_json(json_out, _plan_json(source, chosen, measured, fake))
