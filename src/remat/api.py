@@ -472,7 +472,7 @@ class _Profiled:
 
     def module(self, plan: Plan) -> RematModule:
         """The model run with ``plan``, on the capture the plan was made for."""
-        source = self.plain() if plan.inner or plan.stored or plan.selective else self
+        source = self if plan.stage_names == self.chain.names else self.plain()
         return _module(self.model, source.captured, source.groups, plan)
 
     def stage_seconds(self) -> np.ndarray:
@@ -581,22 +581,31 @@ class _Profiled:
 
     def remade(self, plan: Plan) -> Plan | None:
         """``plan`` with cheap values remade in backward (:mod:`remat.remake`), its peak simulated;
-        None (with a warning) where the model does something remaking cannot follow."""
-        plan = dataclasses.replace(plan, remake=True)
-        try:
-            step = measure_step(
-                self.module(plan), self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
-            )
-        except RuntimeError as error:
-            warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
-            return None
-        return dataclasses.replace(plan, predicted_peak_bytes=step.peak_bytes)
+        None (with a warning) where the model does something remaking cannot follow.
+
+        A plan with selective stages is also simulated with them run plainly (remaking
+        does value by value what they do per stage); the lower peak is kept.
+        """
+        variants = [plan, dataclasses.replace(plan, selective=())] if plan.selective else [plan]
+        simulated = []
+        for variant in variants:
+            variant = dataclasses.replace(variant, remake=True)
+            try:
+                step = measure_step(
+                    self.module(variant), self.inputs, self.loss_fn,
+                    fake=self.fake, grad_accumulation=self.grad_accumulation,
+                )
+            except RuntimeError as error:
+                warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
+                return None
+            simulated.append(dataclasses.replace(variant, predicted_peak_bytes=step.peak_bytes))
+        return min(simulated, key=lambda p: p.predicted_peak_bytes)
 
     def _remade(self, chosen: Plan | None, budget_bytes: int | None) -> Plan | None:
         """``chosen``, or the same plan run with remade values if that lowers the least peak; within
         a budget, the plan of the front with the least recompute that fits when run so, if it
-        recomputes less than ``chosen``. Each candidate is one simulated step; along the front
-        (recompute ascending) the remade peaks fall, so it is found by bisection."""
+        recomputes less than ``chosen``. Each candidate is one or two simulated steps (see
+        :meth:`remade`), found by bisection after the first."""
         start = time.perf_counter()
         if budget_bytes is None:  # the least-peak plan is there
             best = self.remade(chosen)
@@ -604,14 +613,24 @@ class _Profiled:
                 best = chosen
         else:
             cheaper = [s for s in self.front() if chosen is None or s.recompute_flops < chosen.recompute_flops]
-            best, low, high = chosen, 0, len(cheaper)  # the first fitting candidate is in [low, high)
+
+            def fitting(index: int) -> Plan | None:
+                candidate = self.remade(self.plan(cheaper[index], 0.0, budget_bytes))
+                return candidate if candidate is not None and candidate.predicted_peak_bytes <= budget_bytes else None
+
+            # The plan that recomputes least first: remade throughout, it often beats plans with
+            # recomputed segments (their recompute keeps everything it saves), so the remade
+            # peaks fall along the rest of the front only.
+            best = fitting(0) if cheaper else None
+            low, high = 1, len(cheaper) if best is None else 0  # a fitting candidate is in [low, high)
             while low < high:
                 middle = (low + high) // 2
-                candidate = self.remade(self.plan(cheaper[middle], 0.0, budget_bytes))
-                if candidate is not None and candidate.predicted_peak_bytes <= budget_bytes:
+                candidate = fitting(middle)
+                if candidate is not None:
                     best, high = candidate, middle
                 else:
                     low = middle + 1
+            best = best or chosen
         if best is None:
             return None
         # The simulated steps count as solve time, whichever plan won.
@@ -865,9 +884,18 @@ def optimize(
                 "call remat.optimize without plan= to make a new one"
             )
         single = plan.offload or plan.inner or plan.stored or plan.selective
-        captured, _, groups, _ = _capture_and_profile(
+        captured, chain, groups, _ = _capture_and_profile(
             model, inputs, loss_fn or default_loss, profile, carried=not single
         )
+        if chain.names != plan.stage_names and not single:  # made on the chain cut at single tensors
+            captured, chain, groups, _ = _capture_and_profile(
+                model, inputs, loss_fn or default_loss, profile, carried=False
+            )
+        if chain.names != plan.stage_names:
+            raise ValueError(
+                "this plan's stages are not the ones the model is cut into here (another remat version?): "
+                "call remat.optimize without plan= to make a new one"
+            )
         return _module(model, captured, groups, plan)
     profiled, chosen = _profile_and_solve(
         model, inputs, loss_fn, budget, profile, offload, costs, grad_accumulation, remake
