@@ -35,8 +35,8 @@ def front_table(front: list[remat.Plan]) -> str:
     """The front as a markdown table: one row per plan, no recompute first."""
     lines = [
         "| plan | step peak (GiB) | recompute (% of forward) | kept activations | stored segments "
-        "| selective stages |",
-        "|---|---|---|---|---|---|",
+        "| selective stages | cheap values remade |",
+        "|---|---|---|---|---|---|---|",
     ]
     for index, plan in enumerate(front):
         first = "store everything" if plan.stores_everything else "no recompute"
@@ -44,7 +44,7 @@ def front_table(front: list[remat.Plan]) -> str:
         peak = plan.predicted_peak_bytes / 2**30
         lines.append(
             f"| {name} | {peak:.3f} | {100 * plan.recompute_overhead:.1f} | {len(plan.checkpoints)} "
-            f"| {len(plan.stored)} | {len(plan.selective)} |"
+            f"| {len(plan.stored)} | {len(plan.selective)} | {'yes' if plan.remake else ''} |"
         )
     return "\n".join(lines)
 
@@ -61,8 +61,9 @@ def main() -> None:
         "(parameters, inputs, activations and gradients; default loss `mean(out**2)`). Recompute is",
         "the forward FLOPs run again in backward, as % of one forward. Peaks fall and recompute rises",
         "down each table, from the least peak with no recompute FLOPs (stages run selectively where",
-        "that lowers the peak: they keep what their matmuls and convolutions made and remake the rest)",
-        "to the least peak.",
+        "that lowers the peak: they keep what their matmuls and convolutions made and remake the rest;",
+        "or cheap values are remade one by one in backward, `remat.remake_cheap`, whose plans' peaks",
+        "are simulated steps) to the least peak.",
     ]
     sections = []
     for name, spec, batch, shape in MODELS:
