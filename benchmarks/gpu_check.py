@@ -17,6 +17,9 @@ accumulation (``grad_accumulation=True``), on a step that adds into existing
 gradients. A budget halfway between the least peak and the baseline is planned
 on the device too: its measured peak, its selective stages (which remake
 normalisations and activations in backward), its step time and its gradients.
+The first plan of ``remat.pareto`` (the least peak with no recompute FLOPs,
+usually one that remakes cheap values value by value, ``Plan.remake``, whose
+prediction is a fake-tensor step) is checked the same way: peak, time, gradients.
 Writes a markdown table (``--out``).
 """
 
@@ -134,8 +137,12 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
     budget = (baseline_peak + device_peak) // 2
     budgeted = remat.optimize(model, inputs, budget=budget, profile="device")
     budget_peak = _measured_peak(budgeted, inputs, device, resident)
-    base_s, remat_s, offload_s, budget_s = _median_step_seconds(
-        [model, optimized, offloaded, budgeted], inputs, device, steps
+    # The least peak with no recompute FLOPs: cheap values remade in backward, if that is lower.
+    first = remat.pareto(model, inputs)[0]
+    no_recompute = remat.optimize(model, inputs, plan=first)
+    no_recompute_peak = _measured_peak(no_recompute, inputs, device, resident)
+    base_s, remat_s, offload_s, budget_s, first_s = _median_step_seconds(
+        [model, optimized, offloaded, budgeted, no_recompute], inputs, device, steps
     )
     # Planned for gradient accumulation: the step adds into gradients that exist before it.
     accumulating = remat.optimize(model, inputs, grad_accumulation=True)
@@ -167,6 +174,11 @@ def check(spec: str, batch: int, device: torch.device, steps: int) -> dict:
         "offload grads equal": _grads_equal(model, offloaded, inputs),
         "accumulate predicted": accumulating.plan.predicted_peak_bytes,
         "accumulate measured": accumulate_peak,
+        "first remake": first.remake,
+        "first predicted": first.predicted_peak_bytes,
+        "first measured": no_recompute_peak,
+        "first time ratio": first_s / base_s,
+        "first grads equal": _grads_equal(model, no_recompute, inputs),
     }
 
 
@@ -196,8 +208,9 @@ def main() -> None:
         "| profiled on device: pred / measured, err | budget: measured <= budget? (recompute) "
         "| budget: selective stages, step time ratio, grads exact "
         "| offload: pred / measured, err | offload recompute | offload step time ratio | offload grads exact "
-        "| grad accumulation: pred / measured, err | nested checkpoints in the remat plan |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| grad accumulation: pred / measured, err | nested checkpoints in the remat plan "
+        "| no recompute FLOPs: remade?, pred / measured, err | its step time ratio, grads exact |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     print(header, flush=True)
@@ -222,7 +235,10 @@ def main() -> None:
             f"| {r['offload recompute']:.1%} | {r['offload time ratio']:.2f}x "
             f"| {'yes' if r['offload grads equal'] else 'NO'} "
             f"| {format_bytes(r['accumulate predicted'])} / {format_bytes(r['accumulate measured'])}, "
-            f"{_error(r['accumulate predicted'], r['accumulate measured'])} | {r['nested']} |"
+            f"{_error(r['accumulate predicted'], r['accumulate measured'])} | {r['nested']} "
+            f"| {'remade' if r['first remake'] else 'not remade'}, {format_bytes(r['first predicted'])} / "
+            f"{format_bytes(r['first measured'])}, {_error(r['first predicted'], r['first measured'])} "
+            f"| {r['first time ratio']:.2f}x, {'yes' if r['first grads equal'] else 'NO'} |"
         )
         lines.append(line)
         print(line, flush=True)
