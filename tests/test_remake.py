@@ -27,6 +27,12 @@ class Remade(nn.Module):
             return self.module(*args)
 
 
+def remade_grads(module: nn.Module, inputs: tuple, **kwargs) -> dict:
+    """:func:`step_grads` of ``module`` under :func:`remake_cheap`, by the module's own names."""
+    grads = step_grads(Remade(module), inputs, **kwargs)
+    return {name.removeprefix("module."): g for name, g in grads.items()}
+
+
 SPECS = [
     ("torchvision:resnet18", 2, (3, 32, 32)),  # BatchNorm, in-place ReLU and add
     ("torchvision:densenet121", 2, (3, 32, 32)),  # concatenations of earlier features
@@ -42,9 +48,9 @@ def test_gradients_buffers_and_random_state_are_a_plain_steps(spec, batch, shape
     plain, remade = source.model, copy.deepcopy(source.model)
     expected = step_grads(plain, source.example_inputs, seed=3)
     after_plain = torch.get_rng_state()
-    actual = step_grads(Remade(remade), source.example_inputs, seed=3)
+    actual = remade_grads(remade, source.example_inputs, seed=3)
     assert torch.equal(torch.get_rng_state(), after_plain)  # replayed draws leave the generator as it was
-    assert_grads_equal(expected, {name.removeprefix("module."): g for name, g in actual.items()})
+    assert_grads_equal(expected, actual)
     for (name, a), b in zip(plain.state_dict().items(), remade.state_dict().values()):
         assert torch.equal(a, b), f"buffer {name} moved differently"
 
@@ -56,13 +62,8 @@ def test_under_autocast_gradients_are_a_plain_steps():
     def loss(out):
         return out.float().pow(2).mean()
 
-    def grads(module):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return step_grads(module, (x,), loss_fn=loss)
-
-    expected = grads(net)
-    actual = grads(Remade(net))
-    assert_grads_equal(expected, {name.removeprefix("module."): g for name, g in actual.items()})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_grads_equal(step_grads(net, (x,), loss_fn=loss), remade_grads(net, (x,), loss_fn=loss))
 
 
 class _ChangesKeptInPlace(nn.Module):
@@ -83,9 +84,33 @@ class _ChangesKeptInPlace(nn.Module):
 def test_an_in_place_change_of_what_a_recipe_reads_keeps_the_value_first():
     net = _ChangesKeptInPlace()
     x = torch.randn(4, 8)
-    assert_grads_equal(
-        step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in step_grads(Remade(net), (x,)).items()}
-    )
+    assert_grads_equal(step_grads(net, (x,)), remade_grads(net, (x,)))
+
+
+class _ChangesHeldValueInPlace(nn.Module):
+    """Like :class:`_ChangesKeptInPlace`, and then the value held for a recipe changes in place too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        c = self.a(x)
+        y = c * 2
+        z = self.b(y * 3)  # saves y * 3: a recipe reading y's, which reads c
+        c.add_(1)  # y's recipe holds y
+        y.add_(1)  # ... which changes: y * 3 cannot be made again (plain autograd saved neither)
+        return z + c + y
+
+
+def test_a_value_that_cannot_be_remade_raises_and_the_planner_goes_without():
+    net, x = _ChangesHeldValueInPlace(), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        remade_grads(net, (x,))
+    step_grads(net, (x,))  # a plain step is fine
+    with pytest.warns(UserWarning, match="planning without remade values"):
+        plan = remat.plan(net, x)
+    assert not plan.remake
 
 
 def test_a_cheap_value_between_two_matmuls_is_remade_not_kept():
