@@ -11,7 +11,7 @@ from torch import nn
 import remat
 from grad_helpers import assert_grads_equal, step_grads
 from remat import measure_step, models
-from remat.remake import remake_cheap
+from remat.remake import costly_calls, remake_cheap
 
 
 class Remade(nn.Module):
@@ -214,3 +214,66 @@ def test_remake_false_plans_as_before():
     x = torch.randn(128, 64)
     assert not remat.plan(net, x, remake=False).remake
     assert not any(p.remake for p in remat.pareto(net, x, remake=False))
+
+
+def _wide_mlp(blocks: int = 3, width: int = 64, hidden: int = 1024) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [m for _ in range(blocks) for m in (nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))]
+    return nn.Sequential(*layers)
+
+
+def test_costly_calls_remade_too_cost_their_flops_and_keep_gradients_exact():
+    net, x = _wide_mlp(), torch.randn(256, 64)
+    calls = costly_calls(lambda: net(x))
+    assert [c.index for c in calls] == list(range(6))
+    widening = [c for c in calls if c.output_bytes > c.input_bytes]
+    assert [c.index for c in widening] == [0, 2, 4]  # the 64 -> 1024 matmuls
+
+    class RemadeCostly(nn.Module):
+        def __init__(self, module, costly):
+            super().__init__()
+            self.module, self.costly = module, costly
+
+        def forward(self, x):
+            with remake_cheap(costly=self.costly):
+                return self.module(x)
+
+    plain = measure_step(Remade(net), (x,), fake=True)
+    costly = measure_step(RemadeCostly(net, (0, 2)), (x,), fake=True)
+    extra = costly.forward_flops + costly.backward_flops - plain.forward_flops - plain.backward_flops
+    assert extra > 0 and extra % (calls[0].flops + calls[2].flops) == 0  # each remake recomputes them
+    assert costly.peak_bytes < plain.peak_bytes
+    grads = step_grads(RemadeCostly(net, (0, 2, 4)), (x,))
+    assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
+
+
+def test_a_budget_below_the_remade_plan_remakes_matmul_outputs_when_that_recomputes_least():
+    net, x = _wide_mlp(), torch.randn(256, 64)
+    first = remat.pareto(net, x)[0]
+    assert first.remake and first.recompute_flops == 0
+    budget = first.predicted_peak_bytes - 256 * 1024 * 4  # one hidden activation less
+    without = remat.plan(net, x, budget=budget, remake=False)
+    module = remat.optimize(net, x, budget=budget)
+    plan = module.plan
+    step = measure_step(module, (x,), fake=True)
+    assert step.peak_bytes == plan.predicted_peak_bytes <= budget
+    assert plan.recompute_flops <= without.recompute_flops
+    baseline = measure_step(net, (x,), fake=True)
+    total = lambda m: m.forward_flops + m.backward_flops  # noqa: E731
+    assert total(step) - total(baseline) == plan.recompute_flops
+    assert_grads_equal(step_grads(net, (x,)), step_grads(module, (x,)))
+    assert remat.Plan.from_json(plan.to_json()) == plan
+
+
+def test_the_search_for_costly_remakes_takes_the_fewest_that_fit():
+    from remat.api import _Profiled
+
+    net, x = _wide_mlp(), torch.randn(256, 64)
+    profiled = _Profiled.of(net, x, None)
+    first = profiled.remade(profiled.plan(profiled.front()[0], 0.0, None))
+    one_less = first.predicted_peak_bytes - 256 * 1024 * 4  # one hidden activation fewer
+    plan = profiled._remade_costly(first, one_less)
+    assert plan is not None and len(plan.remade_costly) == 1 and plan.predicted_peak_bytes <= one_less
+    module = remat.optimize(net, x, plan=plan)
+    assert measure_step(module, (x,), fake=True).peak_bytes == plan.predicted_peak_bytes
+    assert profiled._remade_costly(first, first.predicted_peak_bytes // 4) is None  # nothing gets that low

@@ -39,6 +39,7 @@ from remat.measure import (
     unique_storage_bytes,
 )
 from remat.plan import Plan
+from remat.remake import costly_calls
 from remat.solvers.chain import (
     Chain,
     ChainSolution,
@@ -579,9 +580,10 @@ class _Profiled:
             front = _lower_envelope(front + [s for s in richer if s.stored or s.selective], lambda s: s.peak_bytes)
         return front
 
-    def remade(self, plan: Plan) -> Plan | None:
-        """``plan`` with cheap values remade in backward (:mod:`remat.remake`), its peak simulated;
-        None (with a warning) where the model does something remaking cannot follow.
+    def remade(self, plan: Plan, costly: tuple[int, ...] = ()) -> Plan | None:
+        """``plan`` with cheap values remade in backward (:mod:`remat.remake`), and the outputs
+        of the ``costly`` calls too; its peak and recompute simulated (one step). None (with
+        a warning) where the model does something remaking cannot follow.
 
         A plan with selective stages is also simulated with them run plainly (remaking
         does value by value what they do per stage); the lower peak is kept.
@@ -589,7 +591,7 @@ class _Profiled:
         variants = [plan, dataclasses.replace(plan, selective=())] if plan.selective else [plan]
         simulated = []
         for variant in variants:
-            variant = dataclasses.replace(variant, remake=True)
+            variant = dataclasses.replace(variant, remake=True, remade_costly=costly)
             try:
                 step = measure_step(
                     self.module(variant), self.inputs, self.loss_fn,
@@ -598,14 +600,21 @@ class _Profiled:
             except RuntimeError as error:
                 warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
                 return None
-            simulated.append(dataclasses.replace(variant, predicted_peak_bytes=step.peak_bytes))
+            flops = step.forward_flops + step.backward_flops
+            baseline = self.baseline.forward_flops + self.baseline.backward_flops
+            simulated.append(
+                dataclasses.replace(variant, predicted_peak_bytes=step.peak_bytes, recompute_flops=flops - baseline)
+            )
         return min(simulated, key=lambda p: p.predicted_peak_bytes)
 
     def _remade(self, chosen: Plan | None, budget_bytes: int | None) -> Plan | None:
-        """``chosen``, or the same plan run with remade values if that lowers the least peak; within
-        a budget, the plan of the front with the least recompute that fits when run so, if it
-        recomputes less than ``chosen``. Each candidate is one or two simulated steps (see
-        :meth:`remade`), found by bisection after the first."""
+        """``chosen``, or the same plan run with remade values if that lowers the least peak.
+
+        Within a budget, the least recompute among ``chosen``, the plans of the front run
+        with remade values (the one that recomputes least first, then by bisection along
+        the rest), and the first remade with the outputs of its most memory-hungry matmuls
+        remade too (:meth:`_remade_costly`). Each candidate is one or two simulated steps.
+        """
         start = time.perf_counter()
         if budget_bytes is None:  # the least-peak plan is there
             best = self.remade(chosen)
@@ -614,29 +623,58 @@ class _Profiled:
         else:
             cheaper = [s for s in self.front() if chosen is None or s.recompute_flops < chosen.recompute_flops]
 
-            def fitting(index: int) -> Plan | None:
-                candidate = self.remade(self.plan(cheaper[index], 0.0, budget_bytes))
-                return candidate if candidate is not None and candidate.predicted_peak_bytes <= budget_bytes else None
+            def remade(index: int) -> Plan | None:
+                return self.remade(self.plan(cheaper[index], 0.0, budget_bytes))
 
-            # The plan that recomputes least first: remade throughout, it often beats plans with
-            # recomputed segments (their recompute keeps everything it saves), so the remade
-            # peaks fall along the rest of the front only.
-            best = fitting(0) if cheaper else None
-            low, high = 1, len(cheaper) if best is None else 0  # a fitting candidate is in [low, high)
-            while low < high:
-                middle = (low + high) // 2
-                candidate = fitting(middle)
-                if candidate is not None:
-                    best, high = candidate, middle
-                else:
-                    low = middle + 1
-            best = best or chosen
+            def fits(plan: Plan | None) -> bool:
+                return plan is not None and plan.predicted_peak_bytes <= budget_bytes
+
+            # Remade throughout, the plan that recomputes least often beats plans with recomputed
+            # segments (their recompute keeps everything it saves): the remade peaks fall along
+            # the rest of the front only.
+            first = remade(0) if cheaper else None
+            candidates = [chosen, first if fits(first) else None]
+            if not fits(first):
+                low, high = 1, len(cheaper)  # a fitting candidate is in [low, high)
+                while low < high:
+                    middle = (low + high) // 2
+                    candidate = remade(middle)
+                    if fits(candidate):
+                        candidates.append(candidate)
+                        high = middle
+                    else:
+                        low = middle + 1
+                if first is not None:
+                    candidates.append(self._remade_costly(first, budget_bytes))
+            best = min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
         if best is None:
             return None
         # The simulated steps count as solve time, whichever plan won.
         return dataclasses.replace(
             best, solve_seconds=(chosen.solve_seconds if chosen else 0.0) + time.perf_counter() - start
         )
+
+    def _remade_costly(self, plan: Plan, budget_bytes: int) -> Plan | None:
+        """``plan`` (remade, run without selective stages) with the outputs of the fewest costly
+        calls remade too that brings its simulated peak within ``budget_bytes``, or None.
+
+        Candidates are the calls whose outputs are larger than their inputs (attention scores,
+        the first matmul of an MLP), by bytes per FLOP; the number taken is bisected.
+        """
+        plan = dataclasses.replace(plan, selective=(), remake=False, remade_costly=())
+        with step_model(self.module(plan), self.inputs, fake=self.fake) as (module, inputs):
+            calls = costly_calls(lambda: module(*inputs))
+        calls = [c for c in calls if c.output_bytes > c.input_bytes and c.flops > 0]
+        calls.sort(key=lambda c: c.output_bytes / c.flops, reverse=True)
+        best, low, high = None, 1, len(calls)  # the fewest that fit is in [low, high]
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = self.remade(plan, tuple(sorted(c.index for c in calls[:middle])))
+            if candidate is not None and candidate.predicted_peak_bytes <= budget_bytes:
+                best, high = candidate, middle - 1
+            else:
+                low = middle + 1
+        return best
 
     def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan on the chain cut only at single tensors that does
@@ -687,6 +725,7 @@ def _module(model: nn.Module, captured: Captured, groups: list[list[int]], plan:
         frozenset(groups[i - 1][0] for i in plan.selective),
         tuple(group[0] for group in groups),
         remake=plan.remake,
+        remade_costly=plan.remade_costly,
     )
 
 

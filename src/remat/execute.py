@@ -423,6 +423,7 @@ class RematModule(nn.Module):
         selective: frozenset[int] = frozenset(),
         stage_starts: Sequence[int] = (),
         remake: bool = False,
+        remade_costly: Sequence[int] = (),
     ):
         super().__init__()
         for name, child in model.named_children():
@@ -444,6 +445,7 @@ class RematModule(nn.Module):
         self.selective = selective  # pieces where the chain stages that run selectively start
         self.stage_starts = tuple(stage_starts)  # pieces where chain stages start
         self.remake = remake  # autograd keeps recipes of cheap values (remat.remake.remake_cheap)
+        self.remade_costly = tuple(remade_costly)  # and of these calls of operators with FLOPs
         _check_combination(self.nested, self.stored | self.selective, offload)
         _check_selective([0, *self.boundaries, len(captured.modules)], self.stored, self.selective)
         self.training = model.training  # not .train(): the children keep their own flags
@@ -543,7 +545,11 @@ class RematModule(nn.Module):
         inputs = self._inputs(args, kwargs)
         bounds = [0, *self.boundaries, len(self._captured.modules)]
         # Compiled, the partitioner chooses what to save (and a dispatch mode would stop the compile).
-        remaking = remake_cheap() if self.remake and not torch.compiler.is_compiling() else contextlib.nullcontext()
+        remaking = (
+            remake_cheap(costly=self.remade_costly)
+            if self.remake and not torch.compiler.is_compiling()
+            else contextlib.nullcontext()
+        )
         with remaking:
             return self._outputs(self._run_segments(bounds, {}, inputs, self.offload))
 

@@ -60,7 +60,11 @@ class Plan:
             make it again, and the backward remakes it when it is needed.
             Such a plan's ``predicted_peak_bytes`` is a simulated step (fake
             tensors, or the device with ``profile="device"``), not the chain
-            cost model's figure.
+            cost model's figure, and so is its ``recompute_flops``.
+        remade_costly: with ``remake``, the calls of operators that count
+            FLOPs (matmuls, attention) whose outputs are remade too, by their
+            place among such calls in the forward
+            (:func:`remat.remake.costly_calls`).
 
     Example:
         >>> import torch, remat
@@ -91,6 +95,7 @@ class Plan:
     stored: tuple[int, ...] = ()
     selective: tuple[int, ...] = ()
     remake: bool = False
+    remade_costly: tuple[int, ...] = ()
 
     @property
     def stores_everything(self) -> bool:
@@ -131,6 +136,11 @@ class Plan:
                 else []
             ),
             *([["cheap values", "remade in backward (simulated peak)"]] if self.remake else []),
+            *(
+                [["remade costly operators", f"{len(self.remade_costly)} (matmuls or attention)"]]
+                if self.remade_costly
+                else []
+            ),
             ["recompute", f"{self.recompute_flops / 1e9:.2f} GFLOP ({self.recompute_overhead:.1%} of forward)"],
             *(
                 [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]
@@ -156,6 +166,7 @@ class Plan:
         data["inner"] = tuple((l, r, tuple(cs)) for l, r, cs in data.get("inner", ()))
         data["stored"] = tuple(data.get("stored", ()))
         data["selective"] = tuple(data.get("selective", ()))
+        data["remade_costly"] = tuple(data.get("remade_costly", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

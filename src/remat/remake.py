@@ -17,7 +17,8 @@ region reads from outside need not be kept either.
 Rules (each one keeps gradients, buffers and random draws those of a plain run):
 
 * Outputs of operators that count FLOPs (``torch.utils.flop_counter``) are
-  kept, and so are the values recipes read that are not remade themselves.
+  kept, unless named in ``costly`` (then remaking them recomputes their
+  FLOPs), and so are the values recipes read that are not remade themselves.
 * Random operators (dropout) are remade with the generator state they drew
   from in the forward, put back afterwards.
 * A value is remade only from values no larger than itself (an elementwise op,
@@ -43,9 +44,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -54,7 +56,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["remake_cheap", "DEFAULT_MAX_DEPTH"]
+__all__ = ["remake_cheap", "costly_calls", "CostlyCall", "DEFAULT_MAX_DEPTH"]
 
 #: Cheap operators a recipe may chain (a value remade from a value remade from ...).
 DEFAULT_MAX_DEPTH = 16
@@ -166,9 +168,8 @@ def _storage_bytes(tensor: torch.Tensor) -> int:
 
 @functools.cache
 def _remakable(func) -> bool:
-    """Whether running ``func`` again gives the same outputs at no FLOPs."""
-    name = func.overloadpacket.__name__
-    return func.overloadpacket not in flop_registry and not name.startswith(("empty", "new_empty"))
+    """Whether running ``func`` again gives the same outputs (not uninitialised memory)."""
+    return not func.overloadpacket.__name__.startswith(("empty", "new_empty"))
 
 
 def _out_of_place(func):
@@ -249,12 +250,27 @@ def _replay_form(func, args: tuple, kwargs: dict) -> _Replay | None:
     return None if pure is None else _Replay(pure, args, kwargs, True, True, ())
 
 
-class _Recorder(TorchDispatchMode):
-    """Records a recipe for every cheap value the forward makes (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class CostlyCall:
+    """One call of an operator that counts FLOPs, as :func:`costly_calls` lists them."""
 
-    def __init__(self, max_depth: int):
+    index: int  # its place among the forward's operators that count FLOPs
+    name: str
+    flops: int
+    output_bytes: int
+    input_bytes: int  # of its tensor inputs, each storage once
+
+
+class _Recorder(TorchDispatchMode):
+    """Records a recipe for every cheap value the forward makes (see the module docstring),
+    and for the outputs of the costly calls numbered in ``costly``."""
+
+    def __init__(self, max_depth: int, costly: frozenset[int] = frozenset(), census: list | None = None):
         super().__init__()
         self.max_depth = max_depth
+        self.costly = costly
+        self.costly_seen = 0  # operators with FLOPs called so far
+        self.census = census
         self.recipes = WeakTensorKeyDictionary()
         # Storage -> the calls that read it as a kept tensor, to pin before it changes in place.
         self.readers: dict[int, list[weakref.ref]] = {}
@@ -266,7 +282,11 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self._pin_readers_of_written(func, args, kwargs)
-        replay = _replay_form(func, args, kwargs) if _remakable(func) else None
+        costly = func.overloadpacket in flop_registry
+        if costly:
+            index, self.costly_seen = self.costly_seen, self.costly_seen + 1
+        remade = index in self.costly if costly else _remakable(func)
+        replay = _replay_form(func, args, kwargs) if remade else None
         rng = None
         if replay is not None and torch.Tag.nondeterministic_seeded in func.tags:
             device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
@@ -277,6 +297,8 @@ class _Recorder(TorchDispatchMode):
         outputs = func(*args, **kwargs)
         if replay is not None:
             self._record(replay, rng, outputs)
+        if costly and self.census is not None:
+            self.census.append(_costly_call(index, func, args, kwargs, outputs))
         return outputs
 
     def _pin_readers_of_written(self, func, args: tuple, kwargs: dict) -> None:
@@ -330,6 +352,18 @@ class _Recorder(TorchDispatchMode):
                 self.recipes.pop(tensor, None)
 
 
+def _costly_call(index: int, func, args: tuple, kwargs: dict, outputs) -> CostlyCall:
+    inputs = {_storage_key(t): t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    made = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
+    return CostlyCall(
+        index,
+        str(func),
+        int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=outputs)),
+        sum(_storage_bytes(t) for t in made),
+        sum(map(_storage_bytes, inputs.values())),
+    )
+
+
 def _unpack(saved: Any) -> torch.Tensor:
     if not isinstance(saved, _Recipe):
         return saved
@@ -348,15 +382,44 @@ def _autocast_off() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def remake_cheap(max_depth: int = DEFAULT_MAX_DEPTH) -> Iterator[None]:
+def remake_cheap(max_depth: int = DEFAULT_MAX_DEPTH, costly: Collection[int] = ()) -> Iterator[None]:
     """Within this block, autograd keeps recipes instead of cheap values (see the module docstring).
 
     The backward may run outside the block. Gradients are exactly those of a
     plain run; the step's FLOPs are the same (the remade operators count none).
+
+    Args:
+        max_depth: the most operators a recipe chains.
+        costly: calls of operators that count FLOPs (matmuls, convolutions,
+            attention) whose outputs are remade too, by their place among
+            such calls in the forward (0 the first; :func:`costly_calls`
+            lists them). Each remake recomputes its FLOPs.
     """
+    with _remaking(max_depth, frozenset(costly)):
+        yield
+
+
+def costly_calls(run: Callable[[], Any], max_depth: int = DEFAULT_MAX_DEPTH) -> list[CostlyCall]:
+    """The calls of operators that count FLOPs while ``run()`` runs under :func:`remake_cheap`.
+
+    Example:
+        >>> import torch
+        >>> from remat.remake import costly_calls
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        >>> [(c.index, c.name) for c in costly_calls(lambda: net(torch.randn(4, 8)))]
+        [(0, 'aten.addmm.default'), (1, 'aten.addmm.default')]
+    """
+    census: list[CostlyCall] = []
+    with _remaking(max_depth, frozenset(), census):
+        run()
+    return census
+
+
+@contextlib.contextmanager
+def _remaking(max_depth: int, costly: frozenset[int], census: list | None = None) -> Iterator[None]:
     if max_depth < 1:
         raise ValueError(f"max_depth must be at least 1 (a recipe of one operator), got {max_depth}")
-    recorder = _Recorder(max_depth)
+    recorder = _Recorder(max_depth, costly, census)
 
     def pack(tensor: torch.Tensor) -> Any:
         recipe = recorder.recipe_of(tensor)
