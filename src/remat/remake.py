@@ -68,9 +68,11 @@ _MOMENTUM_ARGUMENTS = ("momentum", "exponential_average_factor")
 class _Call:
     """One recorded cheap operator call: what to run again, and the outputs it made."""
 
-    __slots__ = ("func", "args", "kwargs", "depth", "versions", "rng", "results", "pinned", "__weakref__")
+    __slots__ = (
+        "func", "args", "kwargs", "depth", "versions", "rng", "results", "pinned", "costly", "held", "__weakref__"
+    )
 
-    def __init__(self, func, args, kwargs, depth: int, versions: tuple, rng: _RandomState | None):
+    def __init__(self, func, args, kwargs, depth: int, versions: tuple, rng: _RandomState | None, costly: bool):
         self.func = func
         self.args = args
         self.kwargs = kwargs
@@ -79,6 +81,10 @@ class _Call:
         self.rng = rng  # the generator's state before a random operator ran
         self.results: list[tuple[weakref.ref, int] | None] = []
         self.pinned: list[tuple[torch.Tensor, int] | None] | None = None  # outputs held (see pin)
+        # A costly call holds what it remade while any recipe that reads it lives (it dies with the
+        # last one): each value made from it is then remade from one recompute, not one each.
+        self.costly = costly
+        self.held: list | None = None
 
     def output(self, index: int) -> torch.Tensor:
         """Output ``index``: held, or the living original or last remake if unchanged, else made again."""
@@ -108,6 +114,8 @@ class _Call:
             outputs = self.func(*args, **kwargs)
         flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
         self.results = [(weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else None for t in flat]
+        if self.costly:
+            self.held = flat
         return flat[index]
 
     def pin(self) -> None:
@@ -337,7 +345,7 @@ class _Recorder(TorchDispatchMode):
         args, kwargs = tree_map_only(torch.Tensor, lambda t: held.get(id(t), t), (args, kwargs))
         unchecked = held.keys() | {id(t) for t in replay.statistics}
         kept = tuple((t, t._version) for t in inputs if id(t) not in unchecked)
-        call = _Call(func, args, kwargs, depth, kept, rng)
+        call = _Call(func, args, kwargs, depth, kept, rng, func.overloadpacket in flop_registry)
         for tensor, _ in kept:
             self.readers.setdefault(_storage_key(tensor), []).append(weakref.ref(call))
         # Autograd bumps the version of a tensor changed in place once this call returns.
