@@ -626,24 +626,14 @@ class _Profiled:
             def remade(index: int) -> Plan | None:
                 return self.remade(self.plan(cheaper[index], 0.0, budget_bytes))
 
-            def fits(plan: Plan | None) -> bool:
-                return plan is not None and plan.predicted_peak_bytes <= budget_bytes
-
             # Remade throughout, the plan that recomputes least often beats plans with recomputed
             # segments (their recompute keeps everything it saves): the remade peaks fall along
             # the rest of the front only.
             first = remade(0) if cheaper else None
-            candidates = [chosen, first if fits(first) else None]
-            if not fits(first):
-                low, high = 1, len(cheaper)  # a fitting candidate is in [low, high)
-                while low < high:
-                    middle = (low + high) // 2
-                    candidate = remade(middle)
-                    if fits(candidate):
-                        candidates.append(candidate)
-                        high = middle
-                    else:
-                        low = middle + 1
+            if _fits(first, budget_bytes):
+                candidates = [chosen, first]
+            else:
+                candidates = [chosen, _least_fitting(remade, 1, len(cheaper), budget_bytes)]
                 if first is not None:
                     candidates.append(self._remade_costly(first, budget_bytes))
             best = min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
@@ -666,15 +656,11 @@ class _Profiled:
             calls = costly_calls(lambda: module(*inputs))
         calls = [c for c in calls if c.output_bytes > c.input_bytes and c.flops > 0]
         calls.sort(key=lambda c: c.output_bytes / c.flops, reverse=True)
-        best, low, high = None, 1, len(calls)  # the fewest that fit is in [low, high]
-        while low <= high:
-            middle = (low + high) // 2
-            candidate = self.remade(plan, tuple(sorted(c.index for c in calls[:middle])))
-            if candidate is not None and candidate.predicted_peak_bytes <= budget_bytes:
-                best, high = candidate, middle - 1
-            else:
-                low = middle + 1
-        return best
+
+        def remade(count: int) -> Plan | None:
+            return self.remade(plan, tuple(sorted(c.index for c in calls[:count])))
+
+        return _least_fitting(remade, 1, len(calls) + 1, budget_bytes)
 
     def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan on the chain cut only at single tensors that does
@@ -809,6 +795,24 @@ def pareto(
         remade = [r for r in map(profiled.remade, plans) if r is not None]
         plans = _lower_envelope(plans + remade, lambda p: p.predicted_peak_bytes)
     return plans
+
+
+def _fits(plan: Plan | None, budget_bytes: int) -> bool:
+    return plan is not None and plan.predicted_peak_bytes <= budget_bytes
+
+
+def _least_fitting(candidate: Callable[[int], Plan | None], low: int, high: int, budget_bytes: int) -> Plan | None:
+    """``candidate(i)`` for the least ``i`` in ``[low, high)`` whose plan fits the budget, found by
+    bisection (the peaks fall as ``i`` grows), or None."""
+    best = None
+    while low < high:
+        middle = (low + high) // 2
+        plan = candidate(middle)
+        if _fits(plan, budget_bytes):
+            best, high = plan, middle
+        else:
+            low = middle + 1
+    return best
 
 
 def _lower_envelope(items: list, peak: Callable[[Any], int]) -> list:

@@ -112,7 +112,7 @@ class _Call:
         args, kwargs = tree_map_only((_Recipe, _Like), lambda r: r.make(), (self.args, self.kwargs))
         with self.rng.replayed() if self.rng is not None else contextlib.nullcontext():
             outputs = self.func(*args, **kwargs)
-        flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        flat = _flat(outputs)
         self.results = [(weakref.ref(t), t._version) if isinstance(t, torch.Tensor) else None for t in flat]
         if self.costly:
             self.held = flat
@@ -164,6 +164,16 @@ class _Recipe:
 
     def make(self) -> torch.Tensor:
         return self.call.output(self.index)
+
+
+def _flat(outputs: Any) -> list:
+    """An operator's outputs as a list (one output, or its tuple)."""
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def _bound(func, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``func``'s arguments by name."""
+    return dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -245,7 +255,7 @@ def _replay_form(func, args: tuple, kwargs: dict) -> _Replay | None:
             args = (*args[:momentum], 0.0, *args[momentum + 1 :])
         else:
             kwargs = {**kwargs, names[momentum]: 0.0}
-        bound = dict(zip(names, args)) | kwargs
+        bound = _bound(func, args, kwargs)
         statistics = tuple(t for name, t in bound.items() if name.startswith("running_") and t is not None)
         return _Replay(func, args, kwargs, False, True, statistics)
     if not writes:
@@ -315,7 +325,7 @@ class _Recorder(TorchDispatchMode):
         if not writes or not self.readers:
             return
         names = [a.name for a in func._schema.arguments]
-        bound = dict(zip(names, args)) | kwargs
+        bound = _bound(func, args, kwargs)
         for i in writes:
             written = bound.get(names[i])
             for tensor in written if isinstance(written, (list, tuple)) else [written]:
@@ -327,7 +337,7 @@ class _Recorder(TorchDispatchMode):
 
     def _record(self, replay: _Replay, rng: _RandomState | None, outputs) -> None:
         func, args, kwargs, in_place = replay.func, replay.args, replay.kwargs, replay.in_place
-        flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        flat = _flat(outputs)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         recipes = [self.recipe_of(t) for t in inputs]
         depth = 1 + max((r.call.depth for r in recipes if r is not None), default=0)
