@@ -256,6 +256,7 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "selective_stages": list(plan.selective),
         "grad_accumulation": plan.grad_accumulation,
         "remake": plan.remake,
+        "remade_costly": list(plan.remade_costly),
         "capture_seconds": plan.capture_seconds,
         "solve_seconds": plan.solve_seconds,
     }
