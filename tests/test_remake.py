@@ -17,13 +17,14 @@ from remat.remake import costly_calls, remake_cheap
 class Remade(nn.Module):
     """``module`` run under :func:`remake_cheap`."""
 
-    def __init__(self, module: nn.Module, max_depth: int = 16):
+    def __init__(self, module: nn.Module, max_depth: int = 16, costly: tuple[int, ...] = ()):
         super().__init__()
         self.module = module
         self.max_depth = max_depth
+        self.costly = costly
 
     def forward(self, *args):
-        with remake_cheap(self.max_depth):
+        with remake_cheap(self.max_depth, self.costly):
             return self.module(*args)
 
 
@@ -163,6 +164,28 @@ def test_depth_limits_the_chain_of_remakes():
             pass
 
 
+def test_a_remade_costly_call_starts_the_depth_again():
+    # Two cheap operators before a widening matmul: at max_depth 2 its output is three deep,
+    # but a remade costly call holds what it remade, so the count starts again there.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ReLU(), nn.GELU(), nn.Linear(64, 1024), nn.GELU(), nn.Linear(1024, 64))
+    x = torch.randn(256, 64)
+    steps = [measure_step(Remade(net, max_depth=2, costly=costly), (x,), fake=True) for costly in ((), (0,))]
+    kept, remade = (step.timeline[step.forward_ops - 1][1] for step in steps)  # live when the forward ends
+    assert kept - remade == 256 * 1024 * 4  # the matmul's output (the GELU's input) is not kept
+    grads = step_grads(Remade(net, max_depth=2, costly=(0,)), (x,))
+    assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
+
+
+def test_chains_through_remade_costly_calls_are_bounded():
+    # Every matmul remade: without a bound, remaking the last value would recurse through all 300.
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Linear(16, 16) for _ in range(300)])
+    x = torch.randn(64, 16)
+    grads = step_grads(Remade(net, max_depth=2, costly=range(300)), (x,))
+    assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
+
+
 # The planner: remade plans are simulated steps, chosen where they beat the chain's plans.
 
 RESNET = ("remat:preact_resnet?depth=20", 32, None)
@@ -229,21 +252,12 @@ def test_costly_calls_remade_too_cost_their_flops_and_keep_gradients_exact():
     widening = [c for c in calls if c.output_bytes > c.input_bytes]
     assert [c.index for c in widening] == [0, 2, 4]  # the 64 -> 1024 matmuls
 
-    class RemadeCostly(nn.Module):
-        def __init__(self, module, costly):
-            super().__init__()
-            self.module, self.costly = module, costly
-
-        def forward(self, x):
-            with remake_cheap(costly=self.costly):
-                return self.module(x)
-
     plain = measure_step(Remade(net), (x,), fake=True)
-    costly = measure_step(RemadeCostly(net, (0, 2)), (x,), fake=True)
+    costly = measure_step(Remade(net, costly=(0, 2)), (x,), fake=True)
     extra = costly.forward_flops + costly.backward_flops - plain.forward_flops - plain.backward_flops
     assert extra > 0 and extra % (calls[0].flops + calls[2].flops) == 0  # each remake recomputes them
     assert costly.peak_bytes < plain.peak_bytes
-    grads = step_grads(RemadeCostly(net, (0, 2, 4)), (x,))
+    grads = step_grads(Remade(net, costly=(0, 2, 4)), (x,))
     assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
 
 
@@ -272,8 +286,28 @@ def test_the_search_for_costly_remakes_takes_the_fewest_that_fit():
     profiled = _Profiled.of(net, x, None)
     first = profiled.remade(profiled.plan(profiled.front()[0], 0.0, None))
     one_less = first.predicted_peak_bytes - 256 * 1024 * 4  # one hidden activation fewer
-    plan = profiled._remade_costly(first, one_less)
+    plan = profiled._remade_costly([first], one_less)
     assert plan is not None and len(plan.remade_costly) == 1 and plan.predicted_peak_bytes <= one_less
     module = remat.optimize(net, x, plan=plan)
     assert measure_step(module, (x,), fake=True).peak_bytes == plan.predicted_peak_bytes
-    assert profiled._remade_costly(first, first.predicted_peak_bytes // 4) is None  # nothing gets that low
+    assert profiled._remade_costly([first], first.predicted_peak_bytes // 4) is None  # nothing gets that low
+
+
+def test_the_search_for_costly_remakes_goes_along_the_front_when_the_first_plan_cannot_fit():
+    from remat.api import _Profiled
+
+    # The 256 -> 256 matmuls widen nothing: only recomputed segments drop their outputs.
+    torch.manual_seed(0)
+    net = nn.Sequential(*[
+        m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64))
+    ])
+    x = torch.randn(4096, 64)
+    profiled = _Profiled.of(net, x, None)
+    front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
+    assert profiled._remade_costly(front[:1], 1 << 40).remade_costly == (0,)  # fits: the fewest
+    on_first = profiled.remade(front[0], (0, 3, 6, 9))  # every widening matmul remade
+    budget = on_first.predicted_peak_bytes - 1
+    plan = profiled._remade_costly(front, budget)
+    assert plan is not None and plan.predicted_peak_bytes <= budget and plan.checkpoints
+    assert plan.remade_costly and plan.recompute_flops > on_first.recompute_flops
+    assert measure_step(remat.optimize(net, x, plan=plan), (x,), fake=True).peak_bytes == plan.predicted_peak_bytes

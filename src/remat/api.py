@@ -39,7 +39,7 @@ from remat.measure import (
     unique_storage_bytes,
 )
 from remat.plan import Plan
-from remat.remake import costly_calls
+from remat.remake import CostlyCall, costly_calls
 from remat.solvers.chain import (
     Chain,
     ChainSolution,
@@ -633,9 +633,10 @@ class _Profiled:
             if _fits(first, budget_bytes):
                 candidates = [chosen, first]
             else:
-                candidates = [chosen, _least_fitting(remade, 1, len(cheaper), budget_bytes)]
+                along = _least_fitting(remade, 1, len(cheaper), budget_bytes)
+                candidates = [chosen, along[1] if along else None]
                 if first is not None:
-                    candidates.append(self._remade_costly(first, budget_bytes))
+                    candidates.append(self._remade_costly([self.plan(s, 0.0, budget_bytes) for s in cheaper], budget_bytes))
             best = min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
         if best is None:
             return None
@@ -644,23 +645,34 @@ class _Profiled:
             best, solve_seconds=(chosen.solve_seconds if chosen else 0.0) + time.perf_counter() - start
         )
 
-    def _remade_costly(self, plan: Plan, budget_bytes: int) -> Plan | None:
-        """``plan`` (remade, run without selective stages) with the outputs of the fewest costly
-        calls remade too that brings its simulated peak within ``budget_bytes``, or None.
+    def _remade_costly(self, front: list[Plan], budget_bytes: int) -> Plan | None:
+        """The plan of ``front`` (by recompute ascending) that recomputes least and fits the budget
+        once its costly calls are remade too, with the fewest of them remade; or None. Plans run
+        remade and without selective stages; both searches bisect.
 
         Candidates are the calls whose outputs are larger than their inputs (attention scores,
-        the first matmul of an MLP), by bytes per FLOP; the number taken is bisected.
+        the first matmul of an MLP), by bytes per FLOP.
         """
-        plan = dataclasses.replace(plan, selective=(), remake=False, remade_costly=())
-        with step_model(self.module(plan), self.inputs, fake=self.fake) as (module, inputs):
-            calls = costly_calls(lambda: module(*inputs))
-        calls = [c for c in calls if c.output_bytes > c.input_bytes and c.flops > 0]
-        calls.sort(key=lambda c: c.output_bytes / c.flops, reverse=True)
+        front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
+        calls: dict[int, list[CostlyCall]] = {}
 
-        def remade(count: int) -> Plan | None:
-            return self.remade(plan, tuple(sorted(c.index for c in calls[:count])))
+        def candidates(index: int) -> list[CostlyCall]:
+            if index not in calls:
+                with step_model(self.module(front[index]), self.inputs, fake=self.fake) as (module, inputs):
+                    found = costly_calls(lambda: module(*inputs))
+                found = [c for c in found if c.output_bytes > c.input_bytes and c.flops > 0]
+                calls[index] = sorted(found, key=lambda c: c.output_bytes / c.flops, reverse=True)
+            return calls[index]
 
-        return _least_fitting(remade, 1, len(calls) + 1, budget_bytes)
+        def remade(index: int, count: int) -> Plan | None:
+            return self.remade(front[index], tuple(sorted(c.index for c in candidates(index)[:count])))
+
+        fitting = _least_fitting(lambda i: remade(i, len(candidates(i))), 0, len(front), budget_bytes)
+        if fitting is None:
+            return None
+        index = fitting[0]
+        fewest = _least_fitting(lambda count: remade(index, count), 1, len(candidates(index)), budget_bytes)
+        return fewest[1] if fewest else fitting[1]
 
     def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan on the chain cut only at single tensors that does
@@ -801,15 +813,17 @@ def _fits(plan: Plan | None, budget_bytes: int) -> bool:
     return plan is not None and plan.predicted_peak_bytes <= budget_bytes
 
 
-def _least_fitting(candidate: Callable[[int], Plan | None], low: int, high: int, budget_bytes: int) -> Plan | None:
-    """``candidate(i)`` for the least ``i`` in ``[low, high)`` whose plan fits the budget, found by
-    bisection (the peaks fall as ``i`` grows), or None."""
+def _least_fitting(
+    candidate: Callable[[int], Plan | None], low: int, high: int, budget_bytes: int
+) -> tuple[int, Plan] | None:
+    """The least ``i`` in ``[low, high)`` whose plan ``candidate(i)`` fits the budget, with that
+    plan, found by bisection (the peaks fall as ``i`` grows); or None."""
     best = None
     while low < high:
         middle = (low + high) // 2
         plan = candidate(middle)
         if _fits(plan, budget_bytes):
-            best, high = plan, middle
+            best, high = (middle, plan), middle
         else:
             low = middle + 1
     return best

@@ -25,7 +25,9 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
   a concatenation, a cast up), so a recipe never keeps alive more bytes than
   the value it replaces; reductions, slices and casts down are kept.
 * A recipe is at most ``max_depth`` cheap operators deep, which bounds the
-  repeated work when a chain of recipes is unpacked several times.
+  repeated work when a chain of recipes is unpacked several times. A remade
+  costly call starts the count again (it holds what it remade, see below),
+  and no chain spans more than ``SPAN_PER_DEPTH * max_depth`` operators.
 * In-place operators are recorded as their out-of-place forms; BatchNorm is
   remade with momentum 0, so its running statistics do not move twice.
   Before a tensor that recipes read changes in place, those recipes make
@@ -60,6 +62,9 @@ __all__ = ["remake_cheap", "costly_calls", "CostlyCall", "DEFAULT_MAX_DEPTH"]
 
 #: Cheap operators a recipe may chain (a value remade from a value remade from ...).
 DEFAULT_MAX_DEPTH = 16
+#: Operators a recipe may chain through remade costly calls, per unit of ``max_depth``: bounds the
+#: recursion of one remake (remaking a value may remake a costly call that reads remade values).
+SPAN_PER_DEPTH = 8
 
 # Names of the argument that sets how far BatchNorm moves its running statistics.
 _MOMENTUM_ARGUMENTS = ("momentum", "exponential_average_factor")
@@ -69,14 +74,17 @@ class _Call:
     """One recorded cheap operator call: what to run again, and the outputs it made."""
 
     __slots__ = (
-        "func", "args", "kwargs", "depth", "versions", "rng", "results", "pinned", "costly", "held", "__weakref__"
+        "func", "args", "kwargs", "depth", "span", "versions", "rng", "results", "pinned", "costly", "held", "__weakref__"
     )
 
-    def __init__(self, func, args, kwargs, depth: int, versions: tuple, rng: _RandomState | None, costly: bool):
+    def __init__(
+        self, func, args, kwargs, depth: int, span: int, versions: tuple, rng: _RandomState | None, costly: bool
+    ):
         self.func = func
         self.args = args
         self.kwargs = kwargs
-        self.depth = depth
+        self.depth = depth  # cheap operators since the last kept value or remade costly call
+        self.span = span  # operators since the last kept value
         self.versions = versions  # (tensor, version) of every kept tensor it reads
         self.rng = rng  # the generator's state before a random operator ran
         self.results: list[tuple[weakref.ref, int] | None] = []
@@ -340,10 +348,13 @@ class _Recorder(TorchDispatchMode):
         flat = _flat(outputs)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         recipes = [self.recipe_of(t) for t in inputs]
-        depth = 1 + max((r.call.depth for r in recipes if r is not None), default=0)
+        costly = func.overloadpacket in flop_registry
+        # A remade costly call holds its outputs once remade: the cheap chain above it restarts.
+        depth = 1 if costly else 1 + max((r.call.depth for r in recipes if r is not None), default=0)
+        span = 1 + max((r.call.span for r in recipes if r is not None), default=0)
         strided = all(t.layout == torch.strided for t in [*inputs, *flat] if isinstance(t, torch.Tensor))
         lost = in_place and replay.reads_first and recipes[0] is None
-        if depth > self.max_depth or lost or not strided:
+        if depth > self.max_depth or span > SPAN_PER_DEPTH * self.max_depth or lost or not strided:
             # Too deep, the value it changed in place is lost, or sparse: keep the outputs as they are.
             for tensor in flat:
                 if isinstance(tensor, torch.Tensor):
@@ -355,7 +366,7 @@ class _Recorder(TorchDispatchMode):
         args, kwargs = tree_map_only(torch.Tensor, lambda t: held.get(id(t), t), (args, kwargs))
         unchecked = held.keys() | {id(t) for t in replay.statistics}
         kept = tuple((t, t._version) for t in inputs if id(t) not in unchecked)
-        call = _Call(func, args, kwargs, depth, kept, rng, func.overloadpacket in flop_registry)
+        call = _Call(func, args, kwargs, depth, span, kept, rng, costly)
         for tensor, _ in kept:
             self.readers.setdefault(_storage_key(tensor), []).append(weakref.ref(call))
         # Autograd bumps the version of a tensor changed in place once this call returns.
