@@ -169,8 +169,9 @@ def main(argv=None) -> int:
         "reaches remat's peak, remat wins by default: see the least peak in the trials table.",
         "Everything is one training step (forward, `mean(out**2)`, backward) measured with",
         "`remat.measure_step(..., fake=True)`; recompute = the step's FLOPs beyond the unmodified",
-        "model's (torch.utils.flop_counter formulas: matmuls, convolutions, attention; pointwise",
-        "operators count zero, so the partitioner's recomputed pointwise ops are free here).",
+        "model's (`remat.measure.flop_formula`: torch.utils.flop_counter's formulas for matmuls,",
+        "convolutions and attention, CPU attention counted as on CUDA; pointwise operators count",
+        "zero, so both sides' recomputed pointwise ops are free here).",
         "",
     ]
     failed = False

@@ -227,3 +227,15 @@ def test_model_is_untouched(fake):
     assert torch.equal(frozen.grad, torch.ones_like(frozen))
     assert all(p.grad is None for p in model.parameters() if p is not frozen)
     assert model.training
+
+
+def test_attention_on_cpu_counts_the_flops_it_counts_on_cuda():
+    # 2 * b * h * s * s * d for scores and again for the weighted sum; twice that and more backward.
+    q, k, v = (torch.randn(2, 4, 128, 32, requires_grad=True) for _ in range(3))
+    with track_memory() as mem:
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+    forward = mem.flops
+    assert forward == 2 * (2 * 2 * 4 * 128 * 128 * 32)
+    with track_memory() as mem:
+        out.sum().backward()
+    assert mem.flops == 2 * forward + 2 * 2 * 4 * 128 * 128 * 32  # dQ, dK, dV and the recomputed scores

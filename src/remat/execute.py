@@ -25,7 +25,7 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
     set_checkpoint_early_stop,
 )
-from torch.utils.flop_counter import flop_registry
+from remat.measure import flop_formula
 from remat.remake import remake_cheap
 
 __all__ = [
@@ -144,7 +144,7 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
 def _save_what_has_flops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Keep the outputs of operators that count FLOPs (matmuls, convolutions, attention);
     recompute the rest (normalisations, activations, dropout, adds, views), which count none."""
-    return CheckpointPolicy.MUST_SAVE if op.overloadpacket in flop_registry else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if flop_formula(op) is not None else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # Newer torch asks whether SAC's cached tensors go through saved-tensor hooks around the

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = ["MemoryTracker", "StepMeasurement", "track_memory", "measure_step", "default_loss"]
 
@@ -45,6 +45,38 @@ _ALIAS_OPS = {torch.ops.aten.lift_fresh.default}
 # the dispatcher, real tensors do not. Leaving them out of the timeline keeps
 # real and fake timelines (and op counts) equal.
 _METADATA_OPS = {torch.ops.prim.device.default}
+
+
+def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# torch.utils.flop_counter has no formula for the CPU kernel of scaled_dot_product_attention;
+# without one, attention would be free on CPU (and fake CPU tensors) but not on CUDA.
+_CPU_ATTENTION_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
+def flop_formula(func) -> Callable[..., int] | None:
+    """The FLOP formula of operator ``func`` (``torch.utils.flop_counter``'s, and CPU attention's);
+    None for an operator that counts no FLOPs. Called as ``formula(*args, **kwargs, out_val=out)``.
+
+    Example:
+        >>> import torch
+        >>> from remat.measure import flop_formula
+        >>> flop_formula(torch.ops.aten.mm.default)(torch.ones(2, 3), torch.ones(3, 4), out_val=None)
+        48
+        >>> flop_formula(torch.ops.aten.relu.default) is None
+        True
+    """
+    packet = func.overloadpacket
+    return flop_registry.get(packet) or _CPU_ATTENTION_FORMULAS.get(packet)
 
 
 def round_to_of(device: torch.device | str | None) -> int:
@@ -162,9 +194,9 @@ class MemoryTracker(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _METADATA_OPS:
             return out
-        packet = func._overloadpacket
-        if packet in flop_registry:
-            self.flops += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        formula = flop_formula(func)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
         if func not in _ALIAS_OPS:
             inputs = {
                 id(t.untyped_storage())
@@ -176,7 +208,7 @@ class MemoryTracker(TorchDispatchMode):
                     storage = t.untyped_storage()
                     if id(storage) not in inputs:
                         self._register(storage)
-        self.timeline.append((str(packet), self.current_bytes))
+        self.timeline.append((str(func._overloadpacket), self.current_bytes))
         return out
 
     def __enter__(self):

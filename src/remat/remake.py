@@ -16,7 +16,7 @@ region reads from outside need not be kept either.
 
 Rules (each one keeps gradients, buffers and random draws those of a plain run):
 
-* Outputs of operators that count FLOPs (``torch.utils.flop_counter``) are
+* Outputs of operators that count FLOPs (:func:`remat.measure.flop_formula`) are
   kept, unless named in ``costly`` (then remaking them recomputes their
   FLOPs), and so are the values recipes read that are not remade themselves.
 * Random operators (dropout) are remade with the generator state they drew
@@ -55,8 +55,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
-from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from remat.measure import flop_formula
 
 __all__ = ["remake_cheap", "costly_calls", "CostlyCall", "DEFAULT_MAX_DEPTH"]
 
@@ -308,7 +309,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self._pin_readers_of_written(func, args, kwargs)
-        costly = func.overloadpacket in flop_registry
+        costly = flop_formula(func) is not None
         if costly:
             index, self.costly_seen = self.costly_seen, self.costly_seen + 1
         remade = index in self.costly if costly else _remakable(func)
@@ -348,7 +349,7 @@ class _Recorder(TorchDispatchMode):
         flat = _flat(outputs)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         recipes = [self.recipe_of(t) for t in inputs]
-        costly = func.overloadpacket in flop_registry
+        costly = flop_formula(func) is not None
         # A remade costly call holds its outputs once remade: the cheap chain above it restarts.
         depth = 1 if costly else 1 + max((r.call.depth for r in recipes if r is not None), default=0)
         span = 1 + max((r.call.span for r in recipes if r is not None), default=0)
@@ -387,7 +388,7 @@ def _costly_call(index: int, func, args: tuple, kwargs: dict, outputs) -> Costly
     return CostlyCall(
         index,
         str(func),
-        int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=outputs)),
+        int(flop_formula(func)(*args, **kwargs, out_val=outputs)),
         sum(_storage_bytes(t) for t in made),
         sum(map(_storage_bytes, inputs.values())),
     )
