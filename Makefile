@@ -46,7 +46,7 @@ bench-compare: $(STAMP)
 bench-compile: $(STAMP)
 	$(PY) benchmarks/compile_budget.py
 
-# remat's chain solvers and value-level chain program against the exact integer program (HiGHS)
+# remat's chain solvers and value-level program against the exact integer program (HiGHS)
 # on random op chains and DAGs of at most 40 ops (about an hour on 2 cores): writes
 # benchmarks/results/optimality_gap.md
 bench-gap: $(STAMP)

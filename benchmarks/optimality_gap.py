@@ -11,8 +11,9 @@ FLOPs of
 * ``remat+nested``: :func:`remat.solvers.nested.min_recompute_nested`
   (recomputes may keep checkpoints of their own and recompute parts again;
   a grid of 4,000 steps up to the budget),
-* ``remat values`` (chains only): :func:`remat.solvers.values.min_recompute_values`
-  (single values dropped and remade, nested; not yet run by remat's executor),
+* ``remat values``: :func:`remat.solvers.values.least_recompute_front`
+  (single values dropped and remade, nested; DAGs planned op by op and stage
+  by stage; not yet run by remat's executor),
 
 with the optimum of the integer program of :mod:`remat.solvers.ilp` (any
 schedule of the op-level model: values dropped and recomputed one by one, any
@@ -65,11 +66,9 @@ def run_case(kind: str, seed: int, time_limit_s: float) -> list[dict]:
     graph = graph_of(kind, seed)
     chain = to_chain(graph)
     forward = sum(graph.flops)
-    values_front, values_seconds = None, None
-    if kind == "chain":
-        start = time.perf_counter()
-        values_front = least_recompute_front(graph)
-        values_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    values_front = least_recompute_front(graph)
+    values_seconds = time.perf_counter() - start
     rows = []
     for where, budget in budgets(pareto_front(chain, store=True)):
         plain = min_recompute(chain, budget)
@@ -80,10 +79,7 @@ def run_case(kind: str, seed: int, time_limit_s: float) -> list[dict]:
             if plan is not None:
                 cost = simulate(graph, chain_schedule(graph, plan.checkpoints, plan.stored, plan.inner))
                 assert cost.peak_bytes <= budget and cost.recompute_flops == plan.recompute_flops
-        values = None
-        if values_front is not None:
-            fitting = [p for p in values_front if p.peak_bytes <= budget]
-            values = min(p.recompute_flops for p in fitting) if fitting else None
+        values = min((p.recompute_flops for p in values_front if p.peak_bytes <= budget), default=None)
         assert exact.peak_bytes is None or exact.peak_bytes <= budget
         found = [x.recompute_flops for x in (plain, store, nested) if x is not None]
         rows.append(dict(
@@ -121,7 +117,7 @@ def summary(rows: list[dict], kind: str) -> list[str]:
              f"{len(rows)} solved to optimality (gaps below are over those)", ""]
     lines.append("| solver | max gap (% fwd) | mean gap (% fwd) | budgets equal to the ILP | max gap where ILP > 0 (x ILP) |")
     lines.append("|---|---|---|---|---|")
-    names = ["plain", "store", "nested"] + (["values"] if kind == "chain" else []) + ["best"]
+    names = ["plain", "store", "nested", "values", "best"]
     for name in names:
         gaps = [gap(r[name], r) for r in rows if gap(r[name], r) is not None]
         equal = sum(1 for r in rows if r[name] is not None and r[name] == r["ilp"])
@@ -130,10 +126,9 @@ def summary(rows: list[dict], kind: str) -> list[str]:
                  "best": f"best of the {len(names) - 1}"}[name]
         lines.append(f"| {label} | {fmt(max(gaps, default=None))} | {fmt(statistics.mean(gaps) if gaps else None)} "
                      f"| {equal} of {len(rows)} | {fmt(100 * max(ratios, default=0), 0)}% |")
-    if kind == "chain":
-        solve_times = {r["ops"]: r["values_seconds"] for r in every}
-        lines += ["", f"remat values: whole front per graph in max {max(solve_times.values()):.1f} s, "
-                  f"mean {statistics.mean(solve_times.values()):.1f} s"]
+    solve_times = {r["ops"]: r["values_seconds"] for r in every}
+    lines += ["", f"remat values: whole front per graph in max {max(solve_times.values()):.1f} s, "
+              f"mean {statistics.mean(solve_times.values()):.1f} s"]
     seconds = [r["seconds"] for r in every]
     statuses = {s: sum(1 for r in every if r["status"] == s) for s in ("optimal", "time_limit", "infeasible")}
     lines += ["", f"ILP solve time: max {max(seconds):.1f} s, mean {statistics.mean(seconds):.1f} s; "
@@ -166,7 +161,7 @@ def main() -> None:
         "(the first that recomputes, the middle one, the least peak). Gap: remat's recompute minus the",
         "ILP optimum, in % of one forward pass's FLOPs (the ILP's schedules may drop and recompute single",
         "values, several times: see `remat/solvers/ilp.py`). `-` in remat: no plan of that family fits.",
-        "`remat values` (`remat/solvers/values.py`, chains only) plans such value-level schedules too;",
+        "`remat values` (`remat/solvers/values.py`) plans such value-level schedules too;",
         "remat's executor does not run them yet.",
         f"Total time {time.perf_counter() - start:.0f} s.",
         "",

@@ -1,4 +1,4 @@
-"""The value-level chain program (remat.solvers.values) against the simulator, remat's chain solvers and the ILP."""
+"""The value-level program (remat.solvers.values) against the simulator, remat's chain solvers and the ILP."""
 
 from __future__ import annotations
 
@@ -63,10 +63,35 @@ def test_drops_a_value_the_next_op_saves_and_remakes_it_alone():
 
 
 def test_rejects_graphs_it_cannot_plan():
-    with pytest.raises(ValueError, match="op chains only"):
-        least_recompute_front(OpGraph.random_dag(12, seed=1))
-    with pytest.raises(ValueError, match=f"up to {MAX_OPS} ops"):
+    with pytest.raises(ValueError, match=f"up to {MAX_OPS} ops or {MAX_OPS} stages"):
         least_recompute_front(OpGraph.random_chain(MAX_OPS + 1, seed=0))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dag_schedules_are_what_simulate_measures_and_beat_whole_segments(seed):
+    graph = OpGraph.random_dag(10 + 2 * seed, seed)
+    chain = to_chain(graph)
+    front = least_recompute_front(graph)
+    for plan in front:
+        cost = simulate(graph, plan.schedule)
+        assert (cost.peak_bytes, cost.recompute_flops) == (plan.peak_bytes, plan.recompute_flops)
+    assert front[0].recompute_flops == 0
+    for budget in front_budgets(graph):
+        plan = min_recompute_values(graph, budget)
+        if plan is not None:
+            assert plan.peak_bytes <= budget
+            assert plan.recompute_flops <= min_recompute(chain, budget).recompute_flops
+
+
+def test_drops_a_value_inside_a_residual_block_and_remakes_it_alone():
+    # DAG seed 1: op 3 (in the block 1 -> 2 -> 3 -> 4 = join(3, 0)) saves x2 (32 KiB). Recomputing
+    # the block's segment, or keeping it whole, costs 1,472,512 FLOPs at this budget; the ILP drops
+    # x2 and remakes it from x1 just before B3, and x0 before B1: op 2 and op 0 again.
+    graph = OpGraph.random_dag(11, seed=1)
+    budget = front_budgets(graph)[1]
+    assert min_recompute(to_chain(graph), budget, store=True).recompute_flops == 1_472_512
+    plan = min_recompute_values(graph, budget)
+    assert plan.recompute_flops == graph.flops[2] + graph.flops[0] == 239_616
 
 
 highspy = pytest.importorskip("highspy")
@@ -95,3 +120,15 @@ def test_equals_the_ilp_optimum_up_to_30_ops(seed):
         assert exact.bound_flops <= ours
         if exact.status == "optimal":
             assert ours == exact.recompute_flops
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dags_come_close_to_the_ilp_optimum(seed):
+    # Measured: equal at seeds 0, 1 and 3; 1.1% of a forward above it at seed 2.
+    graph = OpGraph.random_dag(10 + seed, seed)
+    front = least_recompute_front(graph)
+    for budget in front_budgets(graph):
+        exact = min_recompute_ilp(graph, budget, time_limit_s=60)
+        assert exact.status == "optimal"
+        ours = min(p.recompute_flops for p in front if p.peak_bytes <= budget)
+        assert exact.recompute_flops <= ours <= exact.recompute_flops + 0.015 * sum(graph.flops)
