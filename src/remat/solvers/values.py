@@ -55,8 +55,8 @@ and the better schedules kept:
   (``"F"``); a stage holding inner values is not run again before its
   backward, so no remake passes through it.
 
-On 30 random DAGs of 10 to 39 ops the better of the two is a mean 2.7% of a
-forward above the ILP's proven optimum (max 17%), against 12.7% for remat's
+On 30 random DAGs of 10 to 39 ops the better of the two is a mean 2.4% of a
+forward above the ILP's proven optimum (max 17%), against 12.1% for remat's
 segment solvers (``make bench-gap``).
 
 Time grows as about ``n^5`` in the worst case (30 ops: 4 s, 38 ops: 140 s on
