@@ -19,7 +19,7 @@ from remat.solvers.opgraph import (
     OpGraph,
     Schedule,
     Step,
-    _stages,
+    stages,
     chain_schedule,
     linear_cuts,
     simulate,
@@ -35,7 +35,7 @@ def input_freed_inside_backward(graph: OpGraph) -> bool:
     its output, or it was run without saving), autograd frees it part-way through the
     stage's backward, which ``bwd_peak`` (measured with the input held) does not see:
     ``peak_of`` is then an upper bound."""
-    for ops in _stages(graph):
+    for ops in stages(graph):
         source = ops.start - 1
         savers = [v for v in ops if source in graph.saves_inputs[v]]
         if source >= 0 and savers and min(savers) != ops[0]:

@@ -621,10 +621,13 @@ class _Profiled:
             if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
                 best = chosen
         else:
-            cheaper = [s for s in self.front() if chosen is None or s.recompute_flops < chosen.recompute_flops]
+            cheaper = [
+                self.plan(s, 0.0, budget_bytes)
+                for s in self.front() if chosen is None or s.recompute_flops < chosen.recompute_flops
+            ]
 
             def remade(index: int) -> Plan | None:
-                return self.remade(self.plan(cheaper[index], 0.0, budget_bytes))
+                return self.remade(cheaper[index])
 
             # Remade throughout, the plan that recomputes least often beats plans with recomputed
             # segments (their recompute keeps everything it saves): the remade peaks fall along
@@ -636,7 +639,7 @@ class _Profiled:
                 along = _least_fitting(remade, 1, len(cheaper), budget_bytes)
                 candidates = [chosen, along[1] if along else None]
                 if first is not None:
-                    candidates.append(self._remade_costly([self.plan(s, 0.0, budget_bytes) for s in cheaper], budget_bytes))
+                    candidates.append(self._remade_costly(cheaper, budget_bytes))
             best = min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
         if best is None:
             return None

@@ -59,7 +59,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ from remat.solvers.chain import Chain
 
 __all__ = [
     "OpGraph", "Step", "Schedule", "Cost", "simulate", "gradient_profile", "release_after_last_use",
-    "linear_cuts", "to_chain", "chain_schedule",
+    "linear_cuts", "stages", "stage_forward_peak", "stage_backward_peak", "to_chain", "chain_schedule",
 ]
 
 KiB = 1024
@@ -325,9 +325,34 @@ def linear_cuts(graph: OpGraph) -> list[int]:
     return cuts
 
 
-def _stages(graph: OpGraph) -> list[range]:
+def stages(graph: OpGraph) -> list[range]:
+    """The ops between two :func:`linear_cuts` (one value crosses each cut), in order."""
     bounds = [-1, *linear_cuts(graph), graph.n - 1]
     return [range(lo + 1, hi + 1) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def stage_forward_peak(graph: OpGraph, ops: range, kept: Collection[int]) -> int:
+    """The most bytes the forward of ``ops`` holds beyond their input: the values still to
+    be read or in ``kept``, and the one being made."""
+    out, last = graph.out_bytes, graph.last_consumer
+    return max(sum(out[u] for u in ops if u < v and (last[u] >= v or u in kept)) + out[v] for v in ops)
+
+
+def stage_backward_peak(graph: OpGraph, ops: range, freed: Collection[int]) -> int:
+    """The most the backward of ``ops`` allocates beyond what is live when it starts: the
+    gradients it makes, less the gradients it is done with and the saved values in ``freed``
+    after their last reader."""
+    last, grad = graph.last_consumer, graph.grad_bytes
+    extra = peak = 0
+    for v in reversed(ops):
+        allocated = graph.param_grad_bytes[v] + sum(grad[u] for u in graph.inputs[v] if last[u] == v)
+        peak = max(peak, extra + allocated)
+        extra += allocated
+        if v != graph.n - 1:  # the root gradient is held to the end
+            extra -= grad[v]
+        extra -= sum(graph.out_bytes[u] for u in graph.saved_by(v) if u in freed
+                     and min(w for w in ops if u in graph.saved_by(w)) == v)
+    return peak
 
 
 def to_chain(graph: OpGraph) -> Chain:
@@ -342,51 +367,31 @@ def to_chain(graph: OpGraph) -> Chain:
         >>> to_chain(graph).n
         6
     """
-    stages = _stages(graph)
-    last = graph.last_consumer
     out, grad = graph.out_bytes, graph.grad_bytes
+    stage_ops = stages(graph)
     rows = []
-    for i, ops in enumerate(stages):
+    for ops in stage_ops:
         source = ops.start - 1  # the op that makes the stage input; -1: the graph input
         saved = {u for v in ops for u in graph.saved_by(v)}
         inner = [u for u in ops if u != ops[-1]]
-
-        def forward_peak(keep_saved: bool) -> int:
-            peak = 0
-            for v in ops:
-                live = sum(out[u] for u in ops if u < v and (last[u] >= v or (keep_saved and u in saved)))
-                peak = max(peak, live + out[v])
-            return peak
-
-        # Backward, in bytes over what is live when it starts (the stage input
-        # is held by whoever made it; the stage output's gradient is there).
-        extra = peak_bw = 0
-        for v in reversed(ops):
-            new = [u for u in graph.inputs[v] if last[u] == v]
-            allocated = graph.param_grad_bytes[v] + sum(grad[u] for u in new)
-            peak_bw = max(peak_bw, extra + allocated)
-            extra += allocated
-            if v != graph.n - 1:  # the root gradient is held to the end
-                extra -= grad[v]
-            # saved values whose last reader this was (the stage input is held on)
-            extra -= sum(out[u] for u in graph.saved_by(v) if u != source and u != graph.n - 1
-                         and min(w for w in ops if u in graph.saved_by(w)) == v)
+        # The backward peak is in bytes over what is live when it starts (the stage input
+        # is held by whoever made it, the loss by the caller; the output's gradient is there).
         rows.append(dict(
-            fwd_nosave_peak=forward_peak(False),
-            fwd_save_peak=forward_peak(True),
+            fwd_nosave_peak=stage_forward_peak(graph, ops, ()),
+            fwd_save_peak=stage_forward_peak(graph, ops, saved),
             saved_bytes=sum(out[u] for u in saved if u in inner),
             saves_input=source >= 0 and source in saved,
             saves_output=bool(graph.saves_output[ops[-1]]),
-            bwd_peak=peak_bw,
+            bwd_peak=stage_backward_peak(graph, ops, set(ops) - {graph.n - 1}),
             param_grad_bytes=sum(graph.param_grad_bytes[v] for v in ops),
             fwd_flops=sum(graph.flops[v] for v in ops),
         ))
-    ends = [ops[-1] for ops in stages]
+    ends = [ops[-1] for ops in stage_ops]
     arrays = {key: [row[key] for row in rows] for key in rows[0]}
     return Chain.from_arrays(
         act_bytes=[0] + [out[c] for c in ends],
         grad_bytes=[0] + [grad[c] for c in ends],
-        bwd_flops=[0] * len(stages),
+        bwd_flops=[0] * len(stage_ops),
         base_bytes=graph.base_bytes,
         **arrays,
     )
@@ -406,10 +411,10 @@ def chain_schedule(
     for a recomputed segment's input, the end of that segment's backward.
     """
     nested = {(l, r): tuple(cs) for l, r, cs in inner}
-    stages = _stages(graph)
-    bounds = [0, *checkpoints, len(stages)]
+    stage_ops = stages(graph)
+    bounds = [0, *checkpoints, len(stage_ops)]
     if list(bounds) != sorted(set(bounds)):
-        raise ValueError(f"checkpoints must be distinct sorted stage indices in 1..{len(stages) - 1}")
+        raise ValueError(f"checkpoints must be distinct sorted stage indices in 1..{len(stage_ops) - 1}")
     steps: list[tuple[int, bool]] = []
     refs: list[list[int]] = []  # per step, the value instances it refers to
     current: dict[int, int] = {}  # op -> its latest instance
@@ -418,7 +423,7 @@ def chain_schedule(
     hold: dict[int, list[int]] = {}  # op -> instances held until its backward
 
     def run_forward(first: int, last_stage: int, save: bool) -> None:
-        for ops in stages[first:last_stage]:
+        for ops in stage_ops[first:last_stage]:
             for v in ops:
                 refs.append([current[u] for u in graph.inputs[v]])
                 steps.append((v, False))
@@ -438,9 +443,9 @@ def chain_schedule(
             normal = r == bounds[-1] or l in stored
             run_forward(l, r, save=normal)
             if not normal:
-                recompute_at[stages[r - 1][-1]] = (l, r)
+                recompute_at[stage_ops[r - 1][-1]] = (l, r)
                 if l > 0:  # the checkpoint holds its input until the segment's backward is done
-                    hold.setdefault(stages[l].start, []).append(current[stages[l].start - 1])
+                    hold.setdefault(stage_ops[l].start, []).append(current[stage_ops[l].start - 1])
 
     run_segments(bounds)
     for v in range(graph.n - 1, -1, -1):

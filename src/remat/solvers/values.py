@@ -81,7 +81,16 @@ import dataclasses
 import functools
 from operator import itemgetter
 
-from remat.solvers.opgraph import OpGraph, Schedule, gradient_profile, linear_cuts, release_after_last_use, simulate
+from remat.solvers.opgraph import (
+    OpGraph,
+    Schedule,
+    gradient_profile,
+    release_after_last_use,
+    simulate,
+    stage_backward_peak,
+    stage_forward_peak,
+    stages,
+)
 
 __all__ = ["MAX_OPS", "ValuePlan", "least_recompute_front", "min_recompute_values"]
 
@@ -112,16 +121,16 @@ def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
     the better schedules of the two kept. Raises ``ValueError`` if both have
     more than :data:`MAX_OPS` units.
     """
-    ops = [range(v, v + 1) for v in range(graph.n)]
-    stages = _stages(graph)
-    plannable = [units for units in (ops, stages) if len(units) <= MAX_OPS]
+    ops, stage_ops = [range(v, v + 1) for v in range(graph.n)], stages(graph)
+    families = [ops] if len(stage_ops) == graph.n else [ops, stage_ops]  # a chain's stages are its ops
+    plannable = [units for units in families if len(units) <= MAX_OPS]
     if not plannable:
         raise ValueError(
             f"least_recompute_front plans graphs of up to {MAX_OPS} ops or {MAX_OPS} stages, "
-            f"not {graph.n} ops in {len(stages)} stages"
+            f"not {graph.n} ops in {len(stage_ops)} stages"
         )
     plans = []
-    for units in plannable[: 1 if len(stages) == graph.n else 2]:  # a chain's stages are its ops
+    for units in plannable:
         parts = _Parts(graph, units)
         plans += [_plan(parts, point) for point in parts.front()]
     front: list[ValuePlan] = []
@@ -203,12 +212,6 @@ def _step(need: int, flops: int = 0, acts: tuple = ()) -> list[_Point]:
     return [(need, flops, acts)]
 
 
-def _stages(graph: OpGraph) -> list[range]:
-    """The stages between two :func:`~remat.solvers.opgraph.linear_cuts` (one value crosses each cut)."""
-    bounds = [-1, *linear_cuts(graph), graph.n - 1]
-    return [range(lo + 1, hi + 1) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
 def _live_after(graph: OpGraph, v: int) -> set[int]:
     """The values in memory between op ``v`` and op ``v + 1`` of a plain forward pass."""
     last = graph.last_consumer
@@ -227,8 +230,6 @@ class _Parts:
 
     def __init__(self, graph: OpGraph, units: list[range]):
         n = len(units)
-        if n > MAX_OPS:
-            raise ValueError(f"least_recompute_front plans graphs of up to {MAX_OPS} ops (stages of a DAG), not {n}")
         self.graph, self.units, self.n = graph, units, n
         last_op = [ops[-1] for ops in units]
         # A unit's output x_i stands for every value in memory after it: with the values
@@ -242,36 +243,19 @@ class _Parts:
         # The loss is held by the caller to the end: its backward always has it.
         self.saves_output = [*(graph.saves_output[o] for o in last_op[:-1]), True]
         self.inner = [sum(graph.out_bytes[u] for u in ops[:-1] if u in saved_i) for ops, saved_i in zip(units, saved)]
-        self.run_saving = [self._forward_peak(ops, saved_i) for ops, saved_i in zip(units, saved)]
-        self.run_plain = [self._forward_peak(ops, set()) for ops in units]
+        self.run_saving = [stage_forward_peak(graph, ops, saved_i) for ops, saved_i in zip(units, saved)]
+        self.run_plain = [stage_forward_peak(graph, ops, ()) for ops in units]
         before, _ = gradient_profile(graph)
         loss, base = graph.out_bytes[graph.n - 1], graph.base_bytes
         # Fixed bytes at B_b (base, gradients, what the backward allocates, the loss) and before
         # it (forward recomputes).
         self.before_backward = [base + before[2 * graph.n - 1 - o] + (loss if b < n - 1 else 0)
                                 for b, o in enumerate(last_op)]
-        self.at_backward = [fixed + self._backward_peak(ops) for fixed, ops in zip(self.before_backward, units)]
+        # Inner saved values are freed after their last reader; the unit's output is held on.
+        self.at_backward = [fixed + stage_backward_peak(graph, ops, ops[:-1])
+                            for fixed, ops in zip(self.before_backward, units)]
         self.before_backward[n - 1] = base  # the forward pass: no gradients yet
         self.part = functools.lru_cache(maxsize=None)(self._part)  # per graph, freed with it
-
-    def _forward_peak(self, ops: range, kept: set[int]) -> int:
-        """The most bytes a unit's forward holds beyond its input (its output included)."""
-        out, last = self.graph.out_bytes, self.graph.last_consumer
-        return max(sum(out[u] for u in ops if u < v and (last[u] >= v or u in kept)) + out[v] for v in ops)
-
-    def _backward_peak(self, ops: range) -> int:
-        """The most a unit's backward allocates beyond what is there when it starts (gradients
-        it makes, less the gradients and inner saved values it is done with)."""
-        graph = self.graph
-        last, grad = graph.last_consumer, graph.grad_bytes
-        extra = peak = 0
-        for v in reversed(ops):
-            allocated = graph.param_grad_bytes[v] + sum(grad[u] for u in graph.inputs[v] if last[u] == v)
-            peak = max(peak, extra + allocated)
-            extra += allocated - (grad[v] if v != graph.n - 1 else 0)
-            extra -= sum(graph.out_bytes[u] for u in graph.saved_by(v) if u in ops[:-1]
-                         and min(w for w in ops if u in graph.saved_by(w)) == v)
-        return peak
 
     def front(self) -> list[_Point]:
         """Pareto points of the whole step, FLOPs counted beyond one forward pass (the
