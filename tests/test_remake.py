@@ -296,18 +296,71 @@ def test_the_search_for_costly_remakes_takes_the_fewest_that_fit():
 def test_the_search_for_costly_remakes_goes_along_the_front_when_the_first_plan_cannot_fit():
     from remat.api import _Profiled
 
-    # The 256 -> 256 matmuls widen nothing: only recomputed segments drop their outputs.
+    # Remaking keeps the max-pool outputs (smaller than their inputs): only segments drop them.
     torch.manual_seed(0)
-    net = nn.Sequential(*[
-        m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64))
-    ])
+    net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.MaxPool1d(2), nn.Linear(128, 64))])
     x = torch.randn(4096, 64)
     profiled = _Profiled.of(net, x, None)
     front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
-    assert profiled._remade_costly(front[:1], 1 << 40).remade_costly == (0,)  # fits: the fewest
-    on_first = profiled.remade(front[0], (0, 3, 6, 9))  # every widening matmul remade
-    budget = on_first.predicted_peak_bytes - 1
-    plan = profiled._remade_costly(front, budget)
-    assert plan is not None and plan.predicted_peak_bytes <= budget and plan.checkpoints
-    assert plan.remade_costly and plan.recompute_flops > on_first.recompute_flops
+    assert len(profiled._remade_costly(front[:1], 1 << 40).remade_costly) == 1  # fits: the fewest
+    # The lowest peak the search reaches on the first plan of the front, to a MiB.
+    reached, missed = profiled.remade(front[0]).predicted_peak_bytes, 0
+    while reached - missed > 1 << 20:
+        middle = (reached + missed) // 2
+        on_first = profiled._remade_costly(front[:1], middle)
+        reached, missed = (on_first.predicted_peak_bytes, missed) if on_first else (reached, middle)
+    plan = profiled._remade_costly(front, missed)
+    assert plan is not None and plan.predicted_peak_bytes <= missed and plan.remade_costly
+    assert plan.checkpoints != front[0].checkpoints
     assert measure_step(remat.optimize(net, x, plan=plan), (x,), fake=True).peak_bytes == plan.predicted_peak_bytes
+
+
+class _Attention(nn.Module):
+    """Self-attention on ``scaled_dot_product_attention``, then an MLP; both residual."""
+
+    def __init__(self, width: int = 64, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.out(attended.transpose(1, 2).reshape(batch, tokens, width))
+        return x + self.mlp(x)
+
+
+def test_attention_is_remade_though_it_reads_more_than_it_writes():
+    torch.manual_seed(0)
+    net, x = _Attention(), torch.randn(8, 16, 64)
+    calls = costly_calls(lambda: net(x))
+    attention = next(c for c in calls if "attention" in c.name)
+    assert attention.output_bytes < attention.input_bytes
+    plain = measure_step(Remade(net), (x,), fake=True)
+    remade = measure_step(Remade(net, costly=(attention.index,)), (x,), fake=True)
+    extra = remade.forward_flops + remade.backward_flops - plain.forward_flops - plain.backward_flops
+    assert extra == attention.flops  # made again once, for the backward of the projection after it
+    assert remade.peak_bytes < plain.peak_bytes
+    grads = step_grads(Remade(net, costly=(attention.index,)), (x,))
+    assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
+
+
+def test_costly_calls_are_remade_in_the_order_of_what_they_save_per_flop():
+    from remat.api import _Profiled
+
+    torch.manual_seed(0)
+    net, x = nn.Sequential(*[_Attention() for _ in range(3)]), torch.randn(8, 16, 64)
+    profiled = _Profiled.of(net, x, None)
+    first = profiled.plan(profiled.front()[0], 0.0, None)
+    worth = profiled._costly_worth(first)
+    calls = profiled._costly_calls(first)
+    kind = {name: next(c.kind for c in calls if name in c.name) for name in ("attention", "addmm")}
+    assert worth[kind["attention"]] > worth[kind["addmm"]] > 0  # attention: few FLOPs for its output
+    plain = profiled.remade(first)
+    budget = plain.predicted_peak_bytes - 1
+    plan = profiled._remade_costly([first], budget)
+    assert plan is not None and plan.predicted_peak_bytes <= budget
+    remade = [c for c in calls if c.index in plan.remade_costly]
+    assert remade and all("attention" in c.name for c in remade)

@@ -56,6 +56,10 @@ from remat.solvers.nested import min_peak_nested, min_recompute_nested
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
 
+#: Kinds of costly calls (:attr:`remat.remake.CostlyCall.kind`) a budget plan may remake: the
+#: ones with the most output bytes; measuring what each saves costs one simulated step.
+MAX_COSTLY_KINDS = 8
+
 
 @dataclasses.dataclass
 class Captured:
@@ -649,33 +653,74 @@ class _Profiled:
         )
 
     def _remade_costly(self, front: list[Plan], budget_bytes: int) -> Plan | None:
-        """The plan of ``front`` (by recompute ascending) that recomputes least and fits the budget
-        once its costly calls are remade too, with the fewest of them remade; or None. Plans run
-        remade and without selective stages; both searches bisect.
+        """The plan of ``front`` (by recompute ascending) with costly calls remade too that fits
+        the budget at the least recompute found; or None. Plans run remade and without
+        selective stages.
 
-        Candidates are the calls whose outputs are larger than their inputs (attention scores,
-        the first matmul of an MLP), by bytes per FLOP.
+        Calls are remade in the order of the peak bytes their kind saves per FLOP
+        (:meth:`_costly_worth`): attention before the first matmul of an MLP, say;
+        kinds that save nothing never. For the best kind, then the best two, and so
+        on: the first plan of the front that fits with every call of those kinds
+        remade, then the fewest calls remade on it (both by bisection). A kind
+        worth less is only tried where it lets an earlier plan of the front fit.
         """
         front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
+        worth = self._costly_worth(front[0])
+        kinds = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
         calls: dict[int, list[CostlyCall]] = {}
 
-        def candidates(index: int) -> list[CostlyCall]:
+        def candidates(index: int, allowed: int) -> list[CostlyCall]:
+            """The calls of ``front[index]`` of the ``allowed`` best kinds, best first."""
             if index not in calls:
-                with step_model(self.module(front[index]), self.inputs, fake=self.fake) as (module, inputs):
-                    found = costly_calls(lambda: module(*inputs))
-                found = [c for c in found if c.output_bytes > c.input_bytes and c.flops > 0]
-                calls[index] = sorted(found, key=lambda c: c.output_bytes / c.flops, reverse=True)
-            return calls[index]
+                found = [c for c in self._costly_calls(front[index]) if c.kind in worth and worth[c.kind] > 0]
+                calls[index] = sorted(found, key=lambda c: kinds.index(c.kind))  # stable: forward order
+            return [c for c in calls[index] if kinds.index(c.kind) < allowed]
 
         def remade(index: int, count: int) -> Plan | None:
-            return self.remade(front[index], tuple(sorted(c.index for c in candidates(index)[:count])))
+            return self.remade(front[index], tuple(sorted(c.index for c in calls[index][:count])))
 
-        fitting = _least_fitting(lambda i: remade(i, len(candidates(i))), 0, len(front), budget_bytes)
-        if fitting is None:
-            return None
-        index = fitting[0]
-        fewest = _least_fitting(lambda count: remade(index, count), 1, len(candidates(index)), budget_bytes)
-        return fewest[1] if fewest else fitting[1]
+        best, high = None, len(front)
+        for allowed in range(1, len(kinds) + 1):
+            fitting = _least_fitting(
+                lambda i: remade(i, len(candidates(i, allowed))), 0, high, budget_bytes  # noqa: B023
+            )
+            if fitting is None:
+                continue
+            index, plan = fitting
+            # The kinds before did not fit on this plan with every call remade.
+            fewer = len(candidates(index, allowed - 1)) + 1 if allowed > 1 else 1
+            fewest = _least_fitting(
+                lambda count: remade(index, count), fewer, len(candidates(index, allowed)), budget_bytes  # noqa: B023
+            )
+            plan = fewest[1] if fewest else plan
+            if best is None or plan.recompute_flops < best.recompute_flops:
+                best = plan
+            high = index
+        return best
+
+    def _costly_calls(self, plan: Plan) -> list[CostlyCall]:
+        with step_model(self.module(plan), self.inputs, fake=self.fake) as (module, inputs):
+            return costly_calls(lambda: module(*inputs))
+
+    def _costly_worth(self, plan: Plan) -> dict[tuple, float]:
+        """Peak bytes saved per recomputed FLOP when every call of a kind (:attr:`CostlyCall.kind`)
+        is remade in ``plan``, for the :data:`MAX_COSTLY_KINDS` kinds with the most output
+        bytes (one simulated step each). A kind whose outputs are never saved for backward,
+        or whose remake keeps its larger inputs alive, saves nothing."""
+        kinds: dict[tuple, list[CostlyCall]] = {}
+        for call in self._costly_calls(plan):
+            kinds.setdefault(call.kind, []).append(call)
+        largest = sorted(kinds, key=lambda kind: -sum(c.output_bytes for c in kinds[kind]))[:MAX_COSTLY_KINDS]
+        plain = self.remade(plan)
+        if plain is None:
+            return {}
+        worth = {}
+        for kind in largest:
+            remade = self.remade(plan, tuple(c.index for c in kinds[kind]))
+            if remade is not None and remade.recompute_flops > plain.recompute_flops:
+                saved = plain.predicted_peak_bytes - remade.predicted_peak_bytes
+                worth[kind] = saved / (remade.recompute_flops - plain.recompute_flops)
+        return worth
 
     def _on_plain_chain(self, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
         """``solution``, or a plan on the chain cut only at single tensors that does

@@ -21,9 +21,12 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
   FLOPs), and so are the values recipes read that are not remade themselves.
 * Random operators (dropout) are remade with the generator state they drew
   from in the forward, put back afterwards.
-* A value is remade only from values no larger than itself (an elementwise op,
-  a concatenation, a cast up), so a recipe never keeps alive more bytes than
-  the value it replaces; reductions, slices and casts down are kept.
+* A cheap value is remade only from values no larger than itself (an
+  elementwise op, a concatenation, a cast up), so a recipe never keeps alive
+  more bytes than the value it replaces; reductions, slices and casts down are
+  kept. The outputs of costly calls named in ``costly`` are remade whatever
+  their size (attention reads more than it writes, but its backward keeps what
+  it reads anyway): the planner measures whether that pays.
 * A recipe is at most ``max_depth`` cheap operators deep, which bounds the
   repeated work when a chain of recipes is unpacked several times. A remade
   costly call starts the count again (it holds what it remade, see below),
@@ -287,6 +290,11 @@ class CostlyCall:
     output_bytes: int
     input_bytes: int  # of its tensor inputs, each storage once
 
+    @property
+    def kind(self) -> tuple[str, int, int, int]:
+        """Calls of one kind (operator, FLOPs and sizes) are the same layer of repeated blocks."""
+        return self.name, self.flops, self.input_bytes, self.output_bytes
+
 
 class _Recorder(TorchDispatchMode):
     """Records a recipe for every cheap value the forward makes (see the module docstring),
@@ -376,7 +384,7 @@ class _Recorder(TorchDispatchMode):
         for index, (tensor, version) in enumerate(zip(flat, versions)):
             if not isinstance(tensor, torch.Tensor):
                 continue
-            if _storage_bytes(tensor) >= largest_input:
+            if costly or _storage_bytes(tensor) >= largest_input:
                 self.recipes[tensor] = _Recipe(call, index, version)
             else:
                 self.recipes.pop(tensor, None)
