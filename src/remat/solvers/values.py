@@ -41,22 +41,29 @@ releases every value after its last use and is checked by
 integer program's proven optimum at every budget where HiGHS proved one on
 the chains of the gap benchmark (``make bench-gap``; ``tests/test_values.py``).
 
-DAGs (residual and branching blocks) are planned as chains of *units* twice,
-and the better schedules kept:
+DAGs (residual and branching blocks) are planned as chains of *units* three
+times, and the best schedules kept:
 
 * op by op, in topological order: ``x_v`` then stands for every value in
   memory after op ``v`` (``x_v`` and the values that skip over it to a later
-  reader). Holding two of them counts a skipping value twice: the program
-  over-counts inside blocks, never under-counts, and the plan's simulated
-  peak may be below the program's figure;
+  reader). Counted in full for each held ``x_v``, a skipping value held in two
+  of them is counted twice: the program over-counts inside blocks, never
+  under-counts, and the plan's simulated peak may be below its figure;
+* op by op again, each held ``x_v`` charged only for the values made after
+  the nearest value held below it (``x_p``, held throughout: what ``x_v``
+  adds to memory), and a unit may keep of its anchor only what its backward
+  reads (the rest then neither remakes from the anchor nor counts on it).
+  Closer to the truth, still never under it; neither count is exact, and
+  each ranks some schedules the other misses above the rest;
 * stage by stage, between the single values that cut the graph
   (:func:`~remat.solvers.opgraph.linear_cuts`): a stage's forward keeps the
   values its backward needs inside it (run ``"S"``) or only its output
   (``"F"``); a stage holding inner values is not run again before its
   backward, so no remake passes through it.
 
-On 30 random DAGs of 10 to 39 ops the better of the two is a mean 2.4% of a
-forward above the ILP's proven optimum (max 17%), against 12.1% for remat's
+On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.2% of a
+forward above the ILP's proven optimum (max 7.0%, equal at 32 of 66 budgets;
+before the second family: mean 2.4%, max 17.2%), against 12.1% for remat's
 segment solvers (``make bench-gap``).
 
 Time grows as about ``n^5`` in the worst case (30 ops: 4 s, 38 ops: 140 s on
@@ -117,21 +124,22 @@ def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
     the program finds, with its cost under :func:`~remat.solvers.opgraph.simulate`.
 
     Sorted from the least recompute (highest peak) to the least peak. A DAG is
-    planned twice, op by op and stage by stage (see the module docstring), and
-    the better schedules of the two kept. Raises ``ValueError`` if both have
-    more than :data:`MAX_OPS` units.
+    planned three times, op by op (two ways of counting held values) and stage
+    by stage (see the module docstring), and the best schedules kept. Raises
+    ``ValueError`` if it has more than :data:`MAX_OPS` ops and stages.
     """
     ops, stage_ops = [range(v, v + 1) for v in range(graph.n)], stages(graph)
-    families = [ops] if len(stage_ops) == graph.n else [ops, stage_ops]  # a chain's stages are its ops
-    plannable = [units for units in families if len(units) <= MAX_OPS]
+    # (units, whether held values are charged against those held below them; see _Parts)
+    families = [(ops, False)] if len(stage_ops) == graph.n else [(ops, False), (ops, True), (stage_ops, False)]
+    plannable = [(units, charged) for units, charged in families if len(units) <= MAX_OPS]
     if not plannable:
         raise ValueError(
             f"least_recompute_front plans graphs of up to {MAX_OPS} ops or {MAX_OPS} stages, "
             f"not {graph.n} ops in {len(stage_ops)} stages"
         )
     plans = []
-    for units in plannable:
-        parts = _Parts(graph, units)
+    for units, charged in plannable:
+        parts = _Parts(graph, units, charged)
         plans += [_plan(parts, point) for point in parts.front()]
     front: list[ValuePlan] = []
     for plan in sorted(plans, key=lambda p: (p.recompute_flops, p.peak_bytes)):
@@ -228,18 +236,26 @@ class _Parts:
     unit's backward; no remake passes through a unit that holds them.
     """
 
-    def __init__(self, graph: OpGraph, units: list[range]):
+    def __init__(self, graph: OpGraph, units: list[range], charged: bool = False):
         n = len(units)
-        self.graph, self.units, self.n = graph, units, n
+        self.graph, self.units, self.n, self.charged = graph, units, n, charged
         last_op = [ops[-1] for ops in units]
-        # A unit's output x_i stands for every value in memory after it: with the values
-        # that skip over it (in a DAG's blocks) counted again in each, bytes are over-counted
-        # where two are held at once, never under-counted.
-        self.out = [sum(graph.out_bytes[u] for u in _live_after(graph, o)) for o in last_op]
+        # A unit's output x_v stands for every value in memory after it, the values that skip
+        # over it (in a DAG's blocks) included: counted in full for each held x_v, or, if
+        # ``charged``, held while x_p (p < v) stays in memory, only the values made after p
+        # (charge[p + 1][v]; p = -1: all). Each held value charged against one held below it,
+        # the sum is never below the bytes of their union. Neither count is exact, and the
+        # program keeps the schedules its count ranks best: each finds some the other misses.
+        live = [_live_after(graph, o) for o in last_op]
+        self.charge = [[sum(graph.out_bytes[u] for u in live[v] - (below if charged else set())) for v in range(n)]
+                       for below in [set(), *live]]
         self.flops = [sum(graph.flops[v] for v in ops) for ops in units]
         self.inner_flops = [f - graph.flops[o] for f, o in zip(self.flops, last_op)]
         saved = [{u for v in ops for u in graph.saved_by(v)} for ops in units]
-        self.saves_input = [bool(_live_after(graph, ops.start - 1) & saved_i) for ops, saved_i in zip(units, saved)]
+        saved_inputs = [_live_after(graph, ops.start - 1) & saved_i for ops, saved_i in zip(units, saved)]
+        self.saves_input = [bool(inputs) for inputs in saved_inputs]
+        # Of the anchor (everything in memory before a unit), what the unit's backward needs.
+        self.saved_input = [sum(graph.out_bytes[u] for u in inputs) for inputs in saved_inputs]
         # The loss is held by the caller to the end: its backward always has it.
         self.saves_output = [*(graph.saves_output[o] for o in last_op[:-1]), True]
         self.inner = [sum(graph.out_bytes[u] for u in ops[:-1] if u in saved_i) for ops, saved_i in zip(units, saved)]
@@ -263,13 +279,13 @@ class _Parts:
         total = sum(self.flops)
         return [(need, flops - total, acts) for need, flops, acts in self.part(0, self.n - 1, False, -1, False, None)]
 
-    def anchor(self, s: int) -> int:
-        return self.out[s - 1] if s >= 1 else 0
+    def held(self, below: int, v: int) -> int:
+        """Bytes of holding ``x_v`` while ``x_below`` stays in memory (``v`` = -1: the graph input)."""
+        return self.charge[below + 1][v] if v >= 0 else 0
 
     def remake_cost(self, v: int, p: int) -> tuple[int, int]:
         """FLOPs of ``F_{p+1}..F_v`` from ``x_p``, and their peak over what is present (``x_p`` aside)."""
-        out = self.out
-        peak = max((out[k - 1] if k > p + 1 else 0) + self.run_plain[k] for k in range(p + 1, v + 1))
+        peak = max((self.held(p, k - 1) if k > p + 1 else 0) + self.run_plain[k] for k in range(p + 1, v + 1))
         return sum(self.flops[p + 1 : v + 1]), peak
 
     def remake(self, owed: tuple[int, int], present: int, fixed: int) -> list[_Point]:
@@ -281,9 +297,14 @@ class _Parts:
     ) -> list[_Point]:
         """Pareto points of one part; ``owed`` as (bytes of the value, peak of its remake);
         ``source`` None where no value below the anchor may be remade."""
-        out, flops, inner = self.out, self.flops, self.inner
-        anchor, above = self.anchor(s), (out[t] if top else 0)
-        own_output = out[s] if self.saves_output[s] else 0
+        flops, inner, held = self.flops, self.inner, self.held
+        below = -1 if source is None else source  # in memory while this part runs
+        # x_t (if ``top``) is only counted next to the anchor, hence charged against it.
+        anchor, above = held(below, s - 1), (held(s - 1, t) if top else 0)
+
+        def own_output(anchor_kept: bool) -> int:  # x_s at B_s
+            return held(s - 1 if anchor_kept else below, s) if self.saves_output[s] else 0
+
         options: list[_Point] = []
         if owed is not None:  # remake the owed value now, before anything else
             now = self.remake(owed, anchor + above, self.before_backward[t])
@@ -299,32 +320,42 @@ class _Parts:
                                 self.inner_flops[s], (("I", s),))
             elif inner[s] or (self.saves_output[s] and not top):
                 forward = _step(anchor + self.run_saving[s] + self.before_backward[t], flops[s], (("S", s),))
-            held = anchor if self.saves_input[s] or keep else 0
-            backward = _step(held + own_output + inner[s] + self.at_backward[s], 0, (("B", s),))
+            kept = self.saves_input[s] or keep
+            held_at_backward = (anchor if kept else 0) + own_output(kept)
+            if self.charged and not keep:  # ... or only what B_s reads of it
+                held_at_backward = min(held_at_backward, self.saved_input[s] + own_output(False))
+            backward = _step(held_at_backward + inner[s] + self.at_backward[s], 0, (("B", s),))
             return _least(options + _then(forward, backward, at_end))
 
         # Run F_s and keep what B_s needs.
         needed = self.saves_input[s] or keep
         forward = _step(anchor + above + self.run_saving[s] + self.before_backward[t], flops[s], (("S", s),))
-        held = (anchor if needed else 0) + inner[s]
+        holding = (anchor if needed else 0) + inner[s]
         child_source = None if inner[s] else (s - 1 if needed or s == 0 else source)
 
-        def backward(extra: int) -> list[_Point]:
-            return _step(extra + own_output + self.at_backward[s], 0, (("B", s),))
+        def backward(extra: int, anchor_kept: bool) -> list[_Point]:
+            return _step(extra + own_output(anchor_kept) + self.at_backward[s], 0, (("B", s),))
 
-        rest = _shift(self.part(s + 1, t, self.saves_output[s], child_source, top, None), held)
-        options += _then(forward, rest, backward(held), at_end)
+        rest = _shift(self.part(s + 1, t, self.saves_output[s], child_source, top, None), holding)
+        options += _then(forward, rest, backward(holding, needed), at_end)
+        if self.charged and self.saves_input[s] and not keep and self.saved_input[s] < anchor:
+            # Keep only what B_s reads of the anchor: the rest neither remakes from it nor
+            # counts on the values it no longer reads.
+            holding = self.saved_input[s] + inner[s]
+            rest = _shift(self.part(s + 1, t, self.saves_output[s], None if inner[s] else source, top, None), holding)
+            options += _then(forward, rest, backward(holding, False), at_end)
         if needed and s >= 1 and source is not None:  # drop the anchor; the rest remakes it from x_source
             flops_owed, peak = self.remake_cost(s - 1, source)
             rest = self.part(s + 1, t, self.saves_output[s], None if inner[s] else source, top, (anchor, peak))
             rest = [(need + inner[s], cost + flops_owed, ("owe", s - 1, source, acts)) for need, cost, acts in rest]
-            options += _then(forward, rest, backward(anchor + inner[s]), at_end)
+            options += _then(forward, rest, backward(anchor + inner[s], True), at_end)
 
         # Run F_s..F_{c-1} keeping only x_{c-1}; (c, t] from it, then (s, c-1] again.
         need = run = 0
         for c in range(s + 1, t + 1):
             k = c - 1
-            need = max(need, anchor + above + (out[k - 1] if k > s else 0) + self.run_plain[k] + self.before_backward[t])
+            need = max(need, anchor + above + (held(s - 1, k - 1) if k > s else 0) + self.run_plain[k]
+                       + self.before_backward[t])
             run += flops[k]
             forward = _step(need, run, tuple(("F", j) for j in range(s, c)))
             for hand_over in {False, self.saves_output[k]}:  # keep x_{c-1} for B_{c-1}
