@@ -293,26 +293,26 @@ def test_the_search_for_costly_remakes_takes_the_fewest_that_fit():
     assert profiled._remade_costly([first], first.predicted_peak_bytes // 4) is None  # nothing gets that low
 
 
-def test_the_search_for_costly_remakes_goes_along_the_front_when_the_first_plan_cannot_fit():
+def test_the_search_for_costly_remakes_along_the_front_fits_and_never_loses_to_the_first_plan():
     from remat.api import _Profiled
 
-    # Remaking keeps the max-pool outputs (smaller than their inputs): only segments drop them.
     torch.manual_seed(0)
     net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.MaxPool1d(2), nn.Linear(128, 64))])
     x = torch.randn(4096, 64)
     profiled = _Profiled.of(net, x, None)
     front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
     assert len(profiled._remade_costly(front[:1], 1 << 40).remade_costly) == 1  # fits: the fewest
-    # The lowest peak the search reaches on the first plan of the front, to a MiB.
-    reached, missed = profiled.remade(front[0]).predicted_peak_bytes, 0
-    while reached - missed > 1 << 20:
-        middle = (reached + missed) // 2
-        on_first = profiled._remade_costly(front[:1], middle)
-        reached, missed = (on_first.predicted_peak_bytes, missed) if on_first else (reached, middle)
-    plan = profiled._remade_costly(front, missed)
-    assert plan is not None and plan.predicted_peak_bytes <= missed and plan.remade_costly
-    assert plan.checkpoints != front[0].checkpoints
-    assert measure_step(remat.optimize(net, x, plan=plan), (x,), fake=True).peak_bytes == plan.predicted_peak_bytes
+    plain = profiled.remade(front[0]).predicted_peak_bytes
+    found = []
+    for budget in range(plain - (1 << 20), plain // 2, -(plain // 8)):
+        first, along = profiled._remade_costly(front[:1], budget), profiled._remade_costly(front, budget)
+        assert along is not None or first is None
+        if along is not None:
+            assert along.predicted_peak_bytes <= budget and along.remade_costly
+            assert first is None or along.recompute_flops <= first.recompute_flops
+            found.append(along)
+    assert len(found) >= 2
+    assert measure_step(remat.optimize(net, x, plan=found[-1]), (x,), fake=True).peak_bytes == found[-1].predicted_peak_bytes
 
 
 class _Attention(nn.Module):
@@ -344,6 +344,36 @@ def test_attention_is_remade_though_it_reads_more_than_it_writes():
     assert extra == attention.flops  # made again once, for the backward of the projection after it
     assert remade.peak_bytes < plain.peak_bytes
     grads = step_grads(Remade(net, costly=(attention.index,)), (x,))
+    assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
+
+
+class _SplitHeads(nn.Module):
+    """One matmul's output split in three and copied apart (GPT-2's query, key and value)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.width = width
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (part.contiguous() for part in self.qkv(x).split(self.width, dim=-1))
+        return self.out(q * k * v)
+
+
+def test_copies_of_a_remade_matmuls_output_are_remade_with_it():
+    # Each copy is a third of the matmul's output, so it is kept while the output is: remade,
+    # the output holds only the matmul's input, and the copies are made again from it.
+    torch.manual_seed(0)
+    net, x = nn.Sequential(*[_SplitHeads() for _ in range(6)]), torch.randn(1024, 32)
+    matmuls = [c for c in costly_calls(lambda: net(x)) if c.output_bytes > c.input_bytes]
+    costly = tuple(c.index for c in matmuls)
+    plain = measure_step(Remade(net), (x,), fake=True)
+    remade = measure_step(Remade(net, costly=costly), (x,), fake=True)
+    copies = 3 * 1024 * 32 * 4
+    assert remade.peak_bytes <= plain.peak_bytes - 4 * copies  # five blocks' copies dropped, less what one remakes
+    extra = remade.forward_flops + remade.backward_flops - plain.forward_flops - plain.backward_flops
+    assert extra == sum(c.flops for c in matmuls)  # each matmul once, for all three copies
+    grads = step_grads(Remade(net, costly=costly), (x,))
     assert_grads_equal(step_grads(net, (x,)), {n.removeprefix("module."): g for n, g in grads.items()})
 
 

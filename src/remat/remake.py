@@ -24,9 +24,12 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
 * A cheap value is remade only from values no larger than itself (an
   elementwise op, a concatenation, a cast up), so a recipe never keeps alive
   more bytes than the value it replaces; reductions, slices and casts down are
-  kept. The outputs of costly calls named in ``costly`` are remade whatever
-  their size (attention reads more than it writes, but its backward keeps what
-  it reads anyway): the planner measures whether that pays.
+  kept. An input made from a remade costly call counts only as what that
+  call's recipe holds (a copy of a third of a remade matmul's output holds
+  the matmul's input, not the output). The outputs of costly calls named in
+  ``costly`` are remade whatever their size (attention reads more than it
+  writes, but its backward keeps what it reads anyway): the planner measures
+  whether that pays.
 * A recipe is at most ``max_depth`` cheap operators deep, which bounds the
   repeated work when a chain of recipes is unpacked several times. A remade
   costly call starts the count again (it holds what it remade, see below),
@@ -78,17 +81,20 @@ class _Call:
     """One recorded cheap operator call: what to run again, and the outputs it made."""
 
     __slots__ = (
-        "func", "args", "kwargs", "depth", "span", "versions", "rng", "results", "pinned", "costly", "held", "__weakref__"
+        "func", "args", "kwargs", "depth", "span", "keeps", "versions", "rng", "results", "pinned", "costly", "held",
+        "through_costly", "__weakref__",
     )
 
     def __init__(
-        self, func, args, kwargs, depth: int, span: int, versions: tuple, rng: _RandomState | None, costly: bool
+        self, func, args, kwargs, depth: int, span: int, keeps: int, versions: tuple, rng: _RandomState | None,
+        costly: bool, through_costly: bool,
     ):
         self.func = func
         self.args = args
         self.kwargs = kwargs
         self.depth = depth  # cheap operators since the last kept value or remade costly call
         self.span = span  # operators since the last kept value
+        self.keeps = keeps  # bytes of the largest tensor its recipe holds (see _Recorder._record)
         self.versions = versions  # (tensor, version) of every kept tensor it reads
         self.rng = rng  # the generator's state before a random operator ran
         self.results: list[tuple[weakref.ref, int] | None] = []
@@ -97,6 +103,7 @@ class _Call:
         # last one): each value made from it is then remade from one recompute, not one each.
         self.costly = costly
         self.held: list | None = None
+        self.through_costly = through_costly  # it remakes a costly call's output, or a value made from one
 
     def output(self, index: int) -> torch.Tensor:
         """Output ``index``: held, or the living original or last remake if unchanged, else made again."""
@@ -369,13 +376,23 @@ class _Recorder(TorchDispatchMode):
                 if isinstance(tensor, torch.Tensor):
                     self.recipes.pop(tensor, None)
             return
-        largest_input = max(map(_storage_bytes, inputs), default=0)
+        # What the recipe holds, input by input: a kept tensor, or a recipe input's bytes, or less
+        # where it is made from a remade costly call (a view of a remade matmul's output holds
+        # only what the matmul reads).
+        keeps = max(
+            (
+                min(_storage_bytes(t), r.call.keeps) if r is not None and r.call.through_costly else _storage_bytes(t)
+                for t, r in zip(inputs, recipes)
+            ),
+            default=0,
+        )
         # Inputs with a recipe are held as recipes; the others (kept values) as tensors.
         held = {id(t): r for t, r in zip(inputs, recipes) if r is not None}
         args, kwargs = tree_map_only(torch.Tensor, lambda t: held.get(id(t), t), (args, kwargs))
         unchecked = held.keys() | {id(t) for t in replay.statistics}
         kept = tuple((t, t._version) for t in inputs if id(t) not in unchecked)
-        call = _Call(func, args, kwargs, depth, span, kept, rng, costly)
+        through_costly = costly or any(r.call.through_costly for r in recipes if r is not None)
+        call = _Call(func, args, kwargs, depth, span, keeps, kept, rng, costly, through_costly)
         for tensor, _ in kept:
             self.readers.setdefault(_storage_key(tensor), []).append(weakref.ref(call))
         # Autograd bumps the version of a tensor changed in place once this call returns.
@@ -384,7 +401,7 @@ class _Recorder(TorchDispatchMode):
         for index, (tensor, version) in enumerate(zip(flat, versions)):
             if not isinstance(tensor, torch.Tensor):
                 continue
-            if costly or _storage_bytes(tensor) >= largest_input:
+            if costly or _storage_bytes(tensor) >= keeps:
                 self.recipes[tensor] = _Recipe(call, index, version)
             else:
                 self.recipes.pop(tensor, None)
