@@ -666,32 +666,30 @@ class _Profiled:
         """
         front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
         worth = self._costly_worth(front[0])
-        kinds = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
+        best_first = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
+        rank = {kind: i for i, kind in enumerate(best_first)}
         calls: dict[int, list[CostlyCall]] = {}
 
-        def candidates(index: int, allowed: int) -> list[CostlyCall]:
-            """The calls of ``front[index]`` of the ``allowed`` best kinds, best first."""
+        def candidates(index: int, kinds: int = len(rank)) -> list[CostlyCall]:
+            """The calls of ``front[index]`` of the ``kinds`` best kinds, best first."""
             if index not in calls:
-                found = [c for c in self._costly_calls(front[index]) if c.kind in worth and worth[c.kind] > 0]
-                calls[index] = sorted(found, key=lambda c: kinds.index(c.kind))  # stable: forward order
-            return [c for c in calls[index] if kinds.index(c.kind) < allowed]
+                found = [c for c in self._costly_calls(front[index]) if c.kind in rank]
+                calls[index] = sorted(found, key=lambda c: rank[c.kind])  # stable: forward order within a kind
+            return [c for c in calls[index] if rank[c.kind] < kinds]
 
         def remade(index: int, count: int) -> Plan | None:
-            return self.remade(front[index], tuple(sorted(c.index for c in calls[index][:count])))
+            return self.remade(front[index], tuple(sorted(c.index for c in candidates(index)[:count])))
 
         best, high = None, len(front)
-        for allowed in range(1, len(kinds) + 1):
-            fitting = _least_fitting(
-                lambda i: remade(i, len(candidates(i, allowed))), 0, high, budget_bytes  # noqa: B023
-            )
+        for kinds in range(1, len(rank) + 1):
+            fitting = _least_fitting(lambda i: remade(i, len(candidates(i, kinds))), 0, high, budget_bytes)
             if fitting is None:
                 continue
             index, plan = fitting
-            # The kinds before did not fit on this plan with every call remade.
-            fewer = len(candidates(index, allowed - 1)) + 1 if allowed > 1 else 1
-            fewest = _least_fitting(
-                lambda count: remade(index, count), fewer, len(candidates(index, allowed)), budget_bytes  # noqa: B023
-            )
+            # With the kinds before alone, every call remade did not fit on this plan.
+            fewer = len(candidates(index, kinds - 1)) + 1 if kinds > 1 else 1
+            most = len(candidates(index, kinds))
+            fewest = _least_fitting(lambda count: remade(index, count), fewer, most, budget_bytes)
             plan = fewest[1] if fewest else plan
             if best is None or plan.recompute_flops < best.recompute_flops:
                 best = plan
