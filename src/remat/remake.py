@@ -24,9 +24,9 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
 * A cheap value is remade only from values no larger than itself (an
   elementwise op, a concatenation, a cast up), so a recipe never keeps alive
   more bytes than the value it replaces; reductions, slices and casts down are
-  kept. An input made from a remade costly call counts only as what that
-  call's recipe holds (a copy of a third of a remade matmul's output holds
-  the matmul's input, not the output). The outputs of costly calls named in
+  kept. A remade costly call's output, or a view of it, counts only as what
+  that call's recipe holds (a copy of a third of a remade matmul's output
+  holds the matmul's input, not the output). The outputs of costly calls named in
   ``costly`` are remade whatever their size (attention reads more than it
   writes, but its backward keeps what it reads anyway): the planner measures
   whether that pays.
@@ -82,12 +82,12 @@ class _Call:
 
     __slots__ = (
         "func", "args", "kwargs", "depth", "span", "keeps", "versions", "rng", "results", "pinned", "costly", "held",
-        "through_costly", "__weakref__",
+        "views_costly", "__weakref__",
     )
 
     def __init__(
         self, func, args, kwargs, depth: int, span: int, keeps: int, versions: tuple, rng: _RandomState | None,
-        costly: bool, through_costly: bool,
+        costly: bool, views_costly: bool,
     ):
         self.func = func
         self.args = args
@@ -103,7 +103,7 @@ class _Call:
         # last one): each value made from it is then remade from one recompute, not one each.
         self.costly = costly
         self.held: list | None = None
-        self.through_costly = through_costly  # it remakes a costly call's output, or a value made from one
+        self.views_costly = views_costly  # it remakes a costly call's output, or a view of one
 
     def output(self, index: int) -> torch.Tensor:
         """Output ``index``: held, or the living original or last remake if unchanged, else made again."""
@@ -377,11 +377,10 @@ class _Recorder(TorchDispatchMode):
                     self.recipes.pop(tensor, None)
             return
         # What the recipe holds, input by input: a kept tensor, or a recipe input's bytes, or less
-        # where it is made from a remade costly call (a view of a remade matmul's output holds
-        # only what the matmul reads).
+        # for a remade costly call's output or a view of it (which holds only what the call reads).
         keeps = max(
             (
-                min(_storage_bytes(t), r.call.keeps) if r is not None and r.call.through_costly else _storage_bytes(t)
+                min(_storage_bytes(t), r.call.keeps) if r is not None and r.call.views_costly else _storage_bytes(t)
                 for t, r in zip(inputs, recipes)
             ),
             default=0,
@@ -391,8 +390,11 @@ class _Recorder(TorchDispatchMode):
         args, kwargs = tree_map_only(torch.Tensor, lambda t: held.get(id(t), t), (args, kwargs))
         unchecked = held.keys() | {id(t) for t in replay.statistics}
         kept = tuple((t, t._version) for t in inputs if id(t) not in unchecked)
-        through_costly = costly or any(r.call.through_costly for r in recipes if r is not None)
-        call = _Call(func, args, kwargs, depth, span, keeps, kept, rng, costly, through_costly)
+        made = {_storage_key(t) for t in flat if isinstance(t, torch.Tensor)}
+        views_costly = costly or any(
+            r.call.views_costly and _storage_key(t) in made for t, r in zip(inputs, recipes) if r is not None
+        )
+        call = _Call(func, args, kwargs, depth, span, keeps, kept, rng, costly, views_costly)
         for tensor, _ in kept:
             self.readers.setdefault(_storage_key(tensor), []).append(weakref.ref(call))
         # Autograd bumps the version of a tensor changed in place once this call returns.
