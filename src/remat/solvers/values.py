@@ -61,8 +61,8 @@ times, and the best schedules kept:
   (``"F"``); a stage holding inner values is not run again before its
   backward, so no remake passes through it.
 
-On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.2% of a
-forward above the ILP's proven optimum (max 7.0%, equal at 32 of 66 budgets;
+On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.3% of a
+forward above the ILP's proven optimum (max 7.0%, equal at 32 of 65 budgets;
 before the second family: mean 2.4%, max 17.2%), against 12.1% for remat's
 segment solvers (``make bench-gap``).
 
