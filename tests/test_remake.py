@@ -384,8 +384,8 @@ def test_costly_calls_are_remade_in_the_order_of_what_they_save_per_flop():
     net, x = nn.Sequential(*[_Attention() for _ in range(3)]), torch.randn(8, 16, 64)
     profiled = _Profiled.of(net, x, None)
     first = profiled.plan(profiled.front()[0], 0.0, None)
-    worth = profiled._costly_worth(first)
     calls = profiled._costly_calls(first)
+    worth = profiled._costly_worth(first, calls)
     kind = {name: next(c.kind for c in calls if name in c.name) for name in ("attention", "addmm")}
     assert worth[kind["attention"]] > worth[kind["addmm"]] > 0  # attention: few FLOPs for its output
     plain = profiled.remade(first)

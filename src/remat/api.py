@@ -665,7 +665,14 @@ class _Profiled:
         worth less is only tried where it lets an earlier plan of the front fit.
         """
         front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
-        worth = self._costly_worth(front[0])
+        census: dict[int, list[CostlyCall]] = {}  # per plan of the front, its costly calls
+
+        def census_of(index: int) -> list[CostlyCall]:
+            if index not in census:
+                census[index] = self._costly_calls(front[index])
+            return census[index]
+
+        worth = self._costly_worth(front[0], census_of(0))
         best_first = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
         rank = {kind: i for i, kind in enumerate(best_first)}
         calls: dict[int, list[CostlyCall]] = {}
@@ -673,7 +680,7 @@ class _Profiled:
         def candidates(index: int, kinds: int = len(rank)) -> list[CostlyCall]:
             """The calls of ``front[index]`` of the ``kinds`` best kinds, best first."""
             if index not in calls:
-                found = [c for c in self._costly_calls(front[index]) if c.kind in rank]
+                found = [c for c in census_of(index) if c.kind in rank]
                 calls[index] = sorted(found, key=lambda c: rank[c.kind])  # stable: forward order within a kind
             return [c for c in calls[index] if rank[c.kind] < kinds]
 
@@ -700,13 +707,13 @@ class _Profiled:
         with step_model(self.module(plan), self.inputs, fake=self.fake) as (module, inputs):
             return costly_calls(lambda: module(*inputs))
 
-    def _costly_worth(self, plan: Plan) -> dict[tuple, float]:
+    def _costly_worth(self, plan: Plan, calls: list[CostlyCall]) -> dict[tuple, float]:
         """Peak bytes saved per recomputed FLOP when every call of a kind (:attr:`CostlyCall.kind`)
-        is remade in ``plan``, for the :data:`MAX_COSTLY_KINDS` kinds with the most output
-        bytes (one simulated step each). A kind whose outputs are never saved for backward,
-        or whose remake keeps its larger inputs alive, saves nothing."""
+        among ``plan``'s costly ``calls`` is remade, for the :data:`MAX_COSTLY_KINDS` kinds with
+        the most output bytes (one simulated step each). A kind whose outputs are never saved
+        for backward, or whose remake keeps its larger inputs alive, saves nothing."""
         kinds: dict[tuple, list[CostlyCall]] = {}
-        for call in self._costly_calls(plan):
+        for call in calls:
             kinds.setdefault(call.kind, []).append(call)
         largest = sorted(kinds, key=lambda kind: -sum(c.output_bytes for c in kinds[kind]))[:MAX_COSTLY_KINDS]
         plain = self.remade(plan)

@@ -26,10 +26,10 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
   more bytes than the value it replaces; reductions, slices and casts down are
   kept. A remade costly call's output, or a view of it, counts only as what
   that call's recipe holds (a copy of a third of a remade matmul's output
-  holds the matmul's input, not the output). The outputs of costly calls named in
-  ``costly`` are remade whatever their size (attention reads more than it
-  writes, but its backward keeps what it reads anyway): the planner measures
-  whether that pays.
+  holds the matmul's input, not the output). The outputs of costly calls
+  named in ``costly`` are remade whatever their size (attention reads more
+  than it writes, but its backward keeps what it reads anyway): the planner
+  measures whether that pays.
 * A recipe is at most ``max_depth`` cheap operators deep, which bounds the
   repeated work when a chain of recipes is unpacked several times. A remade
   costly call starts the count again (it holds what it remade, see below),

@@ -247,8 +247,11 @@ class _Parts:
         # the sum is never below the bytes of their union. Neither count is exact, and the
         # program keeps the schedules its count ranks best: each finds some the other misses.
         live = [_live_after(graph, o) for o in last_op]
-        self.charge = [[sum(graph.out_bytes[u] for u in live[v] - (below if charged else set())) for v in range(n)]
-                       for below in [set(), *live]]
+        full = [sum(graph.out_bytes[u] for u in live_v) for live_v in live]
+        self.charge = (
+            [full] + [[sum(graph.out_bytes[u] for u in live[v] - below) for v in range(n)] for below in live]
+            if charged else [full] * (n + 1)
+        )
         self.flops = [sum(graph.flops[v] for v in ops) for ops in units]
         self.inner_flops = [f - graph.flops[o] for f, o in zip(self.flops, last_op)]
         saved = [{u for v in ops for u in graph.saved_by(v)} for ops in units]
