@@ -66,7 +66,8 @@ import numpy as np
 from remat.solvers.chain import Chain
 
 __all__ = [
-    "OpGraph", "Step", "Schedule", "Cost", "simulate", "gradient_profile", "release_after_last_use",
+    "OpGraph", "Step", "Schedule", "Cost", "ValuePlan", "simulate", "gradient_profile", "schedule_of_steps",
+    "release_after_last_use",
     "linear_cuts", "stages", "stage_forward_peak", "stage_backward_peak", "to_chain", "chain_schedule",
 ]
 
@@ -227,6 +228,15 @@ class Cost:
 
     peak_bytes: int
     recompute_flops: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ValuePlan:
+    """A schedule of an op graph and what it costs under :func:`simulate`."""
+
+    peak_bytes: int
+    recompute_flops: int
+    schedule: Schedule
 
 
 def simulate(graph: OpGraph, schedule: Schedule) -> Cost:
@@ -455,6 +465,23 @@ def chain_schedule(
         refs.append(saved.get(v, []) + hold.get(v, []))
         steps.append((v, True))
     return release_after_last_use(graph, steps, refs, op_of)
+
+
+def schedule_of_steps(graph: OpGraph, steps: Sequence[tuple[int, bool]]) -> Schedule:
+    """The schedule of ``steps`` (op, backward) in which every step reads the latest copy of
+    each value it needs and every copy is released after its last reader."""
+    latest: dict[int, int] = {}  # op -> its latest copy
+    op_of: list[int] = []
+    uses: list[list[int]] = []
+    for v, backward in steps:
+        if backward:
+            uses.append([latest[u] for u in graph.saved_by(v)])
+        else:
+            reads = [latest[u] for u in graph.inputs[v]]
+            latest[v] = len(op_of)
+            op_of.append(v)
+            uses.append(reads + [latest[v]])
+    return release_after_last_use(graph, steps, uses, op_of)
 
 
 def release_after_last_use(

@@ -64,7 +64,8 @@ times, and the best schedules kept:
 On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.3% of a
 forward above the ILP's proven optimum (max 7.0%, equal at 32 of 65 budgets;
 before the second family: mean 2.4%, max 17.2%), against 12.1% for remat's
-segment solvers (``make bench-gap``).
+segment solvers (``make bench-gap``). At one budget, :func:`min_recompute_values`
+then improves the best of them by local search (:mod:`remat.solvers.polish`).
 
 Time grows as about ``n^5`` in the worst case (30 ops: 4 s, 38 ops: 140 s on
 one core), hence :data:`MAX_OPS`. A reference, and the model of a value-level
@@ -84,23 +85,28 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from operator import itemgetter
 
 from remat.solvers.opgraph import (
     OpGraph,
     Schedule,
+    ValuePlan,
     gradient_profile,
-    release_after_last_use,
+    schedule_of_steps,
     simulate,
     stage_backward_peak,
     stage_forward_peak,
     stages,
 )
+from remat.solvers.polish import polish
 
-__all__ = ["MAX_OPS", "ValuePlan", "least_recompute_front", "min_recompute_values"]
+__all__ = ["MAX_OPS", "POLISHED", "ValuePlan", "least_recompute_front", "min_recompute_values"]
 
+#: Fitting schedules of the front :func:`min_recompute_values` polishes: from another start the
+#: local search may end lower (DAG seed 17 of ``make bench-gap``: 7.0% of a forward above the
+#: ILP from the first, equal from the second).
+POLISHED = 4
 MAX_OPS = 50  # units (ops, or stages of a DAG): beyond this the O(n^5) program runs for many minutes
 
 # A Pareto point: (bytes needed beyond what the callers hold, FLOPs of all
@@ -108,15 +114,6 @@ MAX_OPS = 50  # units (ops, or stages of a DAG): beyond this the O(n^5) program 
 _Point = tuple
 _BY_BYTES = itemgetter(0, 1)
 _REMAKE = ("R",)  # a leaf: the owed remake of the nearest enclosing ("owe", v, p, tree) node
-
-
-@dataclasses.dataclass(frozen=True)
-class ValuePlan:
-    """A schedule of an op graph and what it costs under :func:`~remat.solvers.opgraph.simulate`."""
-
-    peak_bytes: int
-    recompute_flops: int
-    schedule: Schedule
 
 
 def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
@@ -148,9 +145,12 @@ def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
     return front
 
 
-def min_recompute_values(graph: OpGraph, budget_bytes: int) -> ValuePlan | None:
-    """The schedule of :func:`least_recompute_front` with the least recompute whose peak fits
-    ``budget_bytes``; ``None`` if none fits. For several budgets, call that once instead.
+def min_recompute_values(graph: OpGraph, budget_bytes: int, front: list[ValuePlan] | None = None) -> ValuePlan | None:
+    """The least recompute found within ``budget_bytes``: the :data:`POLISHED` fitting schedules
+    of :func:`least_recompute_front` that recompute least, each improved by
+    :func:`remat.solvers.polish.polish`, and the best kept; ``None`` if none fits.
+
+    ``front``: the graph's :func:`least_recompute_front`, to plan several budgets from one run.
 
     Example:
         >>> from remat.solvers.opgraph import OpGraph
@@ -158,8 +158,10 @@ def min_recompute_values(graph: OpGraph, budget_bytes: int) -> ValuePlan | None:
         >>> min_recompute_values(graph, 1) is None
         True
     """
-    fitting = [plan for plan in least_recompute_front(graph) if plan.peak_bytes <= budget_bytes]
-    return min(fitting, key=lambda plan: plan.recompute_flops, default=None)
+    front = least_recompute_front(graph) if front is None else front
+    fitting = sorted((p for p in front if p.peak_bytes <= budget_bytes), key=lambda p: p.recompute_flops)
+    polished = [polish(graph, plan.schedule, budget_bytes) for plan in fitting[:POLISHED]]
+    return min(polished, key=lambda p: (p.recompute_flops, p.peak_bytes), default=None)
 
 
 # -- step functions as Pareto lists: bytes ascending, FLOPs strictly descending ------
@@ -392,21 +394,11 @@ def _plan(parts: _Parts, point: _Point) -> ValuePlan:
 
 def _schedule(graph: OpGraph, units: list[range], actions: list[tuple[str, int]]) -> Schedule:
     """The op steps of the units' ``actions``, each value released right after its last use."""
-    current: dict[int, int] = {}  # op -> its latest instance
-    op_of: list[int] = []
     steps: list[tuple[int, bool]] = []
-    uses: list[list[int]] = []
     for kind, unit in actions:
         ops = units[unit]
         if kind == "B":
-            for v in reversed(ops):
-                steps.append((v, True))
-                uses.append([current[u] for u in graph.saved_by(v)])
-            continue
-        for v in ops[:-1] if kind == "I" else ops:
-            reads = [current[u] for u in graph.inputs[v]]
-            current[v] = len(op_of)
-            op_of.append(v)
-            steps.append((v, False))
-            uses.append(reads + [current[v]])
-    return release_after_last_use(graph, steps, uses, op_of)
+            steps += [(v, True) for v in reversed(ops)]
+        else:
+            steps += [(v, False) for v in (ops[:-1] if kind == "I" else ops)]
+    return schedule_of_steps(graph, steps)
