@@ -147,7 +147,7 @@ def summary(rows: list[dict], kind: str) -> list[str]:
     polish_times = [r["polish_seconds"] for r in every]
     lines += ["", f"remat values+polish: per budget in max {max(polish_times):.1f} s, "
               f"mean {statistics.mean(polish_times):.1f} s"]
-    limited = [r for r in every if r["status"] == "time_limit" and r["polished"] is not None]
+    limited = [r for r in every if r["status"] == "time_limit" and None not in (r["polished"], r["ilp"])]
     if limited:
         below = sum(1 for r in limited if r["polished"] < r["ilp"])
         lines += ["", f"Where the ILP stopped at its time limit ({len(limited)} budgets), remat values+polish "
