@@ -61,11 +61,12 @@ times, and the best schedules kept:
   (``"F"``); a stage holding inner values is not run again before its
   backward, so no remake passes through it.
 
-On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.3% of a
-forward above the ILP's proven optimum (max 7.0%, equal at 32 of 65 budgets;
-before the second family: mean 2.4%, max 17.2%), against 12.1% for remat's
+On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.4% of a
+forward above the ILP's proven optimum (max 7.0%, equal at 32 of 68 budgets;
+before the second family: mean 2.4%, max 17.2%), against 12.8% for remat's
 segment solvers (``make bench-gap``). At one budget, :func:`min_recompute_values`
-then improves the best of them by local search (:mod:`remat.solvers.polish`).
+then improves the best of them by local search (:mod:`remat.solvers.polish`):
+mean 0.2%, max 6.4%, equal at 57 of 68.
 
 Time grows as about ``n^5`` in the worst case (30 ops: 4 s, 38 ops: 140 s on
 one core), hence :data:`MAX_OPS`. A reference, and the model of a value-level
