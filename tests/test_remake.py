@@ -301,7 +301,8 @@ def test_the_search_for_costly_remakes_along_the_front_fits_and_never_loses_to_t
     x = torch.randn(4096, 64)
     profiled = _Profiled.of(net, x, None)
     front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
-    assert len(profiled._remade_costly(front[:1], 1 << 40).remade_costly) == 1  # fits: the fewest
+    # Everything fits: the bisection stops at one call, which a trade then gives up.
+    assert profiled._remade_costly(front[:1], 1 << 40).remade_costly == ()
     plain = profiled.remade(front[0]).predicted_peak_bytes
     found = []
     for budget in range(plain - (1 << 20), plain // 2, -(plain // 8)):
@@ -313,6 +314,25 @@ def test_the_search_for_costly_remakes_along_the_front_fits_and_never_loses_to_t
             found.append(along)
     assert len(found) >= 2
     assert measure_step(remat.optimize(net, x, plan=found[-1]), (x,), fake=True).peak_bytes == found[-1].predicted_peak_bytes
+
+
+def test_trades_of_remade_calls_land_the_mix_closer_to_the_budget(monkeypatch):
+    from remat import api
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.MaxPool1d(2), nn.Linear(128, 64))])
+    x = torch.randn(4096, 64)
+    profiled = api._Profiled.of(net, x, None)
+    front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
+    budget = profiled.remade(front[0]).predicted_peak_bytes - (1 << 20)
+    traded = profiled._remade_costly(front, budget)
+    monkeypatch.setattr(api, "MAX_TRADES", 0)
+    ranked = profiled._remade_costly(front, budget)
+    # Ranked by bytes saved per FLOP, the wide matmul goes first; one of the narrow ones,
+    # half its FLOPs, saves the mebibyte the budget needs.
+    assert traded.recompute_flops * 2 == ranked.recompute_flops
+    assert traded.predicted_peak_bytes <= budget
+    assert measure_step(remat.optimize(net, x, plan=traded), (x,), fake=True).peak_bytes == traded.predicted_peak_bytes
 
 
 class _Attention(nn.Module):

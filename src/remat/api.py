@@ -59,6 +59,9 @@ __all__ = ["plan", "optimize", "pareto", "max_batch"]
 #: Kinds of costly calls (:attr:`remat.remake.CostlyCall.kind`) a budget plan may remake: the
 #: ones with the most output bytes; measuring what each saves costs one simulated step.
 MAX_COSTLY_KINDS = 8
+#: Trades of remade costly calls (:meth:`_Profiled._traded`) a budget plan takes at most: each
+#: one tried costs a simulated step.
+MAX_TRADES = 4
 
 
 @dataclasses.dataclass
@@ -663,6 +666,7 @@ class _Profiled:
         on: the first plan of the front that fits with every call of those kinds
         remade, then the fewest calls remade on it (both by bisection). A kind
         worth less is only tried where it lets an earlier plan of the front fit.
+        The best plan found is then improved by trades of its calls (:meth:`_traded`).
         """
         front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
         census: dict[int, list[CostlyCall]] = {}  # per plan of the front, its costly calls
@@ -687,7 +691,7 @@ class _Profiled:
         def remade(index: int, count: int) -> Plan | None:
             return self.remade(front[index], tuple(sorted(c.index for c in candidates(index)[:count])))
 
-        best, high = None, len(front)
+        best, best_index, high = None, 0, len(front)
         for kinds in range(1, len(rank) + 1):
             fitting = _least_fitting(lambda i: remade(i, len(candidates(i, kinds))), 0, high, budget_bytes)
             if fitting is None:
@@ -699,9 +703,38 @@ class _Profiled:
             fewest = _least_fitting(lambda count: remade(index, count), fewer, most, budget_bytes)
             plan = fewest[1] if fewest else plan
             if best is None or plan.recompute_flops < best.recompute_flops:
-                best = plan
+                best, best_index = plan, index
             high = index
-        return best
+        return best if best is None else self._traded(front[best_index], best, candidates(best_index), budget_bytes)
+
+    def _traded(self, base: Plan, found: Plan, calls: list[CostlyCall], budget_bytes: int) -> Plan:
+        """``found`` (``base`` with some of ``calls`` remade: of each kind, the first in forward
+        order) improved one trade at a time while it fits the budget: a remade call given up,
+        or traded for a call of another kind that costs fewer FLOPs; the trade that saves
+        most first, at most :data:`MAX_TRADES` taken. Kinds that save as many bytes per
+        FLOP are in no useful order, and the last kind's count overshoots the bytes the
+        budget needs by up to a call: trades land the mix closer."""
+        kinds: dict[tuple, list[CostlyCall]] = {}
+        for call in calls:
+            kinds.setdefault(call.kind, []).append(call)
+        remade = set(found.remade_costly)
+        counts = {kind: sum(c.index in remade for c in group) for kind, group in kinds.items()}
+        for _ in range(MAX_TRADES):
+            trades = [({give: -1}, give[1]) for give in kinds if counts[give]]
+            trades += [
+                ({give: -1, take: 1}, give[1] - take[1])
+                for give in kinds if counts[give]
+                for take in kinds if counts[take] < len(kinds[take]) and take[1] < give[1]
+            ]
+            for trade, _ in sorted(trades, key=lambda t: -t[1]):
+                mix = {kind: counts[kind] + trade.get(kind, 0) for kind in kinds}
+                plan = self.remade(base, tuple(sorted(c.index for kind, n in mix.items() for c in kinds[kind][:n])))
+                if _fits(plan, budget_bytes) and plan.recompute_flops < found.recompute_flops:
+                    found, counts = plan, mix
+                    break
+            else:
+                break
+        return found
 
     def _costly_calls(self, plan: Plan) -> list[CostlyCall]:
         with step_model(self.module(plan), self.inputs, fake=self.fake) as (module, inputs):
