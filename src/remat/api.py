@@ -714,20 +714,23 @@ class _Profiled:
         most first, at most :data:`MAX_TRADES` taken. Kinds that save as many bytes per
         FLOP are in no useful order, and the last kind's count overshoots the bytes the
         budget needs by up to a call: trades land the mix closer."""
-        kinds: dict[tuple, list[CostlyCall]] = {}
-        for call in calls:
-            kinds.setdefault(call.kind, []).append(call)
+        kinds = _by_kind(calls)
+        flops = {kind: group[0].flops for kind, group in kinds.items()}
         remade = set(found.remade_costly)
         counts = {kind: sum(c.index in remade for c in group) for kind, group in kinds.items()}
+        tried = {tuple(counts.values())}  # a mix that did not fit or save before will not now
         for _ in range(MAX_TRADES):
-            trades = [({give: -1}, give[1]) for give in kinds if counts[give]]
+            trades = [({give: -1}, flops[give]) for give in kinds if counts[give]]
             trades += [
-                ({give: -1, take: 1}, give[1] - take[1])
+                ({give: -1, take: 1}, flops[give] - flops[take])
                 for give in kinds if counts[give]
-                for take in kinds if counts[take] < len(kinds[take]) and take[1] < give[1]
+                for take in kinds if counts[take] < len(kinds[take]) and flops[take] < flops[give]
             ]
             for trade, _ in sorted(trades, key=lambda t: -t[1]):
                 mix = {kind: counts[kind] + trade.get(kind, 0) for kind in kinds}
+                if tuple(mix.values()) in tried:
+                    continue
+                tried.add(tuple(mix.values()))
                 plan = self.remade(base, tuple(sorted(c.index for kind, n in mix.items() for c in kinds[kind][:n])))
                 if _fits(plan, budget_bytes) and plan.recompute_flops < found.recompute_flops:
                     found, counts = plan, mix
@@ -745,9 +748,7 @@ class _Profiled:
         among ``plan``'s costly ``calls`` is remade, for the :data:`MAX_COSTLY_KINDS` kinds with
         the most output bytes (one simulated step each). A kind whose outputs are never saved
         for backward, or whose remake keeps its larger inputs alive, saves nothing."""
-        kinds: dict[tuple, list[CostlyCall]] = {}
-        for call in calls:
-            kinds.setdefault(call.kind, []).append(call)
+        kinds = _by_kind(calls)
         largest = sorted(kinds, key=lambda kind: -sum(c.output_bytes for c in kinds[kind]))[:MAX_COSTLY_KINDS]
         plain = self.remade(plan)
         if plain is None:
@@ -893,6 +894,14 @@ def pareto(
         remade = [r for r in map(profiled.remade, plans) if r is not None]
         plans = _lower_envelope(plans + remade, lambda p: p.predicted_peak_bytes)
     return plans
+
+
+def _by_kind(calls: list[CostlyCall]) -> dict[tuple, list[CostlyCall]]:
+    """``calls`` grouped by :attr:`CostlyCall.kind`, each group in forward order."""
+    kinds: dict[tuple, list[CostlyCall]] = {}
+    for call in calls:
+        kinds.setdefault(call.kind, []).append(call)
+    return kinds
 
 
 def _fits(plan: Plan | None, budget_bytes: int) -> bool:

@@ -25,9 +25,9 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
   elementwise op, a concatenation, a cast up), so a recipe never keeps alive
   more bytes than the value it replaces; reductions, slices and casts down are
   kept. Parameters do not count (the model holds them anyway): an embedding
-  lookup is remade from its indices. A remade costly call's output, or a view of it, counts only as what
-  that call's recipe holds (a copy of a third of a remade matmul's output
-  holds the matmul's input, not the output). The outputs of costly calls
+  lookup is remade from its indices. A remade costly call's output, or a view
+  of it, counts only as what that call's recipe holds (a copy of a third of a
+  remade matmul's output holds the matmul's input, not the output). The outputs of costly calls
   named in ``costly`` are remade whatever their size (attention reads more
   than it writes, but its backward keeps what it reads anyway): the planner
   measures whether that pays.
