@@ -35,7 +35,7 @@ def test_never_worse_than_the_chain_solvers_and_never_over_budget(seed):
     graph = OpGraph.random_chain(8 + seed, seed)
     chain = to_chain(graph)
     for budget in front_budgets(graph):
-        plan = min_recompute_values(graph, budget)
+        plan = min_recompute_values(graph, budget, patience=0)  # kicks only lower it further
         assert plan.peak_bytes <= budget
         assert plan.recompute_flops <= min_recompute(chain, budget, store=True).recompute_flops
     least = least_recompute_front(graph)[-1]
@@ -77,7 +77,7 @@ def test_dag_schedules_are_what_simulate_measures_and_beat_whole_segments(seed):
         assert (cost.peak_bytes, cost.recompute_flops) == (plan.peak_bytes, plan.recompute_flops)
     assert front[0].recompute_flops == 0
     for budget in front_budgets(graph):
-        plan = min_recompute_values(graph, budget)
+        plan = min_recompute_values(graph, budget, patience=0)  # kicks only lower it further
         if plan is not None:
             assert plan.peak_bytes <= budget
             assert plan.recompute_flops <= min_recompute(chain, budget).recompute_flops

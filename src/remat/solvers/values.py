@@ -100,7 +100,7 @@ from remat.solvers.opgraph import (
     stage_forward_peak,
     stages,
 )
-from remat.solvers.polish import polish
+from remat.solvers.polish import PATIENCE, polish
 
 __all__ = ["MAX_OPS", "POLISHED", "ValuePlan", "least_recompute_front", "min_recompute_values"]
 
@@ -146,10 +146,14 @@ def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
     return front
 
 
-def min_recompute_values(graph: OpGraph, budget_bytes: int, front: list[ValuePlan] | None = None) -> ValuePlan | None:
+def min_recompute_values(
+    graph: OpGraph, budget_bytes: int, front: list[ValuePlan] | None = None, patience: int = PATIENCE
+) -> ValuePlan | None:
     """The least recompute found within ``budget_bytes``: the :data:`POLISHED` fitting schedules
-    of :func:`least_recompute_front` that recompute least, each improved by
-    :func:`remat.solvers.polish.polish`, and the best kept; ``None`` if none fits.
+    of :func:`least_recompute_front` that recompute least, each improved one change at a time
+    by :func:`remat.solvers.polish.polish`, and the best of them kicked and improved again
+    until ``patience`` kicks in a row find nothing better (0: no kicks, faster); ``None`` if
+    none fits.
 
     ``front``: the graph's :func:`least_recompute_front`, to plan several budgets from one run.
 
@@ -161,8 +165,11 @@ def min_recompute_values(graph: OpGraph, budget_bytes: int, front: list[ValuePla
     """
     front = least_recompute_front(graph) if front is None else front
     fitting = sorted((p for p in front if p.peak_bytes <= budget_bytes), key=lambda p: p.recompute_flops)
-    polished = [polish(graph, plan.schedule, budget_bytes) for plan in fitting[:POLISHED]]
-    return min(polished, key=lambda p: (p.recompute_flops, p.peak_bytes), default=None)
+    polished = [polish(graph, plan.schedule, budget_bytes, patience=0) for plan in fitting[:POLISHED]]
+    best = min(polished, key=lambda p: (p.recompute_flops, p.peak_bytes), default=None)
+    if best is None or not patience:
+        return best
+    return polish(graph, best.schedule, budget_bytes, patience=patience)
 
 
 # -- step functions as Pareto lists: bytes ascending, FLOPs strictly descending ------
