@@ -410,6 +410,7 @@ class _Profiled:
     grad_accumulation: bool = False  # parameter gradients exist all step (see plan())
     _selective: Chain | None = None  # the chain with selective costs too (see selective_chain())
     _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
+    _simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> (peak, recompute), see remade()
 
     @classmethod
     def of(
@@ -599,19 +600,23 @@ class _Profiled:
         simulated = []
         for variant in variants:
             variant = dataclasses.replace(variant, remake=True, remade_costly=costly)
-            try:
-                step = measure_step(
-                    self.module(variant), self.inputs, self.loss_fn,
-                    fake=self.fake, grad_accumulation=self.grad_accumulation,
-                )
-            except RuntimeError as error:
-                warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
-                return None
-            flops = step.forward_flops + step.backward_flops
-            baseline = self.baseline.forward_flops + self.baseline.backward_flops
-            simulated.append(
-                dataclasses.replace(variant, predicted_peak_bytes=step.peak_bytes, recompute_flops=flops - baseline)
-            )
+            # The searches of _remade_costly come back to plans they simulated before.
+            runs = (variant.stage_names, variant.checkpoints, variant.inner, variant.stored, variant.selective,
+                    variant.offload, costly)
+            if runs not in self._simulated:
+                try:
+                    step = measure_step(
+                        self.module(variant), self.inputs, self.loss_fn,
+                        fake=self.fake, grad_accumulation=self.grad_accumulation,
+                    )
+                except RuntimeError as error:
+                    warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
+                    return None
+                flops = step.forward_flops + step.backward_flops
+                baseline = self.baseline.forward_flops + self.baseline.backward_flops
+                self._simulated[runs] = step.peak_bytes, flops - baseline
+            peak, recompute = self._simulated[runs]
+            simulated.append(dataclasses.replace(variant, predicted_peak_bytes=peak, recompute_flops=recompute))
         return min(simulated, key=lambda p: p.predicted_peak_bytes)
 
     def _remade(self, chosen: Plan | None, budget_bytes: int | None) -> Plan | None:
