@@ -5,7 +5,7 @@ markdown table and writes it to ``benchmarks/results/chain_scaling.md`` with
 the command, torch version, machine and date at the top.
 
 Acceptance targets: ``linear`` solves 100,000 stages in < 1 s; ``dp`` solves
-1,000 stages in < 10 s. Chains are ``Chain.random(n, seed=0)`` (heterogeneous).
+1,000 stages in < 10 s. Chains are ``random_chain(n, seed=0)`` (heterogeneous).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import time
 
 import torch
 
-from remat.solvers.chain import Chain, min_peak, sqrt_segments, store_all, uniform_segments
+from remat.solvers.baselines import sqrt_segments, store_all, uniform_segments
+from remat.solvers.checkpoints import min_peak
+from remat.chain.random import random_chain
 from machine import cpu_name
 
 LINEAR_SIZES = [100, 300, 1_000, 3_000, 10_000, 30_000, 100_000]
@@ -54,7 +56,7 @@ def main() -> str:
     rows, verdicts = [], []
     sizes = sorted(set(LINEAR_SIZES) | set(DP_SIZES))
     for n in sizes:
-        chain = Chain.random(n, seed=0)
+        chain = random_chain(n, seed=0)
         base = {
             "store_all": store_all(chain).peak_bytes,
             "sqrt": sqrt_segments(chain).peak_bytes,
@@ -87,7 +89,7 @@ def main() -> str:
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores; load average before the run: {load}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        "- chains: `Chain.random(n, seed=0)`; times: wall seconds, best of 3",
+        "- chains: `random_chain(n, seed=0)`; times: wall seconds, best of 3",
         "",
         "| n | linear (s) | dp (s) | least peak (MiB) | store-all (MiB) | sqrt(n) (MiB) "
         "| uniform 8 (MiB) | store-all / least | sqrt / least |",

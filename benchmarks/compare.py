@@ -40,7 +40,7 @@ from remat import InfeasibleBudget, measure_step, models
 from remat.api import _Profiled
 from remat.execute import RematModule, segment_starts
 from remat.report import format_bytes
-from remat.solvers.chain import sqrt_segments, uniform_segments
+from remat.solvers.baselines import sqrt_segments, uniform_segments
 from machine import results_header
 
 ROOT = Path(__file__).resolve().parent

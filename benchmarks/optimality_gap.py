@@ -11,17 +11,17 @@ FLOPs of
 * ``remat+nested``: :func:`remat.solvers.nested.min_recompute_nested`
   (recomputes may keep checkpoints of their own and recompute parts again;
   a grid of 4,000 steps up to the budget),
-* ``remat values``: :func:`remat.solvers.values.least_recompute_front`
+* ``remat values``: :func:`lab.values.least_recompute_front`
   (single values dropped and remade, nested; DAGs planned op by op and stage
   by stage; not yet run by remat's executor),
-* ``remat values+polish``: :func:`remat.solvers.values.min_recompute_values`
+* ``remat values+polish``: :func:`lab.values.min_recompute_values`
   (the best of those schedules improved by the local search of
-  :mod:`remat.solvers.polish`),
+  :mod:`lab.polish`),
 
-with the optimum of the integer program of :mod:`remat.solvers.ilp` (any
+with the optimum of the integer program of :mod:`lab.ilp` (any
 schedule of the op-level model: values dropped and recomputed one by one, any
 number of times) at the same budget. Every plan is run through
-:func:`remat.solvers.opgraph.simulate` to check that it fits the budget.
+:func:`lab.opgraph.simulate` to check that it fits the budget.
 
 Run: ``make bench-gap`` (or ``.venv/bin/python benchmarks/optimality_gap.py``).
 Writes ``benchmarks/results/optimality_gap.md``. Needs ``highspy`` (extra
@@ -38,11 +38,11 @@ import time
 from pathlib import Path
 
 from machine import results_header
-from remat.solvers.chain import min_recompute, pareto_front
-from remat.solvers.ilp import min_recompute_ilp
+from remat.solvers.checkpoints import min_recompute, pareto_front
+from lab.ilp import min_recompute_ilp
 from remat.solvers.nested import min_recompute_nested
-from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
-from remat.solvers.values import least_recompute_front, min_recompute_values
+from lab.opgraph import OpGraph, chain_schedule, simulate, to_chain
+from lab.values import least_recompute_front, min_recompute_values
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optimality_gap.md"
 
@@ -183,9 +183,9 @@ def main() -> None:
         "n = 10 + seed ops, seeds 0..{}; budgets: three plans of the `store=True` Pareto front".format(args.cases - 1),
         "(the first that recomputes, the middle one, the least peak). Gap: remat's recompute minus the",
         "ILP optimum, in % of one forward pass's FLOPs (the ILP's schedules may drop and recompute single",
-        "values, several times: see `remat/solvers/ilp.py`). `-` in remat: no plan of that family fits.",
-        "`remat values` (`remat/solvers/values.py`) plans such value-level schedules too, and",
-        "`remat values+polish` improves them by local search (`remat/solvers/polish.py`);",
+        "values, several times: see `benchmarks/lab/ilp.py`). `-` in remat: no plan of that family fits.",
+        "`remat values` (`benchmarks/lab/values.py`) plans such value-level schedules too, and",
+        "`remat values+polish` improves them by local search (`benchmarks/lab/polish.py`);",
         "remat's executor does not run them yet.",
         f"Total time {time.perf_counter() - start:.0f} s.",
         "",

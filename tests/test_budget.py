@@ -23,7 +23,11 @@ import remat
 from remat import InfeasibleBudget, measure_step, models, parse_bytes
 from remat.api import _Profiled
 from remat.report import format_bytes
-from remat.solvers.chain import Chain, min_peak, min_recompute, pareto_front, peak_of, recompute_flops_of, store_all
+from remat.chain.cost import peak_of, recompute_flops_of
+from remat.chain.model import Chain
+from remat.solvers.baselines import store_all
+from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
+from remat.chain.random import random_chain
 
 heavy = pytest.mark.heavy
 MLP = "remat:mlp?depth=6&width=64"
@@ -86,7 +90,7 @@ def test_infeasible_budget_states_the_least_peak():
 
 def chains(count: int):
     """Random chains of 1 to 10 stages (seed = index)."""
-    return [Chain.random(1 + seed % 10, seed) for seed in range(count)]
+    return [random_chain(1 + seed % 10, seed) for seed in range(count)]
 
 
 def every_plan(chain: Chain) -> list[tuple[int, int, tuple[int, ...]]]:

@@ -25,7 +25,9 @@ from grad_helpers import assert_grads_equal, step_grads
 from remat.capture.sequential import profile_sequential
 from remat.execute import CheckpointedSequential
 from remat.measure import measure_step
-from remat.solvers.chain import min_peak, peak_of, segment_stages, sqrt_segments
+from remat.chain.cost import peak_of, segment_stages
+from remat.solvers.baselines import sqrt_segments
+from remat.solvers.checkpoints import min_peak
 
 
 class WideSoftmax(nn.Module):

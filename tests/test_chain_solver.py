@@ -17,18 +17,11 @@ import numpy as np
 import pytest
 
 from chain_helpers import all_plans
-from remat.solvers.chain import (
-    Chain,
-    min_peak,
-    min_recompute,
-    pareto_front,
-    peak_of,
-    recompute_flops_of,
-    single_tensor_boundaries,
-    sqrt_segments,
-    store_all,
-    uniform_segments,
-)
+from remat.chain.cost import peak_of, recompute_flops_of, single_tensor_boundaries
+from remat.chain.model import Chain
+from remat.solvers.baselines import sqrt_segments, store_all, uniform_segments
+from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
+from remat.chain.random import random_chain
 
 METHODS = ["dp", "linear"]
 N_CHAINS = 600
@@ -36,7 +29,7 @@ N_CHAINS = 600
 
 def random_chains():
     """600 heterogeneous chains, n from 1 to 14 (seed = index)."""
-    return [Chain.random(1 + seed % 14, seed) for seed in range(N_CHAINS)]
+    return [random_chain(1 + seed % 14, seed) for seed in range(N_CHAINS)]
 
 
 class Reference:
@@ -335,7 +328,7 @@ def test_large_saved_internal_is_what_checkpointing_removes():
     "checkpoints", [[0], [5], [3, 2], [2, 2], [-1], [1, 6]],
 )
 def test_bad_checkpoints_are_rejected_clearly(checkpoints):
-    chain = Chain.random(5, seed=1)
+    chain = random_chain(5, seed=1)
     with pytest.raises(ValueError, match=r"distinct sorted stage indices in 1\.\.4"):
         peak_of(chain, checkpoints)
     with pytest.raises(ValueError, match="distinct sorted"):
@@ -343,7 +336,7 @@ def test_bad_checkpoints_are_rejected_clearly(checkpoints):
 
 
 def test_bad_shapes_are_rejected_clearly():
-    good = Chain.random(4, seed=0)
+    good = random_chain(4, seed=0)
     arrays = {f: getattr(good, f) for f in good.__dataclass_fields__ if isinstance(getattr(good, f), np.ndarray)}
     with pytest.raises(ValueError, match=r"Chain\.act_bytes has shape \(4,\), expected \(5,\)"):
         Chain(**{**arrays, "act_bytes": good.act_bytes[:-1]})
@@ -354,7 +347,7 @@ def test_bad_shapes_are_rejected_clearly():
 
 
 def test_bad_method_and_k_are_rejected():
-    chain = Chain.random(4, seed=0)
+    chain = random_chain(4, seed=0)
     with pytest.raises(ValueError, match="unknown method 'greedy'"):
         min_peak(chain, "greedy")
     with pytest.raises(ValueError, match="k must be >= 1"):
@@ -367,7 +360,7 @@ def test_bad_method_and_k_are_rejected():
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 50, 200])
 def test_baselines_are_valid_and_never_beat_the_solvers(n):
     for seed in range(5):
-        chain = Chain.random(n, seed)
+        chain = random_chain(n, seed)
         assert store_all(chain).peak_bytes == peak_of(chain, [])
         assert store_all(chain).checkpoints == ()
         baselines = [store_all(chain), sqrt_segments(chain)] + [uniform_segments(chain, k) for k in (1, 2, 3, 5, 8)]
@@ -387,7 +380,7 @@ def test_baselines_are_valid_and_never_beat_the_solvers(n):
 
 def carried_chains():
     """300 random chains whose activations stay live for up to 4 more stages."""
-    return [Chain.random(1 + seed % 12, seed, carried=True) for seed in range(300)]
+    return [random_chain(1 + seed % 12, seed, carried=True) for seed in range(300)]
 
 
 def test_reference_matches_peak_of_with_carried_activations():
@@ -406,7 +399,7 @@ def test_plans_that_drop_a_carried_activation_are_refused():
     # a(1) is read up to stage 3 (live at boundaries 1 and 2): keeping 2 alone
     # would need a(1), made inside the segment (0, 2].
     chain = dataclasses.replace(
-        Chain.random(4, seed=0), live_until=np.array([0, 2, 2, 3, 4]), later_saver=None, carried_grad_bytes=None
+        random_chain(4, seed=0), live_until=np.array([0, 2, 2, 3, 4]), later_saver=None, carried_grad_bytes=None
     )
     with pytest.raises(ValueError, match=r"checkpoint 2 needs a\(1\).*keep 1 too"):
         peak_of(chain, [2])
@@ -490,7 +483,7 @@ def test_offload_solver_finds_the_exhaustive_optimum(chains):
 def test_offload_least_recompute_within_a_budget_and_front():
     """``min_recompute`` and ``pareto_front`` with offload against every plan (small chains)."""
     for seed in range(60):
-        chain = Chain.random(2 + seed % 9, seed)
+        chain = random_chain(2 + seed % 9, seed)
         plans = [(peak_of(chain, c, offload=True), recompute_flops_of(chain, c)) for c in all_plans(chain.n)]
         front = pareto_front(chain, offload=True)
         for sol in front:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from remat.solvers.chain import Chain, min_peak, min_recompute, pareto_front, peak_of, recompute_flops_of, store_all
+from remat.chain.cost import peak_of, recompute_flops_of
+from remat.chain.model import Chain
+from remat.solvers.baselines import store_all
+from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
+from remat.chain.random import random_chain
 from chain_helpers import plans_with_selective, plans_with_stored
 
 
@@ -41,7 +45,7 @@ def assert_least_recompute_found(chain: Chain, plans) -> int:
 def test_store_solver_finds_the_least_recompute_of_every_plan():
     """150 random chains of 1..8 stages, at several budgets each."""
     for seed in range(150):
-        chain = Chain.random(1 + seed % 8, seed)
+        chain = random_chain(1 + seed % 8, seed)
         assert_least_recompute_found(chain, [(c, s, ()) for c, s in plans_with_stored(chain.n)])
 
 
@@ -50,14 +54,14 @@ def test_selective_segments_are_planned_where_they_recompute_least():
     plan whose stored and last segments may run selectively."""
     chosen = 0
     for seed in range(120):
-        chain = Chain.random(1 + seed % 6, seed, selective=True)
+        chain = random_chain(1 + seed % 6, seed, selective=True)
         chosen += assert_least_recompute_found(chain, list(plans_with_selective(chain.n)))
     assert chosen > 50  # the random chains make selective segments worth it often
 
 
 def test_selective_costs_change_only_the_segments_that_run_so():
-    chain = Chain.random(8, seed=5, selective=True)
-    plain = Chain.random(8, seed=5)
+    chain = random_chain(8, seed=5, selective=True)
+    plain = random_chain(8, seed=5)
     assert peak_of(chain, [2, 5]) == peak_of(plain, [2, 5])
     assert peak_of(chain, [2, 5, 7], stored=[2]) == peak_of(plain, [2, 5, 7], stored=[2])
     # with no recomputed segment, every stage runs selectively
@@ -70,7 +74,7 @@ def test_selective_costs_change_only_the_segments_that_run_so():
 
 def test_store_front_reaches_the_same_least_peak_and_dominates():
     for seed in range(30):
-        chain = Chain.random(12, seed)
+        chain = random_chain(12, seed)
         rich, plain = pareto_front(chain, store=True), pareto_front(chain)
         assert rich[-1].peak_bytes == plain[-1].peak_bytes == min_peak(chain).peak_bytes
         for plan in plain:
@@ -79,7 +83,7 @@ def test_store_front_reaches_the_same_least_peak_and_dominates():
 
 
 def test_without_stored_segments_nothing_changes():
-    chain = Chain.random(10, seed=4)
+    chain = random_chain(10, seed=4)
     assert peak_of(chain, [3, 7], stored=()) == peak_of(chain, [3, 7])
     assert recompute_flops_of(chain, [3, 7]) == int(chain.fwd_flops[:7].sum())
     # a stored first segment (0, 3]: only (3, 7] is recomputed
@@ -97,7 +101,7 @@ def test_without_stored_segments_nothing_changes():
 )
 def test_bad_stored_segments_are_rejected_clearly(checkpoints, stored, message):
     with pytest.raises(ValueError, match=message):
-        peak_of(Chain.random(10, seed=4), checkpoints, stored)
+        peak_of(random_chain(10, seed=4), checkpoints, stored)
 
 
 def test_a_last_stage_stranding_other_tensors_selectively_keeps_the_last_segment_plain():
@@ -105,7 +109,7 @@ def test_a_last_stage_stranding_other_tensors_selectively_keeps_the_last_segment
     every other segment's costs count: the last segment runs selectively only if that is the same."""
     import dataclasses
 
-    chain = dataclasses.replace(Chain.random(6, seed=2, selective=True), stranded_bytes=512, selective_stranded_bytes=64)
+    chain = dataclasses.replace(random_chain(6, seed=2, selective=True), stranded_bytes=512, selective_stranded_bytes=64)
     assert not chain.selective_last
     with pytest.raises(ValueError, match="last segment cannot run selectively"):
         peak_of(chain, [2], selective=[2])
@@ -121,7 +125,7 @@ def test_the_least_peak_with_selective_segments_is_the_least_of_every_plan():
     ``store=True`` finds the least (peak, recompute) of every plan of 80 random chains."""
     lower = 0
     for seed in range(80):
-        chain = Chain.random(1 + seed % 6, seed, selective=True)
+        chain = random_chain(1 + seed % 6, seed, selective=True)
         best = min(
             (peak_of(chain, c, s, selective=v), recompute_flops_of(chain, c, s, selective=v))
             for c, s, v in plans_with_selective(chain.n)

@@ -21,8 +21,11 @@ from chain_helpers import all_plans, nested_plans
 from grad_helpers import assert_grads_equal, step_grads
 from remat.execute import CheckpointedSequential
 from remat.measure import measure_step
-from remat.solvers.chain import Chain, min_peak, min_recompute, peak_of, recompute_flops_of
+from remat.chain.cost import peak_of, recompute_flops_of
+from remat.chain.model import Chain
+from remat.solvers.checkpoints import min_peak, min_recompute
 from remat.solvers.nested import min_peak_nested, min_recompute_nested
+from remat.chain.random import random_chain
 from test_chain_measured import MODELS, model
 
 
@@ -34,7 +37,7 @@ def every_plan(chain: Chain) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_least_recompute_equals_brute_force_at_every_peak(seed):
-    chain = Chain.random(3 + seed % 4, seed=seed)
+    chain = random_chain(3 + seed % 4, seed=seed)
     costs = every_plan(chain)
     peaks = sorted({p for p, _ in costs})
     for budget in peaks:
@@ -49,7 +52,7 @@ def test_least_recompute_equals_brute_force_at_every_peak(seed):
 
 @pytest.mark.parametrize("seed", range(10))
 def test_nesting_never_does_worse_than_single_recompute(seed):
-    chain = Chain.random(40, seed=seed)
+    chain = random_chain(40, seed=seed)
     forward = int(chain.fwd_flops[:-1].sum())
     single = min_peak(chain)
     nested = min_peak_nested(chain, max_recompute_flops=forward)
@@ -78,15 +81,15 @@ def test_nesting_lowers_the_peak_of_a_long_uniform_chain():
     (((0, 3, (1,)), (1, 3, (2,))), "not recomputed segments"),  # (1, 3] runs normally inside (0, 3]
 ])
 def test_bad_nested_checkpoints_are_refused(inner, message):
-    chain = Chain.random(5, seed=0)
+    chain = random_chain(5, seed=0)
     with pytest.raises(ValueError, match=message):
         peak_of(chain, (3,), inner=inner)
 
 
 def test_nested_checkpoints_are_refused_with_offload_or_cuts_inside_blocks():
     with pytest.raises(ValueError, match="without stored or selective segments and without offload"):
-        peak_of(Chain.random(6, seed=0), (3, 5), stored=(0,), inner=((3, 5, (4,)),))
-    carried = next(c for s in range(50) if (c := Chain.random(8, seed=s, carried=True)).carries)
+        peak_of(random_chain(6, seed=0), (3, 5), stored=(0,), inner=((3, 5, (4,)),))
+    carried = next(c for s in range(50) if (c := random_chain(8, seed=s, carried=True)).carries)
     with pytest.raises(ValueError, match="single-tensor boundaries"):
         min_peak_nested(carried, 10**12)
 
@@ -158,9 +161,9 @@ def test_nested_plan_of_a_residual_network_is_predicted_exactly():
 
 
 def test_op_level_simulation_of_nested_plans_equals_peak_of():
-    """The op-level schedule of a nested plan (remat.solvers.opgraph, the ILP's model) costs
+    """The op-level schedule of a nested plan (lab.opgraph, the ILP's model) costs
     what the chain model says, peak and recomputed FLOPs."""
-    from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
+    from lab.opgraph import OpGraph, chain_schedule, simulate, to_chain
 
     checked = 0
     for seed in range(12):
@@ -179,9 +182,9 @@ def test_op_level_simulation_of_nested_plans_equals_peak_of():
 @pytest.mark.parametrize("seed", range(6))
 def test_largest_retained_bounds_every_plan_that_cuts_only_at_the_bounds(seed):
     """What remat.plan uses to skip profiling the single-tensor chain when no plan of it can win."""
-    from remat.solvers.chain import largest_retained
+    from remat.chain.cost import largest_retained
 
-    chain = Chain.random(7, seed=seed)
+    chain = random_chain(7, seed=seed)
     bounds = [0, *sorted(random.Random(seed).sample(range(1, 7), 3)), 7]
     bound = chain.base_bytes + largest_retained(chain, bounds)
     plans = [(c, ()) for c in all_plans(chain.n)] + list(nested_plans(chain.n))

@@ -22,7 +22,8 @@ from torch import nn
 from grad_helpers import assert_grads_equal, step_grads
 from remat import default_loss, measure_step
 from remat.api import _Profiled
-from remat.solvers.chain import ChainSolution, peak_of
+from remat.chain.cost import peak_of
+from remat.chain.model import ChainSolution
 
 
 def loss_over_all_outputs(output) -> torch.Tensor:

@@ -40,17 +40,9 @@ from remat.measure import (
 )
 from remat.plan import Plan
 from remat.remake import CostlyCall, costly_calls
-from remat.solvers.chain import (
-    Chain,
-    ChainSolution,
-    largest_retained,
-    min_peak,
-    min_recompute,
-    pareto_front,
-    recompute_flops_of,
-    segment_stages,
-    single_tensor_boundaries,
-)
+from remat.chain.cost import largest_retained, recompute_flops_of, segment_stages, single_tensor_boundaries
+from remat.chain.model import Chain, ChainSolution
+from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
 from remat.solvers.nested import MAX_STAGES as MAX_NESTED_STAGES
 from remat.solvers.nested import min_peak_nested, min_recompute_nested
 

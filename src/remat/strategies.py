@@ -38,7 +38,8 @@ from remat.budget import parse_bytes
 from remat.execute import RematModule, segment_starts
 from remat.measure import StepMeasurement, as_tuple, default_loss, measure_step, step_model
 from remat.report import format_bytes
-from remat.solvers.chain import Chain, ChainSolution, sqrt_segments, uniform_segments
+from remat.chain.model import Chain, ChainSolution
+from remat.solvers.baselines import sqrt_segments, uniform_segments
 
 __all__ = [
     "STRATEGIES",
@@ -61,7 +62,7 @@ def with_solver(
     """``model`` run with the checkpoints ``solver`` picks on its chain, and the solve time.
 
     The model is captured and profiled exactly as :func:`remat.optimize` does;
-    ``solver`` (e.g. :func:`~remat.solvers.chain.sqrt_segments`) replaces the
+    ``solver`` (e.g. :func:`~remat.solvers.baselines.sqrt_segments`) replaces the
     least-peak search.
     """
     profiled = _Profiled.of(model, example_inputs, loss_fn)

@@ -6,7 +6,7 @@ came before (besides parameters and the model's own inputs, which stay alive
 anyway). ResNet blocks, Inception modules, transformer layers and VGG/MobileNet
 layers meet at single-tensor cuts; inside a residual or dense block the
 block's input (or earlier features) stays live across the cut. Each piece
-between two cuts becomes one stage of a :class:`~remat.solvers.chain.Chain`.
+between two cuts becomes one stage of a :class:`~remat.chain.Chain`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Profile a list of stages, one by one, into a :class:`~remat.solvers.chain.Chain`.
+"""Profile a list of stages, one by one, into a :class:`~remat.chain.Chain`.
 
 Each stage is run on its own under the exact storage tracker (on fake tensors
 when the caller set them up): once forward saving nothing for backward (as
@@ -18,7 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from remat.measure import MemoryTracker, round_to_of, rounded_bytes, track_memory, unique_storage_bytes
-from remat.solvers.chain import Chain
+from remat.chain.model import Chain
 
 __all__ = ["BackwardSkipsStage", "StageCost", "profile_selectively", "profile_stages"]
 

@@ -1,4 +1,4 @@
-"""Profile a sequential model, stage by stage, into a :class:`~remat.solvers.chain.Chain`."""
+"""Profile a sequential model, stage by stage, into a :class:`~remat.chain.Chain`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from remat.capture.profile import profile_selectively, profile_stages
 from remat.execute import run_selective
 from remat.measure import as_tuple, default_loss, round_to_of, step_model, unique_storage_bytes
-from remat.solvers.chain import Chain
+from remat.chain.model import Chain
 
 __all__ = ["SequentialProfile", "profile_sequential", "sequential_stages"]
 

@@ -1,6 +1,6 @@
 """Nested checkpoints: recompute some segments more than once, for lower peaks.
 
-The plans of :mod:`remat.solvers.chain` recompute each segment once, from its
+The plans of :mod:`remat.solvers.checkpoints` recompute each segment once, from its
 checkpoint, and then hold all of it; a long segment of large activations sets
 the peak. Here the recompute of a segment ``(l, r]`` may itself keep
 checkpoints ``c1 < .. < ck`` (``ChainSolution.inner``): it runs ``(l, ck]``
@@ -35,9 +35,10 @@ O(n^3 slots) time, O(n^2 slots) memory: for chains of up to ``MAX_STAGES``
 stages (a few seconds at 100). Plain chains only (single-tensor boundaries).
 
 Example:
-    >>> from remat.solvers.chain import Chain, min_peak
+    >>> from remat.solvers.checkpoints import min_peak
     >>> from remat.solvers.nested import min_peak_nested
-    >>> chain = Chain.random(30, seed=4)
+    >>> from remat.chain import random_chain
+    >>> chain = random_chain(30, seed=4)
     >>> single = min_peak(chain)
     >>> nested = min_peak_nested(chain, max_recompute_flops=2 * int(chain.fwd_flops.sum()))
     >>> nested.peak_bytes <= single.peak_bytes
@@ -48,7 +49,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from remat.solvers.chain import Chain, ChainSolution, _solution, _Terms, min_peak, min_recompute, store_all
+from remat.chain.cost import make_solution
+from remat.chain.model import Chain, ChainSolution
+from remat.chain.terms import SegmentTerms
+from remat.solvers.baselines import store_all
+from remat.solvers.checkpoints import min_peak, min_recompute
 
 __all__ = ["MAX_STAGES", "min_peak_nested", "min_recompute_nested"]
 
@@ -65,7 +70,7 @@ class _Costs:
         if chain.n > MAX_STAGES:
             raise ValueError(f"nested plans are solved for chains of up to {MAX_STAGES} stages, not {chain.n}")
         self.chain = chain
-        self.terms = t = _Terms(chain)
+        self.terms = t = SegmentTerms(chain)
         n = chain.n
         # forward_unsaved(l, c), recompute_phase(l, r), run_inside(c, r) for all pairs.
         self.unsaved = np.zeros((n + 1, n + 1), dtype=np.int64)
@@ -172,7 +177,7 @@ class _Program:
             self._phase_plan(l, c, m, inner)
             m -= self.a[l]
             l = c
-        return _solution(self.chain, checkpoints, "nested", self.terms, inner=tuple(sorted(inner)))
+        return make_solution(self.chain, checkpoints, "nested", self.terms, inner=tuple(sorted(inner)))
 
     def _phase_plan(self, l: int, r: int, m: int, inner: list) -> None:
         G = self.rest(r)
@@ -196,7 +201,7 @@ class _Program:
 def min_recompute_nested(chain: Chain, budget_bytes: int, slots: int = 400) -> ChainSolution | None:
     """The least recompute with nested checkpoints within ``budget_bytes`` (``None``: none found).
 
-    The plan of :func:`remat.solvers.chain.min_recompute` is a candidate, so
+    The plan of :func:`remat.solvers.checkpoints.min_recompute` is a candidate, so
     this never does worse; the grid has ``slots`` steps between 0 and the budget.
     """
     limit = budget_bytes - chain.base_bytes

@@ -1,7 +1,7 @@
 """Exact least-recompute schedules of small op graphs by integer programming.
 
 A Checkmate-style mixed-integer program (Jain et al., 2020) over the memory
-model of :mod:`remat.solvers.opgraph`, solved with HiGHS (``pip install
+model of :mod:`lab.opgraph`, solved with HiGHS (``pip install
 remat[ilp]``). It is the reference that measures how far remat's chain
 solvers are from the best schedule of any kind.
 
@@ -33,11 +33,11 @@ Constraints:
 
 The objective is the FLOPs of all ``R`` beyond one run of each op. The plan
 read back releases every value as early as the constraints allow, and
-:func:`remat.solvers.opgraph.simulate` checks it.
+:func:`lab.opgraph.simulate` checks it.
 
 Example:
-    >>> from remat.solvers.ilp import min_recompute_ilp
-    >>> from remat.solvers.opgraph import OpGraph, chain_schedule, simulate
+    >>> from lab.ilp import min_recompute_ilp
+    >>> from lab.opgraph import OpGraph, chain_schedule, simulate
     >>> graph = OpGraph.random_chain(6, seed=0)
     >>> store_all = simulate(graph, chain_schedule(graph, ())).peak_bytes
     >>> result = min_recompute_ilp(graph, store_all, time_limit_s=10)
@@ -52,7 +52,7 @@ from typing import Literal
 
 import numpy as np
 
-from remat.solvers.opgraph import OpGraph, Schedule, Step, gradient_profile, simulate
+from lab.opgraph import OpGraph, Schedule, Step, gradient_profile, simulate
 
 __all__ = ["IlpResult", "min_recompute_ilp"]
 
@@ -68,7 +68,7 @@ class IlpResult:
         recompute_flops: recomputed FLOPs of the plan found, or ``None``.
         bound_flops: proven lower bound on the least recompute.
         schedule: the plan, releasing every value as early as it may.
-        peak_bytes: the plan's peak under :func:`~remat.solvers.opgraph.simulate`.
+        peak_bytes: the plan's peak under :func:`~lab.opgraph.simulate`.
         seconds: wall time of the solve.
     """
 
@@ -130,14 +130,14 @@ class _Model:
 def min_recompute_ilp(graph: OpGraph, budget_bytes: int, time_limit_s: float = 60.0) -> IlpResult:
     """The schedule of ``graph`` with the least recomputed FLOPs whose peak is at most ``budget_bytes``.
 
-    Every schedule of the model in :mod:`remat.solvers.opgraph` is allowed:
+    Every schedule of the model in :mod:`lab.opgraph` is allowed:
     any value may be dropped and recomputed any number of times, in the
     forward or the backward. Exponential in the worst case: meant for graphs
     of a few tens of ops, with ``time_limit_s`` as a safety net (the result
     then says so).
 
     Example:
-        >>> from remat.solvers.opgraph import OpGraph
+        >>> from lab.opgraph import OpGraph
         >>> min_recompute_ilp(OpGraph.random_chain(4, seed=0), 1, time_limit_s=5).status
         'infeasible'
     """

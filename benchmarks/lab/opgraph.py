@@ -1,6 +1,6 @@
 """Training steps of small operator graphs: schedules, their exact cost, and the chain they reduce to.
 
-This is the ground on which :mod:`remat.solvers.ilp` (an exact integer
+This is the ground on which :mod:`lab.ilp` (an exact integer
 program) and :mod:`remat.solvers.chain` (remat's fast solvers) are compared.
 
 The model
@@ -37,7 +37,7 @@ Reduction to a chain
 :func:`linear_cuts` finds the ops after which exactly one computed value is
 live (the same rule as :func:`remat.capture.graph.split_linear`);
 :func:`to_chain` groups the ops between cuts into stages and derives the
-:class:`~remat.solvers.chain.Chain` arrays from the ops, as profiling does on
+:class:`~remat.chain.Chain` arrays from the ops, as profiling does on
 real operators: inside a stage, values are freed after their last use unless
 saved; the stage input is held until the stage returns. :func:`chain_schedule`
 writes out the schedule remat's executor runs for a chain plan (PyTorch
@@ -47,8 +47,9 @@ runs just before the backward of its last op). ``peak_of`` on the chain equals
 :func:`simulate` on that schedule, which the tests check.
 
 Example:
-    >>> from remat.solvers.chain import min_peak, peak_of
-    >>> from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, to_chain
+    >>> from remat.chain.cost import peak_of
+    >>> from remat.solvers.checkpoints import min_peak
+    >>> from lab.opgraph import OpGraph, chain_schedule, simulate, to_chain
     >>> graph = OpGraph.random_dag(20, seed=0)
     >>> chain = to_chain(graph)
     >>> plan = min_peak(chain).checkpoints
@@ -63,7 +64,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from remat.solvers.chain import Chain
+from remat.chain.model import Chain
 
 __all__ = [
     "OpGraph", "Step", "Schedule", "Cost", "ValuePlan", "simulate", "gradient_profile", "schedule_of_steps",
@@ -305,7 +306,7 @@ def simulate(graph: OpGraph, schedule: Schedule) -> Cost:
 def gradient_profile(graph: OpGraph) -> tuple[list[int], list[int]]:
     """Gradient bytes live before each backward op, and what that op allocates.
 
-    Indexed like the stages of :mod:`remat.solvers.ilp`: entry ``n + k`` is for
+    Indexed like the stages of :mod:`lab.ilp`: entry ``n + k`` is for
     ``B_{n-1-k}`` (the loss's gradient included), entries below ``n`` are 0.
     """
     n = graph.n
@@ -413,7 +414,7 @@ def chain_schedule(
     """The schedule remat's executor runs for chain plan ``checkpoints`` on ``graph``.
 
     ``checkpoints`` index the stages of :func:`to_chain` (1..n-1, as in
-    :func:`remat.solvers.chain.peak_of`); segments starting at ``stored`` run
+    :func:`remat.chain.peak_of`); segments starting at ``stored`` run
     normally, like the last one (``ChainSolution.stored``); ``inner`` nests
     checkpoints in recomputes (``ChainSolution.inner``). Every value is
     released after the last step that refers to it: its readers, the end of

@@ -1,4 +1,4 @@
-"""The value-level program (remat.solvers.values) against the simulator, remat's chain solvers and the ILP."""
+"""The value-level program (lab.values) against the simulator, remat's chain solvers and the ILP."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 
 from test_ilp import KiB, three_op_chain
 
-from remat.solvers.chain import min_recompute, pareto_front
-from remat.solvers.opgraph import OpGraph, chain_schedule, simulate, stages, to_chain
-from remat.solvers.values import MAX_OPS, _Parts, _plan, least_recompute_front, min_recompute_values
+from remat.solvers.checkpoints import min_recompute, pareto_front
+from lab.opgraph import OpGraph, chain_schedule, simulate, stages, to_chain
+from lab.values import MAX_OPS, _Parts, _plan, least_recompute_front, min_recompute_values
 
 
 def front_budgets(graph: OpGraph) -> list[int]:
@@ -99,7 +99,7 @@ def test_values_charged_against_those_held_below_find_what_full_counts_miss():
     # remakes its join x7 from them (3,497,984 FLOPs). Counting each held value in full (ops:
     # 10,620,928) or stage by stage (6,305,792), the program sees no room for that; charging
     # each only for what it adds to the values held below it, it comes within 1.2% of a forward,
-    # and polishing that schedule (remat.solvers.polish) reaches the ILP's optimum.
+    # and polishing that schedule (lab.polish) reaches the ILP's optimum.
     graph = OpGraph.random_dag(23, seed=13)
     budget = pareto_front(to_chain(graph), store=True)[1].peak_bytes
     ops = [range(v, v + 1) for v in range(graph.n)]
@@ -113,7 +113,7 @@ def test_values_charged_against_those_held_below_find_what_full_counts_miss():
 
 
 highspy = pytest.importorskip("highspy")
-from remat.solvers.ilp import min_recompute_ilp  # noqa: E402
+from lab.ilp import min_recompute_ilp  # noqa: E402
 
 
 def against_the_ilp(graph: OpGraph, time_limit_s: float):

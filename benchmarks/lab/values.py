@@ -3,7 +3,7 @@
 The solvers of :mod:`remat.solvers.chain` choose segments: a recomputed
 segment holds its input (the checkpoint) until its backward is done, and a
 stored segment keeps everything its ops save, its input included. The exact
-integer program of :mod:`remat.solvers.ilp` is not bound by segments: it
+integer program of :mod:`lab.ilp` is not bound by segments: it
 drops any one value after its last forward use and remakes it from the
 nearest value still in memory when some backward op needs it, at a time of
 its choosing (early, while the gradients in flight are small). On random op
@@ -11,7 +11,7 @@ chains that freedom is worth a mean of 6% of a forward pass in recompute at
 the same budget (``make bench-gap``).
 
 This module finds such schedules by a dynamic program over nested
-subproblems, in the model of :mod:`remat.solvers.opgraph` (op ``v`` reads
+subproblems, in the model of :mod:`lab.opgraph` (op ``v`` reads
 ``x_{v-1}``; its backward ``B_v`` needs ``x_{v-1}`` and/or ``x_v``):
 
 ``part(s, t, keep, source, top, owed)`` runs the backward ops
@@ -37,7 +37,7 @@ least recompute: a step function kept as its Pareto points (bytes needed
 beyond what callers hold, FLOPs), so one run gives every budget's answer.
 Sums and minima of step functions are linear merges. The plan read back
 releases every value after its last use and is checked by
-:func:`remat.solvers.opgraph.simulate`. Not proven optimal, it matches the
+:func:`lab.opgraph.simulate`. Not proven optimal, it matches the
 integer program's proven optimum at every budget where HiGHS proved one on
 the chains of the gap benchmark (``make bench-gap``; ``tests/test_values.py``).
 
@@ -56,7 +56,7 @@ times, and the best schedules kept:
   Closer to the truth, still never under it; neither count is exact, and
   each ranks some schedules the other misses above the rest;
 * stage by stage, between the single values that cut the graph
-  (:func:`~remat.solvers.opgraph.linear_cuts`): a stage's forward keeps the
+  (:func:`~lab.opgraph.linear_cuts`): a stage's forward keeps the
   values its backward needs inside it (run ``"S"``) or only its output
   (``"F"``); a stage holding inner values is not run again before its
   backward, so no remake passes through it.
@@ -65,7 +65,7 @@ On 30 random DAGs of 10 to 39 ops the best of the three is a mean 1.4% of a
 forward above the ILP's proven optimum (max 7.0%, equal at 32 of 68 budgets;
 before the second family: mean 2.4%, max 17.2%), against 12.8% for remat's
 segment solvers (``make bench-gap``). At one budget, :func:`min_recompute_values`
-then improves the best of them by local search (:mod:`remat.solvers.polish`):
+then improves the best of them by local search (:mod:`lab.polish`):
 mean 0.2%, max 6.4%, equal at 57 of 68.
 
 Time grows as about ``n^5`` in the worst case (30 ops: 4 s, 38 ops: 140 s on
@@ -74,8 +74,8 @@ executor to come: :func:`remat.optimize` does not run these schedules yet (its
 executor recomputes whole segments, and remakes cheap values one by one).
 
 Example:
-    >>> from remat.solvers.opgraph import OpGraph, simulate
-    >>> from remat.solvers.values import least_recompute_front
+    >>> from lab.opgraph import OpGraph, simulate
+    >>> from lab.values import least_recompute_front
     >>> graph = OpGraph.random_chain(8, seed=1)
     >>> front = least_recompute_front(graph)
     >>> front[0].recompute_flops, front[-1].recompute_flops > 0
@@ -89,7 +89,7 @@ from __future__ import annotations
 import functools
 from operator import itemgetter
 
-from remat.solvers.opgraph import (
+from lab.opgraph import (
     OpGraph,
     Schedule,
     ValuePlan,
@@ -100,7 +100,7 @@ from remat.solvers.opgraph import (
     stage_forward_peak,
     stages,
 )
-from remat.solvers.polish import PATIENCE, polish
+from lab.polish import PATIENCE, polish
 
 __all__ = ["MAX_OPS", "POLISHED", "ValuePlan", "least_recompute_front", "min_recompute_values"]
 
@@ -119,7 +119,7 @@ _REMAKE = ("R",)  # a leaf: the owed remake of the nearest enclosing ("owe", v, 
 
 def least_recompute_front(graph: OpGraph) -> list[ValuePlan]:
     """Every schedule on the memory/recompute Pareto front of the op graph ``graph`` that
-    the program finds, with its cost under :func:`~remat.solvers.opgraph.simulate`.
+    the program finds, with its cost under :func:`~lab.opgraph.simulate`.
 
     Sorted from the least recompute (highest peak) to the least peak. A DAG is
     planned three times, op by op (two ways of counting held values) and stage
@@ -151,14 +151,14 @@ def min_recompute_values(
 ) -> ValuePlan | None:
     """The least recompute found within ``budget_bytes``: the :data:`POLISHED` fitting schedules
     of :func:`least_recompute_front` that recompute least, each improved one change at a time
-    by :func:`remat.solvers.polish.polish`, and the best of them kicked and improved again
+    by :func:`lab.polish.polish`, and the best of them kicked and improved again
     until ``patience`` kicks in a row find nothing better (0: no kicks, faster); ``None`` if
     none fits.
 
     ``front``: the graph's :func:`least_recompute_front`, to plan several budgets from one run.
 
     Example:
-        >>> from remat.solvers.opgraph import OpGraph
+        >>> from lab.opgraph import OpGraph
         >>> graph = OpGraph.random_chain(8, seed=1)
         >>> min_recompute_values(graph, 1) is None
         True

@@ -1,4 +1,4 @@
-"""Local search over value schedules (remat.solvers.polish) against the simulator and the program it polishes."""
+"""Local search over value schedules (lab.polish) against the simulator and the program it polishes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
-from remat.solvers.chain import pareto_front
-from remat.solvers.opgraph import OpGraph, schedule_of_steps, simulate, to_chain
-from remat.solvers.polish import _changes, _Scorer, polish
-from remat.solvers.values import least_recompute_front, min_recompute_values
+from remat.solvers.checkpoints import pareto_front
+from lab.opgraph import OpGraph, schedule_of_steps, simulate, to_chain
+from lab.polish import _changes, _Scorer, polish
+from lab.values import least_recompute_front, min_recompute_values
 
 
 @pytest.mark.parametrize("seed", range(3))

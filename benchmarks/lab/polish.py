@@ -1,11 +1,11 @@
 """Local search that lowers the recompute of a value-level schedule within a budget.
 
-The dynamic program of :mod:`remat.solvers.values` plans DAGs as chains of
-units, and misses schedules the exact integer program of :mod:`remat.solvers.ilp`
+The dynamic program of :mod:`lab.values` plans DAGs as chains of
+units, and misses schedules the exact integer program of :mod:`lab.ilp`
 finds: remaking two cheap values instead of one costly one, remaking a value
 early while the gradients in flight are small. :func:`polish` starts from
 schedules it found and changes them one recompute at a time, each change
-scored exactly under the model of :mod:`remat.solvers.opgraph`:
+scored exactly under the model of :mod:`lab.opgraph`:
 
 * drop a recompute (the value made before lives on until its last reader);
 * remake a value just before a step that reads it, or anywhere in the backward;
@@ -34,9 +34,9 @@ were above it (seed 8, 18 ops: 6.3% of a forward above, then equal; seed 16,
 26 ops: 6.8% above, then equal), in seconds.
 
 Example:
-    >>> from remat.solvers.opgraph import OpGraph
-    >>> from remat.solvers.values import least_recompute_front
-    >>> from remat.solvers.polish import polish
+    >>> from lab.opgraph import OpGraph
+    >>> from lab.values import least_recompute_front
+    >>> from lab.polish import polish
     >>> graph = OpGraph.random_dag(18, seed=8)
     >>> start = [p for p in least_recompute_front(graph) if p.peak_bytes <= 183304][0]
     >>> start.recompute_flops, polish(graph, start.schedule, 183304).recompute_flops
@@ -48,7 +48,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
-from remat.solvers.opgraph import OpGraph, Schedule, ValuePlan, gradient_profile, schedule_of_steps, simulate
+from lab.opgraph import OpGraph, Schedule, ValuePlan, gradient_profile, schedule_of_steps, simulate
 
 __all__ = ["polish", "MAX_EVALUATIONS", "PATIENCE"]
 

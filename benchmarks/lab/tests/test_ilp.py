@@ -14,8 +14,9 @@ import pytest
 
 from chain_helpers import plans_with_stored
 
-from remat.solvers.chain import min_recompute, pareto_front, peak_of, recompute_flops_of
-from remat.solvers.opgraph import (
+from remat.chain.cost import peak_of, recompute_flops_of
+from remat.solvers.checkpoints import min_recompute, pareto_front
+from lab.opgraph import (
     OpGraph,
     Schedule,
     Step,
@@ -160,7 +161,7 @@ def test_chain_peaks_bound_simulated_peaks_on_dags():
 # -- the ILP --------------------------------------------------------------------------
 
 highspy = pytest.importorskip("highspy")
-from remat.solvers.ilp import min_recompute_ilp  # noqa: E402
+from lab.ilp import min_recompute_ilp  # noqa: E402
 
 
 def check_against_remat(graph: OpGraph, time_limit_s: float, budgets_per_graph: int, require_optimal: bool):

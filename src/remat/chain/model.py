@@ -1,0 +1,230 @@
+"""The chain's data types: what profiling measured per stage, and a plan's solution."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Checkpoints nested in recomputed segments: ``(l, r, (c1, .., ck))`` per segment (l, r].
+Inner = tuple[tuple[int, int, tuple[int, ...]], ...]
+
+# Arrays with one entry per boundary (0..n) rather than per stage.
+_BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "skips_next")
+# Per-stage arrays measured again for stages run selectively (``Chain.selective_*``).
+_SELECTIVE_FIELDS = ("fwd_save_peak", "saved_bytes", "saves_input", "saves_output", "bwd_peak")
+
+__all__ = ["Chain", "ChainSolution", "Inner"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Per-stage sizes (bytes) and costs (FLOPs) of a linear chain.
+
+    Arrays ``act_bytes`` and ``grad_bytes`` have ``n + 1`` entries (index 0 is
+    the chain input, index ``n`` its output); every other array has ``n``
+    entries, entry ``i - 1`` describing stage ``i``.
+
+    Attributes:
+        act_bytes: bytes of each activation ``a(i)``.
+        grad_bytes: bytes of the gradient of each ``a(i)`` (0 for an input
+            that does not require grad).
+        fwd_nosave_peak: peak of new bytes while the stage runs forward saving
+            nothing for backward (its output included).
+        fwd_save_peak: the same when it saves for backward.
+        saved_bytes: bytes the stage keeps for backward that are neither its
+            input nor its output.
+        saves_input / saves_output: whether it keeps its input / output.
+        bwd_peak: peak of new bytes during its backward, over what is live
+            when its backward starts.
+        param_grad_bytes: bytes of parameter gradients it produces.
+        fwd_flops / bwd_flops: its cost.
+        base_bytes: bytes live through the whole step (parameters, buffers,
+            the chain input).
+        output_held: the caller holds ``a(n-1)`` through the backward, as
+            ``out = model(x); loss_fn(out).backward()`` does when the chain's
+            last stage is the loss.
+        names: a readable name per stage.
+        live_until: for boundaries with several live tensors (cuts inside
+            residual or dense blocks): the last boundary ``d(m)`` at which
+            ``a(m)`` is still live (read by stage ``d(m) + 1``); ``None``,
+            or ``d(m) = m``, for a plain chain. A plan may then keep ``r``
+            after ``l`` only if every activation live at ``r`` was made at
+            ``l`` or before (so it is kept already).
+        later_saver: the first stage after ``m + 1`` that saves ``a(m)``
+            for backward (a residual input saved by a projection), 0 if
+            none; its backward releases ``a(m)``.
+        skips_next: ``a(m)`` is read by later stages but not by stage
+            ``m + 1``: no recomputed segment may start at ``m`` (its
+            checkpoint would not hold ``a(m)``, which the cost model assumes).
+        carried_grad_bytes: bytes of the gradients of the activations made
+            before ``m`` that are live at boundary ``m``, alive when the
+            backward reaches it (each counted once where they share storage).
+        stranded_bytes: what stage ``n - 1`` saves for model outputs the
+            loss ignores: their backward never runs, so these bytes stay
+            from that stage's backward to the end of the step. A chain
+            with some has no checkpoint at ``n - 1``: the recompute of stage
+            ``n - 1`` would save them again, and its checkpoint would keep its
+            input alive with them.
+        held_output_bwd_peak: stage ``n - 1``'s ``bwd_peak`` when it runs
+            in the last segment, where the caller holds its outputs through
+            the backward (``None``: the same as recomputed).
+        selective_*: the same quantities for each stage run *selectively*
+            (:func:`remat.execute.run_selective`): its forward keeps its
+            input and the outputs of the operators that have FLOPs, and
+            its backward first recomputes the rest, at no FLOPs. Only
+            stored and last segments run so (``ChainSolution.selective``);
+            ``None`` where not measured (no such plans then). The last
+            segment runs selectively only if stage ``n - 1`` strands as much
+            either way (``selective_stranded_bytes``): the other segments'
+            costs count what it strands.
+    """
+
+    act_bytes: np.ndarray
+    grad_bytes: np.ndarray
+    fwd_nosave_peak: np.ndarray
+    fwd_save_peak: np.ndarray
+    saved_bytes: np.ndarray
+    saves_input: np.ndarray
+    saves_output: np.ndarray
+    bwd_peak: np.ndarray
+    param_grad_bytes: np.ndarray
+    fwd_flops: np.ndarray
+    bwd_flops: np.ndarray
+    base_bytes: int = 0
+    output_held: bool = False
+    names: tuple[str, ...] = ()
+    live_until: np.ndarray | None = None
+    later_saver: np.ndarray | None = None
+    carried_grad_bytes: np.ndarray | None = None
+    skips_next: np.ndarray | None = None
+    stranded_bytes: int = 0
+    held_output_bwd_peak: int | None = None
+    selective_fwd_save_peak: np.ndarray | None = None
+    selective_saved_bytes: np.ndarray | None = None
+    selective_saves_input: np.ndarray | None = None
+    selective_saves_output: np.ndarray | None = None
+    selective_bwd_peak: np.ndarray | None = None
+    selective_held_output_bwd_peak: int | None = None
+    selective_stranded_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.fwd_save_peak)
+        if n < 1:
+            raise ValueError("a chain needs at least one stage")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.ndarray):
+                expected = n + 1 if field.name in _BOUNDARY_FIELDS else n
+                if value.shape != (expected,):
+                    raise ValueError(
+                        f"Chain.{field.name} has shape {value.shape}, expected ({expected},) "
+                        f"for a chain of {n} stages"
+                    )
+        if not self.names:
+            object.__setattr__(self, "names", tuple(f"stage{i}" for i in range(1, n + 1)))
+        selective = [getattr(self, f"selective_{name}") for name in _SELECTIVE_FIELDS]
+        if any(x is None for x in selective) and any(x is not None for x in selective):
+            raise ValueError(f"Chain.selective_* ({', '.join(_SELECTIVE_FIELDS)}) are given all together or not at all")
+        if self.live_until is not None:
+            bounds = np.arange(n + 1)
+            if (self.live_until < bounds).any() or (self.live_until[:-1] > n - 1).any():
+                raise ValueError("Chain.live_until[m] must lie in m..n-1 (the loss reads only a(n-1))")
+
+    @property
+    def carries(self) -> bool:
+        """Whether some activation is read past the next stage (multi-tensor boundaries)."""
+        return self.live_until is not None and bool((self.live_until > np.arange(self.n + 1)).any())
+
+    @property
+    def n(self) -> int:
+        return len(self.fwd_save_peak)
+
+    @property
+    def has_selective(self) -> bool:
+        """Whether the stages' selective costs were measured (plans may run segments selectively)."""
+        return self.selective_bwd_peak is not None
+
+    def with_selective(self, measured: Chain) -> Chain:
+        """This chain with selective costs: those ``measured`` on the same stages run selectively."""
+        if measured.n != self.n or not np.array_equal(measured.act_bytes, self.act_bytes):
+            raise ValueError("the selective costs were measured on other stages than this chain's")
+        return dataclasses.replace(
+            self,
+            **{f"selective_{name}": getattr(measured, name) for name in _SELECTIVE_FIELDS},
+            selective_held_output_bwd_peak=measured.held_output_bwd_peak,
+            selective_stranded_bytes=measured.stranded_bytes,
+        )
+
+    @property
+    def selective_last(self) -> bool:
+        """Whether the last segment may run selectively (see ``selective_*``)."""
+        return self.has_selective and self.selective_stranded_bytes == self.stranded_bytes
+
+    def selective_view(self) -> Chain:
+        """The chain as if every stage ran selectively: the costs of its kept segments then."""
+        if not self.has_selective:
+            raise ValueError(
+                "this chain has no selective costs (Chain.selective_*): profile the stages selectively "
+                "too to plan selective segments"
+            )
+        return dataclasses.replace(
+            self,
+            **{name: getattr(self, f"selective_{name}") for name in _SELECTIVE_FIELDS},
+            held_output_bwd_peak=self.selective_held_output_bwd_peak,
+            **{f"selective_{name}": None for name in _SELECTIVE_FIELDS},
+            selective_held_output_bwd_peak=None,
+            selective_stranded_bytes=0,
+        )
+
+    @classmethod
+    def from_arrays(cls, **arrays) -> Chain:
+        """Build a chain from lists; booleans and integers are converted."""
+        converted = {}
+        for key, value in arrays.items():
+            if key in (
+                "base_bytes", "names", "output_held", "stranded_bytes", "held_output_bwd_peak",
+                "selective_held_output_bwd_peak", "selective_stranded_bytes",
+            ):
+                converted[key] = value
+            elif value is None:
+                converted[key] = None
+            elif key in ("saves_input", "saves_output", "skips_next", "selective_saves_input", "selective_saves_output"):
+                converted[key] = np.asarray(value, dtype=bool)
+            else:
+                converted[key] = np.asarray(value, dtype=np.int64)
+        return cls(**converted)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainSolution:
+    """A plan for a chain: the kept boundaries and what the step then costs.
+
+    ``checkpoints`` cut the chain into segments; every segment but the last is
+    recomputed in backward, except those whose start (``0`` or a checkpoint)
+    is in ``stored``: they run normally, keeping what their backward needs
+    (only plans from ``min_recompute(..., store=True)`` have any; a stored
+    segment followed by another kept one, stored or the last, runs the other
+    way, plainly or selectively). An executor wraps each recomputed segment
+    in a checkpoint and runs the others as they are.
+
+    ``selective`` names the starts of segments, stored ones or the last,
+    whose stages run selectively (each its own selective checkpoint, see
+    :func:`remat.execute.run_selective`): they keep only their inputs and
+    what the operators with FLOPs made, and remake the rest, at no FLOPs,
+    when their backward starts (plans of chains with selective costs).
+
+    ``inner`` nests checkpoints inside recomputed segments (plans from
+    :mod:`remat.solvers.nested`): an entry ``(l, r, (c1, ..., ck))`` says that
+    the recompute of segment ``(l, r]`` keeps ``a(c1)..a(ck)``; it then runs
+    ``(ck, r]`` normally and recomputes ``(l, c1], ..., (c(k-1), ck]`` again,
+    each when the backward reaches it (they may have entries of their own).
+    """
+
+    checkpoints: tuple[int, ...]
+    peak_bytes: int
+    recompute_flops: int
+    method: str = ""
+    stored: tuple[int, ...] = ()
+    inner: Inner = ()
+    selective: tuple[int, ...] = ()
