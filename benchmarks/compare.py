@@ -38,7 +38,8 @@ from torch.utils.checkpoint import checkpoint
 
 from remat import InfeasibleBudget, measure_step, models
 from remat.api import _Profiled
-from remat.execute import RematModule, segment_starts
+from remat.execute.engine import segment_starts
+from remat.execute.module import RematModule
 from remat.report import format_bytes
 from remat.solvers.baselines import sqrt_segments, uniform_segments
 from machine import results_header

@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 import remat
-from remat.execute import RematModule
+from remat.execute.module import RematModule
 from remat import models
-from remat.measure import default_loss, round_to_of, track_memory, unique_storage_bytes
+from remat.measure.step import default_loss
+from remat.measure.tracker import round_to_of, track_memory, unique_storage_bytes
 from remat.report import format_bytes
 from machine import cpu_name
 

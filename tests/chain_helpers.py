@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from remat.execute import CheckpointOffload
+from remat.execute.offload import CheckpointOffload
 
 
 def all_plans(n: int) -> Iterator[tuple[int, ...]]:

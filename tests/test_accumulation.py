@@ -16,7 +16,7 @@ from torch import nn
 
 import remat
 from remat import models
-from remat.measure import default_loss, measure_step
+from remat.measure.step import default_loss, measure_step
 
 SPECS = ["remat:mlp?depth=6&width=64", "remat:preact_resnet?depth=29", "torchvision:resnet18"]
 

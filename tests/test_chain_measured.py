@@ -23,8 +23,8 @@ from chain_helpers import (
 )
 from grad_helpers import assert_grads_equal, step_grads
 from remat.capture.sequential import profile_sequential
-from remat.execute import CheckpointedSequential
-from remat.measure import measure_step
+from remat.execute.sequential import CheckpointedSequential
+from remat.measure.step import measure_step
 from remat.chain.cost import peak_of, segment_stages
 from remat.solvers.baselines import sqrt_segments
 from remat.solvers.checkpoints import min_peak

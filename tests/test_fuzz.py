@@ -30,7 +30,7 @@ from grad_helpers import assert_grads_equal, step_grads
 import remat
 from remat import default_loss, measure_step
 from remat.api import _Profiled, capture
-from remat.execute import RematModule
+from remat.execute.module import RematModule
 from remat.models import RandomNet
 
 DEFAULT_SEEDS = range(300)

@@ -19,8 +19,8 @@ import remat
 from remat import models
 from chain_helpers import all_plans, nested_plans
 from grad_helpers import assert_grads_equal, step_grads
-from remat.execute import CheckpointedSequential
-from remat.measure import measure_step
+from remat.execute.sequential import CheckpointedSequential
+from remat.measure.step import measure_step
 from remat.chain.cost import peak_of, recompute_flops_of
 from remat.chain.model import Chain
 from remat.solvers.checkpoints import min_peak, min_recompute

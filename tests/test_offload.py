@@ -21,7 +21,9 @@ from grad_helpers import assert_grads_equal, step_grads
 import remat
 from remat import measure_step, models
 from remat.api import _Profiled
-from remat.execute import CheckpointOffload, RematModule, segment_starts
+from remat.execute.engine import segment_starts
+from remat.execute.module import RematModule
+from remat.execute.offload import CheckpointOffload
 from remat.plan import Plan
 
 

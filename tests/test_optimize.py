@@ -22,8 +22,8 @@ from grad_helpers import assert_grads_equal, step_grads
 import remat
 from remat import default_loss, measure_step, models
 from remat.api import _profile, capture
-from remat.execute import segment_starts
-from remat.execute import RematModule
+from remat.execute.engine import segment_starts
+from remat.execute.module import RematModule
 from remat.plan import Plan
 
 heavy = pytest.mark.heavy

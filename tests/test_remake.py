@@ -11,7 +11,7 @@ from torch import nn
 import remat
 from grad_helpers import assert_grads_equal, step_grads
 from remat import measure_step, models
-from remat.remake import costly_calls, remake_cheap
+from remat.execute.remake import costly_calls, remake_cheap
 
 
 class Remade(nn.Module):

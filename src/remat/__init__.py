@@ -7,10 +7,13 @@ plan), execute (plan -> module), measure.
 from remat.api import max_batch, optimize, pareto, plan
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import TraceError
-from remat.execute import CheckpointedSequential, CheckpointOffload, RematModule
-from remat.measure import StepMeasurement, default_loss, measure_step, track_memory
+from remat.execute.module import RematModule
+from remat.execute.offload import CheckpointOffload
+from remat.execute.sequential import CheckpointedSequential
+from remat.measure.step import StepMeasurement, default_loss, measure_step
+from remat.measure.tracker import track_memory
 from remat.plan import Plan
-from remat.remake import remake_cheap
+from remat.execute.remake import remake_cheap
 
 __all__ = [
     "CheckpointOffload",

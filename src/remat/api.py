@@ -25,21 +25,13 @@ from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, structure_key, trace
 from remat.capture.profile import BackwardSkipsStage, profile_selectively, profile_stages
 from remat.capture.timing import stage_seconds
-from remat.execute import (
-    CheckpointOffload, RematModule, nested_starts, run_selective, segment_starts, stored_starts,
-)
-from remat.measure import (
-    _model_device,
-    as_tuple,
-    default_loss,
-    measure_step,
-    round_to_of,
-    step_model,
-    track_memory,
-    unique_storage_bytes,
-)
+from remat.execute.engine import nested_starts, run_selective, segment_starts, stored_starts
+from remat.execute.module import RematModule
+from remat.execute.offload import CheckpointOffload
+from remat.measure.step import as_tuple, default_loss, measure_step, model_device, step_model
+from remat.measure.tracker import round_to_of, track_memory, unique_storage_bytes
 from remat.plan import Plan
-from remat.remake import CostlyCall, costly_calls
+from remat.execute.remake import CostlyCall, costly_calls
 from remat.chain.cost import largest_retained, recompute_flops_of, segment_stages, single_tensor_boundaries
 from remat.chain.model import Chain, ChainSolution
 from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
@@ -205,7 +197,7 @@ def _check_float_dtypes(name: str, model: nn.Module, inputs: list[torch.Tensor])
 
 def _offload_possible(model: nn.Module, inputs: tuple) -> bool:
     """Whether kept activations can go to host memory: only from a CUDA device (warns otherwise)."""
-    device = _model_device(model, inputs)
+    device = model_device(model, inputs)
     if device.type == "cuda":
         return True
     warnings.warn(
@@ -236,13 +228,13 @@ def _profile(
     if profile not in ("fake", "device"):
         raise ValueError(f"profile must be 'fake' or 'device', got {profile!r}")
     host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
-    inputs = host._inputs(inputs, {})  # arguments left to their defaults filled in
+    inputs = host.flat_inputs(inputs, {})  # arguments left to their defaults filled in
     with step_model(host, inputs, fake=profile == "fake") as (fake_host, fake_inputs):
         named = dict(fake_host.named_parameters(remove_duplicate=False))  # tied weights by every name
         specs, keys = [], []
         last = len(captured.modules) - 1
-        finish = fake_host._outputs  # the model's output structure
-        for index, piece in enumerate(fake_host._captured.modules):
+        finish = fake_host.structured_output  # the model's output structure
+        for index, piece in enumerate(fake_host.captured.modules):
 
             def run(x, piece=piece, index=index):
                 args = ((), fake_host, *x) if index == 0 else (x, fake_host, *fake_inputs)
@@ -312,7 +304,7 @@ def _cached_casts(host: RematModule, inputs: tuple, device: torch.device | None)
     if device is None or not (torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
         return 0
     with torch.no_grad(), track_memory(device, exact=True) as mem:
-        host._run_on(0, len(host._captured.modules), {}, inputs)
+        host.run_pieces(0, len(host.captured.modules), {}, inputs)
     return mem.current_bytes
 
 
@@ -480,7 +472,7 @@ class _Profiled:
         """Forward seconds of every chain stage on the model's device (measured once)."""
         if self._seconds is None:
             host = RematModule(self.model, self.captured, ())
-            inputs = host._inputs(self.inputs, {})
+            inputs = host.flat_inputs(self.inputs, {})
             self._seconds = stage_seconds(host, inputs, self.groups, self.loss_fn)
         return self._seconds
 

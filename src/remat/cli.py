@@ -32,7 +32,7 @@ from rich.table import Table
 
 import remat
 from remat import measure_step, models
-from remat.measure import StepMeasurement
+from remat.measure.step import StepMeasurement
 from remat.budget import parse_bytes
 from remat.report import format_bytes
 from remat.strategies import STRATEGIES, compare, parse_strategies

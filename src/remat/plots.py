@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from remat.measure import StepMeasurement
+from remat.measure.step import StepMeasurement
 from remat.plan import Plan
 
 __all__ = ["memory_timeline", "pareto_front"]

@@ -35,8 +35,9 @@ from torch import nn
 
 from remat.api import _Profiled, optimize
 from remat.budget import parse_bytes
-from remat.execute import RematModule, segment_starts
-from remat.measure import StepMeasurement, as_tuple, default_loss, measure_step, step_model
+from remat.execute.engine import segment_starts
+from remat.execute.module import RematModule
+from remat.measure.step import StepMeasurement, as_tuple, default_loss, measure_step, step_model
 from remat.report import format_bytes
 from remat.chain.model import Chain, ChainSolution
 from remat.solvers.baselines import sqrt_segments, uniform_segments

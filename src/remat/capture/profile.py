@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
-from remat.measure import MemoryTracker, round_to_of, rounded_bytes, track_memory, unique_storage_bytes
+from remat.measure.tracker import MemoryTracker, round_to_of, rounded_bytes, track_memory, unique_storage_bytes
 from remat.chain.model import Chain
 
 __all__ = ["BackwardSkipsStage", "StageCost", "profile_selectively", "profile_stages"]

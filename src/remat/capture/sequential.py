@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from remat.capture.profile import profile_selectively, profile_stages
-from remat.execute import run_selective
-from remat.measure import as_tuple, default_loss, round_to_of, step_model, unique_storage_bytes
+from remat.execute.engine import run_selective
+from remat.measure.step import as_tuple, default_loss, step_model
+from remat.measure.tracker import round_to_of, unique_storage_bytes
 from remat.chain.model import Chain
 
 __all__ = ["SequentialProfile", "profile_sequential", "sequential_stages"]

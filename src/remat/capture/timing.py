@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from remat.measure import step_model
+from remat.measure.step import step_model
 
 __all__ = ["stage_seconds"]
 
@@ -58,14 +58,14 @@ def stage_seconds(
     """Median forward seconds of every chain stage (the loss last).
 
     Args:
-        host: a :class:`~remat.execute.RematModule` over the captured model
+        host: a :class:`~remat.execute.module.RematModule` over the captured model
             (it runs the pieces with the model's own modules and tensors).
         inputs: the graph's flat inputs, real tensors on the model's device.
         groups: the pieces of each chain stage, in order.
         loss_fn: the model output -> scalar loss (the chain's last stage).
         warmup / repeats: untimed runs, then timed runs of each stage.
     """
-    captured = host._captured
+    captured = host.captured
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
     measure = _timer(device)
     devices = [device.index or 0] if device is not None and device.type == "cuda" else []
@@ -92,7 +92,7 @@ def stage_seconds(
             values.update(made)
             done = pieces[-1]
             values = {q: v for q, v in values.items() if captured.last_reader[q] > done or q == last}
-        output = host._outputs(values[last])
+        output = host.structured_output(values[last])
         for _ in range(warmup):
             loss_fn(output)
         seconds.append(statistics.median(measure(lambda: loss_fn(output))[0] for _ in range(repeats)))

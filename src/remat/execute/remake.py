@@ -10,13 +10,13 @@ unpacks it, then dropped with the backward node that used it.
 
 It is what PyTorch's min-cut partitioner does inside ``torch.compile``, done
 in eager mode, value by value: unlike selective checkpointing of a region
-(:func:`remat.execute.run_selective`), which remakes a whole region when its
+(:func:`remat.execute.engine.run_selective`), which remakes a whole region when its
 backward starts, nothing is remade before it is needed, and the values a
 region reads from outside need not be kept either.
 
 Rules (each one keeps gradients, buffers and random draws those of a plain run):
 
-* Outputs of operators that count FLOPs (:func:`remat.measure.flop_formula`) are
+* Outputs of operators that count FLOPs (:func:`remat.measure.flops.flop_formula`) are
   kept, unless named in ``costly`` (then remaking them recomputes their
   FLOPs), and so are the values recipes read that are not remade themselves.
 * Random operators (dropout) are remade with the generator state they drew
@@ -42,7 +42,7 @@ Rules (each one keeps gradients, buffers and random draws those of a plain run):
 
 Example:
     >>> import torch
-    >>> from remat.remake import remake_cheap
+    >>> from remat.execute.remake import remake_cheap
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     >>> x = torch.randn(4, 8)
     >>> with remake_cheap():
@@ -64,7 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from remat.measure import flop_formula
+from remat.measure.flops import flop_formula
 
 __all__ = ["remake_cheap", "costly_calls", "CostlyCall", "DEFAULT_MAX_DEPTH"]
 
@@ -474,7 +474,7 @@ def costly_calls(run: Callable[[], Any], max_depth: int = DEFAULT_MAX_DEPTH) -> 
 
     Example:
         >>> import torch
-        >>> from remat.remake import costly_calls
+        >>> from remat.execute.remake import costly_calls
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
         >>> [(c.index, c.name) for c in costly_calls(lambda: net(torch.randn(4, 8)))]
         [(0, 'aten.addmm.default'), (1, 'aten.addmm.default')]

@@ -1,0 +1,162 @@
+"""Any traced model run with a plan: the drop-in module :func:`remat.optimize` returns."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+from torch import nn
+
+from remat.execute.engine import SegmentEngine
+from remat.execute.offload import CheckpointOffload
+from remat.execute.remake import remake_cheap
+
+__all__ = ["RematModule"]
+
+
+class RematModule(nn.Module):
+    """Any traced model run with a checkpoint plan; a drop-in for the original.
+
+    Made by :func:`remat.optimize`. It holds the model's own children,
+    parameters and buffers under the same names (``state_dict()`` is the
+    model's, and an optimizer over either module's parameters trains both),
+    and runs the traced graph piece by piece, recomputing every segment before
+    the last kept activation in backward. In eval mode or without autograd
+    (``torch.no_grad``) it calls the model's own forward: nothing is saved for
+    backward there, so there is nothing to plan. With ``offload``, the kept
+    activations wait in host memory (:class:`CheckpointOffload`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        captured: Any,
+        boundaries: Sequence[int],
+        plan: Any = None,
+        offload: CheckpointOffload | None = None,
+        nested: dict[tuple[int, int], tuple[int, ...]] | None = None,
+        stored: frozenset[int] = frozenset(),
+        selective: frozenset[int] = frozenset(),
+        stage_starts: Sequence[int] = (),
+        remake: bool = False,
+        remade_costly: Sequence[int] = (),
+    ):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        self._model = [model]  # the user's root module, not a submodule: state_dict stays the model's
+        self._captured = captured
+        self._captured_training = model.training  # the graph is specialised to this mode
+        self._signature = inspect.signature(model.forward)
+        captured.check_boundaries(boundaries)
+        self._engine = SegmentEngine(
+            _Pieces(captured, self), len(captured.modules), boundaries, offload, nested, stored, selective, stage_starts
+        )
+        self.plan = plan
+        self.boundaries = self._engine.boundaries  # pieces where segments start
+        self.nested = self._engine.nested  # recomputed segment (start, stop) -> its inner segment starts
+        self.stored = stored  # starts of segments run normally (not recomputed)
+        self.selective = selective  # pieces where the chain stages that run selectively start
+        self.offload = offload
+        self.remake = remake  # autograd keeps recipes of cheap values (remat.execute.remake.remake_cheap)
+        self.remade_costly = tuple(remade_costly)  # and of these calls of operators with FLOPs
+        self.training = model.training  # not .train(): the children keep their own flags
+
+    @property
+    def captured(self) -> Any:
+        """The captured model this module runs (:class:`remat.capture.captured.Captured`)."""
+        return self._captured
+
+    def train(self, mode: bool = True) -> RematModule:
+        """Set train/eval mode here, on the model's children, and on the model itself."""
+        super().train(mode)
+        self._model[0].training = mode
+        return self
+
+    def flat_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph's flat inputs for a call with ``args`` and ``kwargs`` (defaults filled in)."""
+        codegen = self._captured.codegen
+        if getattr(codegen, "pytree_info", None) is not None:  # an exported graph
+            return tuple(fx_pytree.tree_flatten_spec(([*args], kwargs), codegen.pytree_info.in_spec))
+        names = self._captured.input_names
+        if not kwargs and len(args) == len(names):
+            return args
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments[name] for name in names)
+
+    def run_pieces(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):
+        """Pieces ``start..stop-1`` run as they are (no plan) on the flat ``inputs``;
+        ``values`` maps earlier pieces to the outputs these read. For the profiler
+        and the timer."""
+        return self._engine.run_pieces(start, stop, values, inputs)
+
+    def forward(self, *args, **kwargs):
+        if not (self.training and torch.is_grad_enabled()):
+            # Nothing to save for backward: the model's own forward, in its own mode.
+            return self._model[0](*args, **kwargs)
+        if not self._captured_training:
+            raise RuntimeError(
+                "this module was planned with the model in eval mode, and the captured graph keeps "
+                "eval-mode behaviour (dropout off, BatchNorm running statistics): call model.train() "
+                "before remat.optimize to train with it"
+            )
+        inputs = self.flat_inputs(args, kwargs)
+        # Compiled, the partitioner chooses what to save (and a dispatch mode would stop the compile).
+        remaking = (
+            remake_cheap(costly=self.remade_costly)
+            if self.remake and not torch.compiler.is_compiling()
+            else contextlib.nullcontext()
+        )
+        with remaking:
+            return self.structured_output(self._engine.run(inputs))
+
+    def structured_output(self, out):
+        """The graph's flat output in the model's output structure (``CodeGen.process_outputs``).
+
+        Written out here because torch.compile (Dynamo) does not trace into torch.fx.
+        """
+        info = getattr(self._captured.codegen, "pytree_info", None)
+        if info is None or info.out_spec is None:
+            return out
+        return pytree.tree_unflatten(out if isinstance(out, (list, tuple)) else [out], info.out_spec)
+
+    def extra_repr(self) -> str:
+        kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
+        nested = f" (and {sum(map(len, self.nested.values()))} nested in recomputes)" if self.nested else ""
+        stored = f" ({len(self.stored)} segments stored, not recomputed)" if self.stored else ""
+        stored += f" ({len(self.selective)} stages selective)" if self.selective else ""
+        stored += " (cheap values remade in backward)" if self.remake else ""
+        return f"keeps: {kept}{nested}{stored}" + (" (offloaded to host memory)" if self.offload is not None else "")
+
+
+class _Pieces:
+    """A captured model's pieces as the engine's :class:`~remat.execute.engine.Program`: each piece
+    is a GraphModule called as ``piece(outputs it reads, root, *model inputs)``."""
+
+    def __init__(self, captured: Any, root: nn.Module):
+        self.captured = captured
+        self.root = root
+        self.reads = captured.reads
+        self.last_reader = captured.last_reader
+
+    def outside_reads(self, start: int, stop: int) -> tuple[int, ...]:
+        return self.captured.outside_reads(start, stop)
+
+    def submodules(self, start: int, stop: int) -> list[nn.Module]:
+        return self.captured.submodules(start, stop, self.root)
+
+    def reads_inputs(self, start: int) -> bool:
+        return True  # any piece may read the model's inputs (masks, position ids)
+
+    def call(self, index: int, read: tuple, inputs: tuple):
+        return self.captured.modules[index](read, self.root, *inputs)

@@ -1,0 +1,246 @@
+"""One training step measured: whole-step and activation peaks, FLOPs, on real or fake tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from remat.measure.tracker import MemoryTracker, has_storage, round_to_of, storage_bytes, track_memory, unique_storage_bytes
+
+__all__ = ["StepMeasurement", "as_tuple", "default_loss", "first_tensor", "measure_step", "model_device", "step_model"]
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """Mean of squares of the (first) output, in float32.
+
+    Works for a tensor, a tuple/list, a dict or a Hugging Face ``ModelOutput``.
+    """
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise TypeError(
+            f"default_loss found no tensor in the model output ({type(output).__name__}); "
+            "pass loss_fn=... that turns the output into a scalar"
+        )
+    return tensor.float().pow(2).mean()
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMeasurement:
+    """What one training step (forward, loss, backward) cost.
+
+    All sizes are bytes. ``peak_bytes`` is the whole step (parameters, buffers,
+    inputs, activations, gradients); ``activation_peak_bytes`` is the peak of
+    what remains after taking away parameters, buffers, inputs and the
+    gradients alive at that moment.
+    """
+
+    peak_bytes: int
+    activation_peak_bytes: int
+    saved_bytes: int
+    parameter_bytes: int
+    input_bytes: int
+    gradient_bytes: int
+    forward_flops: int
+    backward_flops: int
+    seconds: float
+    timeline: tuple[tuple[str, int], ...] = dataclasses.field(repr=False, default=())
+    forward_ops: int = dataclasses.field(repr=False, default=0)
+
+
+
+def as_tuple(example_inputs: Any) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+@contextlib.contextmanager
+def step_model(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
+    """The model and inputs to run one measured step on, leaving ``model`` as it was.
+
+    With ``fake``, the model with its parameters and buffers swapped for fake
+    tensors (no memory, no data) until the ``with`` block ends, and fake
+    inputs, inside their ``FakeTensorMode``. Otherwise the model itself: the
+    parameters' ``.grad`` are set aside and the buffers (BatchNorm running
+    statistics) saved, and both are put back afterwards.
+    Yields ``(module, inputs)``.
+    """
+    inputs = as_tuple(example_inputs)
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        mode = FakeTensorMode()
+        fakes: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+
+        def to_fake(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in fakes:
+                f = mode.from_tensor(t)
+                fakes[id(t)] = f.requires_grad_(t.requires_grad) if t.is_leaf else f
+            return fakes[id(t)]
+
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        swapped = {name: to_fake(t) for name, t in named}
+        fake_inputs = tree_map_only(torch.Tensor, to_fake, inputs)
+        # The model's own tensors are swapped for fake ones for the whole step
+        # (forward and backward, recomputation included), then put back.
+        with _reparametrize_module(model, swapped), mode:
+            yield model, fake_inputs
+        return
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    for p in params:
+        p.grad = None
+    try:
+        yield model, inputs
+    finally:
+        with torch.no_grad():
+            for p, grad in zip(params, grads):
+                p.grad = grad
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+def measure_step(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    *,
+    fake: bool = False,
+    grad_accumulation: bool = False,
+) -> StepMeasurement:
+    """Run one training step and measure its memory, FLOPs and time.
+
+    The user's model is left as it was: on fake tensors its tensors are swapped
+    for fake ones during the step and put back; on real ones the parameters'
+    ``.grad`` and the buffers (BatchNorm running statistics) are put back
+    afterwards.
+
+    Args:
+        model: the module to train.
+        example_inputs: a tensor or a tuple of positional inputs.
+        loss_fn: output -> scalar loss; default :func:`default_loss`.
+        fake: simulate on fake tensors (no memory used, any size, any machine).
+        grad_accumulation: measure a step whose parameter gradients exist
+            before it starts (a gradient-accumulation micro-step): they are
+            counted in ``peak_bytes`` and ``gradient_bytes`` all step long,
+            and the backward adds into them.
+
+    Example:
+        >>> import torch, remat
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+        >>> m = remat.measure_step(mlp, torch.randn(32, 64), fake=True)
+        >>> m.peak_bytes >= m.activation_peak_bytes > 0
+        True
+    """
+    loss_fn = loss_fn or default_loss
+    device = model_device(model, example_inputs)
+    with step_model(model, example_inputs, fake=fake) as (module, inputs):
+        params = [p for p in module.parameters() if p.requires_grad]
+        round_to = round_to_of(device)
+        parameter_bytes = unique_storage_bytes([*module.parameters(), *module.buffers()], round_to)
+        existing_grad_bytes = 0
+        if grad_accumulation:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            existing_grad_bytes = unique_storage_bytes([p.grad for p in params], round_to)
+        input_bytes = unique_storage_bytes(tree_flatten(inputs)[0], round_to)
+        saved: dict[int, torch.Tensor] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if has_storage(t):
+                saved[id(t.untyped_storage())] = t
+            return t
+
+        start = time.perf_counter()
+        with track_memory(device, exact=fake) as mem:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                output = module(*inputs)
+                loss = loss_fn(output)
+            forward_flops, forward_ops = mem.flops, len(mem.timeline)
+            saved_bytes = sum(
+                storage_bytes(t.untyped_storage(), round_to)
+                for t in saved.values()
+                if mem.record_of(t) is not None
+            )
+            saved.clear()
+            _backward(loss, params)
+            grads = [p.grad for p in params if p.grad is not None]
+            del output, loss
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+
+        grad_records = {id(r) for r in map(mem.record_of, grads) if r is not None}
+        base = parameter_bytes + input_bytes
+        activation_peak = _activation_peak(mem, grad_records)
+        gradient_bytes = unique_storage_bytes(grads, round_to)
+        if grad_accumulation:
+            for p in params:
+                p.grad = None  # ours, not the user's (the model's own .grad is put back)
+        return StepMeasurement(
+            peak_bytes=base + existing_grad_bytes + mem.peak_bytes,
+            activation_peak_bytes=activation_peak,
+            saved_bytes=saved_bytes,
+            parameter_bytes=parameter_bytes,
+            input_bytes=input_bytes,
+            gradient_bytes=gradient_bytes,
+            forward_flops=forward_flops,
+            backward_flops=mem.flops - forward_flops,
+            seconds=seconds,
+            timeline=tuple(mem.timeline),
+            forward_ops=forward_ops,
+        )
+
+
+def _backward(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    if not loss.requires_grad:
+        raise ValueError(
+            "the loss does not require grad: no parameter of the model requires grad and no "
+            "input requires grad, so there is no backward pass to measure or optimize"
+        )
+    loss.backward()
+
+
+def _activation_peak(mem: MemoryTracker, grad_records: set[int]) -> int:
+    """Peak of tracked bytes minus the gradients already produced at each moment."""
+    if mem.cuda_device is not None:
+        grad_bytes = sum(r.nbytes for r in mem._records if id(r) in grad_records)
+        return max(0, mem.peak_bytes - grad_bytes)
+    n = len(mem.timeline) + 1
+    delta = [0] * (n + 1)
+    for record in mem._records:
+        if id(record) in grad_records:
+            continue
+        delta[record.born] += record.nbytes
+        delta[record.died if record.died is not None else n] -= record.nbytes
+    peak = live = 0
+    for change in delta:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def model_device(model: torch.nn.Module, example_inputs: Any) -> torch.device:
+    for t in list(model.parameters()) + tree_flatten(as_tuple(example_inputs))[0]:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
