@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m remat.demo
+	$(PY) -m remat.tools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,12 +12,12 @@ allocated, nothing is timed):
   ``checkpoint(block, x, use_reentrant=False)`` per layer. For GPT-2 that is
   what ``gradient_checkpointing_enable`` does (same row); for ResNet-50 each
   Bottleneck (each child of layer1..layer4) is wrapped, on a deep copy;
-* remat ``sqrt``, ``per-block`` (the strategies of :mod:`remat.strategies`),
+* remat ``sqrt``, ``per-block`` (the strategies of :mod:`remat.tools.strategies`),
   the least-peak plan (``remat``) and ``remat@<per-layer peak>``: the least
   recompute whose step peak fits the per-layer baseline's measured peak.
 
 The remat rows share one capture and profile of the model (as
-:mod:`remat.strategies` would do once per strategy) and use the same solvers.
+:mod:`remat.tools.strategies` would do once per strategy) and use the same solvers.
 
 Run: ``make bench-compare`` (or ``.venv/bin/python benchmarks/compare.py``).
 Writes ``benchmarks/results/compare.md``.
@@ -36,8 +36,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from remat import InfeasibleBudget, measure_step, models
-from remat.api import _Profiled
+from remat import InfeasibleBudget, measure_step
+from remat.tools import models
+from remat.planner.choose import solve
+from remat.planner.profiled import ProfiledModel
 from remat.execute.engine import segment_starts
 from remat.execute.module import RematModule
 from remat.report import format_bytes
@@ -102,7 +104,7 @@ def run_one(name: str, spec: str, batch: int, shape) -> dict:
         per_layer = measure_step(resnet_per_layer(model), inputs, fake=True)
     rows.append((per_layer_label, per_layer))
 
-    profiled = _Profiled.of(model, inputs, None)
+    profiled = ProfiledModel.of(model, inputs, None)
     chain = profiled.chain
 
     def remat_module(checkpoints) -> RematModule:
@@ -112,11 +114,11 @@ def run_one(name: str, spec: str, batch: int, shape) -> dict:
     rows.append(
         ("remat per-block", measure_step(remat_module(uniform_segments(chain, chain.n).checkpoints), inputs, fake=True))
     )
-    rows.append(("remat least peak", measure_step(profiled.module(profiled.solve(None)), inputs, fake=True)))
+    rows.append(("remat least peak", measure_step(profiled.module(solve(profiled, None)), inputs, fake=True)))
     budget = per_layer.peak_bytes
     label = f"remat @ per-layer peak ({format_bytes(budget)})"
     try:
-        plan = profiled.solve(budget)
+        plan = solve(profiled, budget)
         rows.append((label, measure_step(profiled.module(plan), inputs, fake=True)))
     except InfeasibleBudget as error:
         rows.append((label, f"InfeasibleBudget: {error}"))

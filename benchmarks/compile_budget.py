@@ -7,7 +7,7 @@ measured step peak is then the target for PyTorch's own answer: the model
 under ``torch.compile`` with ``aot_autograd``, the min-cut partitioner and
 eager (``aot_eager``'s boxed) compilers, at the ``activation_memory_budget``
 with the least recompute whose measured step peak is no higher
-(:class:`remat.strategies.TorchBudgetSearch`: 1.0, a grid, a closer look
+(:class:`remat.tools.strategies.TorchBudgetSearch`: 1.0, a grid, a closer look
 around the lowest peak where nothing fits, then bisection).
 Both are measured the same way, by ``remat.measure_step(..., fake=True)``, and
 recompute is the step's FLOPs beyond those of the unmodified model.
@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 import remat
-from remat import InfeasibleBudget, measure_step, models
+from remat import InfeasibleBudget, measure_step
+from remat.tools import models
 from remat.report import format_bytes
-from remat.strategies import TorchBudgetSearch
+from remat.tools.strategies import TorchBudgetSearch
 from machine import pick_models, results_header
 
 # (short name, spec, batch, per-sample input shape or None): the standard sizes of e2e_models.py

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import remat
-from remat import measure_step, models
+from remat import measure_step
+from remat.tools import models
 from remat.report import format_bytes
 from machine import pick_models, results_header
 

@@ -34,7 +34,7 @@ import torch
 
 import remat
 from remat.execute.module import RematModule
-from remat import models
+from remat.tools import models
 from remat.measure.step import default_loss
 from remat.measure.tracker import round_to_of, track_memory, unique_storage_bytes
 from remat.report import format_bytes

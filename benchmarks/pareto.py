@@ -18,8 +18,8 @@ from pathlib import Path
 
 import remat
 from machine import results_header
-from remat import models
-from remat.plots import pareto_front
+from remat.tools import models
+from remat.tools.plots import pareto_front
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import remat
-from remat import models
+from remat.tools import models
 from remat.measure.step import default_loss, measure_step
 
 SPECS = ["remat:mlp?depth=6&width=64", "remat:preact_resnet?depth=29", "torchvision:resnet18"]

@@ -20,8 +20,10 @@ from torch import nn
 from chain_helpers import all_plans
 from grad_helpers import assert_grads_equal, step_grads
 import remat
-from remat import InfeasibleBudget, measure_step, models, parse_bytes
-from remat.api import _Profiled
+from remat import InfeasibleBudget, measure_step, parse_bytes
+from remat.tools import models
+from remat.planner.choose import solve
+from remat.planner.profiled import ProfiledModel
 from remat.report import format_bytes
 from remat.chain.cost import peak_of, recompute_flops_of
 from remat.chain.model import Chain
@@ -197,7 +199,7 @@ def test_budget_is_kept_end_to_end(spec, batch, shape):
     source = models.load(spec, batch, input_shape=shape)
     model, x = source.model, source.example_inputs
     baseline = measure_step(model, x, fake=True)
-    profiled = _Profiled.of(model, x, None)  # captured once for the other budgets
+    profiled = ProfiledModel.of(model, x, None)  # captured once for the other budgets
     kept = 0
     for fraction in FRACTIONS:
         budget = fraction_budget(baseline, fraction)
@@ -205,7 +207,7 @@ def test_budget_is_kept_end_to_end(spec, batch, shape):
             if fraction == FRACTIONS[0]:
                 optimized = remat.optimize(model, x, budget=budget)
             else:
-                optimized = profiled.module(profiled.solve(budget))
+                optimized = profiled.module(solve(profiled, budget))
         except InfeasibleBudget as error:
             assert error.least_peak_bytes > budget, (fraction, error)
             continue
@@ -268,7 +270,7 @@ def test_budget_plans_run_stored_segments_exactly(tmp_path):
     for fraction in (0.5, 0.7, 0.9):
         budget = int(least.predicted_peak_bytes + fraction * (least.baseline_peak_bytes - least.predicted_peak_bytes))
         fast = remat.optimize(net, x, budget=budget)
-        one_level = min_recompute(_Profiled.of(net, x, None).chain, budget)
+        one_level = min_recompute(ProfiledModel.of(net, x, None).chain, budget)
         assert fast.plan.recompute_flops <= one_level.recompute_flops
         if not fast.plan.stored:
             continue
@@ -304,7 +306,7 @@ def test_budget_plans_run_selective_segments_exactly(spec, shape, tmp_path):
     assert fast.plan.selective and fast.plan.recompute_flops == 0
     assert measure_step(fast, x, fake=True).peak_bytes == fast.plan.predicted_peak_bytes <= budget
     # one-level plans without selective segments recompute to fit the same budget
-    assert min_recompute(_Profiled.of(net, x, None).chain, budget).recompute_flops > 0
+    assert min_recompute(ProfiledModel.of(net, x, None).chain, budget).recompute_flops > 0
     plain_net = copy.deepcopy(net)
     assert_grads_equal(step_grads(plain_net, x), step_grads(fast, x))
     assert all(torch.equal(a, b) for a, b in zip(plain_net.state_dict().values(), net.state_dict().values()))

@@ -22,7 +22,7 @@ from chain_helpers import (
     SimulatedOffload, StockCheckpointed, all_plans, plans_with_selective, plans_with_stored, segmentations,
 )
 from grad_helpers import assert_grads_equal, step_grads
-from remat.capture.sequential import profile_sequential
+from remat.profile.sequential import profile_sequential
 from remat.execute.sequential import CheckpointedSequential
 from remat.measure.step import measure_step
 from remat.chain.cost import peak_of, segment_stages

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 import remat
-from remat import Plan, models
-from remat.cli import app
+from remat import Plan
+from remat.tools import models
+from remat.tools.cli import app
 
 MLP = "remat:mlp?depth=6&width=64"
 RESNET = ["torchvision:resnet18", "--batch", "2", "--input", "3x64x64"]

@@ -10,8 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import remat
-from remat import InfeasibleBudget, measure_step, models
-from remat.strategies import TorchBudgetModule, TorchBudgetSearch, compare, parse_strategies, strategy
+from remat import InfeasibleBudget, measure_step
+from remat.tools import models
+from remat.tools.strategies import TorchBudgetModule, TorchBudgetSearch, compare, parse_strategies, strategy
 
 MODEL = "remat:chain?depth=16&width=64"  # a heterogeneous Sequential: linears, norms, dropout, activations
 BATCH = 256

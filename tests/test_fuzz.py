@@ -1,6 +1,6 @@
 """Fuzz ``remat.optimize`` with random tiny networks: exact gradients, peaks within budget.
 
-Each case is one :class:`remat.models.RandomNet` (linear, conv, norms,
+Each case is one :class:`remat.tools.models.RandomNet` (linear, conv, norms,
 activations, dropout, add/mul/cat/split, views, in-place ops, several
 outputs) drawn from its seed, with a batch size, a loss and a budget drawn
 from the same seed. For each case:
@@ -29,9 +29,11 @@ from grad_helpers import assert_grads_equal, step_grads
 
 import remat
 from remat import default_loss, measure_step
-from remat.api import _Profiled, capture
+from remat.capture.captured import capture
+from remat.planner.choose import solve
+from remat.planner.profiled import ProfiledModel
 from remat.execute.module import RematModule
-from remat.models import RandomNet
+from remat.tools.models import RandomNet
 
 DEFAULT_SEEDS = range(300)
 HEAVY_SEEDS = range(300, 2300)
@@ -91,12 +93,12 @@ def plans(seed: int) -> tuple[FuzzCase, remat.RematModule, remat.RematModule, in
     """The case of ``seed``, its least-peak module, a module within a random budget, and that budget."""
     case = FuzzCase.of(seed)
     # What remat.optimize does, with one capture for both plans.
-    profiled = _Profiled.of(case.model, case.x, case.loss_fn)
-    least = profiled.module(profiled.solve(None))
+    profiled = ProfiledModel.of(case.model, case.x, case.loss_fn)
+    least = profiled.module(solve(profiled, None))
     low = least.plan.predicted_peak_bytes
     high = max(low, least.plan.baseline_peak_bytes)
     budget = low + int(case.budget_fraction * (high - low))
-    return case, least, profiled.module(profiled.solve(budget)), budget
+    return case, least, profiled.module(solve(profiled, budget)), budget
 
 
 def check_case(seed: int, peaks: bool = True) -> None:

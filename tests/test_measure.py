@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from remat import default_loss, measure_step, models, track_memory
+from remat import default_loss, measure_step, track_memory
+from remat.tools import models
 
 MiB = 2**20
 KiB = 2**10

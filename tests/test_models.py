@@ -1,4 +1,4 @@
-"""Tests of remat.models: every spec form, inputs at any batch, clear errors."""
+"""Tests of remat.tools.models: every spec form, inputs at any batch, clear errors."""
 
 import textwrap
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from remat import models
+from remat.tools import models
 
 
 def shapes(inputs):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import remat
-from remat import models
+from remat.tools import models
 from chain_helpers import all_plans, nested_plans
 from grad_helpers import assert_grads_equal, step_grads
 from remat.execute.sequential import CheckpointedSequential

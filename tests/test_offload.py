@@ -19,8 +19,10 @@ from chain_helpers import SimulatedOffload
 from grad_helpers import assert_grads_equal, step_grads
 
 import remat
-from remat import measure_step, models
-from remat.api import _Profiled
+from remat import measure_step
+from remat.tools import models
+from remat.planner.choose import solve
+from remat.planner.profiled import ProfiledModel
 from remat.execute.engine import segment_starts
 from remat.execute.module import RematModule
 from remat.execute.offload import CheckpointOffload
@@ -69,12 +71,12 @@ def test_offloaded_plan_on_a_traced_model_exact_gradients_and_peak():
     run through the offload hooks."""
     source = models.load("remat:preact_resnet?depth=20", 16)
     model, inputs = source.model, source.example_inputs
-    profiled = _Profiled.of(model, inputs, None, carried=False)  # as remat.plan(offload=True) does
-    on_device = profiled.solve(None)
-    offloaded = profiled.solve(None, offload=True)
+    profiled = ProfiledModel.of(model, inputs, None, carried=False)  # as remat.plan(offload=True) does
+    on_device = solve(profiled, None)
+    offloaded = solve(profiled, None, offload=True)
     assert offloaded.offload and offloaded.predicted_peak_bytes < on_device.predicted_peak_bytes
     hooks = SimulatedOffload()
-    boundaries = segment_starts(profiled.groups, offloaded.checkpoints)
+    boundaries = segment_starts(offloaded.stage_pieces, offloaded.checkpoints)
     fast = RematModule(model, profiled.captured, boundaries, offloaded, hooks)
     assert_grads_equal(step_grads(model, inputs), step_grads(fast, inputs))
     # Every segment input but the model's own went to the host, and came back.

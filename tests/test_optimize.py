@@ -20,8 +20,10 @@ from torch import nn
 from grad_helpers import assert_grads_equal, step_grads
 
 import remat
-from remat import default_loss, measure_step, models
-from remat.api import _profile, capture
+from remat import default_loss, measure_step
+from remat.tools import models
+from remat.capture.captured import capture
+from remat.profile.model import profile_model
 from remat.execute.engine import segment_starts
 from remat.execute.module import RematModule
 from remat.plan import Plan
@@ -516,7 +518,7 @@ def test_segment_starts_follow_the_chain_groups():
     torch.manual_seed(0)
     model, x = DropoutMLP(), torch.randn(512, 128)
     captured = capture(model, (x,))
-    chain, groups, _ = _profile(model, captured, (x,), default_loss)
+    chain, groups, _ = profile_model(model, captured, (x,), default_loss)
     n = len(captured.modules)
     assert [i for g in groups for i in g] == list(range(n))  # every piece in one chain stage
     assert len(chain.names) == len(groups) + 1  # + the loss

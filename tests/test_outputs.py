@@ -21,7 +21,7 @@ from torch import nn
 
 from grad_helpers import assert_grads_equal, step_grads
 from remat import default_loss, measure_step
-from remat.api import _Profiled
+from remat.planner.profiled import ProfiledModel
 from remat.chain.cost import peak_of
 from remat.chain.model import ChainSolution
 
@@ -83,7 +83,7 @@ def test_every_plan_bounded_by_its_prediction_with_exact_gradients(name):
     torch.manual_seed(0)
     model, x = make(), torch.randn(8, 16)
     plain = step_grads(model, (x,), loss_fn=loss_fn)
-    profiled = _Profiled.of(model, x, loss_fn)
+    profiled = ProfiledModel.of(model, x, loss_fn)
     chain, checked = profiled.chain, 0
     for mask in range(1 << (chain.n - 1)):
         checkpoints = tuple(c for c in range(1, chain.n) if mask >> (c - 1) & 1)
@@ -91,7 +91,7 @@ def test_every_plan_bounded_by_its_prediction_with_exact_gradients(name):
             predicted = peak_of(chain, checkpoints)
         except ValueError:  # keeps a boundary without an activation live across it
             continue
-        module = profiled.module(profiled.plan(ChainSolution(checkpoints, predicted, 0), 0.0, None))
+        module = profiled.module(profiled.to_plan(ChainSolution(checkpoints, predicted, 0), 0.0, None))
         measured = measure_step(module, x, loss_fn, fake=True).peak_bytes
         assert measured <= predicted <= (1 + slack) * measured, (checkpoints, predicted, measured)
         if name != "ignored branch" and (not checkpoints or checkpoints[-1] < chain.n - 1):
@@ -108,9 +108,9 @@ def test_the_ignored_branch_is_stranded_and_the_dead_start_merged():
     one first stage that holds the layers no gradient reaches."""
     torch.manual_seed(0)
     x = torch.randn(8, 16)
-    branch = _Profiled.of(IgnoredBranch(), x, default_loss)
+    branch = ProfiledModel.of(IgnoredBranch(), x, default_loss)
     assert branch.chain.stranded_bytes > 0
-    start = _Profiled.of(IgnoredStart(), x, default_loss)
+    start = ProfiledModel.of(IgnoredStart(), x, default_loss)
     assert start.chain.stranded_bytes > 0
     first_stage = start.groups[0]
     assert "first" in " ".join(start.captured.pieces[i].name for i in first_stage)

@@ -10,8 +10,13 @@ from torch import nn
 
 import remat
 from grad_helpers import assert_grads_equal, step_grads
-from remat import measure_step, models
+from remat import measure_step
+from remat.tools import models
 from remat.execute.remake import costly_calls, remake_cheap
+import remat.planner.remade as remade_search
+from remat.planner.families import front as chain_front
+from remat.planner.profiled import ProfiledModel
+from remat.planner.remade import costly_calls_of, costly_worth, remade_costly, simulate_remade
 
 
 class Remade(nn.Module):
@@ -280,33 +285,29 @@ def test_a_budget_below_the_remade_plan_remakes_matmul_outputs_when_that_recompu
 
 
 def test_the_search_for_costly_remakes_takes_the_fewest_that_fit():
-    from remat.api import _Profiled
-
     net, x = _wide_mlp(), torch.randn(256, 64)
-    profiled = _Profiled.of(net, x, None)
-    first = profiled.remade(profiled.plan(profiled.front()[0], 0.0, None))
+    profiled = ProfiledModel.of(net, x, None)
+    first = simulate_remade(profiled, profiled.to_plan(chain_front(profiled)[0], 0.0, None))
     one_less = first.predicted_peak_bytes - 256 * 1024 * 4  # one hidden activation fewer
-    plan = profiled._remade_costly([first], one_less)
+    plan = remade_costly(profiled, [first], one_less)
     assert plan is not None and len(plan.remade_costly) == 1 and plan.predicted_peak_bytes <= one_less
     module = remat.optimize(net, x, plan=plan)
     assert measure_step(module, (x,), fake=True).peak_bytes == plan.predicted_peak_bytes
-    assert profiled._remade_costly([first], first.predicted_peak_bytes // 4) is None  # nothing gets that low
+    assert remade_costly(profiled, [first], first.predicted_peak_bytes // 4) is None  # nothing gets that low
 
 
 def test_the_search_for_costly_remakes_along_the_front_fits_and_never_loses_to_the_first_plan():
-    from remat.api import _Profiled
-
     torch.manual_seed(0)
     net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.MaxPool1d(2), nn.Linear(128, 64))])
     x = torch.randn(4096, 64)
-    profiled = _Profiled.of(net, x, None)
-    front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
+    profiled = ProfiledModel.of(net, x, None)
+    front = [profiled.to_plan(s, 0.0, None) for s in chain_front(profiled)]
     # Everything fits: the bisection stops at one call, which a trade then gives up.
-    assert profiled._remade_costly(front[:1], 1 << 40).remade_costly == ()
-    plain = profiled.remade(front[0]).predicted_peak_bytes
+    assert remade_costly(profiled, front[:1], 1 << 40).remade_costly == ()
+    plain = simulate_remade(profiled, front[0]).predicted_peak_bytes
     found = []
     for budget in range(plain - (1 << 20), plain // 2, -(plain // 8)):
-        first, along = profiled._remade_costly(front[:1], budget), profiled._remade_costly(front, budget)
+        first, along = remade_costly(profiled, front[:1], budget), remade_costly(profiled, front, budget)
         assert along is not None or first is None
         if along is not None:
             assert along.predicted_peak_bytes <= budget and along.remade_costly
@@ -317,17 +318,15 @@ def test_the_search_for_costly_remakes_along_the_front_fits_and_never_loses_to_t
 
 
 def test_trades_of_remade_calls_land_the_mix_closer_to_the_budget(monkeypatch):
-    from remat import api
-
     torch.manual_seed(0)
     net = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(64, 256), nn.GELU(), nn.MaxPool1d(2), nn.Linear(128, 64))])
     x = torch.randn(4096, 64)
-    profiled = api._Profiled.of(net, x, None)
-    front = [profiled.plan(s, 0.0, None) for s in profiled.front()]
-    budget = profiled.remade(front[0]).predicted_peak_bytes - (1 << 20)
-    traded = profiled._remade_costly(front, budget)
-    monkeypatch.setattr(api, "MAX_TRADES", 0)
-    ranked = profiled._remade_costly(front, budget)
+    profiled = ProfiledModel.of(net, x, None)
+    front = [profiled.to_plan(s, 0.0, None) for s in chain_front(profiled)]
+    budget = simulate_remade(profiled, front[0]).predicted_peak_bytes - (1 << 20)
+    traded = remade_costly(profiled, front, budget)
+    monkeypatch.setattr(remade_search, "MAX_TRADES", 0)
+    ranked = remade_costly(profiled, front, budget)
     # Ranked by bytes saved per FLOP, the wide matmul goes first; one of the narrow ones,
     # half its FLOPs, saves the mebibyte the budget needs.
     assert traded.recompute_flops * 2 == ranked.recompute_flops
@@ -398,19 +397,17 @@ def test_copies_of_a_remade_matmuls_output_are_remade_with_it():
 
 
 def test_costly_calls_are_remade_in_the_order_of_what_they_save_per_flop():
-    from remat.api import _Profiled
-
     torch.manual_seed(0)
     net, x = nn.Sequential(*[_Attention() for _ in range(3)]), torch.randn(8, 16, 64)
-    profiled = _Profiled.of(net, x, None)
-    first = profiled.plan(profiled.front()[0], 0.0, None)
-    calls = profiled._costly_calls(first)
-    worth = profiled._costly_worth(first, calls)
+    profiled = ProfiledModel.of(net, x, None)
+    first = profiled.to_plan(chain_front(profiled)[0], 0.0, None)
+    calls = costly_calls_of(profiled, first)
+    worth = costly_worth(profiled, first, calls)
     kind = {name: next(c.kind for c in calls if name in c.name) for name in ("attention", "addmm")}
     assert worth[kind["attention"]] > worth[kind["addmm"]] > 0  # attention: few FLOPs for its output
-    plain = profiled.remade(first)
+    plain = simulate_remade(profiled, first)
     budget = plain.predicted_peak_bytes - 1
-    plan = profiled._remade_costly([first], budget)
+    plan = remade_costly(profiled, [first], budget)
     assert plan is not None and plan.predicted_peak_bytes <= budget
     remade = [c for c in calls if c.index in plan.remade_costly]
     assert remade and all("attention" in c.name for c in remade)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 import remat
-from remat import demo, models
+from remat.tools import demo, models
 from remat.report import format_bytes, format_table
 
 

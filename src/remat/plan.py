@@ -10,7 +10,7 @@ from remat.report import format_bytes, format_table
 
 __all__ = ["Plan"]
 
-_FORMAT = "remat.plan/1"
+_FORMAT = "remat.plan/2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +20,13 @@ class Plan:
     Attributes:
         stage_names: the chain stages the model was cut into (module paths),
             the loss last.
+        stage_pieces: the captured pieces (0-based) each model stage runs, in
+            order: with ``cuts``, what a saved plan needs to run the model
+            without profiling it again.
+        cuts: how the model was cut into pieces: ``"carried"`` (also inside
+            blocks, where several tensors live across a cut) or ``"single"``
+            (only where one tensor is live: plans with nested checkpoints,
+            stored or selective segments, or offload).
         checkpoints: indices (1..len(stage_names)-1) of the stage outputs kept
             in the forward pass; everything before the last one is recomputed
             in backward.
@@ -96,6 +103,8 @@ class Plan:
     selective: tuple[int, ...] = ()
     remake: bool = False
     remade_costly: tuple[int, ...] = ()
+    stage_pieces: tuple[tuple[int, ...], ...] = ()
+    cuts: str = "carried"
 
     @property
     def stores_everything(self) -> bool:
@@ -159,14 +168,17 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
-        if data.pop("format", None) != _FORMAT:
-            raise ValueError(f"not a remat plan (expected format {_FORMAT!r})")
+        found = data.pop("format", None)
+        if found != _FORMAT:
+            made = "made by an older remat: plan again" if str(found).startswith("remat.plan/") else "not a remat plan"
+            raise ValueError(f"{made} (format {found!r}, expected {_FORMAT!r})")
         data["stage_names"] = tuple(data["stage_names"])
         data["checkpoints"] = tuple(data["checkpoints"])
         data["inner"] = tuple((l, r, tuple(cs)) for l, r, cs in data.get("inner", ()))
         data["stored"] = tuple(data.get("stored", ()))
         data["selective"] = tuple(data.get("selective", ()))
         data["remade_costly"] = tuple(data.get("remade_costly", ()))
+        data["stage_pieces"] = tuple(tuple(stage) for stage in data.get("stage_pieces", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

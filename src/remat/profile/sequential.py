@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture.profile import profile_selectively, profile_stages
+from remat.profile.stages import profile_selectively, profile_stages
 from remat.execute.engine import run_selective
 from remat.measure.step import as_tuple, default_loss, step_model
 from remat.measure.tracker import round_to_of, unique_storage_bytes
@@ -67,7 +67,7 @@ def profile_sequential(
 
     Example:
         >>> import torch
-        >>> from remat.capture.sequential import profile_sequential
+        >>> from remat.profile.sequential import profile_sequential
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
         >>> profile_sequential(net, torch.randn(4, 8)).chain.n   # 3 modules + the loss
         4

@@ -14,7 +14,7 @@ fraction found with the least recompute whose measured step peak fits 1 GiB
 
 Example:
     >>> import torch
-    >>> from remat.strategies import compare
+    >>> from remat.tools.strategies import compare
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)])
     >>> rows = compare(net, torch.randn(256, 64), ["none", "remat"])
     >>> [r.strategy for r in rows], rows[1].peak_bytes <= rows[0].peak_bytes
@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.api import _Profiled, optimize
+from remat.api import optimize
+from remat.planner.profiled import ProfiledModel
 from remat.budget import parse_bytes
 from remat.execute.engine import segment_starts
 from remat.execute.module import RematModule
@@ -66,7 +67,7 @@ def with_solver(
     ``solver`` (e.g. :func:`~remat.solvers.baselines.sqrt_segments`) replaces the
     least-peak search.
     """
-    profiled = _Profiled.of(model, example_inputs, loss_fn)
+    profiled = ProfiledModel.of(model, example_inputs, loss_fn)
     start = time.perf_counter()
     solution = solver(profiled.chain)
     solve_seconds = time.perf_counter() - start
@@ -315,7 +316,7 @@ class TorchBudgetModule(nn.Module):
 
     Example:
         >>> import torch, remat
-        >>> from remat.strategies import TorchBudgetModule
+        >>> from remat.tools.strategies import TorchBudgetModule
         >>> mlp = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
         >>> x = torch.randn(128, 64)
         >>> full, tight = (remat.measure_step(TorchBudgetModule(mlp, b), x, fake=True) for b in (1.0, 0.0))
@@ -391,7 +392,7 @@ class TorchBudgetSearch:
 
     Example:
         >>> import torch
-        >>> from remat.strategies import TorchBudgetSearch
+        >>> from remat.tools.strategies import TorchBudgetSearch
         >>> mlp = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
         >>> search = TorchBudgetSearch(mlp, torch.randn(128, 64))
         >>> search.least_recompute_within(search.measure(1.0).peak_bytes)

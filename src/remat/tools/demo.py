@@ -1,9 +1,9 @@
 """Plan a model for the least training-step peak and show what it saves and costs.
 
-Run ``python -m remat.demo`` (or ``make demo``) for the default: torchvision
+Run ``python -m remat.tools.demo`` (or ``make demo``) for the default: torchvision
 ResNet-50, batch 32, 3x224x224, simulated on fake tensors (no memory used, a
 few seconds): the least-peak plan against the unmodified model, both measured.
-Any model spec works, e.g. ``python -m remat.demo hf:gpt2?n_layer=4 --batch 4``;
+Any model spec works, e.g. ``python -m remat.tools.demo hf:gpt2?n_layer=4 --batch 4``;
 ``--real`` runs on real CPU tensors instead.
 """
 
@@ -13,7 +13,8 @@ import argparse
 import time
 
 import remat
-from remat import measure_step, models
+from remat import measure_step
+from remat.tools import models
 from remat.report import format_bytes, format_table
 
 DEFAULT_SPEC = "torchvision:resnet50"
@@ -21,7 +22,7 @@ DEFAULT_BATCH = 32
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m remat.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m remat.tools.demo", description=__doc__.split("\n")[0])
     parser.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"model spec (default {DEFAULT_SPEC})")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"batch size (default {DEFAULT_BATCH})")
     parser.add_argument("--real", action="store_true", help="run on real CPU tensors, not fake ones")

@@ -10,7 +10,7 @@ Commands (``remat COMMAND --help`` for the options):
 * ``remat demo``: what ``make demo`` runs.
 * ``remat fit MODEL --budget 24GiB``: the largest batch whose plan fits the budget.
 
-MODEL is a spec for :func:`remat.models.load`: ``torchvision:NAME``,
+MODEL is a spec for :func:`remat.tools.models.load`: ``torchvision:NAME``,
 ``hf:NAME?opts``, ``file.py:factory`` or ``remat:NAME``. Errors print one
 line and exit with status 1; ``remat --traceback COMMAND ...`` shows the
 whole traceback instead.
@@ -31,11 +31,12 @@ from rich.console import Console
 from rich.table import Table
 
 import remat
-from remat import measure_step, models
+from remat import measure_step
+from remat.tools import models
 from remat.measure.step import StepMeasurement
 from remat.budget import parse_bytes
 from remat.report import format_bytes
-from remat.strategies import STRATEGIES, compare, parse_strategies
+from remat.tools.strategies import STRATEGIES, compare, parse_strategies
 
 __all__ = ["app"]
 
@@ -383,7 +384,7 @@ def report(
     device: Device = "cpu",
 ) -> None:
     """Write OUT/memory.png (live memory over one step, baseline vs plan), OUT/pareto.png and OUT/report.md."""
-    from remat.plots import memory_timeline, pareto_front
+    from remat.tools.plots import memory_timeline, pareto_front
 
     with _user_errors():
         source = _load(model, batch, input, device)
@@ -438,7 +439,7 @@ def demo(
     real: Annotated[bool, typer.Option("--real", help="run on real CPU tensors, not fake ones")] = False,
 ) -> None:
     """What `make demo` runs: ResNet-50 at batch 32, planned and measured (any MODEL works)."""
-    from remat import demo as demo_module
+    from remat.tools import demo as demo_module
 
     argv = [model] if model else []
     argv += ["--batch", str(batch)] if batch is not None else []

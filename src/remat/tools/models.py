@@ -31,7 +31,7 @@ Models are built on CPU with real random weights, seeded so that the same spec
 always gives the same model, and returned in training mode.
 
 Example:
-    >>> from remat import models
+    >>> from remat.tools import models
     >>> src = models.load("remat:mlp?depth=2&width=64", batch_size=4)
     >>> src.name, [tuple(x.shape) for x in src.example_inputs]
     ('remat:mlp?depth=2&width=64', [(4, 64)])
@@ -101,7 +101,7 @@ def load(
         ValueError: the spec, its name or one of its options is not understood.
 
     Example:
-        >>> from remat import models
+        >>> from remat.tools import models
         >>> src = models.load("torchvision:resnet18", 2, input_shape=(3, 64, 64))
         >>> tuple(src.example_inputs[0].shape)
         (2, 3, 64, 64)
@@ -539,7 +539,7 @@ class RandomNet(nn.Module):
 
     Example:
         >>> import torch
-        >>> from remat.models import RandomNet
+        >>> from remat.tools.models import RandomNet
         >>> net = RandomNet(ops=12, width=8, seed=3)
         >>> outputs = net(torch.randn(4, 8))
         >>> torch.fx.symbolic_trace(net) is not None

@@ -1,0 +1,176 @@
+"""A model captured and profiled once, and the plans made on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from remat.capture.captured import Captured, fingerprint
+from remat.chain.cost import segment_stages
+from remat.chain.model import Chain, ChainSolution
+from remat.execute.module import RematModule, module_for_plan
+from remat.measure.step import as_tuple, default_loss, measure_step
+from remat.plan import Plan
+from remat.profile.model import Profile, capture_and_profile, profile_model
+from remat.profile.timing import stage_seconds
+from remat.validate import check_model_and_inputs
+
+__all__ = ["Costs", "ProfiledModel"]
+
+Costs = Literal["flops", "profile"]
+
+
+@dataclasses.dataclass
+class ProfiledModel:
+    """A model captured and measured as a chain, ready to be solved any number of times."""
+
+    model: nn.Module
+    inputs: tuple
+    loss_fn: Callable[[Any], torch.Tensor]
+    captured: Captured
+    chain: Chain
+    groups: list[list[int]]
+    capture_seconds: float
+    carried: bool = True  # cut inside blocks too (the capture's cut mode)
+    baseline: Any = None
+    fake: bool = True  # measured on fake tensors
+    _seconds: np.ndarray | None = None  # forward seconds per stage, for costs="profile"
+    plain_profiled: ProfiledModel | None = None  # profiled with single-tensor cuts only, see plain()
+    grad_accumulation: bool = False  # parameter gradients exist all step (see plan())
+    _selective: Chain | None = None  # the chain with selective costs too (see selective_chain())
+    _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
+    simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> (peak, recompute), see planner.remade
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        example_inputs: Any,
+        loss_fn,
+        profile: Profile = "fake",
+        *,
+        carried: bool = True,
+        grad_accumulation: bool = False,
+    ) -> ProfiledModel:
+        inputs = as_tuple(example_inputs)
+        check_model_and_inputs(model, inputs)
+        loss_fn = loss_fn or default_loss
+        start = time.perf_counter()
+        captured, chain, groups, profile, carried = capture_and_profile(model, inputs, loss_fn, profile, carried)
+        elapsed = time.perf_counter() - start
+        return cls(
+            model, inputs, loss_fn, captured, chain, groups, elapsed, carried,
+            fake=profile == "fake", grad_accumulation=grad_accumulation,
+        )
+
+    def plain(self) -> ProfiledModel:
+        """The model cut only where a single tensor is live: nested plans need such a chain."""
+        if not self.chain.carries:
+            return self
+        if self.plain_profiled is None:
+            profile = "fake" if self.fake else "device"
+            self.plain_profiled = ProfiledModel.of(
+                self.model, self.inputs, self.loss_fn, profile, carried=False, grad_accumulation=self.grad_accumulation
+            )
+            self.plain_profiled.baseline = self.baseline
+        return self.plain_profiled
+
+    def selective_chain(self) -> Chain:
+        """This chain with the costs of its stages run selectively too (measured once).
+
+        Only chains cut at single tensors have them (stored segments are planned on
+        those). Stages that selective checkpointing refuses (an in-place change of a
+        tensor it keeps) have their plain costs and run plainly; where the profile
+        fails otherwise, the plain chain, with a warning.
+        """
+        if self._selective is None:
+            try:
+                measured, _, plainly = profile_model(
+                    self.model, self.captured, self.inputs, self.loss_fn,
+                    "fake" if self.fake else "device", selective_groups=self.groups,
+                )
+                self._selective = self.chain.with_selective(measured)
+                self.plain_profiledly = frozenset(k + 1 for k in plainly)
+            except RuntimeError as error:
+                warnings.warn(
+                    f"remat: no selective segments for this model ({error}); planning without them",
+                    stacklevel=4,
+                )
+                self._selective = self.chain
+        return self._selective
+
+    def planned(self, chain: Chain) -> Chain:
+        """``chain`` as the solvers should see it: with gradient accumulation the parameter
+        gradients are there from the start (base bytes), and each stage's new ones are
+        temporaries added into them (inside its backward peak)."""
+        if not self.grad_accumulation:
+            return chain
+        grads = chain.param_grad_bytes
+        return dataclasses.replace(chain, base_bytes=chain.base_bytes + int(grads.sum()), param_grad_bytes=0 * grads)
+
+    def module(self, plan: Plan) -> RematModule:
+        """The model run with ``plan``, on the capture the plan was made for (its cut mode)."""
+        source = self if plan.cuts == self.cuts else self.plain()
+        return module_for_plan(self.model, source.captured, plan)
+
+    @property
+    def cuts(self) -> str:
+        """The cut mode of this capture (see :attr:`remat.plan.Plan.cuts`)."""
+        return "carried" if self.carried else "single"
+    def stage_seconds(self) -> np.ndarray:
+        """Forward seconds of every chain stage on the model's device (measured once)."""
+        if self._seconds is None:
+            host = RematModule(self.model, self.captured, ())
+            inputs = host.flat_inputs(self.inputs, {})
+            self._seconds = stage_seconds(host, inputs, self.groups, self.loss_fn)
+        return self._seconds
+
+    def to_plan(
+        self,
+        solution: ChainSolution,
+        solve_seconds: float,
+        budget_bytes: int | None,
+        offload: bool = False,
+        recompute_seconds: float | None = None,
+    ) -> Plan:
+        """The :class:`Plan` of a chain ``solution`` (of this chain, or, with nested checkpoints,
+        stored or selective segments, of the one cut only at single tensors), with the baseline
+        step measured once."""
+        if self.baseline is None:
+            self.baseline = measure_step(
+                self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
+            )
+        source = self.plain() if solution.inner or solution.stored or solution.selective else self
+        return Plan(
+            stage_names=source.chain.names,
+            checkpoints=solution.checkpoints,
+            predicted_peak_bytes=solution.peak_bytes,
+            baseline_peak_bytes=self.baseline.peak_bytes,
+            forward_flops=int(self.chain.fwd_flops[:-1].sum()),
+            recompute_flops=solution.recompute_flops,
+            parameter_bytes=self.baseline.parameter_bytes,
+            input_bytes=self.baseline.input_bytes,
+            solve_seconds=solve_seconds,
+            capture_seconds=self.capture_seconds + (self.plain_profiled.capture_seconds if self.plain_profiled else 0.0),
+            fingerprint=fingerprint(self.model, self.inputs),
+            budget_bytes=budget_bytes,
+            offload=offload,
+            costs="flops" if recompute_seconds is None else "profile",
+            recompute_seconds=recompute_seconds,
+            inner=solution.inner,
+            grad_accumulation=self.grad_accumulation,
+            stored=solution.stored,
+            selective=tuple(
+                i for i in segment_stages(source.chain.n, solution.checkpoints, solution.selective)
+                if i not in source._plainly
+            ),
+            stage_pieces=tuple(map(tuple, source.groups)),
+            cuts=source.cuts,
+        )

@@ -1,0 +1,239 @@
+"""Plans run with remade values (:mod:`remat.execute.remake`), each priced by one simulated step:
+the best remade plan for the least peak or a budget, and the search over remade costly calls."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable
+
+from remat.execute.remake import CostlyCall, costly_calls
+from remat.measure.step import measure_step, step_model
+from remat.chain.model import ChainSolution
+from remat.plan import Plan
+from remat.planner.profiled import ProfiledModel
+
+__all__ = ["MAX_COSTLY_KINDS", "MAX_TRADES", "best_remade", "costly_calls_of", "costly_worth", "remade_costly", "simulate_remade"]
+
+#: ones with the most output bytes; measuring what each saves costs one simulated step.
+MAX_COSTLY_KINDS = 8
+#: Trades of remade costly calls (:func:`_traded`) a budget plan takes at most: each
+#: one tried costs a simulated step.
+MAX_TRADES = 4
+
+
+
+def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...] = ()) -> Plan | None:
+    """``plan`` with cheap values remade in backward (:mod:`remat.remake`), and the outputs
+    of the ``costly`` calls too; its peak and recompute simulated (one step). None (with
+    a warning) where the model does something remaking cannot follow.
+
+    A plan with selective stages is also simulated with them run plainly (remaking
+    does value by value what they do per stage); the lower peak is kept.
+    """
+    variants = [plan, dataclasses.replace(plan, selective=())] if plan.selective else [plan]
+    simulated = []
+    for variant in variants:
+        variant = dataclasses.replace(variant, remake=True, remade_costly=costly)
+        # The searches of remade_costly come back to plans they simulated before.
+        runs = (variant.stage_names, variant.checkpoints, variant.inner, variant.stored, variant.selective,
+                variant.offload, costly)
+        if runs not in profiled.simulated:
+            try:
+                step = measure_step(
+                    profiled.module(variant), profiled.inputs, profiled.loss_fn,
+                    fake=profiled.fake, grad_accumulation=profiled.grad_accumulation,
+                )
+            except RuntimeError as error:
+                warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
+                return None
+            flops = step.forward_flops + step.backward_flops
+            baseline = profiled.baseline.forward_flops + profiled.baseline.backward_flops
+            profiled.simulated[runs] = step.peak_bytes, flops - baseline
+        peak, recompute = profiled.simulated[runs]
+        simulated.append(dataclasses.replace(variant, predicted_peak_bytes=peak, recompute_flops=recompute))
+    return min(simulated, key=lambda p: p.predicted_peak_bytes)
+
+
+def best_remade(
+    profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int | None, front: list[ChainSolution]
+) -> Plan | None:
+    """``chosen``, or the same plan run with remade values if that lowers the least peak.
+
+    Within a budget, the least recompute among ``chosen``, the plans of the front run
+    with remade values (the one that recomputes least first, then by bisection along
+    the rest), and the first remade with the outputs of its most memory-hungry matmuls
+    remade too (:func:`remade_costly`). Each candidate is one or two simulated steps;
+    ``front`` is the chain's Pareto front (:func:`remat.planner.families.front`).
+    """
+    start = time.perf_counter()
+    if budget_bytes is None:  # the least-peak plan is there
+        best = simulate_remade(profiled, chosen)
+        if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
+            best = chosen
+    else:
+        cheaper = [
+            profiled.to_plan(s, 0.0, budget_bytes)
+            for s in front if chosen is None or s.recompute_flops < chosen.recompute_flops
+        ]
+
+        def remade(index: int) -> Plan | None:
+            return simulate_remade(profiled, cheaper[index])
+
+        # Remade throughout, the plan that recomputes least often beats plans with recomputed
+        # segments (their recompute keeps everything it saves): the remade peaks fall along
+        # the rest of the front only.
+        first = remade(0) if cheaper else None
+        if _fits(first, budget_bytes):
+            candidates = [chosen, first]
+        else:
+            along = _least_fitting(remade, 1, len(cheaper), budget_bytes)
+            candidates = [chosen, along[1] if along else None]
+            if first is not None:
+                candidates.append(remade_costly(profiled, cheaper, budget_bytes))
+        best = min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
+    if best is None:
+        return None
+    # The simulated steps count as solve time, whichever plan won.
+    return dataclasses.replace(
+        best, solve_seconds=(chosen.solve_seconds if chosen else 0.0) + time.perf_counter() - start
+    )
+
+
+def remade_costly(profiled: ProfiledModel, front: list[Plan], budget_bytes: int) -> Plan | None:
+    """The plan of ``front`` (by recompute ascending) with costly calls remade too that fits
+    the budget at the least recompute found; or None. Plans run remade and without
+    selective stages.
+
+    Calls are remade in the order of the peak bytes their kind saves per FLOP
+    (:func:`costly_worth`): attention before the first matmul of an MLP, say;
+    kinds that save nothing never. For the best kind, then the best two, and so
+    on: the first plan of the front that fits with every call of those kinds
+    remade, then the fewest calls remade on it (both by bisection). A kind
+    worth less is only tried where it lets an earlier plan of the front fit.
+    The best plan found is then improved by trades of its calls (:func:`_traded`).
+    """
+    front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
+    census: dict[int, list[CostlyCall]] = {}  # per plan of the front, its costly calls
+
+    def census_of(index: int) -> list[CostlyCall]:
+        if index not in census:
+            census[index] = costly_calls_of(profiled, front[index])
+        return census[index]
+
+    worth = costly_worth(profiled, front[0], census_of(0))
+    best_first = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
+    rank = {kind: i for i, kind in enumerate(best_first)}
+    calls: dict[int, list[CostlyCall]] = {}
+
+    def candidates(index: int, kinds: int = len(rank)) -> list[CostlyCall]:
+        """The calls of ``front[index]`` of the ``kinds`` best kinds, best first."""
+        if index not in calls:
+            found = [c for c in census_of(index) if c.kind in rank]
+            calls[index] = sorted(found, key=lambda c: rank[c.kind])  # stable: forward order within a kind
+        return [c for c in calls[index] if rank[c.kind] < kinds]
+
+    def remade(index: int, count: int) -> Plan | None:
+        return simulate_remade(profiled, front[index], tuple(sorted(c.index for c in candidates(index)[:count])))
+
+    best, best_index, high = None, 0, len(front)
+    for kinds in range(1, len(rank) + 1):
+        fitting = _least_fitting(lambda i: remade(i, len(candidates(i, kinds))), 0, high, budget_bytes)
+        if fitting is None:
+            continue
+        index, plan = fitting
+        # With the kinds before alone, every call remade did not fit on this plan.
+        fewer = len(candidates(index, kinds - 1)) + 1 if kinds > 1 else 1
+        most = len(candidates(index, kinds))
+        fewest = _least_fitting(lambda count: remade(index, count), fewer, most, budget_bytes)
+        plan = fewest[1] if fewest else plan
+        if best is None or plan.recompute_flops < best.recompute_flops:
+            best, best_index = plan, index
+        high = index
+    return best if best is None else _traded(profiled, front[best_index], best, candidates(best_index), budget_bytes)
+
+
+def _traded(profiled: ProfiledModel, base: Plan, found: Plan, calls: list[CostlyCall], budget_bytes: int) -> Plan:
+    """``found`` (``base`` with some of ``calls`` remade: of each kind, the first in forward
+    order) improved one trade at a time while it fits the budget: a remade call given up,
+    or traded for a call of another kind that costs fewer FLOPs; the trade that saves
+    most first, at most :data:`MAX_TRADES` taken. Kinds that save as many bytes per
+    FLOP are in no useful order, and the last kind's count overshoots the bytes the
+    budget needs by up to a call: trades land the mix closer."""
+    kinds = _by_kind(calls)
+    flops = {kind: group[0].flops for kind, group in kinds.items()}
+    remade = set(found.remade_costly)
+    counts = {kind: sum(c.index in remade for c in group) for kind, group in kinds.items()}
+    tried = {tuple(counts.values())}  # a mix that did not fit or save before will not now
+    for _ in range(MAX_TRADES):
+        trades = [({give: -1}, flops[give]) for give in kinds if counts[give]]
+        trades += [
+            ({give: -1, take: 1}, flops[give] - flops[take])
+            for give in kinds if counts[give]
+            for take in kinds if counts[take] < len(kinds[take]) and flops[take] < flops[give]
+        ]
+        for trade, _ in sorted(trades, key=lambda t: -t[1]):
+            mix = {kind: counts[kind] + trade.get(kind, 0) for kind in kinds}
+            if tuple(mix.values()) in tried:
+                continue
+            tried.add(tuple(mix.values()))
+            plan = simulate_remade(profiled, base, tuple(sorted(c.index for kind, n in mix.items() for c in kinds[kind][:n])))
+            if _fits(plan, budget_bytes) and plan.recompute_flops < found.recompute_flops:
+                found, counts = plan, mix
+                break
+        else:
+            break
+    return found
+
+
+def costly_calls_of(profiled: ProfiledModel, plan: Plan) -> list[CostlyCall]:
+    with step_model(profiled.module(plan), profiled.inputs, fake=profiled.fake) as (module, inputs):
+        return costly_calls(lambda: module(*inputs))
+
+
+def costly_worth(profiled: ProfiledModel, plan: Plan, calls: list[CostlyCall]) -> dict[tuple, float]:
+    """Peak bytes saved per recomputed FLOP when every call of a kind (:attr:`CostlyCall.kind`)
+    among ``plan``'s costly ``calls`` is remade, for the :data:`MAX_COSTLY_KINDS` kinds with
+    the most output bytes (one simulated step each). A kind whose outputs are never saved
+    for backward, or whose remake keeps its larger inputs alive, saves nothing."""
+    kinds = _by_kind(calls)
+    largest = sorted(kinds, key=lambda kind: -sum(c.output_bytes for c in kinds[kind]))[:MAX_COSTLY_KINDS]
+    plain = simulate_remade(profiled, plan)
+    if plain is None:
+        return {}
+    worth = {}
+    for kind in largest:
+        remade = simulate_remade(profiled, plan, tuple(c.index for c in kinds[kind]))
+        if remade is not None and remade.recompute_flops > plain.recompute_flops:
+            saved = plain.predicted_peak_bytes - remade.predicted_peak_bytes
+            worth[kind] = saved / (remade.recompute_flops - plain.recompute_flops)
+    return worth
+
+
+def _by_kind(calls: list[CostlyCall]) -> dict[tuple, list[CostlyCall]]:
+    """``calls`` grouped by :attr:`CostlyCall.kind`, each group in forward order."""
+    kinds: dict[tuple, list[CostlyCall]] = {}
+    for call in calls:
+        kinds.setdefault(call.kind, []).append(call)
+    return kinds
+
+
+def _fits(plan: Plan | None, budget_bytes: int) -> bool:
+    return plan is not None and plan.predicted_peak_bytes <= budget_bytes
+
+
+def _least_fitting(
+    candidate: Callable[[int], Plan | None], low: int, high: int, budget_bytes: int
+) -> tuple[int, Plan] | None:
+    """The least ``i`` in ``[low, high)`` whose plan ``candidate(i)`` fits the budget, with that
+    plan, found by bisection (the peaks fall as ``i`` grows); or None."""
+    best = None
+    while low < high:
+        middle = (low + high) // 2
+        plan = candidate(middle)
+        if _fits(plan, budget_bytes):
+            best, high = (middle, plan), middle
+        else:
+            low = middle + 1
+    return best

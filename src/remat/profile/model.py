@@ -1,0 +1,148 @@
+"""Profile a captured model: its pieces grouped into chain stages and measured (:mod:`remat.profile.stages`)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from remat.capture.captured import Captured, capture
+from remat.capture.graph import structure_key
+from remat.chain.model import Chain
+from remat.execute.engine import run_selective
+from remat.execute.module import RematModule
+from remat.measure.step import step_model
+from remat.measure.tracker import round_to_of, track_memory, unique_storage_bytes
+from remat.profile.stages import BackwardSkipsStage, profile_selectively, profile_stages
+from remat.validate import check_choice
+
+__all__ = ["Profile", "capture_and_profile", "profile_model"]
+
+Profile = Literal["fake", "device"]
+
+
+def capture_and_profile(
+    model: nn.Module, inputs: tuple, loss_fn, profile: Profile, carried: bool
+) -> tuple[Captured, Chain, list[list[int]], Profile, bool]:
+    """Capture and profile ``model``: the captured pieces, the chain, the pieces of each chain
+    stage, the profile mode used and the cut mode (``carried``, see below) used.
+
+    ``carried``: cut inside blocks too (several tensors live across a cut).
+    Offloaded plans use single-tensor cuts only: the offload cost model moves
+    each segment's one input tensor to the host.
+    """
+    captured = capture(model, inputs, carried=carried)
+    if captured.opaque:
+        # Untraced code may branch on values, which fake tensors do not have: measure
+        # on the real ones; the plan is exact for the branches the example inputs take.
+        profile = "device"
+    try:
+        chain, groups, _ = profile_model(model, captured, inputs, loss_fn, profile)
+    except BackwardSkipsStage:
+        # A branch the loss ignores: cut only where a single tensor is live,
+        # so that branch stays inside a stage whose profile sees it.
+        carried = False
+        captured = capture(model, inputs, carried=carried)
+        chain, groups, _ = profile_model(model, captured, inputs, loss_fn, profile)
+    return captured, chain, groups, profile, carried
+
+
+def profile_model(
+    model: nn.Module,
+    captured: Captured,
+    inputs: tuple,
+    loss_fn,
+    profile: Profile = "fake",
+    selective_groups: list[list[int]] | None = None,
+) -> tuple[Chain, list[list[int]], frozenset[int]]:
+    """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors or the
+    device, and its grouping of pieces into chain stages.
+
+    With ``selective_groups`` (the pieces of each chain stage, as a first
+    profile grouped them), every chain stage is measured run selectively
+    instead (:func:`remat.execute.run_selective`, one region per stage), but
+    those that cannot run so, whose indices (0-based) come back third.
+    """
+    check_choice("profile", profile, ("fake", "device"))
+    host = RematModule(model, captured, ())  # the model's modules and root tensors, same names
+    inputs = host.flat_inputs(inputs, {})  # arguments left to their defaults filled in
+    with step_model(host, inputs, fake=profile == "fake") as (fake_host, fake_inputs):
+        named = dict(fake_host.named_parameters(remove_duplicate=False))  # tied weights by every name
+        specs, keys = [], []
+        last = len(captured.modules) - 1
+        finish = fake_host.structured_output  # the model's output structure
+        for index, piece in enumerate(fake_host.captured.modules):
+
+            def run(x, piece=piece, index=index):
+                args = ((), fake_host, *x) if index == 0 else (x, fake_host, *fake_inputs)
+                return finish(piece(*args)) if index == last else piece(*args)
+
+            used = captured.tensor_names(index, fake_host)
+            trainable = [named[k] for k in used if k in named and named[k].requires_grad]
+            specs.append((captured.pieces[index].name, run, trainable))
+            keys.append(structure_key(piece, fake_host) + ("<last>" if index == last else ""))
+        device = next((t.device for t in fake_inputs if isinstance(t, torch.Tensor)), None)
+        tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
+        base = unique_storage_bytes(tensors, round_to_of(device)) + _cached_casts(fake_host, fake_inputs, device)
+        common = dict(base_bytes=base, device=device, exact=profile == "fake")
+        if selective_groups is None:
+            # A stage measured once for several places hands the next stage stand-in values;
+            # untraced code may branch on values, so then every stage runs on the real ones.
+            keys = None if captured.opaque else keys
+            chain, groups = profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common)
+            return chain, groups, frozenset()
+        selective, group_keys, reads = _stage_specs(fake_host, specs, keys, selective_groups, captured, True)
+        plain, _, _ = _stage_specs(fake_host, specs, keys, selective_groups, captured, False)
+        keys = None if captured.opaque else group_keys
+        return profile_selectively(selective, plain, fake_inputs, loss_fn, keys=keys, reads=reads, **common)
+
+
+def _stage_specs(
+    host: RematModule, specs: list, keys: list, groups: list[list[int]], captured: Captured, selectively: bool
+):
+    """Specs, keys and reads of the chain stages (groups of pieces, each piece after a
+    group's first reading only the one before: merged views), run selectively or not."""
+
+    def run_group(group: list[int], spec, *leaves):
+        x = tree_unflatten(list(leaves), spec)
+        for index in group:
+            x = specs[index][1](x if index == group[0] else (x,))
+        return x
+
+    def run(x, group: list[int], modules: list[nn.Module]):
+        # The region's inputs one by one, as the executor passes them: checkpoint keeps
+        # tensor arguments through saved-tensor hooks (which the profile sees), and
+        # containers of tensors only by reference.
+        leaves, spec = tree_flatten(x)
+        if not selectively:
+            return run_group(group, spec, *leaves)
+        return run_selective(functools.partial(run_group, group, spec), modules, *leaves)
+
+    grouped = []
+    for group in groups:
+        modules = captured.submodules(group[0], group[-1] + 1, host)
+        trainable = list({id(p): p for i in group for p in specs[i][2]}.values())
+        stage = functools.partial(run, group=group, modules=modules)
+        grouped.append((" + ".join(specs[i][0] for i in group), stage, trainable))
+    group_keys = ["|".join(keys[i] for i in group) for group in groups]
+    group_of = {index: k for k, group in enumerate(groups) for index in group}
+    reads = [tuple(group_of[q] for q in captured.reads[group[0]]) for group in groups]
+    return grouped, group_keys, reads
+
+
+def _cached_casts(host: RematModule, inputs: tuple, device: torch.device | None) -> int:
+    """Bytes of the weight copies autocast makes and caches in a forward (0 outside autocast).
+
+    Autocast keeps a parameter's low-precision copy from its first use until
+    the autocast block exits, so for a step run in one block they are live to
+    its end: counted with the parameters. The forward run here fills the
+    cache, so the stage profiles that follow see no cast of their own.
+    """
+    if device is None or not (torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)):
+        return 0
+    with torch.no_grad(), track_memory(device, exact=True) as mem:
+        host.run_pieces(0, len(host.captured.modules), {}, inputs)
+    return mem.current_bytes

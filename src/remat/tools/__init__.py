@@ -1,0 +1,1 @@
+"""Tools above the library: the `remat` command, the demo, peer strategies, model specs, plots."""
