@@ -108,7 +108,7 @@ def run_one(name: str, spec: str, batch: int, shape) -> dict:
     chain = profiled.chain
 
     def remat_module(checkpoints) -> RematModule:
-        return RematModule(model, profiled.captured, segment_starts(profiled.groups, checkpoints))
+        return RematModule(model, profiled.captured, segment_starts(profiled.stage_pieces, checkpoints))
 
     rows.append(("remat sqrt", measure_step(remat_module(sqrt_segments(chain).checkpoints), inputs, fake=True)))
     rows.append(

@@ -109,7 +109,7 @@ def model(name: str):
 def measured_peaks(name: str) -> dict[tuple[int, ...], int]:
     """Measured peak of every plan of the model (real tensors)."""
     net, x, prof = model(name)
-    return {cps: measure_step(CheckpointedSequential(list(net), cps, prof.groups), x).peak_bytes
+    return {cps: measure_step(CheckpointedSequential(list(net), cps, prof.stage_pieces), x).peak_bytes
             for cps in all_plans(prof.chain.n)}
 
 
@@ -136,7 +136,7 @@ def test_stored_segments_peak_of_equals_measured(name):
     plans = [(cps, stored) for cps, stored in plans_with_stored(prof.chain.n) if stored]
     plain = step_grads(net, (x,))
     for k, (cps, stored) in enumerate(random.Random(0).sample(plans, min(40, len(plans)))):
-        fast = CheckpointedSequential(list(net), cps, prof.groups, stored=stored)
+        fast = CheckpointedSequential(list(net), cps, prof.stage_pieces, stored=stored)
         assert measure_step(fast, x, fake=True).peak_bytes == peak_of(prof.chain, cps, stored), (cps, stored)
         if k < 4:
             assert_grads_equal(plain, step_grads(fast, (x,)))
@@ -146,7 +146,7 @@ def test_stored_segments_peak_of_equals_measured(name):
 def test_fake_measurement_of_the_executor_agrees_with_real(name):
     net, x, prof = model(name)
     for cps in {(), min_peak(prof.chain).checkpoints, sqrt_segments(prof.chain).checkpoints}:
-        fake = measure_step(CheckpointedSequential(list(net), cps, prof.groups), x, fake=True)
+        fake = measure_step(CheckpointedSequential(list(net), cps, prof.stage_pieces), x, fake=True)
         assert fake.peak_bytes == measured_peaks(name)[cps], cps
 
 
@@ -161,7 +161,7 @@ def test_gradients_and_running_stats_equal_the_plain_model(name):
     for cps in plans:
         ours = copy.deepcopy(net)
         ours.zero_grad(set_to_none=True)
-        CheckpointedSequential(list(ours), cps, prof.groups)(x).float().pow(2).mean().backward()
+        CheckpointedSequential(list(ours), cps, prof.stage_pieces)(x).float().pow(2).mean().backward()
         for (key, p), q in zip(plain.named_parameters(), ours.parameters()):
             assert torch.equal(p.grad, q.grad), (cps, key)
         for (key, b), c in zip(plain.named_buffers(), ours.buffers()):
@@ -176,7 +176,7 @@ def test_offloaded_peak_of_equals_measured_for_every_plan(name):
     lower = 0
     for cps in all_plans(prof.chain.n):
         offload = SimulatedOffload()
-        measured = measure_step(CheckpointedSequential(list(net), cps, prof.groups, offload=offload), x)
+        measured = measure_step(CheckpointedSequential(list(net), cps, prof.stage_pieces, offload=offload), x)
         assert measured.peak_bytes == peak_of(prof.chain, cps, offload=True), cps
         # Every recomputed segment's input but the model's own went through the hooks.
         assert len(offload.moved) == max(0, len(cps) - 1) >= offload.loaded, cps
@@ -193,7 +193,7 @@ def test_offloaded_gradients_and_running_stats_equal_the_plain_model(name):
     cps = tuple(range(1, prof.chain.n))
     ours = copy.deepcopy(net)
     offload = SimulatedOffload()
-    CheckpointedSequential(list(ours), cps, prof.groups, offload=offload)(x).float().pow(2).mean().backward()
+    CheckpointedSequential(list(ours), cps, prof.stage_pieces, offload=offload)(x).float().pow(2).mean().backward()
     assert offload.loaded > 0
     for (key, p), q in zip(plain.named_parameters(), ours.parameters()):
         assert torch.equal(p.grad, q.grad), key
@@ -227,11 +227,11 @@ def check_least_peak_beats_stock(name: str, full: bool) -> None:
     net, x, prof = model(name)
     best = min_peak(prof.chain)
     ours = measured_peaks(name)[best.checkpoints]
-    # Stock checkpoint works on modules; a merged group (a view, an in-place op) stays whole.
-    groups = prof.groups
+    # Stock checkpoint works on modules; a merged pieces (a view, an in-place op) stays whole.
+    stage_pieces = prof.stage_pieces
     stock = {}
-    for family in stock_family(len(groups), full):
-        segments = [(groups[s][0], groups[e - 1][-1] + 1, c) for s, e, c in family]
+    for family in stock_family(len(stage_pieces), full):
+        segments = [(stage_pieces[s][0], stage_pieces[e - 1][-1] + 1, c) for s, e, c in family]
         stock[tuple(segments)] = measure_step(StockCheckpointed(list(net), segments), x).peak_bytes
     best_stock = min(stock.values())
     assert ours <= best_stock, (ours, best_stock, min(stock, key=stock.get))
@@ -265,7 +265,7 @@ def test_selective_segments_peak_of_equals_measured(name):
 
     def module(cps, stored, selective, net=net):
         stages = [i for i in segment_stages(prof.chain.n, cps, selective) if i not in prof.plainly]
-        return CheckpointedSequential(list(net), cps, prof.groups, stored=stored, selective=stages)
+        return CheckpointedSequential(list(net), cps, prof.stage_pieces, stored=stored, selective=stages)
 
     for k, (cps, stored, selective) in enumerate(random.Random(0).sample(plans, min(40, len(plans)))):
         fast = module(cps, stored, selective)

@@ -1,6 +1,6 @@
 """Fuzz ``remat.optimize`` with random tiny networks: exact gradients, peaks within budget.
 
-Each case is one :class:`remat.tools.models.RandomNet` (linear, conv, norms,
+Each case is one :class:`remat.tools.nets.RandomNet` (linear, conv, norms,
 activations, dropout, add/mul/cat/split, views, in-place ops, several
 outputs) drawn from its seed, with a batch size, a loss and a budget drawn
 from the same seed. For each case:
@@ -33,7 +33,7 @@ from remat.capture.captured import capture
 from remat.planner.choose import solve
 from remat.planner.profiled import ProfiledModel
 from remat.execute.module import RematModule
-from remat.tools.models import RandomNet
+from remat.tools.nets import RandomNet
 
 DEFAULT_SEEDS = range(300)
 HEAVY_SEEDS = range(300, 2300)

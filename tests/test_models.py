@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from remat.tools import models
+from remat.tools import models, nets
 
 
 def shapes(inputs):
@@ -133,7 +133,7 @@ def test_preact_resnet_1001_is_a_chain_of_blocks():
     source = models.load("remat:preact_resnet?depth=1001", 2)
     blocks = list(source.model)
     assert len(blocks) == 1 + 3 * 111 + 1  # stem conv, 3 stages of n = (1001 - 2) / 9, head
-    assert sum(isinstance(b, models.PreActBottleneck) for b in blocks) == 333
+    assert sum(isinstance(b, nets.PreActBottleneck) for b in blocks) == 333
     assert shapes(source.example_inputs) == [(2, 3, 32, 32)]
 
 

@@ -103,7 +103,7 @@ def test_nested_peak_of_bounds_the_measured_peak(name):
     random.Random(0).shuffle(plans)
     exact = 0
     for cps, inner in plans[:24]:
-        measured = measure_step(CheckpointedSequential(list(net), cps, prof.groups, inner=inner), x).peak_bytes
+        measured = measure_step(CheckpointedSequential(list(net), cps, prof.stage_pieces, inner=inner), x).peak_bytes
         predicted = peak_of(prof.chain, cps, inner=inner)
         assert measured <= predicted <= measured * 1.04, (cps, inner)
         exact += predicted == measured
@@ -119,7 +119,7 @@ def test_nested_gradients_and_running_stats_equal_the_plain_model(name):
     plain = copy.deepcopy(net)
     plain(x).float().pow(2).mean().backward()
     ours = copy.deepcopy(net)
-    CheckpointedSequential(list(ours), cps, prof.groups, inner=inner)(x).float().pow(2).mean().backward()
+    CheckpointedSequential(list(ours), cps, prof.stage_pieces, inner=inner)(x).float().pow(2).mean().backward()
     for (key, p), q in zip(plain.named_parameters(), ours.parameters()):
         assert torch.equal(p.grad, q.grad), key
     for (key, b), c in zip(plain.named_buffers(), ours.buffers()):

@@ -518,12 +518,12 @@ def test_segment_starts_follow_the_chain_groups():
     torch.manual_seed(0)
     model, x = DropoutMLP(), torch.randn(512, 128)
     captured = capture(model, (x,))
-    chain, groups, _ = profile_model(model, captured, (x,), default_loss)
+    chain, stage_pieces, _ = profile_model(model, captured, (x,), default_loss)
     n = len(captured.modules)
-    assert [i for g in groups for i in g] == list(range(n))  # every piece in one chain stage
-    assert len(chain.names) == len(groups) + 1  # + the loss
+    assert [i for g in stage_pieces for i in g] == list(range(n))  # every piece in one chain stage
+    assert len(chain.names) == len(stage_pieces) + 1  # + the loss
     plan = remat.plan(model, x)
-    boundaries = segment_starts(groups, plan.checkpoints)
+    boundaries = segment_starts(stage_pieces, plan.checkpoints)
     assert boundaries and list(boundaries) == sorted(set(boundaries))
     assert all(0 < b < n for b in boundaries)
     assert remat.optimize(model, x).boundaries == boundaries

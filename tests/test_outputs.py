@@ -112,5 +112,5 @@ def test_the_ignored_branch_is_stranded_and_the_dead_start_merged():
     assert branch.chain.stranded_bytes > 0
     start = ProfiledModel.of(IgnoredStart(), x, default_loss)
     assert start.chain.stranded_bytes > 0
-    first_stage = start.groups[0]
+    first_stage = start.stage_pieces[0]
     assert "first" in " ".join(start.captured.pieces[i].name for i in first_stage)

@@ -246,7 +246,7 @@ def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> RematModule:
     captured = capture(model, inputs, carried=plan.cuts == "carried")
     if [p for stage in plan.stage_pieces for p in stage] != list(range(len(captured.pieces))):
         raise ValueError(
-            f"this plan's stages group {sum(map(len, plan.stage_pieces))} pieces, but the model is cut into "
+            f"this plan's stages hold {sum(map(len, plan.stage_pieces))} pieces, but the model is cut into "
             f"{len(captured.pieces)} pieces here (a plan from another remat version?): call remat.optimize "
             "without plan= to make a new one"
         )

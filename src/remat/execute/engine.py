@@ -54,31 +54,31 @@ __all__ = [
 ]
 
 
-def segment_starts(groups: Sequence[Sequence[int]], checkpoints: Sequence[int]) -> tuple[int, ...]:
-    """Chain checkpoints (kept stage outputs) as the indices of the parts (modules
-    or graph pieces) where segments start; ``groups[i]`` lists the parts of chain
-    stage ``i + 1``. A checkpoint past the parts (before the loss) starts none."""
-    return tuple(_piece(groups, c) for c in checkpoints if c <= len(groups))
+def segment_starts(stage_pieces: Sequence[Sequence[int]], checkpoints: Sequence[int]) -> tuple[int, ...]:
+    """Chain checkpoints (kept stage outputs) as the pieces (modules or graph
+    pieces) where segments start; ``stage_pieces[i]`` lists the pieces of chain
+    stage ``i + 1``. A checkpoint past the pieces (before the loss) starts none."""
+    return tuple(_piece(stage_pieces, c) for c in checkpoints if c <= len(stage_pieces))
 
 
-def _piece(groups: Sequence[Sequence[int]], c: int) -> int:
-    """The piece where chain boundary ``c``'s segment starts (``groups[i]``: the pieces of stage ``i + 1``)."""
-    return groups[c - 1][-1] + 1 if c else 0
+def _piece(stage_pieces: Sequence[Sequence[int]], c: int) -> int:
+    """The piece where chain boundary ``c``'s segment starts (``stage_pieces[i]``: the pieces of stage ``i + 1``)."""
+    return stage_pieces[c - 1][-1] + 1 if c else 0
 
 
-def nested_starts(groups: Sequence[Sequence[int]], inner: Sequence) -> dict[tuple[int, int], tuple[int, ...]]:
+def nested_starts(stage_pieces: Sequence[Sequence[int]], inner: Sequence) -> dict[tuple[int, int], tuple[int, ...]]:
     """Nested chain checkpoints ``(l, r, (c1, ..))`` (see ``ChainSolution.inner``) as
-    a map from a recomputed segment's parts ``(start, stop)`` to its inner starts."""
-    return {(_piece(groups, l), _piece(groups, r)): tuple(_piece(groups, c) for c in cs) for l, r, cs in inner}
+    a map from a recomputed segment's pieces ``(start, stop)`` to its inner starts."""
+    return {(_piece(stage_pieces, l), _piece(stage_pieces, r)): tuple(_piece(stage_pieces, c) for c in cs) for l, r, cs in inner}
 
 
-def stored_starts(groups: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
-    """Starts of stored segments (chain boundaries, see ``ChainSolution.stored``) as parts."""
-    return frozenset(_piece(groups, c) for c in stored)
+def stored_starts(stage_pieces: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
+    """Starts of stored segments (chain boundaries, see ``ChainSolution.stored``) as pieces."""
+    return frozenset(_piece(stage_pieces, c) for c in stored)
 
 
 def _stage_ranges(stage_starts: Sequence[int], start: int, stop: int) -> list[tuple[int, int]]:
-    """The parts ``[a, b)`` of each chain stage between parts ``start`` and ``stop`` (stage bounds)."""
+    """The pieces ``[a, b)`` of each chain stage between pieces ``start`` and ``stop`` (stage bounds)."""
     bounds = [start, *sorted(s for s in stage_starts if start < s < stop), stop]
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -90,7 +90,7 @@ def _check_selective(bounds: Sequence[int], stored: frozenset[int], selective: f
         l = max(b for b in bounds[:-1] if b <= s)
         if l not in stored and l != bounds[-2]:
             raise ValueError(
-                f"the stage starting at part {s} runs selectively inside a recomputed segment (from part {l}): "
+                f"the stage starting at piece {s} runs selectively inside a recomputed segment (from piece {l}): "
                 "only stages of stored segments and of the last one may"
             )
 

@@ -24,9 +24,9 @@ class CheckpointedSequential(nn.Module):
         checkpoints: boundaries ``i`` (1..len(stages)) whose activation, the
             output of stage ``i``, is kept; every segment before the last one
             is recomputed in backward.
-        groups: optional grouping of module indices into chain stages (from
+        stage_pieces: optional grouping of module indices into chain stages (from
             :func:`remat.profile.sequential.profile_sequential`); checkpoints
-            then count groups, not modules.
+            then count stage_pieces, not modules.
         offload: keep the checkpoints in host memory with this.
         inner: checkpoints nested in recomputed segments, as in
             ``ChainSolution.inner`` (not with ``offload``).
@@ -49,7 +49,7 @@ class CheckpointedSequential(nn.Module):
         self,
         stages: Sequence[nn.Module],
         checkpoints: Sequence[int],
-        groups: Sequence[Sequence[int]] | None = None,
+        stage_pieces: Sequence[Sequence[int]] | None = None,
         offload: CheckpointOffload | None = None,
         inner: Sequence = (),
         stored: Sequence[int] = (),
@@ -58,17 +58,17 @@ class CheckpointedSequential(nn.Module):
         super().__init__()
         for index, stage in enumerate(stages):
             self.add_module(str(index), stage)
-        groups = groups or [[i] for i in range(len(stages))]
+        stage_pieces = stage_pieces or [[i] for i in range(len(stages))]
         self.checkpoints = tuple(checkpoints)
         self._engine = SegmentEngine(
             _Modules(list(stages)),
             len(stages),
-            segment_starts(groups, checkpoints),
+            segment_starts(stage_pieces, checkpoints),
             offload,
-            nested_starts(groups, inner),
-            stored_starts(groups, stored),
-            frozenset(groups[i - 1][0] for i in selective),  # where those stages start
-            tuple(group[0] for group in groups),
+            nested_starts(stage_pieces, inner),
+            stored_starts(stage_pieces, stored),
+            frozenset(stage_pieces[i - 1][0] for i in selective),  # where those stages start
+            tuple(pieces[0] for pieces in stage_pieces),
         )
 
     def forward(self, x):

@@ -36,7 +36,7 @@ class ProfiledModel:
     loss_fn: Callable[[Any], torch.Tensor]
     captured: Captured
     chain: Chain
-    groups: list[list[int]]
+    stage_pieces: list[list[int]]
     capture_seconds: float
     carried: bool = True  # cut inside blocks too (the capture's cut mode)
     baseline: Any = None
@@ -63,10 +63,10 @@ class ProfiledModel:
         check_model_and_inputs(model, inputs)
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
-        captured, chain, groups, profile, carried = capture_and_profile(model, inputs, loss_fn, profile, carried)
+        captured, chain, stage_pieces, profile, carried = capture_and_profile(model, inputs, loss_fn, profile, carried)
         elapsed = time.perf_counter() - start
         return cls(
-            model, inputs, loss_fn, captured, chain, groups, elapsed, carried,
+            model, inputs, loss_fn, captured, chain, stage_pieces, elapsed, carried,
             fake=profile == "fake", grad_accumulation=grad_accumulation,
         )
 
@@ -94,7 +94,7 @@ class ProfiledModel:
             try:
                 measured, _, plainly = profile_model(
                     self.model, self.captured, self.inputs, self.loss_fn,
-                    "fake" if self.fake else "device", selective_groups=self.groups,
+                    "fake" if self.fake else "device", selective_stages=self.stage_pieces,
                 )
                 self._selective = self.chain.with_selective(measured)
                 self.plain_profiledly = frozenset(k + 1 for k in plainly)
@@ -129,7 +129,7 @@ class ProfiledModel:
         if self._seconds is None:
             host = RematModule(self.model, self.captured, ())
             inputs = host.flat_inputs(self.inputs, {})
-            self._seconds = stage_seconds(host, inputs, self.groups, self.loss_fn)
+            self._seconds = stage_seconds(host, inputs, self.stage_pieces, self.loss_fn)
         return self._seconds
 
     def to_plan(
@@ -171,6 +171,6 @@ class ProfiledModel:
                 i for i in segment_stages(source.chain.n, solution.checkpoints, solution.selective)
                 if i not in source._plainly
             ),
-            stage_pieces=tuple(map(tuple, source.groups)),
+            stage_pieces=tuple(map(tuple, source.stage_pieces)),
             cuts=source.cuts,
         )

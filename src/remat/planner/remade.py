@@ -162,9 +162,9 @@ def _traded(profiled: ProfiledModel, base: Plan, found: Plan, calls: list[Costly
     FLOP are in no useful order, and the last kind's count overshoots the bytes the
     budget needs by up to a call: trades land the mix closer."""
     kinds = _by_kind(calls)
-    flops = {kind: group[0].flops for kind, group in kinds.items()}
+    flops = {kind: same[0].flops for kind, same in kinds.items()}
     remade = set(found.remade_costly)
-    counts = {kind: sum(c.index in remade for c in group) for kind, group in kinds.items()}
+    counts = {kind: sum(c.index in remade for c in same) for kind, same in kinds.items()}
     tried = {tuple(counts.values())}  # a mix that did not fit or save before will not now
     for _ in range(MAX_TRADES):
         trades = [({give: -1}, flops[give]) for give in kinds if counts[give]]
@@ -212,7 +212,7 @@ def costly_worth(profiled: ProfiledModel, plan: Plan, calls: list[CostlyCall]) -
 
 
 def _by_kind(calls: list[CostlyCall]) -> dict[tuple, list[CostlyCall]]:
-    """``calls`` grouped by :attr:`CostlyCall.kind`, each group in forward order."""
+    """``calls`` grouped by :attr:`CostlyCall.kind`, each kind in forward order."""
     kinds: dict[tuple, list[CostlyCall]] = {}
     for call in calls:
         kinds.setdefault(call.kind, []).append(call)

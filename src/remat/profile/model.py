@@ -40,14 +40,14 @@ def capture_and_profile(
         # on the real ones; the plan is exact for the branches the example inputs take.
         profile = "device"
     try:
-        chain, groups, _ = profile_model(model, captured, inputs, loss_fn, profile)
+        chain, stage_pieces, _ = profile_model(model, captured, inputs, loss_fn, profile)
     except BackwardSkipsStage:
         # A branch the loss ignores: cut only where a single tensor is live,
         # so that branch stays inside a stage whose profile sees it.
         carried = False
         captured = capture(model, inputs, carried=carried)
-        chain, groups, _ = profile_model(model, captured, inputs, loss_fn, profile)
-    return captured, chain, groups, profile, carried
+        chain, stage_pieces, _ = profile_model(model, captured, inputs, loss_fn, profile)
+    return captured, chain, stage_pieces, profile, carried
 
 
 def profile_model(
@@ -56,12 +56,12 @@ def profile_model(
     inputs: tuple,
     loss_fn,
     profile: Profile = "fake",
-    selective_groups: list[list[int]] | None = None,
+    selective_stages: list[list[int]] | None = None,
 ) -> tuple[Chain, list[list[int]], frozenset[int]]:
     """The chain of ``captured``'s pieces (plus the loss), measured on fake tensors or the
     device, and its grouping of pieces into chain stages.
 
-    With ``selective_groups`` (the pieces of each chain stage, as a first
+    With ``selective_stages`` (the pieces of each chain stage, as a first
     profile grouped them), every chain stage is measured run selectively
     instead (:func:`remat.execute.run_selective`, one region per stage), but
     those that cannot run so, whose indices (0-based) come back third.
@@ -88,49 +88,49 @@ def profile_model(
         tensors = [*fake_host.parameters(), *fake_host.buffers(), *fake_inputs]
         base = unique_storage_bytes(tensors, round_to_of(device)) + _cached_casts(fake_host, fake_inputs, device)
         common = dict(base_bytes=base, device=device, exact=profile == "fake")
-        if selective_groups is None:
+        if selective_stages is None:
             # A stage measured once for several places hands the next stage stand-in values;
             # untraced code may branch on values, so then every stage runs on the real ones.
             keys = None if captured.opaque else keys
-            chain, groups = profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common)
-            return chain, groups, frozenset()
-        selective, group_keys, reads = _stage_specs(fake_host, specs, keys, selective_groups, captured, True)
-        plain, _, _ = _stage_specs(fake_host, specs, keys, selective_groups, captured, False)
-        keys = None if captured.opaque else group_keys
+            chain, stage_pieces = profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common)
+            return chain, stage_pieces, frozenset()
+        selective, stage_keys, reads = _stage_specs(fake_host, specs, keys, selective_stages, captured, True)
+        plain, _, _ = _stage_specs(fake_host, specs, keys, selective_stages, captured, False)
+        keys = None if captured.opaque else stage_keys
         return profile_selectively(selective, plain, fake_inputs, loss_fn, keys=keys, reads=reads, **common)
 
 
 def _stage_specs(
-    host: RematModule, specs: list, keys: list, groups: list[list[int]], captured: Captured, selectively: bool
+    host: RematModule, specs: list, keys: list, stage_pieces: list[list[int]], captured: Captured, selectively: bool
 ):
-    """Specs, keys and reads of the chain stages (groups of pieces, each piece after a
-    group's first reading only the one before: merged views), run selectively or not."""
+    """Specs, keys and reads of the chain stages (``stage_pieces``: each piece after a stage's
+    first reads only the one before it, merged views), run selectively or not."""
 
-    def run_group(group: list[int], spec, *leaves):
+    def run_stage(pieces: list[int], spec, *leaves):
         x = tree_unflatten(list(leaves), spec)
-        for index in group:
-            x = specs[index][1](x if index == group[0] else (x,))
+        for index in pieces:
+            x = specs[index][1](x if index == pieces[0] else (x,))
         return x
 
-    def run(x, group: list[int], modules: list[nn.Module]):
+    def run(x, pieces: list[int], modules: list[nn.Module]):
         # The region's inputs one by one, as the executor passes them: checkpoint keeps
         # tensor arguments through saved-tensor hooks (which the profile sees), and
         # containers of tensors only by reference.
         leaves, spec = tree_flatten(x)
         if not selectively:
-            return run_group(group, spec, *leaves)
-        return run_selective(functools.partial(run_group, group, spec), modules, *leaves)
+            return run_stage(pieces, spec, *leaves)
+        return run_selective(functools.partial(run_stage, pieces, spec), modules, *leaves)
 
     grouped = []
-    for group in groups:
-        modules = captured.submodules(group[0], group[-1] + 1, host)
-        trainable = list({id(p): p for i in group for p in specs[i][2]}.values())
-        stage = functools.partial(run, group=group, modules=modules)
-        grouped.append((" + ".join(specs[i][0] for i in group), stage, trainable))
-    group_keys = ["|".join(keys[i] for i in group) for group in groups]
-    group_of = {index: k for k, group in enumerate(groups) for index in group}
-    reads = [tuple(group_of[q] for q in captured.reads[group[0]]) for group in groups]
-    return grouped, group_keys, reads
+    for pieces in stage_pieces:
+        modules = captured.submodules(pieces[0], pieces[-1] + 1, host)
+        trainable = list({id(p): p for i in pieces for p in specs[i][2]}.values())
+        stage = functools.partial(run, pieces=pieces, modules=modules)
+        grouped.append((" + ".join(specs[i][0] for i in pieces), stage, trainable))
+    stage_keys = ["|".join(keys[i] for i in pieces) for pieces in stage_pieces]
+    stage_of = {index: k for k, pieces in enumerate(stage_pieces) for index in pieces}
+    reads = [tuple(stage_of[q] for q in captured.reads[pieces[0]]) for pieces in stage_pieces]
+    return grouped, stage_keys, reads
 
 
 def _cached_casts(host: RematModule, inputs: tuple, device: torch.device | None) -> int:

@@ -23,14 +23,14 @@ __all__ = ["SequentialProfile", "profile_sequential", "sequential_stages"]
 class SequentialProfile:
     """A chain and the stages it describes.
 
-    ``groups[i]`` lists the module indices that make stage ``i + 1`` (a stage
+    ``stage_pieces[i]`` lists the module indices that make stage ``i + 1`` (a stage
     whose output aliases its input, such as a view or an in-place activation,
     is merged into the stage before it). The loss is the chain's last stage
-    and is not in ``groups``.
+    and is not in ``stage_pieces``.
     """
 
     chain: Chain
-    groups: tuple[tuple[int, ...], ...]
+    stage_pieces: tuple[tuple[int, ...], ...]
     plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
 
 
@@ -83,27 +83,27 @@ def profile_sequential(
             for index, stage in enumerate(copy)
         ]
         base = unique_storage_bytes([*copy.parameters(), *copy.buffers(), x], round_to_of(x.device))
-        chain, groups = profile_stages(specs, x, loss_fn or default_loss, base_bytes=base, device=x.device)
+        chain, stage_pieces = profile_stages(specs, x, loss_fn or default_loss, base_bytes=base, device=x.device)
         plainly: frozenset[int] = frozenset()
         if selective:
             # Each chain stage (its modules together: an in-place one must not change the
             # input its region keeps) runs as one selective region.
             def stage_specs(selectively: bool) -> list:
                 out = []
-                for group in groups:
-                    modules = [copy[i] for i in group]
+                for pieces in stage_pieces:
+                    modules = [copy[i] for i in pieces]
                     run = functools.partial(_run_all, modules)
                     if selectively:
                         run = functools.partial(run_selective, run, modules)
                     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-                    out.append((" + ".join(specs[i][0] for i in group), run, params))
+                    out.append((" + ".join(specs[i][0] for i in pieces), run, params))
                 return out
 
             measured, same, plain_stages = profile_selectively(
                 stage_specs(True), stage_specs(False), x, loss_fn or default_loss, base_bytes=base, device=x.device
             )
-            if len(same) != len(groups):
-                raise RuntimeError(f"run selectively, the stages group differently: {same} for {groups}")
+            if len(same) != len(stage_pieces):
+                raise RuntimeError(f"run selectively, the modules form other stages: {same} for {stage_pieces}")
             chain = chain.with_selective(measured)
             plainly = frozenset(k + 1 for k in plain_stages)
-    return SequentialProfile(chain, tuple(tuple(g) for g in groups), plainly)
+    return SequentialProfile(chain, tuple(tuple(g) for g in stage_pieces), plainly)

@@ -53,11 +53,11 @@ def profile_stages(
     merged into the stage before it.
     """
     costs: list[StageCost] = []
-    groups: list[list[int]] = []
+    stage_pieces: list[list[int]] = []
     names: list[str] = []
-    # Per group: its input, whether that requires grad, its runs, parameters and keys.
+    # Per stage: its input, whether that requires grad, its runs, parameters and keys.
     members: list[tuple[Any, bool, list[Callable[[Any], Any]], list[torch.Tensor], list[Hashable]]] = []
-    accumulated: list[tuple[bool, ...]] = []  # per group: see _profile_stage
+    accumulated: list[tuple[bool, ...]] = []  # per stage: see profile_stage
     cache: dict[Hashable, tuple[StageCost, Any]] = {}
     outputs: list[Any] = []
 
@@ -114,20 +114,20 @@ def profile_stages(
             # merged stage profiled again as one (its backward frees the
             # alias's saved output and gradient before the first part runs,
             # which per-part figures cannot tell).
-            group_input, group_grad, runs, group_params, group_keys = members[-1]
+            stage_input, stage_grad, runs, stage_params, stage_keys = members[-1]
             runs.append(run if reads is None else lambda y, run=run: run((y,)))
-            group_params.extend(p for p in params if all(p is not q for q in group_params))
-            group_keys.append(key)
-            group_key = None if None in group_keys else tuple(group_keys)
+            stage_params.extend(p for p in params if all(p is not q for q in stage_params))
+            stage_keys.append(key)
+            stage_key = None if None in stage_keys else tuple(stage_keys)
             cost, output = profile(
-                group_key, _chained(runs), group_input, group_grad, group_params, index, accumulated[-1]
+                stage_key, _chained(runs), stage_input, stage_grad, stage_params, index, accumulated[-1]
             )
-            groups[-1].append(index)
+            stage_pieces[-1].append(index)
             costs[-1] = cost
         else:
             members.append((current, requires_grad, [run], list(params), [key]))
             accumulated.append(added)
-            groups.append([index])
+            stage_pieces.append([index])
             costs.append(cost)
             names.append(name)
         outputs.append(output)
@@ -141,12 +141,12 @@ def profile_stages(
         # the loss may read only some outputs (only those get a gradient), and, run
         # normally, the caller holds its outputs throughout (a recompute makes copies
         # that nobody holds).
-        group_input, group_grad, runs, group_params, _ = members[-1]
-        owned = tuple(last_use[id(p)] <= len(stages) - 1 for p in group_params)
+        stage_input, stage_grad, runs, stage_params, _ = members[-1]
+        owned = tuple(last_use[id(p)] <= len(stages) - 1 for p in stage_params)
 
         def last_stage(**kwargs) -> StageCost:
             return profile_stage(
-                _chained(runs), leaf(group_input, group_grad), group_params, device,
+                _chained(runs), leaf(stage_input, stage_grad), stage_params, device,
                 owned=owned, exact=exact, seeded=None if all(seeded) else seeded,
                 accumulated=accumulated[-1], **kwargs,
             )[0]
@@ -154,48 +154,48 @@ def profile_stages(
         if not all(seeded):
             costs[-1] = last_stage()
         held_cost = last_stage(outputs_held=True)
-    dead = _last_boundary_without_gradient(costs, groups, outputs, reads)
+    dead = _last_boundary_without_gradient(costs, stage_pieces, outputs, reads)
     if dead:
         # No gradient flows back into stage `dead + 1`'s input (the loss ignores every
         # path from it): the stages before never run backward and their saved tensors
         # stay all step, which only a stage that contains them all can measure.
-        upto = groups[dead][-1]
+        upto = stage_pieces[dead][-1]
         merged, merged_keys, merged_reads = _merge_prefix(stages, keys, reads, upto)
-        chain, merged_groups = profile_stages(
+        chain, merged_stages = profile_stages(
             merged, first_input, loss_fn, base_bytes=base_bytes, device=device,
             keys=merged_keys, exact=exact, reads=merged_reads,
         )
         piece = lambda j: list(range(upto + 1)) if j == 0 else [j + upto]  # noqa: E731
-        return chain, [[q for j in group for q in piece(j)] for group in merged_groups]
-    group_reads = _group_reads(groups, reads)
-    for g in _outputs_sharing_gradients(costs, group_reads):
+        return chain, [[q for j in pieces for q in piece(j)] for pieces in merged_stages]
+    stage_reads = _stage_reads(stage_pieces, reads)
+    for g in _outputs_sharing_gradients(costs, stage_reads):
         if g < len(members) - 1:  # (the last one's gradient comes from the loss alone)
-            group_input, group_grad, runs, group_params, group_keys = members[g]
-            group_key = None if None in group_keys else tuple(group_keys)
+            stage_input, stage_grad, runs, stage_params, stage_keys = members[g]
+            stage_key = None if None in stage_keys else tuple(stage_keys)
             costs[g], _ = profile(
-                group_key, _chained(runs), group_input, group_grad, group_params, groups[g][-1], accumulated[g],
+                stage_key, _chained(runs), stage_input, stage_grad, stage_params, stage_pieces[g][-1], accumulated[g],
                 grads_held=True,
             )
     costs.append(loss_cost)
     names.append("loss")
     x_bytes = unique_storage_bytes(tensors_of(first_input), round_to_of(device))
-    if any(read != (i,) for i, read in enumerate(group_reads)):  # stage i + 1 reads more than a(i)
-        ends = [outputs[pieces[-1]] for pieces in groups]
-        _check_backward_reaches(costs, group_reads, ends, names)
-    return _chain_of(costs, x_bytes, base_bytes, names, group_reads, held_cost), groups
+    if any(read != (i,) for i, read in enumerate(stage_reads)):  # stage i + 1 reads more than a(i)
+        ends = [outputs[pieces[-1]] for pieces in stage_pieces]
+        _check_backward_reaches(costs, stage_reads, ends, names)
+    return _chain_of(costs, x_bytes, base_bytes, names, stage_reads, held_cost), stage_pieces
 
 
 def _last_boundary_without_gradient(
-    costs: list[StageCost], groups: list[list[int]], outputs: list[Any], reads: Sequence[tuple[int, ...]] | None
+    costs: list[StageCost], stage_pieces: list[list[int]], outputs: list[Any], reads: Sequence[tuple[int, ...]] | None
 ) -> int:
     """The last boundary ``m`` (a stage output that requires grad) to which the next
     stage's backward makes no gradient, on a chain whose stages read only the previous
     output; 0 if none (multi-input stages are checked by :func:`_check_backward_reaches`)."""
     if reads is not None and any(tuple(read) != (i - 1,) for i, read in enumerate(reads) if i):
         return 0
-    for m in range(len(groups) - 1, 0, -1):
+    for m in range(len(stage_pieces) - 1, 0, -1):
         made = costs[m].input_grad_bytes > 0
-        if not made and any(t.requires_grad for t in tensors_of(outputs[groups[m - 1][-1]])):
+        if not made and any(t.requires_grad for t in tensors_of(outputs[stage_pieces[m - 1][-1]])):
             return m
     return 0
 
@@ -262,19 +262,19 @@ def _outputs_sharing_gradients(costs: Sequence[StageCost], reads: Sequence[tuple
     return sharing
 
 
-def _group_reads(groups: list[list[int]], reads: Sequence[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+def _stage_reads(stage_pieces: list[list[int]], reads: Sequence[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
     """Per chain stage (the loss included): the chain boundaries it reads, in input order.
 
     Boundary ``m`` is the output of chain stage ``m`` (0: the model input).
     """
-    n = len(groups) + 1
+    n = len(stage_pieces) + 1
     if reads is None:
         return [(i,) for i in range(n)]
-    group_of = {piece: g for g, pieces in enumerate(groups) for piece in pieces}
+    stage_of = {piece: g for g, pieces in enumerate(stage_pieces) for piece in pieces}
     out = []
-    for pieces in groups:
+    for pieces in stage_pieces:
         first = pieces[0]
-        out.append((0,) if first == 0 else tuple(group_of[q] + 1 for q in reads[first]))
+        out.append((0,) if first == 0 else tuple(stage_of[q] + 1 for q in reads[first]))
     out.append((n - 1,))  # the loss reads the model output
     return out
 
@@ -448,7 +448,7 @@ def profile_selectively(
         chosen = [plain[index] if index in plainly else spec for index, spec in enumerate(selective)]
         specs = [(name, noting(run, index), params) for index, (name, run, params) in enumerate(chosen)]
         try:
-            chain, groups = profile_stages(specs, first_input, loss_fn, keys=keys, **kwargs)
+            chain, stage_pieces = profile_stages(specs, first_input, loss_fn, keys=keys, **kwargs)
         except RuntimeError:
             failed = started[-1] if started else None
             if failed is None or failed in plainly:
@@ -456,4 +456,4 @@ def profile_selectively(
             same = [k for k, key in enumerate(keys or ()) if key is not None and key == keys[failed]]
             plainly.update([failed, *same])
             continue
-        return chain, groups, frozenset(plainly)
+        return chain, stage_pieces, frozenset(plainly)

@@ -49,7 +49,7 @@ def _timer(device: torch.device | None) -> Callable[[Callable[[], Any]], tuple[f
 def stage_seconds(
     host: torch.nn.Module,
     inputs: tuple,
-    groups: Sequence[Sequence[int]],
+    stage_pieces: Sequence[Sequence[int]],
     loss_fn: Callable[[Any], torch.Tensor],
     *,
     warmup: int = 2,
@@ -61,7 +61,7 @@ def stage_seconds(
         host: a :class:`~remat.execute.module.RematModule` over the captured model
             (it runs the pieces with the model's own modules and tensors).
         inputs: the graph's flat inputs, real tensors on the model's device.
-        groups: the pieces of each chain stage, in order.
+        stage_pieces: the pieces of each chain stage, in order.
         loss_fn: the model output -> scalar loss (the chain's last stage).
         warmup / repeats: untimed runs, then timed runs of each stage.
     """
@@ -81,7 +81,7 @@ def stage_seconds(
                 made[p] = captured.modules[p](read, host, *inputs)
             return made
 
-        for pieces in groups:
+        for pieces in stage_pieces:
             for _ in range(warmup):
                 run(pieces)
             times = []

@@ -71,7 +71,7 @@ def with_solver(
     start = time.perf_counter()
     solution = solver(profiled.chain)
     solve_seconds = time.perf_counter() - start
-    starts = segment_starts(profiled.groups, solution.checkpoints)
+    starts = segment_starts(profiled.stage_pieces, solution.checkpoints)
     return RematModule(model, profiled.captured, starts), solve_seconds
 
 
