@@ -69,10 +69,9 @@ from remat.measure.flops import flop_formula
 __all__ = ["remake_cheap", "costly_calls", "CostlyCall", "DEFAULT_MAX_DEPTH"]
 
 #: Cheap operators a recipe may chain (a value remade from a value remade from ...). Deeper
-#: chains keep fewer values but replay more operators: GPT-2 (12 layers, batch 8, 1024 tokens),
-#: whose residual stream is one long chain of adds, peaks at 15.54 GiB with 16 and replays
-#: 4,069 operators in its step; with 32, 15.47 GiB and 6,362; with 64, 15.45 GiB and 6,520
-#: (a plain step runs 2,240).
+#: chains keep fewer values but replay more operators: on a transformer, whose residual stream
+#: is one long chain of adds, a deeper limit lowers the step peak a little and replays more
+#: operators in the step.
 DEFAULT_MAX_DEPTH = 64
 #: Operators a recipe may chain through remade costly calls, per unit of ``max_depth``: bounds the
 #: recursion of one remake (remaking a value may remake a costly call that reads remade values).

@@ -17,7 +17,7 @@ class CheckpointedSequential(nn.Module):
 
     The stages are the user's own modules (parameters shared, nothing copied),
     so ``state_dict()`` has the same values (keys gain no prefix when the
-    original is an ``nn.Sequential``: they are ``"0.weight"``, ... as before).
+    original is an ``nn.Sequential``: they are ``"0.weight"``, ... as in the original).
 
     Args:
         stages: the model's stages, in order.

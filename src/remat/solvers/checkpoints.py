@@ -13,8 +13,9 @@ For a fixed end ``r`` the candidate's cost only grows as ``l`` moves left
 (``R`` does not grow with ``l``: a longer segment holds and recomputes at least
 as much), so stale heap keys are lower bounds; the top is re-evaluated until
 its key is exact, and then it is the minimum. Each evaluation is O(1) with
-sparse-table range maxima over per-stage prefix terms. Measured: about two
-re-evaluations per stage on heterogeneous random chains.
+sparse-table range maxima over per-stage prefix terms. On heterogeneous random
+chains a stage needs few re-evaluations (timings in
+``benchmarks/results/chain_scaling.md``).
 
 
 Ties (least recompute at the least peak) are broken exactly by one more pass

@@ -32,7 +32,7 @@ rounded down, the program finds those, and some that do not fit. Both are
 solved, every plan found is evaluated exactly (``peak_of``), and the best
 that fits wins, with the best plan without nesting as a candidate too.
 O(n^3 slots) time, O(n^2 slots) memory: for chains of up to ``MAX_STAGES``
-stages (a few seconds at 100). Plain chains only (single-tensor boundaries).
+stages, which bounds the program's time. Plain chains only (single-tensor boundaries).
 
 Example:
     >>> from remat.solvers.checkpoints import min_peak
@@ -57,7 +57,7 @@ from remat.solvers.checkpoints import min_peak, min_recompute
 
 __all__ = ["MAX_STAGES", "min_peak_nested", "min_recompute_nested"]
 
-MAX_STAGES = 100  # beyond this the O(n^3 slots) program takes more than a few seconds
+MAX_STAGES = 100  # bounds the O(n^3 slots) program's time; longer chains raise
 _INF = np.int64(1) << 61
 
 

@@ -1,8 +1,8 @@
 """Plan a model for the least training-step peak and show what it saves and costs.
 
 Run ``python -m remat.tools.demo`` (or ``make demo``) for the default: torchvision
-ResNet-50, batch 32, 3x224x224, simulated on fake tensors (no memory used, a
-few seconds): the least-peak plan against the unmodified model, both measured.
+ResNet-50, batch 32, 3x224x224, simulated on fake tensors (no memory used):
+the least-peak plan against the unmodified model, both measured.
 Any model spec works, e.g. ``python -m remat.tools.demo hf:gpt2?n_layer=4 --batch 4``;
 ``--real`` runs on real CPU tensors instead.
 """
