@@ -314,3 +314,11 @@ def test_budget_plans_run_selective_segments_exactly(spec, shape, tmp_path):
     again = remat.optimize(net, x, plan=remat.Plan.load(tmp_path / "plan.json"))
     assert again.selective == fast.selective and again.boundaries == fast.boundaries
     assert "selective stages" in fast.plan.summary()
+
+
+def test_stages_that_cannot_run_selectively_run_plainly_in_the_plan():
+    # VGG's convolutions are followed by in-place ReLUs, which selective checkpointing refuses
+    # (they change a convolution output it keeps): those stages are profiled and run plainly.
+    source = models.load("torchvision:vgg11", 8, input_shape=(3, 32, 32))
+    fast = remat.optimize(source.model, source.example_inputs)
+    assert measure_step(fast, source.example_inputs, fake=True).peak_bytes == fast.plan.predicted_peak_bytes

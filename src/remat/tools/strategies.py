@@ -5,7 +5,9 @@ itself, ``remat`` is :func:`remat.optimize` (the least-peak plan),
 ``remat@BUDGET`` (e.g. ``remat@1GiB``) the plan with the least recompute whose
 step peak fits BUDGET, ``sqrt`` is Chen et al.'s sqrt(n) equal segments and
 ``per-block`` keeps every piece boundary; the two baselines run on the same capture and executor as ``remat``,
-so only the choice of checkpoints differs. ``torch-budget`` is PyTorch's own
+so only the choice of checkpoints differs. ``checkpoint-blocks`` is what users write by hand:
+``torch.utils.checkpoint`` around every block of the model (its repeated submodules; Hugging Face
+models: their own ``gradient_checkpointing_enable()``), on a copy of the model. ``torch-budget`` is PyTorch's own
 answer: ``torch.compile`` with the min-cut partitioner (eager compilers, so
 every operator runs and is measured) at ``activation_memory_budget`` 1.0,
 ``torch-budget@0.5`` at that fraction, and ``torch-budget@1GiB`` at the
@@ -24,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from remat.api import optimize
 from remat.planner.profiled import ProfiledModel
@@ -48,6 +53,7 @@ __all__ = [
     "StrategyResult",
     "TorchBudgetModule",
     "TorchBudgetSearch",
+    "checkpoint_blocks",
     "compare",
     "parse_strategies",
     "step_seconds",
@@ -92,11 +98,70 @@ def _per_block(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple
     return with_solver(model, inputs, lambda chain: uniform_segments(chain, chain.n), loss_fn)
 
 
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose every block runs under ``torch.utils.checkpoint`` (non-reentrant),
+    as people checkpoint by hand; Hugging Face models through their own
+    ``gradient_checkpointing_enable()``. The model itself is left as it is.
+
+    A block is a submodule with children of its own whose class repeats among its siblings
+    in a container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``): ResNet's
+    bottlenecks, DenseNet's dense layers, a transformer's layers. Blocks are not looked into.
+
+    Raises:
+        ValueError: the model has no such blocks.
+    """
+    blocks_copy = copy.deepcopy(model)
+    if getattr(blocks_copy, "supports_gradient_checkpointing", False):
+        blocks_copy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return blocks_copy
+    blocks = [b for r in _repeated(blocks_copy) for b in _innermost(r)] or _blocks(blocks_copy)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no repeated blocks to checkpoint")
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return blocks_copy
+
+
+def _checkpointed(forward: Callable, *args: Any, **kwargs: Any) -> Any:
+    # The recompute reads the arguments again: lists the caller appends to later (DenseNet's
+    # features) are copied as they are now.
+    args = tuple(list(a) if isinstance(a, list) else a for a in args)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    found = []
+    for child in module.children():
+        repeated = _repeated(child)
+        found += [b for r in repeated for b in _innermost(r)] if repeated else _blocks(child)
+    return found
+
+
+def _innermost(block: nn.Module) -> list[nn.Module]:
+    """A repeated container of repeated blocks (DenseNet's dense blocks, Swin's stages) as its blocks."""
+    inner = _repeated(block)
+    return [b for r in inner for b in _innermost(r)] if inner else [block]
+
+
+def _repeated(module: nn.Module) -> list[nn.Module]:
+    """The children of a container whose class repeats among them and that have children of their own."""
+    if not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return []
+    children = list(module.children())
+    kinds = [type(m) for m in children]
+    return [m for m in children if kinds.count(type(m)) > 1 and any(True for _ in m.children())]
+
+
+def _checkpoint_blocks(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
+    return checkpoint_blocks(model), 0.0
+
+
 #: name -> (model, inputs, loss_fn) -> (module to train, solve seconds)
 STRATEGIES: dict[str, Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Module, float]]] = {
     "none": _none,
     "sqrt": _sqrt,
     "per-block": _per_block,
+    "checkpoint-blocks": _checkpoint_blocks,
     "remat": _remat,
 }
 
