@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-compile bench-gap clean
+.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-compile: $(STAMP)
 # benchmarks/results/optimality_gap.md
 bench-gap: $(STAMP)
 	$(PY) benchmarks/optimality_gap.py --jobs 2
+
+# Step time of remat's plans against per-block checkpointing and torch.compile, real CPU tensors,
+# steps interleaved (about half an hour on 2 cores): writes benchmarks/results/step_time.md
+bench-time: $(STAMP)
+	$(PY) benchmarks/step_time.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

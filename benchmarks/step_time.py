@@ -1,0 +1,165 @@
+"""Step time of remat's plans against the peers, on real CPU tensors, steps interleaved.
+
+For each model, at a launch-bound size (small inputs: per-operator overhead dominates, as
+on a fast GPU) and a compute-bound size, every strategy runs in one process, one step each
+per round, first round not counted, median of ``--steps`` rounds (at least 7):
+
+- ``eager``: the model as it is (saves everything);
+- ``checkpoint-blocks``: ``torch.utils.checkpoint`` around every block (Hugging Face models:
+  ``gradient_checkpointing_enable``), see :func:`remat.tools.strategies.checkpoint_blocks`;
+- ``remat least``: :func:`remat.optimize`, the least peak;
+- ``remat @blocks``: the least recompute within checkpoint-blocks' measured step peak;
+- ``remat 0-FLOP``: the lowest-peak plan of :func:`remat.pareto` that recomputes no FLOPs;
+- ``compile``: ``torch.compile`` (inductor) saving what PyTorch's partitioner saves by default;
+  ``compile@0.5``: the same at ``activation_memory_budget=0.5``.
+
+Columns: the step peak (real tensors, the exact storage tracker; for compiled rows, the
+same partition run operator by operator by aot_eager, since inductor's buffers bypass the
+dispatcher), forward + backward FLOPs over eager's (``-`` for compiled rows: their kernels
+are not counted), step time over eager's, and planning (remat: capture + solve; compile:
+the first, compiling step). Writes ``benchmarks/results/step_time.md``.
+
+Run: ``make bench-time`` (about half an hour on 2 cores), or ``--only resnet50`` for a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import remat
+from machine import pick_models, results_header
+from remat.measure.step import default_loss, measure_step
+from remat.report import format_bytes
+from remat.tools import models
+from remat.tools.strategies import TorchBudgetModule, checkpoint_blocks, step_seconds
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "results" / "step_time.md"
+
+# (name, spec, (batch, per-sample shape) launch-bound, (batch, shape) compute-bound)
+MODELS = [
+    ("resnet50", "torchvision:resnet50", (2, (3, 64, 64)), (8, (3, 160, 160))),
+    ("densenet121", "torchvision:densenet121", (2, (3, 64, 64)), (8, (3, 128, 128))),
+    ("vit_b_16", "torchvision:vit_b_16", (1, (3, 224, 224)), (4, (3, 224, 224))),
+    ("gpt2-4", "hf:gpt2?n_layer=4", (1, (32,)), (4, (256,))),
+]
+COMPILED = (1.0, 0.5)  # activation_memory_budget of the compiled rows
+
+
+def compiled(model: torch.nn.Module, inputs: tuple, fraction: float) -> tuple[torch.nn.Module, float]:
+    """``model`` under torch.compile (inductor) at ``fraction``, compiled by one step; and that step's seconds.
+
+    The budget is set inside the backend, where the partitioner runs, so a recompile at any
+    later call keeps it; each fraction is its own backend, so their compiled graphs are never
+    mixed up (Dynamo guards on the backend).
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        with torch._functorch.config.patch(activation_memory_budget=fraction):
+            return compile_fx(gm, example_inputs)
+
+    module = torch.compile(model, backend=backend)
+    start = time.perf_counter()
+    default_loss(module(*inputs)).backward()
+    for p in model.parameters():
+        p.grad = None
+    return module, time.perf_counter() - start
+
+
+def run_one(name: str, spec: str, batch: int, shape: tuple, steps: int, with_compile: bool) -> list[dict]:
+    source = models.load(spec, batch, input_shape=shape)
+    model, x = source.model, source.example_inputs
+    start = time.perf_counter()
+    least = remat.optimize(model, x)
+    planning = {"remat least": time.perf_counter() - start}
+    blocks = checkpoint_blocks(model)
+    blocks_peak = measure_step(blocks, x).peak_bytes
+    start = time.perf_counter()
+    at_blocks = remat.optimize(model, x, budget=blocks_peak)
+    planning["remat @blocks"] = time.perf_counter() - start
+    start = time.perf_counter()
+    zero = [p for p in remat.pareto(model, x) if p.recompute_flops == 0][-1]
+    planning["remat 0-FLOP"] = time.perf_counter() - start
+    modules = {
+        "eager": model,
+        "checkpoint-blocks": blocks,
+        "remat least": least,
+        "remat @blocks": at_blocks,
+        "remat 0-FLOP": remat.optimize(model, x, plan=zero),
+    }
+    measured = {label: measure_step(module, x) for label, module in modules.items()}
+    if with_compile:
+        torch._dynamo.reset()
+        for fraction in COMPILED:
+            label = "compile" if fraction == 1.0 else f"compile@{fraction}"
+            # Peak: the same partition, run operator by operator (eager compilers) under the tracker.
+            measured[label] = measure_step(TorchBudgetModule(model, fraction), x)
+            modules[label], planning[label] = compiled(model, x, fraction)
+    seconds = step_seconds(modules, x, steps)
+    eager = measured["eager"]
+    eager_flops = eager.forward_flops + eager.backward_flops
+    rows = []
+    for label, step in measured.items():
+        flops = step.forward_flops + step.backward_flops
+        rows.append({
+            "model": name, "size": f"b{batch} {'x'.join(map(str, shape))}", "strategy": label,
+            "peak": step.peak_bytes, "activation_peak": step.activation_peak_bytes,
+            "flops_ratio": None if label.startswith("compile") else flops / eager_flops,
+            "time_ratio": seconds[label] / seconds["eager"], "ms": seconds[label] * 1e3,
+            "planning": planning.get(label),
+        })
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model names (e.g. resnet50,gpt2-4)")
+    parser.add_argument("--out", type=Path, help=f"results file (default {DEFAULT_OUT} for a full run)")
+    parser.add_argument("--steps", type=int, default=7, help="timed rounds (median; at least 7)")
+    parser.add_argument("--sizes", default="launch,compute", help="launch, compute or both")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    args = parser.parse_args(argv)
+    if args.steps < 7:
+        parser.error("--steps: at least 7 rounds")
+    chosen, out = pick_models(parser, args, MODELS, DEFAULT_OUT)
+    sizes = args.sizes.split(",")
+    rows = []
+    for name, spec, launch, compute in chosen:
+        for size, (batch, shape) in (("launch", launch), ("compute", compute)):
+            if size not in sizes:
+                continue
+            print(f"{name} {size} (batch {batch}, {shape}) ...", flush=True)
+            rows += run_one(name, spec, batch, shape, args.steps, not args.no_compile)
+            for row in rows[-(7 if not args.no_compile else 5):]:
+                print("  ", row, flush=True)
+    command = "python benchmarks/step_time.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    lines = results_header("Step time against the peers (real CPU tensors)", command, "bench-time") + [
+        "",
+        __doc__.split("\n\n", 2)[1].replace("\n", " "),
+        "",
+        "| model | size | strategy | step peak | activation peak | FLOPs / eager | time / eager | step ms | planning s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flops = "-" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
+        planning = "-" if r["planning"] is None else f"{r['planning']:.1f}"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['strategy']} | {format_bytes(r['peak'])} | "
+            f"{format_bytes(r['activation_peak'])} | {flops} | {r['time_ratio']:.3f} | {r['ms']:.1f} | {planning} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out is not None:
+        out.write_text(text)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
