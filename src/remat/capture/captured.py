@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from remat.capture.graph import Piece, opaque_modules, piece_module, split_linear, trace
+from remat.capture.graph import Piece, opaque_modules, piece_module, span_module, split_linear, trace
 
 __all__ = ["Captured", "capture", "fingerprint"]
 
@@ -20,10 +20,14 @@ class Captured:
     """A model cut into pieces, ready to profile or run."""
 
     pieces: list[Piece]
-    modules: list[fx.GraphModule]
+    modules: list[fx.GraphModule]  # one per piece (see piece_module)
     input_names: list[str]
     codegen: Any  # the traced graph's input flattening / output unflattening
+    graph: fx.GraphModule  # the traced model the pieces are cut from
+    model_tensors: frozenset[str]  # names of the model's parameters and buffers
+    opaque: tuple[str, ...] = ()  # submodules that could not be traced, called whole
     reads: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # earlier pieces each piece reads
+    _spans: dict = dataclasses.field(default_factory=dict, repr=False)  # (start, stop) -> span(start, stop)
 
     def __post_init__(self) -> None:
         if not self.reads:
@@ -58,7 +62,20 @@ class Captured:
                     f"segment at piece {q + 1} too, or use the boundaries of a remat plan"
                 )
             kept.add(stop - 1)
-    opaque: tuple[str, ...] = ()  # submodules that could not be traced, called whole
+
+    def span(self, start: int, stop: int) -> tuple[fx.GraphModule, tuple[int, ...]]:
+        """Pieces ``start..stop-1`` as one GraphModule (:func:`span_module`, built once), and the
+        pieces whose outputs it returns: those read from piece ``stop`` on, and the last."""
+        if (start, stop) not in self._spans:
+            returned = tuple(p for p in range(start, stop) if self.last_reader[p] >= stop or p == stop - 1)
+            outside = [self.pieces[q].output for q in self.outside_reads(start, stop)]
+            placeholders = [n for n in self.graph.graph.nodes if n.op == "placeholder"]
+            module = span_module(
+                self.graph, self.pieces[start:stop], outside, [p - start for p in returned], placeholders,
+                self.model_tensors,
+            )
+            self._spans[start, stop] = module, returned
+        return self._spans[start, stop]
 
     def tensor_names(self, index: int, root: nn.Module) -> list[str]:
         """Names (on ``root``) of the parameters and buffers piece ``index`` reads."""
@@ -89,7 +106,10 @@ def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True) ->
     model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     model_tensors |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     modules = [piece_module(gm, p, placeholders, model_tensors) for p in pieces]
-    return Captured(pieces, modules, [p.target for p in placeholders], gm.graph._codegen, opaque=opaque_modules(gm))
+    return Captured(
+        pieces, modules, [p.target for p in placeholders], gm.graph._codegen, gm, frozenset(model_tensors),
+        opaque=opaque_modules(gm),
+    )
 
 
 def fingerprint(model: nn.Module, example_inputs: tuple) -> str:

@@ -398,13 +398,59 @@ def piece_module(
     (``torch.func.functional_call``, a fake copy) is seen.
     """
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
     boundary = graph.placeholder("boundary")
     root = graph.placeholder("root")
-    for p in placeholders:
-        env[p] = graph.placeholder(p.name)
-    for position, value in enumerate(piece.inputs):
-        env[value] = graph.call_function(operator.getitem, (boundary, position))
+    inputs = {p: graph.placeholder(p.name) for p in placeholders}
+    env = {value: graph.call_function(operator.getitem, (boundary, i)) for i, value in enumerate(piece.inputs)}
+    graph.output(_copy_piece(graph, piece, {**inputs, **env}, root, model_tensors))
+    return fx.GraphModule(gm, graph)
+
+
+def span_module(
+    gm: fx.GraphModule,
+    pieces: Sequence[Piece],
+    outside: Sequence[fx.Node],
+    returned: Sequence[int],
+    placeholders: Sequence[fx.Node],
+    model_tensors: set[str],
+) -> fx.GraphModule:
+    """Consecutive ``pieces`` as one GraphModule: ``f(boundary, root, *model_inputs)``, one
+    Python call where :func:`piece_module`'s modules take one each.
+
+    ``boundary`` is a list of the values ``outside`` (outputs of earlier pieces that these
+    read); the module empties it, so that each is freed after the last piece that reads it.
+    It returns the tuple of the outputs of ``pieces[i]`` for ``i`` in ``returned``. Memory
+    is spent as when the pieces run one by one: a piece's inputs stay alive to its end, and
+    each piece makes its own input-only values again.
+    """
+    graph = fx.Graph()
+    boundary = graph.placeholder("boundary")
+    root = graph.placeholder("root")
+    inputs = {p: graph.placeholder(p.name) for p in placeholders}
+    made = {value: graph.call_function(operator.getitem, (boundary, i)) for i, value in enumerate(outside)}
+    graph.call_function(_release, (boundary,))
+    outputs = []
+    for piece in pieces:
+        read = {value: made[value] for value in piece.inputs}
+        outputs.append(_copy_piece(graph, piece, {**inputs, **read}, root, model_tensors))
+        made[piece.output] = outputs[-1]
+        graph.call_function(_held, tuple(read.values()))
+    graph.output(tuple(outputs[i] for i in returned))
+    return fx.GraphModule(gm, graph)
+
+
+def _release(boundary: list) -> None:
+    """Drop the caller's references to a span's inputs: the span's own go after their last use."""
+    boundary.clear()
+
+
+def _held(*values: Any) -> None:
+    """Nothing: a use that keeps a piece's inputs alive to its end, as a piece's boundary does."""
+
+
+def _copy_piece(graph: fx.Graph, piece: Piece, env: dict[fx.Node, Any], root: fx.Node, model_tensors: set[str]) -> Any:
+    """``piece``'s nodes copied into ``graph`` (``env``: its inputs and the model's, in ``graph``);
+    returns its output in ``graph`` (for the model's last piece, the output's structure)."""
 
     def value(node: fx.Node) -> fx.Node:
         """``node`` in the new graph: parameters fetched, input-only values recomputed."""
@@ -419,15 +465,12 @@ def piece_module(
 
     for n in piece.nodes:
         if n.op == "output":
-            graph.output(fx.map_arg(n.args[0], value))
-            break
+            return fx.map_arg(n.args[0], value)
         if n.op == "get_attr":
             value(n)
             continue
         env[n] = graph.node_copy(n, value)
-    else:
-        graph.output(value(piece.output))
-    return fx.GraphModule(gm, graph)
+    return value(piece.output)
 
 
 def _describe_tensor(t: Any) -> Any:

@@ -17,6 +17,12 @@ NOTE [recompute first]
     Otherwise backward nodes that need no saved tensor (views, adds) run first
     and hold their gradients through the recompute.
 
+NOTE [one call per span]
+    Pieces run back to back (a segment, or the stages between selective ones)
+    run as one generated function when the program can make one
+    (:meth:`Program.span`): one Python call instead of one per piece. It frees
+    what the pieces read at the same moments as running them one by one.
+
 NOTE [what stays alive]
     Pieces read tuples of earlier outputs; each output is dropped after its
     last reader, and the dict of kept outputs is changed in place (a nested
@@ -246,6 +252,11 @@ class Program(Protocol):
     def call(self, index: int, read: tuple, inputs: tuple) -> Any:
         """Piece ``index`` on the outputs it reads and the model's inputs."""
 
+    def span(self, start: int, stop: int) -> tuple[Callable[[list, tuple], tuple], tuple[int, ...]] | None:
+        """Pieces ``start..stop-1`` as one call ``f(outputs they read, model inputs)``, and the
+        pieces whose outputs it returns (in order; the last is ``stop - 1``); None to run them
+        one by one. The call empties the list it is given."""
+
 
 class SegmentEngine:
     """Runs a plan on a :class:`Program` of ``size`` pieces.
@@ -304,6 +315,17 @@ class SegmentEngine:
         """Pieces ``start..stop-1`` as they are; ``values`` maps earlier pieces to their
         outputs and loses each one once no later piece reads it, so it can be freed."""
         program = self.program
+        span = program.span(start, stop) if stop - start > 1 else None
+        if span is not None:
+            # One call (see NOTE [one call per span]).
+            run, returned = span
+            read = program.outside_reads(start, stop)
+            boxed = [values[q] for q in read]
+            for q in read:
+                if program.last_reader[q] < stop:
+                    del values[q]
+            values.update(zip(returned, run(boxed, inputs)))
+            return values.pop(stop - 1)
         for index in range(start, stop):
             read = program.reads[index]
             values[index] = program.call(index, tuple(values[q] for q in read), inputs)

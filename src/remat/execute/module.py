@@ -161,6 +161,10 @@ class _Pieces:
     def call(self, index: int, read: tuple, inputs: tuple):
         return self.captured.modules[index](read, self.root, *inputs)
 
+    def span(self, start: int, stop: int):
+        module, returned = self.captured.span(start, stop)
+        return (lambda boxed, inputs: module(boxed, self.root, *inputs)), returned
+
 
 def module_for_plan(model: nn.Module, captured: Any, plan: Any) -> RematModule:
     """``model`` run with ``plan`` (a :class:`remat.plan.Plan`) on ``captured``, whose pieces
