@@ -61,7 +61,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from remat.measure.flops import flop_formula
@@ -132,7 +131,7 @@ class _Call:
                     "it, so its output cannot be made again; use remake=False (or run the model outside "
                     "remat.remake_cheap)"
                 )
-        args, kwargs = tree_map_only((_Recipe, _Like), lambda r: r.make(), (self.args, self.kwargs))
+        args, kwargs = _map_arguments(lambda r: r.make(), (_Recipe, _Like), self.args, self.kwargs)
         with self.rng.replayed() if self.rng is not None else contextlib.nullcontext():
             outputs = self.func(*args, **kwargs)
         flat = _flat(outputs)
@@ -192,6 +191,36 @@ class _Recipe:
 def _flat(outputs: Any) -> list:
     """An operator's outputs as a list (one output, or its tuple)."""
     return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def _arguments(args: tuple, kwargs: dict) -> list:
+    """An operator call's argument values, those inside list arguments too.
+
+    ATen's arguments nest one level at most (``Tensor[]``, ``Tensor?[]``), so this
+    does what ``tree_flatten`` does at a fraction of its cost, which every
+    recorded call pays.
+    """
+    values = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            values.extend(value)
+        else:
+            values.append(value)
+    return values
+
+
+def _map_arguments(fn: Callable, kinds, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """An operator call's arguments with ``fn`` applied to each value of ``kinds`` (one level of
+    lists, as in :func:`_arguments`)."""
+
+    def one(value):
+        if isinstance(value, kinds):
+            return fn(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, kinds) for v in value):
+            return type(value)(fn(v) if isinstance(v, kinds) else v for v in value)
+        return value
+
+    return tuple(map(one, args)), {name: one(value) for name, value in kwargs.items()}
 
 
 def _bound(func, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -340,7 +369,7 @@ class _Recorder(TorchDispatchMode):
         replay = _replay_form(func, args, kwargs) if remade else None
         rng = None
         if replay is not None and torch.Tag.nondeterministic_seeded in func.tags:
-            device = next((t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+            device = next((t.device for t in _arguments(args, kwargs) if isinstance(t, torch.Tensor)), None)
             if device is None or device.type not in ("cpu", "cuda"):
                 replay = None  # a generator it has no state of
             else:
@@ -371,7 +400,7 @@ class _Recorder(TorchDispatchMode):
     def _record(self, replay: _Replay, rng: _RandomState | None, outputs) -> None:
         func, args, kwargs, in_place = replay.func, replay.args, replay.kwargs, replay.in_place
         flat = _flat(outputs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = [t for t in _arguments(args, kwargs) if isinstance(t, torch.Tensor)]
         recipes = [self.recipe_of(t) for t in inputs]
         costly = flop_formula(func) is not None
         # A remade costly call holds its outputs once remade: the cheap chain above it restarts.
@@ -399,7 +428,7 @@ class _Recorder(TorchDispatchMode):
         )
         # Inputs with a recipe are held as recipes; the others (kept values) as tensors.
         held = {id(t): r for t, r in zip(inputs, recipes) if r is not None}
-        args, kwargs = tree_map_only(torch.Tensor, lambda t: held.get(id(t), t), (args, kwargs))
+        args, kwargs = _map_arguments(lambda t: held.get(id(t), t), torch.Tensor, args, kwargs)
         unchecked = held.keys() | {id(t) for t in replay.statistics}
         kept = tuple((t, t._version) for t in inputs if id(t) not in unchecked)
         made = {_storage_key(t) for t in flat if isinstance(t, torch.Tensor)}
@@ -422,8 +451,8 @@ class _Recorder(TorchDispatchMode):
 
 
 def _costly_call(index: int, func, args: tuple, kwargs: dict, outputs) -> CostlyCall:
-    inputs = {_storage_key(t): t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-    made = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor)]
+    inputs = {_storage_key(t): t for t in _arguments(args, kwargs) if isinstance(t, torch.Tensor)}
+    made = [t for t in _flat(outputs) if isinstance(t, torch.Tensor)]
     return CostlyCall(
         index,
         str(func),

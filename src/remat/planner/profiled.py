@@ -97,7 +97,7 @@ class ProfiledModel:
                     "fake" if self.fake else "device", selective_stages=self.stage_pieces,
                 )
                 self._selective = self.chain.with_selective(measured)
-                self._plainly = frozenset(k + 1 for k in plainly)
+                self._plainly = plainly
             except RuntimeError as error:
                 warnings.warn(
                     f"remat: no selective segments for this model ({error}); planning without them",

@@ -99,11 +99,10 @@ def profile_sequential(
                     out.append((" + ".join(specs[i][0] for i in pieces), run, params))
                 return out
 
-            measured, same, plain_stages = profile_selectively(
+            measured, same, plainly = profile_selectively(
                 stage_specs(True), stage_specs(False), x, loss_fn or default_loss, base_bytes=base, device=x.device
             )
             if len(same) != len(stage_pieces):
                 raise RuntimeError(f"run selectively, the modules form other stages: {same} for {stage_pieces}")
             chain = chain.with_selective(measured)
-            plainly = frozenset(k + 1 for k in plain_stages)
     return SequentialProfile(chain, tuple(tuple(g) for g in stage_pieces), plainly)

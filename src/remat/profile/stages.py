@@ -432,7 +432,8 @@ def profile_selectively(
     that changes in place the output of a matmul or convolution it keeps, as a
     convolution followed by an in-place ReLU does): such a stage, and every stage
     of the same structure (``keys``), is profiled plainly and the whole chain again.
-    Returns the chain, the grouping of stages, and the stages run plainly.
+    Returns the chain, the pieces of each stage, and the chain stages (1-based, as the chain
+    numbers them) run plainly.
     """
     plainly: set[int] = set()
     while True:
@@ -456,4 +457,4 @@ def profile_selectively(
             same = [k for k, key in enumerate(keys or ()) if key is not None and key == keys[failed]]
             plainly.update([failed, *same])
             continue
-        return chain, stage_pieces, frozenset(plainly)
+        return chain, stage_pieces, frozenset(k + 1 for k in plainly)
