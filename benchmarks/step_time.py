@@ -13,7 +13,8 @@ per round, first round not counted, median of ``--steps`` rounds (at least 7):
 - ``compile``: ``torch.compile`` (inductor) saving what PyTorch's partitioner saves by default;
   ``compile@0.5``: the same at ``activation_memory_budget=0.5``.
 
-Columns: the step peak (real tensors, the exact storage tracker; for compiled rows, the
+One thread (``torch.set_num_threads(1)``): the timings stay ratios of work done, not of how
+two cores are shared with whatever else runs. Columns: the step peak (real tensors, the exact storage tracker; for compiled rows, the
 same partition run operator by operator by aot_eager, since inductor's buffers bypass the
 dispatcher), forward + backward FLOPs over eager's (``-`` for compiled rows: their kernels
 are not counted), step time over eager's, and planning (remat: capture + solve; compile:
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     if args.steps < 7:
         parser.error("--steps: at least 7 rounds")
     chosen, out = pick_models(parser, args, MODELS, DEFAULT_OUT)
+    torch.set_num_threads(1)
     sizes = args.sizes.split(",")
     rows = []
     for name, spec, launch, compute in chosen:
