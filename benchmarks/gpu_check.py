@@ -20,7 +20,9 @@ normalisations and activations in backward), its step time and its gradients.
 The first plan of ``remat.pareto`` (the least peak with no recompute FLOPs,
 usually one that remakes cheap values value by value, ``Plan.remake``, whose
 prediction is a fake-tensor step) is checked the same way: peak, time, gradients.
-Writes a markdown table (``--out``).
+Writes a markdown table (``--out``). Then the table of ``make bench-time`` on the device
+(:func:`step_time.run_one`: eager, per-block checkpointing, remat's plans, with
+``--compile`` torch.compile too) for ResNet-50 at a launch-bound batch and at 64, and GPT-2.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 import remat
+import step_time
 from remat.execute.module import RematModule
 from remat.tools import models
 from remat.measure.step import default_loss
@@ -42,6 +45,13 @@ from machine import cpu_name
 
 DEFAULT_MODELS = ["torchvision:resnet50@64", "hf:gpt2@8"]
 QUICK_MODELS = ["remat:mlp?depth=8&width=256@512", "hf:gpt2?n_layer=2&n_embd=128&n_head=4&seq=64@2"]
+# (name, spec, batch, per-sample shape) of the step-time table
+TIME_MODELS = [
+    ("resnet50", "torchvision:resnet50", 8, (3, 224, 224)),
+    ("resnet50", "torchvision:resnet50", 64, (3, 224, 224)),
+    ("gpt2", "hf:gpt2", 8, None),
+]
+TIME_QUICK = [("resnet18", "torchvision:resnet18", 2, (3, 32, 32))]
 
 
 def _sync(device: torch.device) -> None:
@@ -194,6 +204,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small models: a dry run")
     parser.add_argument("--out", default="benchmarks/results/gpu_check.md")
+    parser.add_argument("--compile", action="store_true", help="torch.compile rows in the step-time table")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -243,6 +254,11 @@ def main() -> None:
         )
         lines.append(line)
         print(line, flush=True)
+    timed = TIME_QUICK if args.quick else TIME_MODELS
+    rows = [row for name, spec, batch, shape in timed for row in step_time.run_one(
+        name, spec, batch, shape, max(args.steps, 7), args.compile, str(device))]
+    lines += ["", "Step time (`make bench-time`'s table, on this device):", "", *step_time.table(rows)]
+    print("\n".join(lines[-len(rows) - 4:]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 

@@ -73,9 +73,14 @@ def compiled(model: torch.nn.Module, inputs: tuple, fraction: float) -> tuple[to
     return module, time.perf_counter() - start
 
 
-def run_one(name: str, spec: str, batch: int, shape: tuple, steps: int, with_compile: bool) -> list[dict]:
+def run_one(
+    name: str, spec: str, batch: int, shape: tuple | None, steps: int, with_compile: bool, device: str = "cpu"
+) -> list[dict]:
+    """Every strategy's row for one model at one size, on ``device``."""
     source = models.load(spec, batch, input_shape=shape)
-    model, x = source.model, source.example_inputs
+    model = source.model.to(device)
+    x = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in source.example_inputs)
+    shape = shape or tuple(source.example_inputs[0].shape[1:])
     start = time.perf_counter()
     least = remat.optimize(model, x)
     planning = {"remat least": time.perf_counter() - start}
@@ -118,6 +123,22 @@ def run_one(name: str, spec: str, batch: int, shape: tuple, steps: int, with_com
     return rows
 
 
+def table(rows: list[dict]) -> list[str]:
+    """The rows of :func:`run_one` as a markdown table."""
+    lines = [
+        "| model | size | strategy | step peak | activation peak | FLOPs / eager | time / eager | step ms | planning s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flops = "-" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
+        planning = "-" if r["planning"] is None else f"{r['planning']:.1f}"
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['strategy']} | {format_bytes(r['peak'])} | "
+            f"{format_bytes(r['activation_peak'])} | {flops} | {r['time_ratio']:.3f} | {r['ms']:.1f} | {planning} |"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated model names (e.g. resnet50,gpt2-4)")
@@ -141,20 +162,8 @@ def main(argv=None) -> int:
             for row in rows[-(7 if not args.no_compile else 5):]:
                 print("  ", row, flush=True)
     command = "python benchmarks/step_time.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
-    lines = results_header("Step time against the peers (real CPU tensors)", command, "bench-time") + [
-        "",
-        __doc__.split("\n\n", 2)[1].replace("\n", " "),
-        "",
-        "| model | size | strategy | step peak | activation peak | FLOPs / eager | time / eager | step ms | planning s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        flops = "-" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
-        planning = "-" if r["planning"] is None else f"{r['planning']:.1f}"
-        lines.append(
-            f"| {r['model']} | {r['size']} | {r['strategy']} | {format_bytes(r['peak'])} | "
-            f"{format_bytes(r['activation_peak'])} | {flops} | {r['time_ratio']:.3f} | {r['ms']:.1f} | {planning} |"
-        )
+    lines = results_header("Step time against the peers (real CPU tensors)", command, "bench-time")
+    lines += ["", __doc__.split("\n\n", 2)[1].replace("\n", " "), "", *table(rows)]
     text = "\n".join(lines) + "\n"
     print(text)
     if out is not None:
