@@ -19,7 +19,7 @@ from torch import nn
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.captured import capture, fingerprint
 from remat.execute.module import RematModule, module_for_plan
-from remat.measure.step import as_tuple
+from remat.measure.step import positional
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
 from remat.planner.profiled import Costs, ProfiledModel
@@ -93,7 +93,7 @@ def plan(
         True
     """
     budget_bytes = None if budget is None else parse_bytes(budget)
-    offload = offload and offload_possible(model, as_tuple(example_inputs))
+    offload = offload and offload_possible(model, positional(model, example_inputs))
     profiled = ProfiledModel.of(
         model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
     )
@@ -225,7 +225,7 @@ def optimize(
         >>> torch.equal(fast(x), net(x))
         True
     """
-    inputs = as_tuple(example_inputs)
+    inputs = positional(model, example_inputs)
     if plan is not None:
         return _apply(model, inputs, plan)
     budget_bytes = None if budget is None else parse_bytes(budget)

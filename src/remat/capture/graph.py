@@ -60,6 +60,12 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             if gm is not None:
                 return gm
             name = type(model).__name__
+            if "Cache" in str(export_error):
+                raise TraceError(
+                    f"could not export {name}: it returns its key/value cache, which torch.export cannot "
+                    "flatten; training needs no cache: pass use_cache=False with the inputs (in the batch, "
+                    "e.g. {**batch, 'use_cache': False}) and call the optimized module the same way"
+                ) from export_error
             raise TraceError(
                 f"could not capture {name} as a graph (data-dependent control flow, such as "
                 "`if x.sum() > 0:` in forward, cannot be captured): split it into a list of "

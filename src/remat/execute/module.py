@@ -15,6 +15,7 @@ from torch import nn
 from remat.execute.engine import SegmentEngine, nested_starts, segment_starts, stored_starts
 from remat.execute.offload import CheckpointOffload
 from remat.execute.remake import remake_cheap
+from remat.measure.step import bind_positional
 
 __all__ = ["RematModule", "module_for_plan"]
 
@@ -56,7 +57,7 @@ class RematModule(nn.Module):
         self._model = [model]  # the user's root module, not a submodule: state_dict stays the model's
         self._captured = captured
         self._captured_training = model.training  # the graph is specialised to this mode
-        self._signature = inspect.signature(model.forward)
+        self.forward_signature = inspect.signature(model.forward)  # the model's: batches bind to it
         captured.check_boundaries(boundaries)
         self._engine = SegmentEngine(
             _Pieces(captured, self), len(captured.modules), boundaries, offload, nested, stored, selective, stage_starts
@@ -85,12 +86,20 @@ class RematModule(nn.Module):
     def flat_inputs(self, args: tuple, kwargs: dict) -> tuple:
         """The graph's flat inputs for a call with ``args`` and ``kwargs`` (defaults filled in)."""
         codegen = self._captured.codegen
-        if getattr(codegen, "pytree_info", None) is not None:  # an exported graph
-            return tuple(fx_pytree.tree_flatten_spec(([*args], kwargs), codegen.pytree_info.in_spec))
+        if getattr(codegen, "pytree_info", None) is not None:  # an exported graph, of positional arguments
+            args = bind_positional(self.forward_signature, args, kwargs, type(self._model[0]).__name__)
+            expected = codegen.pytree_info.in_spec.child(0).num_children
+            if len(args) != expected:
+                raise ValueError(
+                    f"this module was planned for calls with {expected} positional arguments (keyword ones "
+                    f"in their places), and got {len(args)}: call it as in the example inputs it was planned "
+                    "with (the same keys of the batch), or plan again"
+                )
+            return tuple(fx_pytree.tree_flatten_spec(([*args], {}), codegen.pytree_info.in_spec))
         names = self._captured.input_names
         if not kwargs and len(args) == len(names):
             return args
-        bound = self._signature.bind(*args, **kwargs)
+        bound = self.forward_signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return tuple(bound.arguments[name] for name in names)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,14 +14,21 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from remat.measure.tracker import MemoryTracker, has_storage, round_to_of, storage_bytes, track_memory, unique_storage_bytes
 
-__all__ = ["StepMeasurement", "as_tuple", "default_loss", "first_tensor", "measure_step", "model_device", "step_model"]
+__all__ = [
+    "StepMeasurement", "as_tuple", "bind_positional", "default_loss", "first_tensor", "measure_step", "model_device",
+    "positional", "step_model",
+]
 
 
 def default_loss(output: Any) -> torch.Tensor:
-    """Mean of squares of the (first) output, in float32.
+    """The output's ``loss`` where it has one (a Hugging Face ``ModelOutput`` or a dict, when
+    the batch has labels), else the mean of squares of the (first) output, in float32.
 
     Works for a tensor, a tuple/list, a dict or a Hugging Face ``ModelOutput``.
     """
+    loss = output.get("loss") if isinstance(output, dict) else None
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+        return loss
     tensor = first_tensor(output)
     if tensor is None:
         raise TypeError(
@@ -67,6 +75,57 @@ class StepMeasurement:
 
 
 
+def positional(model: torch.nn.Module, example_inputs: Any) -> tuple:
+    """``example_inputs`` as ``model``'s positional arguments.
+
+    They may be a tensor, a tuple or list of positional arguments, a dict of
+    keyword arguments (a batch, as in ``model(**batch)``), or ``(args, kwargs)``.
+    Keyword arguments are put in the places of ``model.forward``'s parameters,
+    the parameters between them left at their defaults.
+    """
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    elif (
+        isinstance(example_inputs, tuple) and len(example_inputs) == 2
+        and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict)
+    ):
+        args, kwargs = example_inputs
+    else:
+        return as_tuple(example_inputs)
+    signature = getattr(model, "forward_signature", None) or inspect.signature(model.forward)
+    return bind_positional(signature, tuple(args), kwargs, type(model).__name__)
+
+
+def bind_positional(signature: inspect.Signature, args: tuple, kwargs: dict, name: str = "the model") -> tuple:
+    """A call's arguments as positional ones of ``signature``, defaults filling the gaps."""
+    if not kwargs:
+        return args
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"the inputs do not fit {name}.forward{signature}: {error}") from None
+    given = bound.arguments
+    params = list(signature.parameters.values())
+    last = max(i for i, p in enumerate(params) if p.name in given)
+    values: list = []
+    for p in params[: last + 1]:
+        if p.kind is p.VAR_POSITIONAL:
+            values.extend(given.get(p.name, ()))
+        elif p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD):
+            extra = [p.name] if p.kind is p.KEYWORD_ONLY else list(given[p.name])
+            raise ValueError(
+                f"{name}.forward takes {', '.join(map(repr, extra))} only by keyword, and remat passes a "
+                "batch to the model by position: wrap the model in a module whose forward names it"
+            )
+        elif p.name in given:
+            values.append(given[p.name])
+        elif p.default is not p.empty:
+            values.append(p.default)
+        else:
+            raise ValueError(f"no value for {name}.forward's parameter {p.name!r}, which has no default")
+    return tuple(values)
+
+
 def as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
@@ -82,7 +141,7 @@ def step_model(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
     statistics) saved, and both are put back afterwards.
     Yields ``(module, inputs)``.
     """
-    inputs = as_tuple(example_inputs)
+    inputs = positional(model, example_inputs)
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.nn.utils.stateless import _reparametrize_module
@@ -136,7 +195,8 @@ def measure_step(
 
     Args:
         model: the module to train.
-        example_inputs: a tensor or a tuple of positional inputs.
+        example_inputs: a tensor, a tuple of positional inputs, or a batch
+            of keyword arguments (see :func:`positional`).
         loss_fn: output -> scalar loss; default :func:`default_loss`.
         fake: simulate on fake tensors (no memory used, any size, any machine).
         grad_accumulation: measure a step whose parameter gradients exist
@@ -240,7 +300,7 @@ def _activation_peak(mem: MemoryTracker, grad_records: set[int]) -> int:
 
 
 def model_device(model: torch.nn.Module, example_inputs: Any) -> torch.device:
-    for t in list(model.parameters()) + tree_flatten(as_tuple(example_inputs))[0]:
+    for t in list(model.parameters()) + tree_flatten(positional(model, example_inputs))[0]:
         if isinstance(t, torch.Tensor):
             return t.device
     return torch.device("cpu")

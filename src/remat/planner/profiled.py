@@ -16,7 +16,7 @@ from remat.capture.captured import Captured, fingerprint
 from remat.chain.cost import segment_stages
 from remat.chain.model import Chain, ChainSolution
 from remat.execute.module import RematModule, module_for_plan
-from remat.measure.step import as_tuple, default_loss, measure_step
+from remat.measure.step import default_loss, measure_step, positional
 from remat.plan import Plan
 from remat.profile.model import Profile, capture_and_profile, profile_model
 from remat.profile.timing import stage_seconds
@@ -59,7 +59,7 @@ class ProfiledModel:
         carried: bool = True,
         grad_accumulation: bool = False,
     ) -> ProfiledModel:
-        inputs = as_tuple(example_inputs)
+        inputs = positional(model, example_inputs)
         check_model_and_inputs(model, inputs)
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()

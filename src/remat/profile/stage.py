@@ -49,7 +49,8 @@ class StageCost:
     # after the step: what it made for outputs the loss ignores (their backward
     # never runs), and whatever the graphs of the outputs the caller holds keep.
     stranded: int = 0
-    # Dense bytes of the gradients of its outputs (what adding two of them makes).
+    # Dense bytes of the gradients of its outputs (what adding two of them makes; for the
+    # loss, the gradient autograd starts the backward with).
     output_grad_bytes: int = 0
 
 
@@ -311,7 +312,7 @@ def profile_stage(
         tuple(flag for flag, tensor in zip(inputs_saved, is_tensor) if tensor),
         tuple(g for g, tensor in zip(numbered, is_tensor) if tensor),
         stranded,
-        0 if root else grad_bytes,
+        grad_bytes,
     )
     return cost, output
 

@@ -376,7 +376,13 @@ def _chain_of(
         stage, (number, nbytes) = grads_of[m][-1]
         passed_on = number == PASSED_ON and stage in grads_of
         made[m] = gradient_at(stage, stage) if passed_on else ((stage, number), nbytes)
-    grad = [costs[0].input_grad_bytes, *(gradient_at(m, m)[1] if m in grads_of else 0 for m in range(1, n)), act[-1]]
+    # The loss's gradient is autograd's scalar 1, whether or not the loss is a tensor of its own
+    # (a loss_fn that returns the model's own loss makes no bytes, but its gradient is made).
+    grad = [
+        costs[0].input_grad_bytes,
+        *(gradient_at(m, m)[1] if m in grads_of else 0 for m in range(1, n)),
+        costs[-1].output_grad_bytes,
+    ]
     extra = {}
     if any(live_until[m] > m for m in range(n + 1)):
         carried = [0] * (n + 1)
@@ -394,7 +400,6 @@ def _chain_of(
         extra = dict(
             live_until=live_until, later_saver=later_saver, carried_grad_bytes=carried, skips_next=skips_next
         )
-    # The gradient of a(i) is produced by stage i+1's backward; the loss's by autograd (a scalar 1).
     return Chain.from_arrays(
         act_bytes=act,
         grad_bytes=grad,

@@ -43,7 +43,7 @@ from remat.planner.profiled import ProfiledModel
 from remat.budget import parse_bytes
 from remat.execute.engine import segment_starts
 from remat.execute.module import RematModule
-from remat.measure.step import StepMeasurement, as_tuple, default_loss, measure_step, step_model
+from remat.measure.step import StepMeasurement, default_loss, measure_step, positional, step_model
 from remat.report import format_bytes
 from remat.chain.model import Chain, ChainSolution
 from remat.solvers.baselines import sqrt_segments, uniform_segments
@@ -341,7 +341,7 @@ def compare(
     """
     if steps is not None and fake:
         raise ValueError("step times need real tensors: pass fake=False with steps")
-    inputs = as_tuple(example_inputs)
+    inputs = positional(model, example_inputs)
     modules = {name: strategy(name)(model, inputs, loss_fn) for name in dict.fromkeys(["none", *strategies])}
     measured = {name: measure_step(module, inputs, loss_fn, fake=fake) for name, (module, _) in modules.items()}
     seconds = step_seconds({name: module for name, (module, _) in modules.items()}, inputs, steps, loss_fn) if steps else {}
@@ -469,7 +469,7 @@ class TorchBudgetSearch:
 
     def __init__(self, model: nn.Module, example_inputs: Any, loss_fn: LossFn | None = None):
         self.model = model
-        self.inputs = as_tuple(example_inputs)
+        self.inputs = positional(model, example_inputs)
         self.loss_fn = loss_fn
         self.trials: dict[float, StepMeasurement] = {}
         self.seconds: dict[float, float] = {}
