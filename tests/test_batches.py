@@ -23,12 +23,35 @@ def _bert():
     return transformers.BertForMaskedLM(config).train()
 
 
+def _llama():  # attention as transformers picks it (sdpa)
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=256, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def _t5():
+    # An encoder-decoder (every decoder layer reads the encoder's output) whose decoder inputs are
+    # the labels shifted right in place: in-place ATen operators on input-only values must keep
+    # those values from being recomputed by the pieces that read them.
+    config = transformers.T5Config(
+        d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=256, decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.T5ForConditionalGeneration(config).train()
+
+
 def _batch(**extra) -> dict:
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, **extra}
 
 
-@pytest.mark.parametrize("make, extra", [(_gpt2, {"use_cache": False}), (_bert, {})], ids=["gpt2", "bert"])
+@pytest.mark.parametrize(
+    "make, extra",
+    [(_gpt2, {"use_cache": False}), (_bert, {}), (_llama, {"use_cache": False}), (_t5, {"use_cache": False})],
+    ids=["gpt2", "bert", "llama", "t5"],
+)
 def test_a_dict_batch_plans_and_trains_with_the_models_loss_and_gradients(make, extra):
     torch.manual_seed(0)
     model, batch = make(), _batch(**extra)

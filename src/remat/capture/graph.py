@@ -201,6 +201,13 @@ def _mutates(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """The node an in-place operation writes to, if ``node`` is one."""
     target = node.target
     first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):  # exported graphs: ATen
+        for i, argument in enumerate(target._schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                written = node.args[i] if i < len(node.args) else node.kwargs.get(argument.name)
+                if isinstance(written, fx.Node):
+                    return written
+        return None
     if node.op == "call_function" and (target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace")):
         return first
     if node.op == "call_method" and isinstance(target, str) and target.endswith("_") and not target.endswith("__"):
