@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import remat
 from remat.tools import models, nets
 
 
@@ -166,7 +167,7 @@ def test_load_leaves_the_global_random_state_alone():
         ("tv:resnet50", "unknown model source 'tv'"),
         ("torchvision:resnet5", "no classification model 'resnet5'"),
         ("torchvision:resnet18?wings=2", "bad option for torchvision:resnet18"),
-        ("hf:llama", "use one of: hf:gpt2, hf:bert"),
+        ("hf:lama", "no Hugging Face model type 'lama'"),
         ("hf:gpt2?n_lyr=2", "GPT2Config has no field 'n_lyr'"),
         ("remat:tree", "use one of: remat:chain"),
         ("remat:chain?dpth=3", "no option dpth; its options are batch, depth, width, seed"),
@@ -188,3 +189,44 @@ def test_batch_size_must_be_positive():
 def test_hf_input_shape_must_be_a_length():
     with pytest.raises(ValueError, match="sequence length"):
         models.load("hf:gpt2", input_shape=(3, 224, 224))
+
+
+SMALL_LM = "hidden_size=64&num_hidden_layers=2&num_attention_heads=4&intermediate_size=128&vocab_size=256"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        f"hf:llama?{SMALL_LM}&num_key_value_heads=2",
+        pytest.param(
+            "hf:t5?d_model=64&d_ff=128&num_layers=2&num_heads=4&d_kv=16&vocab_size=256&decoder_start_token_id=0"
+            "&pad_token_id=0",
+            # Known: with an attention mask, T5's measured step peak is 1.4% above the prediction.
+            marks=pytest.mark.xfail(strict=True, reason="T5 with an attention mask is under-predicted"),
+        ),
+    ],
+    ids=["llama", "t5"],
+)
+def test_any_transformers_type_builds_with_a_batch_that_trains_and_plans_exactly(spec):
+    source = models.load(spec, 2, input_shape=(16,))
+    batch = source.example_inputs
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels", "use_cache"] and batch["use_cache"] is False
+    assert source.model(**batch).loss.dim() == 0
+    fast = remat.optimize(source.model, batch)
+    assert remat.measure_step(fast, batch).peak_bytes == fast.plan.predicted_peak_bytes
+
+
+def test_an_image_model_type_gets_pixels_and_labels():
+    spec = "hf:vit?hidden_size=32&num_hidden_layers=1&num_attention_heads=2&intermediate_size=64&image_size=32&patch_size=8"
+    source = models.load(spec, 3)
+    assert tuple(source.example_inputs["pixel_values"].shape) == (3, 3, 32, 32)
+    assert source.model(**source.example_inputs).loss.dim() == 0
+
+
+def test_transformers_types_refuse_unknown_fields_tasks_and_models_too_big_to_build():
+    with pytest.raises(ValueError, match="no field 'hiden_size'"):
+        models.load("hf:llama?hiden_size=64")
+    with pytest.raises(ValueError, match="no task 'masked-lm'"):
+        models.load(f"hf:llama?{SMALL_LM}&task=masked-lm")
+    with pytest.raises(ValueError, match="billion parameters"):
+        models.load("hf:llama")  # the config's defaults: a 7B model

@@ -122,18 +122,15 @@ def _load(spec: str, batch: int | None, input_shape: str | None, device: str) ->
     with _status(f"building {spec}"):
         source = models.load(spec, batch, input_shape=_parse_shape(input_shape) if input_shape else None)
     if target.type != "cpu":
-        source.model.to(target)
-        source.example_inputs = tuple(
-            x.to(target) if isinstance(x, torch.Tensor) else x for x in source.example_inputs
-        )
+        source.to(target)
     return source
 
 
 def _describe(source: models.ModelSource, fake: bool) -> str:
     """One line: the model, batch, sample shape and kind of tensors."""
-    shapes = " + ".join("x".join(map(str, x.shape[1:])) or "scalar" for x in source.example_inputs)
-    batch = source.example_inputs[0].shape[0] if source.example_inputs[0].dim() else 1
-    tensors = "fake (simulated)" if fake else f"real, {source.example_inputs[0].device}"
+    shapes = " + ".join("x".join(map(str, x.shape[1:])) or "scalar" for x in source.tensors)
+    batch = source.tensors[0].shape[0] if source.tensors[0].dim() else 1
+    tensors = "fake (simulated)" if fake else f"real, {source.tensors[0].device}"
     return f"{source.name}, batch {batch}, input {shapes}, {tensors} tensors"
 
 
@@ -237,8 +234,8 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
     """The machine-readable summary that ``remat plan --json`` writes (bytes, FLOPs, seconds)."""
     return {
         "model": source.name,
-        "batch": int(source.example_inputs[0].shape[0]),
-        "input_shapes": [list(x.shape) for x in source.example_inputs],
+        "batch": int(source.tensors[0].shape[0]),
+        "input_shapes": [list(x.shape) for x in source.tensors],
         "fake": fake,
         "stages": list(plan.stage_names),
         "checkpoints": list(plan.checkpoints),

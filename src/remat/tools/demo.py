@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     def cut(a: int, b: int) -> str:
         return f"{1 - b / a:.1%}" if a else "-"
 
-    shape = " x ".join("x".join(map(str, x.shape[1:])) or "scalar" for x in source.example_inputs)
+    shape = " x ".join("x".join(map(str, x.shape[1:])) or "scalar" for x in source.tensors)
     print(f"{source.name}, batch {args.batch}, input {shape}, "
           f"{'real CPU' if args.real else 'fake (simulated)'} tensors, model built in {build_seconds:.1f} s")
     rows = [

@@ -12,7 +12,18 @@ The same spec is used by the Python API, the benchmarks and the command line:
   config, and ``seq`` sets the sequence length, e.g.
   ``hf:gpt2?n_layer=4&n_embd=256&seq=128``. Input: token ids of shape
   ``(batch, seq)``; ``seq`` defaults to the longest the model takes (1024 for
-  GPT-2, 512 for BERT), batch to 8.
+  GPT-2, 512 for BERT), batch to 8. Their attention is eager (plain matmuls).
+* ``hf:TYPE`` for any other ``transformers`` model type (``llama``, ``mistral``,
+  ``qwen2``, ``gemma``, ``t5``, ``bart``, ``vit``, ...): the config of
+  ``AutoConfig.for_model(TYPE, **options)`` and the auto model class of
+  ``task`` (``causal-lm``, ``seq2seq-lm``, ``masked-lm``,
+  ``image-classification`` or ``base``; by default the first of these the
+  type has), attention as transformers picks it (``attn=eager`` or
+  ``attn=sdpa`` to choose). The inputs are a batch of keyword arguments with
+  labels (``model(**batch)`` gives the loss): token ids of length ``seq``
+  (default 128) or images of the config's size; batch 8. The config's
+  defaults are often billions of parameters: give sizes (``hidden_size``,
+  ``num_hidden_layers``, ...); a model of over 2 billion is refused.
 * ``path/to/file.py:factory`` -- imports the file and calls
   ``factory(**options)``, which returns a module or a ``(module,
   example_inputs)`` tuple. A bare module needs ``input_shape``.
@@ -71,15 +82,31 @@ class ModelSource:
     Attributes:
         name: the spec the model was loaded from.
         model: the module, on CPU, in training mode.
-        example_inputs: positional inputs at the default (or requested) batch size.
+        example_inputs: positional inputs at the default (or requested) batch size, or
+            (``hf:TYPE``) a batch of keyword arguments.
         make_inputs: ``batch_size -> inputs`` of the same kind at another batch size,
             so batch sizes can be compared without rebuilding the model.
     """
 
     name: str
     model: nn.Module
-    example_inputs: tuple[torch.Tensor, ...]
-    make_inputs: Callable[[int], tuple[torch.Tensor, ...]] = dataclasses.field(repr=False)
+    example_inputs: tuple[torch.Tensor, ...] | dict[str, Any]
+    make_inputs: Callable[[int], tuple[torch.Tensor, ...] | dict[str, Any]] = dataclasses.field(repr=False)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors of ``example_inputs`` (positional, or the values of a batch), in order."""
+        values = self.example_inputs.values() if isinstance(self.example_inputs, dict) else self.example_inputs
+        return [t for t in values if isinstance(t, torch.Tensor)]
+
+    def to(self, device: torch.device) -> None:
+        """Move the model and the example inputs to ``device``."""
+        self.model.to(device)
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        if isinstance(self.example_inputs, dict):
+            self.example_inputs = {k: move(v) for k, v in self.example_inputs.items()}
+        else:
+            self.example_inputs = tuple(map(move, self.example_inputs))
 
 
 def load(
@@ -212,10 +239,7 @@ _HF_MODELS = {
 
 def _huggingface(name: str, options: dict[str, Any], input_shape):
     if name not in _HF_MODELS:
-        raise ValueError(
-            f"no Hugging Face model {name!r}; use one of: "
-            + ", ".join(f"hf:{n}" for n in _HF_MODELS)
-        )
+        return _hf_auto(name, options, input_shape)
     import transformers
 
     config_name, model_name, max_seq_field = _HF_MODELS[name]
@@ -246,6 +270,78 @@ def _huggingface(name: str, options: dict[str, Any], input_shape):
     def make_inputs(batch_size: int) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(SEED)
         return (torch.randint(config.vocab_size, (batch_size, seq), generator=generator),)
+
+    return model, make_inputs, 8
+
+
+# task -> (the auto model class, the name of its model-type table in transformers' auto module)
+_HF_TASKS = {
+    "causal-lm": ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    "seq2seq-lm": ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    "masked-lm": ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    "image-classification": ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
+    "base": ("AutoModel", "MODEL_MAPPING_NAMES"),
+}
+_HF_MAX_PARAMETERS = 2_000_000_000  # real weights on the CPU: larger models would not fit
+
+
+def _hf_auto(model_type: str, options: dict[str, Any], input_shape):
+    """Any transformers model type, from ``AutoConfig.for_model`` and the auto class of a task."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    try:
+        config = transformers.AutoConfig.for_model(model_type)
+    except ValueError:
+        raise ValueError(
+            f"no Hugging Face model type {model_type!r}: use hf:gpt2, hf:bert or a transformers model type "
+            "(hf:llama, hf:t5, hf:vit, ...)"
+        ) from None
+    seq = options.pop("seq", 128)
+    attn = options.pop("attn", None)
+    tasks = [t for t, (_, table) in _HF_TASKS.items() if model_type in getattr(modeling_auto, table)]
+    task = options.pop("task", tasks[0] if tasks else None)
+    if task not in tasks:
+        raise ValueError(f"hf:{model_type} has no task {task!r}; it has: {', '.join(tasks) or 'none'}")
+    fields = inspect.signature(type(config).__init__).parameters
+    # Token ids (decoder_start_token_id, pad_token_id) are fields of every config, set or not.
+    unknown = sorted(k for k in options if not (hasattr(config, k) or k in fields or k.endswith("_token_id")))
+    if unknown:
+        raise ValueError(
+            f"{type(config).__name__} has no field {', '.join(map(repr, unknown))}; the options of hf:{model_type} "
+            "are batch, seq, task, attn and the fields of its config"
+        )
+    config = transformers.AutoConfig.for_model(model_type, **options)
+    if attn is not None:
+        config._attn_implementation = attn
+    auto = getattr(transformers, _HF_TASKS[task][0])
+    with torch.device("meta"):
+        size = sum(p.numel() for p in auto.from_config(config).parameters())
+    if size > _HF_MAX_PARAMETERS:
+        raise ValueError(
+            f"hf:{model_type} with these options has {size / 1e9:.1f} billion parameters, too many to build on "
+            "this machine: give smaller sizes (e.g. hidden_size=256&num_hidden_layers=4)"
+        )
+    model = auto.from_config(config)
+    if input_shape is not None:
+        seq = input_shape[0]
+    takes = inspect.signature(model.forward).parameters
+
+    def make_inputs(batch_size: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(SEED)
+        if task == "image-classification":
+            size, channels = config.image_size, getattr(config, "num_channels", 3)
+            return {
+                "pixel_values": torch.randn(batch_size, channels, size, size, generator=generator),
+                "labels": torch.randint(config.num_labels, (batch_size,), generator=generator),
+            }
+        ids = torch.randint(config.vocab_size, (batch_size, seq), generator=generator)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if task != "base":
+            batch["labels"] = ids
+        if "use_cache" in takes:
+            batch["use_cache"] = False  # training keeps no key/value cache
+        return batch
 
     return model, make_inputs, 8
 
