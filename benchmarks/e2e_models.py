@@ -2,7 +2,7 @@
 
 Everything is measured on fake tensors (no activation memory is allocated):
 the baseline is one training step of the unmodified model, the optimized
-figure one step of the :class:`~remat.execute.RematModule` that
+figure one step of the :class:`~remat.execute.module.RematModule` that
 ``remat.optimize`` returns, both with ``remat.measure_step(..., fake=True)``.
 
 Run: ``make bench-e2e`` (or ``.venv/bin/python benchmarks/e2e_models.py``).

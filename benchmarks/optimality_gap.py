@@ -4,7 +4,7 @@ For random chains and random DAGs (residual and two-branch blocks) of at most
 40 ops, at several budgets along remat's Pareto front, compares the recompute
 FLOPs of
 
-* ``remat``: :func:`remat.solvers.chain.min_recompute` (recompute every
+* ``remat``: :func:`remat.solvers.checkpoints.min_recompute` (recompute every
   segment before the last kept activation),
 * ``remat+store``: the same with ``store=True`` (middle segments may keep
   their saved tensors instead),

@@ -1,6 +1,6 @@
 """Acceptance tests of the least-peak chain solvers (pure: no torch models).
 
-The reference below re-derives the cost model of ``remat.solvers.chain``
+The reference below re-derives the cost model of ``remat.chain`` and ``remat.solvers``
 (its module docstring) phase by phase, independently of the solver's prefix
 arrays, and enumerates every plan of random chains with it. ``peak_of`` is
 checked against the reference on a sample of plans by default and on every

@@ -1,7 +1,7 @@
 """Training steps of small operator graphs: schedules, their exact cost, and the chain they reduce to.
 
 This is the ground on which :mod:`lab.ilp` (an exact integer
-program) and :mod:`remat.solvers.chain` (remat's fast solvers) are compared.
+program) and :mod:`remat.solvers.checkpoints` (remat's fast solvers) are compared.
 
 The model
 ---------

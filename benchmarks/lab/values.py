@@ -1,6 +1,6 @@
 """Least-recompute schedules of op graphs that drop and remake single values.
 
-The solvers of :mod:`remat.solvers.chain` choose segments: a recomputed
+The solvers of :mod:`remat.solvers.checkpoints` choose segments: a recomputed
 segment holds its input (the checkpoint) until its backward is done, and a
 stored segment keeps everything its ops save, its input included. The exact
 integer program of :mod:`lab.ilp` is not bound by segments: it

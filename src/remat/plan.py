@@ -60,8 +60,8 @@ class Plan:
             run selectively, all in stored segments or the last: each keeps
             its input and what its matmuls, convolutions and attention made,
             and remakes the rest (normalisations, activations, dropout) when
-            its backward starts, at no FLOPs (``remat.execute.run_selective``).
-        remake: the step runs under :func:`remat.remake.remake_cheap`:
+            its backward starts, at no FLOPs (``remat.execute.engine.run_selective``).
+        remake: the step runs under :func:`remat.execute.remake.remake_cheap`:
             autograd keeps, instead of each value it needs that an operator
             without FLOPs made (normalisations, activations, adds), how to
             make it again, and the backward remakes it when it is needed.
@@ -71,7 +71,7 @@ class Plan:
         remade_costly: with ``remake``, the calls of operators that count
             FLOPs (matmuls, attention) whose outputs are remade too, by their
             place among such calls in the forward
-            (:func:`remat.remake.costly_calls`).
+            (:func:`remat.execute.remake.costly_calls`).
 
     Example:
         >>> import torch, remat

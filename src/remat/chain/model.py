@@ -70,7 +70,7 @@ class Chain:
             in the last segment, where the caller holds its outputs through
             the backward (``None``: the same as recomputed).
         selective_*: the same quantities for each stage run *selectively*
-            (:func:`remat.execute.run_selective`): its forward keeps its
+            (:func:`remat.execute.engine.run_selective`): its forward keeps its
             input and the outputs of the operators that have FLOPs, and
             its backward first recomputes the rest, at no FLOPs. Only
             stored and last segments run so (``ChainSolution.selective``);
@@ -210,7 +210,7 @@ class ChainSolution:
 
     ``selective`` names the starts of segments, stored ones or the last,
     whose stages run selectively (each its own selective checkpoint, see
-    :func:`remat.execute.run_selective`): they keep only their inputs and
+    :func:`remat.execute.engine.run_selective`): they keep only their inputs and
     what the operators with FLOPs made, and remake the rest, at no FLOPs,
     when their backward starts (plans of chains with selective costs).
 

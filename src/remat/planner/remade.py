@@ -25,7 +25,7 @@ MAX_TRADES = 4
 
 
 def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...] = ()) -> Plan | None:
-    """``plan`` with cheap values remade in backward (:mod:`remat.remake`), and the outputs
+    """``plan`` with cheap values remade in backward (:mod:`remat.execute.remake`), and the outputs
     of the ``costly`` calls too; its peak and recompute simulated (one step). None (with
     a warning) where the model does something remaking cannot follow.
 

@@ -63,7 +63,7 @@ def profile_model(
 
     With ``selective_stages`` (the pieces of each chain stage, as a first
     profile grouped them), every chain stage is measured run selectively
-    instead (:func:`remat.execute.run_selective`, one region per stage), but
+    instead (:func:`remat.execute.engine.run_selective`, one region per stage), but
     those that cannot run so, whose chain stages (1-based) come back third.
     """
     check_choice("profile", profile, ("fake", "device"))

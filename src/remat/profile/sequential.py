@@ -63,7 +63,7 @@ def profile_sequential(
     """Measure every stage of a sequential model (plus the loss) as a chain.
 
     With ``selective``, every stage is measured again run selectively
-    (:func:`remat.execute.run_selective`), for plans with selective segments.
+    (:func:`remat.execute.engine.run_selective`), for plans with selective segments.
 
     Example:
         >>> import torch
