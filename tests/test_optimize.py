@@ -494,6 +494,32 @@ def test_plan_json_round_trip_and_reuse(tmp_path):
     assert_grads_equal(step_grads(model, inputs), step_grads(reused, inputs))
 
 
+@pytest.mark.parametrize("spec, cuts", [("torchvision:resnet50", "carried"), ("torchvision:resnet18", "single")])
+def test_a_saved_plan_applies_without_profiling_the_model_again(spec, cuts, monkeypatch):
+    # The plan says how the model is cut (inside blocks, or only where one tensor is live:
+    # here ResNet-18's selective stages) and how its pieces form stages.
+    source = models.load(spec, 2, input_shape=(3, 64, 64))
+    model, inputs = source.model, source.example_inputs
+    least = remat.plan(model, inputs)
+    budget = (least.predicted_peak_bytes + least.baseline_peak_bytes) // 2
+    plan = least if cuts == "carried" else remat.plan(model, inputs, budget=budget)
+    assert plan.cuts == cuts
+    saved = Plan.from_json(plan.to_json())
+
+    def no_profile(*args, **kwargs):
+        raise AssertionError("the model was profiled again")
+
+    monkeypatch.setattr("remat.profile.model.profile_model", no_profile)
+    monkeypatch.setattr("remat.profile.stages.profile_stages", no_profile)
+    reused = remat.optimize(model, inputs, plan=saved)
+    assert remat.measure_step(reused, inputs, fake=True).peak_bytes == plan.predicted_peak_bytes
+
+
+def test_a_plan_from_an_older_remat_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="older remat: plan again"):
+        Plan.from_json('{"format": "remat.plan/1", "stage_names": []}')
+
+
 def test_plan_for_another_input_size_is_refused(tmp_path):
     source = models.load("torchvision:resnet18", 2, input_shape=(3, 64, 64))
     model, inputs = source.model, source.example_inputs
