@@ -28,7 +28,7 @@ def results_header(title: str, command: str, make_target: str | None = None) -> 
         "",
         f"- command: `{command}`" + (f" (`make {make_target}`)" if make_target else ""),
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- CPU: {cpu_name()} ({torch.get_num_threads()} threads)",
+        f"- CPU: {cpu_name()} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
     ]
 
