@@ -221,6 +221,9 @@ _VIEW_METHODS = {
     "view", "reshape", "view_as", "reshape_as", "transpose", "permute", "flatten", "unflatten",
     "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "t", "T", "split", "chunk",
     "unbind", "select", "diagonal", "as_strided", "movedim", "swapaxes", "unfold", "detach",
+    # Conversions that return their input itself when there is nothing to convert
+    # (``x.float()`` of a float32 tensor): they may share its storage.
+    "float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous",
 }
 _RANDOM_NAMES = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential")
 
@@ -233,7 +236,10 @@ def _target_name(node: fx.Node) -> str:
 def _is_view(node: fx.Node) -> bool:
     """Whether ``node``'s result may share storage with its first input."""
     if isinstance(node.target, torch._ops.OpOverload):
-        return node.target.is_view
+        # A view, or an operator that may return its input itself (``aten.to`` with nothing to do).
+        returns = node.target._schema.returns
+        aliasing = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+        return node.target.is_view or aliasing
     return node.target is operator.getitem or _target_name(node).split(".")[-1] in _VIEW_METHODS
 
 
