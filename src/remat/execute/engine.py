@@ -52,11 +52,10 @@ from remat.measure.flops import flop_formula
 __all__ = [
     "Program",
     "SegmentEngine",
-    "nested_starts",
+    "in_pieces",
     "run_segment_recomputed",
     "run_selective",
     "segment_starts",
-    "stored_starts",
 ]
 
 
@@ -72,15 +71,34 @@ def _piece(stage_pieces: Sequence[Sequence[int]], c: int) -> int:
     return stage_pieces[c - 1][-1] + 1 if c else 0
 
 
-def nested_starts(stage_pieces: Sequence[Sequence[int]], inner: Sequence) -> dict[tuple[int, int], tuple[int, ...]]:
+def _nested_starts(stage_pieces: Sequence[Sequence[int]], inner: Sequence) -> dict[tuple[int, int], tuple[int, ...]]:
     """Nested chain checkpoints ``(l, r, (c1, ..))`` (see ``ChainSolution.inner``) as
     a map from a recomputed segment's pieces ``(start, stop)`` to its inner starts."""
     return {(_piece(stage_pieces, l), _piece(stage_pieces, r)): tuple(_piece(stage_pieces, c) for c in cs) for l, r, cs in inner}
 
 
-def stored_starts(stage_pieces: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
+def _stored_starts(stage_pieces: Sequence[Sequence[int]], stored: Sequence[int]) -> frozenset[int]:
     """Starts of stored segments (chain boundaries, see ``ChainSolution.stored``) as pieces."""
     return frozenset(_piece(stage_pieces, c) for c in stored)
+
+
+def in_pieces(
+    stage_pieces: Sequence[Sequence[int]],
+    checkpoints: Sequence[int],
+    inner: Sequence = (),
+    stored: Sequence[int] = (),
+    selective: Sequence[int] = (),
+) -> dict[str, Any]:
+    """A chain plan (boundaries and 1-based stages, see ``ChainSolution``) as the engine's
+    arguments in pieces: ``boundaries``, ``nested``, ``stored``, ``selective`` (where those
+    stages start) and ``stage_starts``."""
+    return dict(
+        boundaries=segment_starts(stage_pieces, checkpoints),
+        nested=_nested_starts(stage_pieces, inner),
+        stored=_stored_starts(stage_pieces, stored),
+        selective=frozenset(stage_pieces[i - 1][0] for i in selective),
+        stage_starts=tuple(pieces[0] for pieces in stage_pieces),
+    )
 
 
 def _stage_ranges(stage_starts: Sequence[int], start: int, stop: int) -> list[tuple[int, int]]:
@@ -107,7 +125,6 @@ def _check_combination(nested: dict, stored: frozenset[int], offload: Checkpoint
         raise ValueError("nested checkpoints cannot be offloaded: plan with one or the other")
     if stored and (nested or offload is not None):
         raise ValueError("stored and selective segments are planned without nested checkpoints or offload")
-
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import nn
 
-from remat.execute.engine import SegmentEngine, nested_starts, segment_starts, stored_starts
+from remat.execute.engine import SegmentEngine, in_pieces
 from remat.execute.offload import CheckpointOffload
 from remat.execute.remake import remake_cheap
 from remat.measure.step import bind_positional
@@ -178,17 +178,12 @@ class _Pieces:
 def module_for_plan(model: nn.Module, captured: Any, plan: Any) -> RematModule:
     """``model`` run with ``plan`` (a :class:`remat.plan.Plan`) on ``captured``, whose pieces
     form the plan's stages as ``plan.stage_pieces`` says."""
-    stages = plan.stage_pieces
     return RematModule(
         model,
         captured,
-        segment_starts(stages, plan.checkpoints),
-        plan,
-        CheckpointOffload() if plan.offload else None,
-        nested_starts(stages, plan.inner),
-        stored_starts(stages, plan.stored),
-        frozenset(stages[i - 1][0] for i in plan.selective),
-        tuple(stage[0] for stage in stages),
+        plan=plan,
+        offload=CheckpointOffload() if plan.offload else None,
         remake=plan.remake,
         remade_costly=plan.remade_costly,
+        **in_pieces(plan.stage_pieces, plan.checkpoints, plan.inner, plan.stored, plan.selective),
     )

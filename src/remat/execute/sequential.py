@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from remat.execute.engine import SegmentEngine, nested_starts, segment_starts, stored_starts
+from remat.execute.engine import SegmentEngine, in_pieces
 from remat.execute.offload import CheckpointOffload
 
 __all__ = ["CheckpointedSequential"]
@@ -61,14 +61,8 @@ class CheckpointedSequential(nn.Module):
         stage_pieces = stage_pieces or [[i] for i in range(len(stages))]
         self.checkpoints = tuple(checkpoints)
         self._engine = SegmentEngine(
-            _Modules(list(stages)),
-            len(stages),
-            segment_starts(stage_pieces, checkpoints),
-            offload,
-            nested_starts(stage_pieces, inner),
-            stored_starts(stage_pieces, stored),
-            frozenset(stage_pieces[i - 1][0] for i in selective),  # where those stages start
-            tuple(pieces[0] for pieces in stage_pieces),
+            _Modules(list(stages)), len(stages), offload=offload,
+            **in_pieces(stage_pieces, checkpoints, inner, stored, selective),
         )
 
     def forward(self, x):
