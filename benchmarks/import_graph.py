@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "report": set(),
     "budget": {"report"},
     "plan": {"report"},
-    "measure": set(),
+    "measure": {"chain"},
     "capture": set(),
     "execute": {"measure"},
     "validate": {"measure"},

@@ -17,7 +17,8 @@ One thread (``torch.set_num_threads(1)``): the timings stay ratios of work done,
 two cores are shared with whatever else runs. Columns: the step peak (real tensors, the exact storage tracker; for compiled rows, the
 same partition run operator by operator by aot_eager, since inductor's buffers bypass the
 dispatcher), forward + backward FLOPs over eager's (``-`` for compiled rows: their kernels
-are not counted), step time over eager's, and planning (remat: capture + solve; compile:
+are not counted), step time over eager's, remat's predicted step time over eager's
+(``Plan.predicted_slowdown``, the step-time model at the rates it measured on this CPU), and planning (remat: capture + solve; compile:
 the first, compiling step). Writes ``benchmarks/results/step_time.md``.
 
 Run: ``make bench-time`` (about half an hour on 2 cores), or ``--only resnet50`` for a subset.
@@ -99,6 +100,7 @@ def run_one(
         "remat @blocks": at_blocks,
         "remat 0-FLOP": remat.optimize(model, x, plan=zero),
     }
+    predicted = {label: modules[label].plan.predicted_slowdown for label in ("remat least", "remat @blocks", "remat 0-FLOP")}
     measured = {label: measure_step(module, x) for label, module in modules.items()}
     if with_compile:
         torch._dynamo.reset()
@@ -118,6 +120,7 @@ def run_one(
             "peak": step.peak_bytes, "activation_peak": step.activation_peak_bytes,
             "flops_ratio": None if label.startswith("compile") else flops / eager_flops,
             "time_ratio": seconds[label] / seconds["eager"], "ms": seconds[label] * 1e3,
+            "predicted": predicted.get(label),
             "planning": planning.get(label),
         })
     return rows
@@ -126,15 +129,17 @@ def run_one(
 def table(rows: list[dict]) -> list[str]:
     """The rows of :func:`run_one` as a markdown table."""
     lines = [
-        "| model | size | strategy | step peak | activation peak | FLOPs / eager | time / eager | step ms | planning s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | size | strategy | step peak | activation peak | FLOPs / eager | time / eager | predicted | step ms | planning s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         flops = "-" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
         planning = "-" if r["planning"] is None else f"{r['planning']:.1f}"
+        predicted = "-" if r.get("predicted") is None else f"{r['predicted']:.3f}"
         lines.append(
             f"| {r['model']} | {r['size']} | {r['strategy']} | {format_bytes(r['peak'])} | "
-            f"{format_bytes(r['activation_peak'])} | {flops} | {r['time_ratio']:.3f} | {r['ms']:.1f} | {planning} |"
+            f"{format_bytes(r['activation_peak'])} | {flops} | {r['time_ratio']:.3f} | {predicted} | {r['ms']:.1f} | "
+            f"{planning} |"
         )
     return lines
 

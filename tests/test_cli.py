@@ -15,7 +15,10 @@ from remat.tools.cli import app
 
 MLP = "remat:mlp?depth=6&width=64"
 RESNET = ["torchvision:resnet18", "--batch", "2", "--input", "3x64x64"]
-BENCH_KEYS = {"strategy", "peak_bytes", "activation_peak_bytes", "recompute_flops", "step_time_ratio", "solve_seconds"}
+BENCH_KEYS = {
+    "strategy", "peak_bytes", "activation_peak_bytes", "recompute_flops", "step_time_ratio", "predicted_time_ratio",
+    "solve_seconds",
+}
 
 runner = CliRunner()
 
@@ -46,6 +49,8 @@ def test_plan_prints_the_table_and_writes_json_and_the_plan(tmp_path):
     assert list(plan.checkpoints) == data["checkpoints"]
     assert data["budget_bytes"] is None and "none (least peak)" in result.stdout
     assert data["recompute_seconds"] is None and "recompute time" not in result.stdout
+    assert data["predicted_slowdown"] == data["predicted_seconds"] / data["eager_seconds"] >= 1.0
+    assert "step time (predicted)" in result.stdout and data["measured_slowdown"] is None
 
 
 def test_plan_with_profiled_costs_reports_the_measured_recompute_time(tmp_path):
@@ -140,7 +145,16 @@ def test_bench_real_times_the_steps(tmp_path):
                     "-s", "remat", "--json", str(out))
     assert result.exit_code == 0, result.output
     [row] = json.loads(out.read_text())
-    assert row["strategy"] == "remat" and row["step_time_ratio"] > 0
+    assert row["strategy"] == "remat" and row["step_time_ratio"] > 0 and row["predicted_time_ratio"] >= 1.0
+
+
+def test_plan_real_shows_predicted_and_measured_step_time(tmp_path):
+    summary = tmp_path / "summary.json"
+    result = invoke("plan", "remat:mlp?depth=4&width=32&batch=64", "--real", "--json", str(summary))
+    assert result.exit_code == 0, result.output
+    assert "step time (predicted)" in result.stdout and "step time (measured)" in result.stdout
+    data = json.loads(summary.read_text())
+    assert data["measured_slowdown"] > 0 and data["predicted_slowdown"] >= 1.0
 
 
 def test_report_writes_png_and_markdown(tmp_path):

@@ -107,6 +107,11 @@ def test_track_memory_without_real_memory(where):
         c = a @ b.float()
     assert mem.peak_bytes == 1000 * 300 * 4 + 300 * 10 * (2 + 4) + 1000 * 10 * 4
     assert mem.flops == 2 * 1000 * 300 * 10
+    work = mem.work()
+    # empty, empty, the cast (no FLOPs) and the matmul, each allocating its output
+    assert (work.ops, work.cheap_ops) == (4, 3)
+    assert work.allocated_bytes == mem.peak_bytes
+    assert work.cheap_allocated_bytes == mem.peak_bytes - 1000 * 10 * 4
     del c
 
 
@@ -125,7 +130,7 @@ def test_loss_without_grad_is_explained():
 
 def _comparable(m, *, with_timeline: bool = True):
     """Every field of a measurement except the wall-clock time (and the op timeline)."""
-    skip = {"seconds"} if with_timeline else {"seconds", "timeline", "forward_ops"}
+    skip = {"seconds"} if with_timeline else {"seconds", "timeline", "forward_ops", "work"}
     return {k: v for k, v in dataclasses.asdict(m).items() if k not in skip}
 
 

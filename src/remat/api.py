@@ -41,7 +41,7 @@ def plan(
     grad_accumulation: bool = False,
     remake: bool = True,
 ) -> Plan:
-    """Find the checkpoints for ``model``: the least peak, or the least recompute within ``budget``.
+    """Find the checkpoints for ``model``: the least peak, or the fastest plan within ``budget``.
 
     Planning runs on fake tensors: it needs no memory for activations, so a
     model that does not fit can be planned on any machine.
@@ -54,8 +54,11 @@ def plan(
         loss_fn: model output -> scalar loss (default: mean of squares of the
             first output, in float32). Only its cost matters for planning.
         budget: the whole step's peak may not exceed this (bytes, or a string
-            such as ``"20GiB"``); the plan then recomputes as little as
-            possible. ``None``: the least peak. A budget no plan meets raises
+            such as ``"20GiB"``); the plan is then the one predicted to take
+            the least step time (``Plan.predicted_seconds``: recompute, and
+            the executor's own costs, at rates measured on the model's
+            device) among the least-recompute plans of each family and the
+            Pareto front. ``None``: the least peak. A budget no plan meets raises
             :class:`remat.InfeasibleBudget`, which states the least peak.
         profile: ``"fake"`` (measure on fake tensors) or ``"device"``.
         offload: keep the checkpoints in pinned host memory between their

@@ -68,6 +68,12 @@ class Plan:
             Such a plan's ``predicted_peak_bytes`` is a simulated step (fake
             tensors, or the device with ``profile="device"``), not the chain
             cost model's figure, and so is its ``recompute_flops``.
+        predicted_seconds / eager_seconds: the step time predicted for the
+            plan and for the model as it is, by the step-time model
+            (:mod:`remat.chain.time`) at the rates ``time_source`` names
+            (measured on the device, or assumed); with ``costs="profile"`` the
+            recompute is priced at the stages' measured times. ``None`` where
+            no rates are known (a model on the meta device).
         remade_costly: with ``remake``, the calls of operators that count
             FLOPs (matmuls, attention) whose outputs are remade too, by their
             place among such calls in the forward
@@ -105,6 +111,9 @@ class Plan:
     remade_costly: tuple[int, ...] = ()
     stage_pieces: tuple[tuple[int, ...], ...] = ()
     cuts: str = "carried"
+    predicted_seconds: float | None = None
+    eager_seconds: float | None = None
+    time_source: str = ""
 
     @property
     def stores_everything(self) -> bool:
@@ -120,6 +129,13 @@ class Plan:
     def recompute_overhead(self) -> float:
         """Recomputed FLOPs as a fraction of one forward pass."""
         return self.recompute_flops / self.forward_flops if self.forward_flops else 0.0
+
+    @property
+    def predicted_slowdown(self) -> float | None:
+        """Predicted step time over the model's own (``None`` where not predicted)."""
+        if self.predicted_seconds is None or not self.eager_seconds:
+            return None
+        return self.predicted_seconds / self.eager_seconds
 
     def summary(self) -> str:
         """A table of what the plan keeps and what it saves and costs."""
@@ -154,6 +170,15 @@ class Plan:
             *(
                 [["recompute time (measured)", f"{self.recompute_seconds * 1e3:.1f} ms per step"]]
                 if self.recompute_seconds is not None
+                else []
+            ),
+            *(
+                [[
+                    "step time (predicted)",
+                    f"{self.predicted_seconds * 1e3:.1f} ms, {self.predicted_slowdown:.2f}x the model's "
+                    f"({self.time_source})",
+                ]]
+                if self.predicted_slowdown is not None
                 else []
             ),
             ["capture + solve", f"{self.capture_seconds:.2f} s + {self.solve_seconds:.3f} s"],

@@ -69,6 +69,10 @@ class Chain:
         held_output_bwd_peak: stage ``n - 1``'s ``bwd_peak`` when it runs
             in the last segment, where the caller holds its outputs through
             the backward (``None``: the same as recomputed).
+        fwd_ops / fwd_allocated_bytes: operators a stage's forward runs and
+            the bytes they allocate; fwd_cheap_ops / fwd_cheap_allocated_bytes:
+            the part of operators without FLOPs (the step-time model,
+            :mod:`remat.chain.time`; ``None`` where not measured).
         selective_*: the same quantities for each stage run *selectively*
             (:func:`remat.execute.engine.run_selective`): its forward keeps its
             input and the outputs of the operators that have FLOPs, and
@@ -107,6 +111,10 @@ class Chain:
     selective_bwd_peak: np.ndarray | None = None
     selective_held_output_bwd_peak: int | None = None
     selective_stranded_bytes: int = 0
+    fwd_ops: np.ndarray | None = None
+    fwd_allocated_bytes: np.ndarray | None = None
+    fwd_cheap_ops: np.ndarray | None = None
+    fwd_cheap_allocated_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
+from remat.chain.time import Work
 from remat.measure.tracker import MemoryTracker, has_storage, round_to_of, storage_bytes, track_memory, unique_storage_bytes
 
 __all__ = [
@@ -72,6 +73,8 @@ class StepMeasurement:
     seconds: float
     timeline: tuple[tuple[str, int], ...] = dataclasses.field(repr=False, default=())
     forward_ops: int = dataclasses.field(repr=False, default=0)
+    # The whole step's FLOPs, operators and bytes allocated (the step-time model's terms).
+    work: Work = dataclasses.field(repr=False, default=Work())
 
 
 
@@ -268,6 +271,7 @@ def measure_step(
             seconds=seconds,
             timeline=tuple(mem.timeline),
             forward_ops=forward_ops,
+            work=mem.work(),
         )
 
 

@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from remat.chain.time import Work
 from remat.measure.flops import flop_formula
 
 __all__ = ["MemoryTracker", "has_storage", "round_to_of", "storage_bytes", "rounded_bytes", "track_memory", "unique_storage_bytes"]
@@ -80,6 +81,8 @@ class MemoryTracker(TorchDispatchMode):
     * ``timeline``: ``(op name, live bytes)`` after every operator, for plots.
     * ``flops``: FLOPs of the operators run inside (``torch.utils.flop_counter``
       formulas; operators without a formula count zero).
+    * ``work()``: those FLOPs with the operators run and the bytes they
+      allocated (what the step-time model prices, :class:`remat.chain.time.Work`).
     """
 
     def __init__(self, round_to: int = 1, cuda_device: torch.device | None = None):
@@ -89,6 +92,9 @@ class MemoryTracker(TorchDispatchMode):
         self._counted = 0  # bytes of live storages created here (dispatcher count)
         self._counted_peak = 0
         self.flops = 0
+        self._views = 0  # operators that return views (detach, reshape): no kernel, little time
+        self._cheap_ops = 0  # operators without FLOPs that are not views
+        self._cheap_allocated = 0  # bytes of the storages those made
         self.timeline: list[tuple[str, int]] = []
         self._live: dict[int, _StorageRecord] = {}  # keyed by id(storage) while alive
         self._records: list[_StorageRecord] = []
@@ -101,16 +107,18 @@ class MemoryTracker(TorchDispatchMode):
         return True
 
     # -- storage bookkeeping ---------------------------------------------------
-    def _register(self, storage: torch.UntypedStorage) -> None:
+    def _register(self, storage: torch.UntypedStorage) -> bool:
+        """Count a storage made inside; False if it was already counted."""
         key = id(storage)
         if key in self._live:
-            return
+            return False
         record = _StorageRecord(storage_bytes(storage, self.round_to), len(self.timeline))
         self._live[key] = record
         self._records.append(record)
         self._counted += record.nbytes
         self._counted_peak = max(self._counted_peak, self._counted)
         weakref.finalize(storage, self._release, key, record)
+        return True
 
     def _release(self, key: int, record: _StorageRecord) -> None:
         record.died = len(self.timeline)
@@ -133,6 +141,16 @@ class MemoryTracker(TorchDispatchMode):
         if self.cuda_device is not None:
             return torch.cuda.max_memory_allocated(self.cuda_device) - self._cuda_start
         return self._counted_peak
+
+    def work(self) -> Work:
+        """The operators run (views aside) and bytes allocated inside so far, with their FLOPs."""
+        return Work(
+            flops=self.flops,
+            ops=len(self.timeline) - self._views,
+            allocated_bytes=sum(r.nbytes for r in self._records),
+            cheap_ops=self._cheap_ops,
+            cheap_allocated_bytes=self._cheap_allocated,
+        )
 
     def mark(self) -> None:
         """Start a new peak window: ``peak_bytes`` then counts from what is live now."""
@@ -164,6 +182,10 @@ class MemoryTracker(TorchDispatchMode):
         formula = flop_formula(func)
         if formula is not None:
             self.flops += int(formula(*args, **kwargs, out_val=out))
+        elif func.is_view:
+            self._views += 1
+        else:
+            self._cheap_ops += 1
         if func not in _ALIAS_OPS:
             inputs = {
                 id(t.untyped_storage())
@@ -173,8 +195,8 @@ class MemoryTracker(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and has_storage(t):
                     storage = t.untyped_storage()
-                    if id(storage) not in inputs:
-                        self._register(storage)
+                    if id(storage) not in inputs and self._register(storage) and formula is None:
+                        self._cheap_allocated += self._records[-1].nbytes
         self.timeline.append((str(func._overloadpacket), self.current_bytes))
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -15,16 +16,24 @@ from torch import nn
 from remat.capture.captured import Captured, fingerprint
 from remat.chain.cost import segment_stages
 from remat.chain.model import Chain, ChainSolution
+from remat.chain.time import Speed, Work, plan_work
 from remat.execute.module import RematModule, module_for_plan
-from remat.measure.step import default_loss, measure_step, positional
+from remat.measure.step import StepMeasurement, default_loss, measure_step, model_device, positional
 from remat.plan import Plan
 from remat.profile.model import Profile, capture_and_profile, profile_model
+from remat.profile.speed import measure_speed
 from remat.profile.timing import stage_seconds
 from remat.validate import check_model_and_inputs
 
-__all__ = ["Costs", "ProfiledModel"]
+__all__ = ["Costs", "ProfiledModel", "by_time"]
 
 Costs = Literal["flops", "profile"]
+
+
+def by_time(plan: Plan) -> tuple[float, int]:
+    """Sort key of plans: the least predicted step time first, then the least recompute (plans
+    without a predicted time by recompute alone)."""
+    return (plan.predicted_seconds if plan.predicted_seconds is not None else 0.0, plan.recompute_flops)
 
 
 @dataclasses.dataclass
@@ -46,7 +55,8 @@ class ProfiledModel:
     grad_accumulation: bool = False  # parameter gradients exist all step (see plan())
     _selective: Chain | None = None  # the chain with selective costs too (see selective_chain())
     _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
-    simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> (peak, recompute), see planner.remade
+    simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> its simulated step, see planner.remade
+    _speed: Speed | None = None  # the device's rates (see speed())
 
     @classmethod
     def of(
@@ -120,10 +130,53 @@ class ProfiledModel:
         source = self if plan.cuts == self.cuts else self.plain()
         return module_for_plan(self.model, source.captured, plan)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The shapes a plan of this model is made for (see :func:`remat.capture.captured.fingerprint`)."""
+        return fingerprint(self.model, self.inputs)
+
     @property
     def cuts(self) -> str:
         """The cut mode of this capture (see :attr:`remat.plan.Plan.cuts`)."""
         return "carried" if self.carried else "single"
+    def speed(self) -> Speed | None:
+        """The rates of the model's device for the step-time model (measured once per process),
+        or None on a device remat cannot time (meta)."""
+        if self._speed is None:
+            dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+            try:
+                self._speed = measure_speed(model_device(self.model, self.inputs), dtypes[0] if dtypes else torch.float32)
+            except ValueError:
+                return None
+        return self._speed
+
+    def timed(self, plan: Plan, step: StepMeasurement | None = None, recompute_seconds: float | None = None) -> Plan:
+        """``plan`` with its predicted step time (:mod:`remat.chain.time`): the baseline step's
+        work and what the plan adds on its chain, or the work of its simulated ``step`` (remade
+        plans) with the executor's regions and dispatch modes; ``recompute_seconds`` (measured
+        stage times) in place of the recompute's modelled time."""
+        speed = self.speed()
+        if speed is None:
+            return plan
+        chain = (self if plan.cuts == self.cuts else self.plain()).chain
+        added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective)
+        if step is None:
+            work = self.baseline.work + added
+        else:
+            recorded = step.forward_ops if plan.remake else 0
+            work = step.work + Work(regions=added.regions, intercepted_ops=added.intercepted_ops, recorded_ops=recorded)
+        seconds = speed.seconds(work)
+        source = speed.source
+        if recompute_seconds is not None:
+            recomputed = plan_work(chain, plan.checkpoints, plan.stored, plan.inner)
+            seconds += recompute_seconds - speed.seconds(
+                Work(flops=recomputed.flops, ops=recomputed.ops, allocated_bytes=recomputed.allocated_bytes)
+            )
+            source += "; recompute at the stages' measured times"
+        return dataclasses.replace(
+            plan, predicted_seconds=seconds, eager_seconds=speed.seconds(self.baseline.work), time_source=source
+        )
+
     def stage_seconds(self) -> np.ndarray:
         """Forward seconds of every chain stage on the model's device (measured once)."""
         if self._seconds is None:
@@ -148,7 +201,7 @@ class ProfiledModel:
                 self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
             )
         source = self.plain() if solution.inner or solution.stored or solution.selective else self
-        return Plan(
+        plan = Plan(
             stage_names=source.chain.names,
             checkpoints=solution.checkpoints,
             predicted_peak_bytes=solution.peak_bytes,
@@ -159,7 +212,7 @@ class ProfiledModel:
             input_bytes=self.baseline.input_bytes,
             solve_seconds=solve_seconds,
             capture_seconds=self.capture_seconds + (self.plain_profiled.capture_seconds if self.plain_profiled else 0.0),
-            fingerprint=fingerprint(self.model, self.inputs),
+            fingerprint=self.fingerprint,
             budget_bytes=budget_bytes,
             offload=offload,
             costs="flops" if recompute_seconds is None else "profile",
@@ -174,3 +227,4 @@ class ProfiledModel:
             stage_pieces=tuple(map(tuple, source.stage_pieces)),
             cuts=source.cuts,
         )
+        return self.timed(plan, recompute_seconds=recompute_seconds)

@@ -12,7 +12,7 @@ from remat.execute.remake import CostlyCall, costly_calls
 from remat.measure.step import measure_step, step_model
 from remat.chain.model import ChainSolution
 from remat.plan import Plan
-from remat.planner.profiled import ProfiledModel
+from remat.planner.profiled import ProfiledModel, by_time
 
 __all__ = ["MAX_COSTLY_KINDS", "MAX_TRADES", "best_remade", "costly_calls_of", "costly_worth", "remade_costly", "simulate_remade"]
 
@@ -41,18 +41,18 @@ def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...]
                 variant.offload, costly)
         if runs not in profiled.simulated:
             try:
-                step = measure_step(
+                profiled.simulated[runs] = measure_step(
                     profiled.module(variant), profiled.inputs, profiled.loss_fn,
                     fake=profiled.fake, grad_accumulation=profiled.grad_accumulation,
                 )
             except RuntimeError as error:
                 warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
                 return None
-            flops = step.forward_flops + step.backward_flops
-            baseline = profiled.baseline.forward_flops + profiled.baseline.backward_flops
-            profiled.simulated[runs] = step.peak_bytes, flops - baseline
-        peak, recompute = profiled.simulated[runs]
-        simulated.append(dataclasses.replace(variant, predicted_peak_bytes=peak, recompute_flops=recompute))
+        step = profiled.simulated[runs]
+        flops = step.forward_flops + step.backward_flops
+        baseline = profiled.baseline.forward_flops + profiled.baseline.backward_flops
+        variant = dataclasses.replace(variant, predicted_peak_bytes=step.peak_bytes, recompute_flops=flops - baseline)
+        simulated.append(profiled.timed(variant, step))
     return min(simulated, key=lambda p: p.predicted_peak_bytes)
 
 
@@ -61,7 +61,7 @@ def best_remade(
 ) -> Plan | None:
     """``chosen``, or the same plan run with remade values if that lowers the least peak.
 
-    Within a budget, the least recompute among ``chosen``, the plans of the front run
+    Within a budget, the least predicted step time (:func:`by_time`) among ``chosen``, the plans of the front run
     with remade values (the one that recomputes least first, then by bisection along
     the rest), and the first remade with the outputs of its most memory-hungry matmuls
     remade too (:func:`remade_costly`). Each candidate is one or two simulated steps;
@@ -92,7 +92,7 @@ def best_remade(
             candidates = [chosen, along[1] if along else None]
             if first is not None:
                 candidates.append(remade_costly(profiled, cheaper, budget_bytes))
-        best = min((c for c in candidates if c is not None), key=lambda c: c.recompute_flops, default=None)
+        best = min((c for c in candidates if c is not None), key=by_time, default=None)
     if best is None:
         return None
     # The simulated steps count as solve time, whichever plan won.

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
+from remat.chain.time import Work
 from remat.measure.tracker import MemoryTracker, rounded_bytes, track_memory, unique_storage_bytes
 
 
@@ -52,6 +53,8 @@ class StageCost:
     # Dense bytes of the gradients of its outputs (what adding two of them makes; for the
     # loss, the gradient autograd starts the backward with).
     output_grad_bytes: int = 0
+    # What its forward runs saving nothing (as when recomputed): operators, bytes allocated.
+    fwd_work: Work = Work()
 
 
 def tensors_of(tree: Any) -> list[torch.Tensor]:
@@ -196,7 +199,7 @@ def profile_stage(
     y_storages = _storage_ids(y)
     out_aliases_input = bool(y_storages) and y_storages <= x_storages
     out_bytes = sum(r.nbytes for r in {id(r): r for r in map(nosave.record_of, tensors_of(y)) if r}.values())
-    fwd_nosave, fwd_flops = nosave.peak_bytes, nosave.flops
+    fwd_nosave, fwd_flops, fwd_work = nosave.peak_bytes, nosave.flops, nosave.work()
     # The next stage's input; the copy made below is let go before its backward.
     output = tree_map_only(torch.Tensor, lambda t: t.detach().requires_grad_(t.requires_grad), y)
     del y
@@ -313,6 +316,7 @@ def profile_stage(
         tuple(g for g, tensor in zip(numbered, is_tensor) if tensor),
         stranded,
         grad_bytes,
+        fwd_work,
     )
     return cost, output
 

@@ -3,7 +3,7 @@
 Commands (``remat COMMAND --help`` for the options):
 
 * ``remat plan MODEL [--budget 2GiB]``: the least-peak checkpoint plan (or the
-  least recompute within a budget), its peak and its cost.
+  plan predicted fastest within a budget), its peak and its cost.
 * ``remat bench MODEL``: strategies (none, sqrt, per-block, remat, remat@BUDGET,
   and torch.compile's own torch-budget[@FRACTION|@BUDGET]) side by side.
 * ``remat report MODEL --out DIR``: memory and Pareto-front plots and a markdown summary.
@@ -36,7 +36,7 @@ from remat.tools import models
 from remat.measure.step import StepMeasurement
 from remat.budget import parse_bytes
 from remat.report import format_bytes
-from remat.tools.strategies import STRATEGIES, compare, parse_strategies
+from remat.tools.strategies import STRATEGIES, compare, parse_strategies, step_seconds
 
 __all__ = ["app"]
 
@@ -70,7 +70,7 @@ Fake = Annotated[
 Device = Annotated[str, typer.Option("--device", help="where the model runs: cpu, cuda, cuda:1, ...")]
 Budget = Annotated[
     str | None,
-    typer.Option("--budget", help="step peak limit, e.g. 2GiB: the plan with the least recompute within it"),
+    typer.Option("--budget", help="step peak limit, e.g. 2GiB: the plan predicted fastest within it"),
 ]
 JsonOut = Annotated[Path | None, typer.Option("--json", metavar="FILE", help="also write the results as JSON")]
 
@@ -170,10 +170,11 @@ def _make_plan(
     costs: str = "flops",
     grad_accumulation: bool = False,
     remake: bool = True,
-) -> tuple[remat.Plan, StepMeasurement]:
-    """The plan, and one step of the planned module measured (on fake or real tensors)."""
+) -> tuple[remat.Plan, StepMeasurement, float | None]:
+    """The plan, one step of the planned module measured (on fake or real tensors), and on
+    real tensors its step time over the model's (interleaved steps, median of 5)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
-    goal = "the least peak" if budget is None else f"the least recompute within {format_bytes(budget_bytes)}"
+    goal = "the least peak" if budget is None else f"the fastest plan within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
         optimized = remat.optimize(
             source.model, source.example_inputs, budget=budget_bytes, costs=costs,
@@ -181,11 +182,18 @@ def _make_plan(
         )
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
         measured = measure_step(optimized, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation)
-    return optimized.plan, measured
+    slowdown = None
+    if not fake:
+        with _status("timing real steps of the model and the plan"):
+            seconds = step_seconds({"model": source.model, "plan": optimized}, source.example_inputs, 5)
+        slowdown = seconds["plan"] / seconds["model"]
+    return optimized.plan, measured, slowdown
 
 
-def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[tuple[str, str]]:
-    """The plan's table, as (what, value) rows."""
+def _plan_rows(
+    plan: remat.Plan, measured: StepMeasurement, fake: bool, slowdown: float | None = None
+) -> list[tuple[str, str]]:
+    """The plan's table, as (what, value) rows (``slowdown``: the measured step time over the model's)."""
     kept = ", ".join(plan.checkpoint_names) or "none (store everything)"
     return [
         ("stages", f"{len(plan.stage_names)} (the loss last)"),
@@ -210,6 +218,12 @@ def _plan_rows(plan: remat.Plan, measured: StepMeasurement, fake: bool) -> list[
             if plan.recompute_seconds is not None
             else []
         ),
+        *(
+            [("step time (predicted)", f"{plan.predicted_slowdown:.2f}x the model's ({plan.time_source})")]
+            if plan.predicted_slowdown is not None
+            else []
+        ),
+        *([("step time (measured)", f"{slowdown:.2f}x the model's (median of 5)")] if slowdown is not None else []),
         ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
     ]
 
@@ -230,7 +244,9 @@ def _budget_text(budget_bytes: int | None) -> str:
     return "none (least peak)" if budget_bytes is None else _exact_bytes(budget_bytes)
 
 
-def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasurement, fake: bool) -> dict:
+def _plan_json(
+    source: models.ModelSource, plan: remat.Plan, measured: StepMeasurement, fake: bool, slowdown: float | None = None
+) -> dict:
     """The machine-readable summary that ``remat plan --json`` writes (bytes, FLOPs, seconds)."""
     return {
         "model": source.name,
@@ -249,6 +265,10 @@ def _plan_json(source: models.ModelSource, plan: remat.Plan, measured: StepMeasu
         "recompute_flops": plan.recompute_flops,
         "recompute_overhead": plan.recompute_overhead,
         "recompute_seconds": plan.recompute_seconds,
+        "predicted_seconds": plan.predicted_seconds,
+        "eager_seconds": plan.eager_seconds,
+        "predicted_slowdown": plan.predicted_slowdown,
+        "measured_slowdown": slowdown,
         "nested_checkpoints": [[l, r, list(cs)] for l, r, cs in plan.inner],
         "stored_segments": list(plan.stored),
         "selective_stages": list(plan.selective),
@@ -294,7 +314,7 @@ def plan(
         ),
     ] = True,
 ) -> None:
-    """The least-peak checkpoint plan (or the least recompute within --budget): what it keeps, its peak, its cost.
+    """The least-peak checkpoint plan (or the fastest within --budget): what it keeps, its peak, its cost.
 
     A budget no plan meets exits with status 1 and one line giving the least achievable peak.
     """
@@ -302,10 +322,11 @@ def plan(
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
         source = _load(model, batch, input, device)
-        chosen, measured = _make_plan(source, fake, budget, costs, grad_accumulation, remake)
-        _print_table(_describe(source, fake), ["", "remat plan"], _plan_rows(chosen, measured, fake), numbers=False)
+        chosen, measured, slowdown = _make_plan(source, fake, budget, costs, grad_accumulation, remake)
+        rows = _plan_rows(chosen, measured, fake, slowdown)
+        _print_table(_describe(source, fake), ["", "remat plan"], rows, numbers=False)
         if json_out is not None:
-            _write_json(json_out, _plan_json(source, chosen, measured, fake))
+            _write_json(json_out, _plan_json(source, chosen, measured, fake, slowdown))
         if save is not None:
             chosen.save(save)
 
@@ -325,8 +346,8 @@ def bench(
         typer.Option(
             "--strategies",
             "-s",
-            help=f"comma-separated, from: {', '.join(STRATEGIES)}; remat@BUDGET (the least recompute within "
-            "BUDGET, e.g. remat@1GiB); torch-budget (torch.compile's min-cut partitioner, eager aot_autograd "
+            help=f"comma-separated, from: {', '.join(STRATEGIES)}; remat@BUDGET (the plan predicted fastest "
+            "within BUDGET, e.g. remat@1GiB); torch-budget (torch.compile's min-cut partitioner, eager aot_autograd "
             "compilers, at activation_memory_budget 1.0); torch-budget@FRACTION (at that budget, e.g. "
             "torch-budget@0.5); torch-budget@BUDGET (the budget tuned to fit BUDGET, e.g. torch-budget@1GiB: "
             "compiles and measures several times)",
@@ -351,11 +372,12 @@ def bench(
                 format_bytes(r.activation_peak_bytes),
                 f"{_gflop(r.recompute_flops)} ({r.recompute_flops / max(r.forward_flops, 1):.0%})",
                 "-" if r.step_time_ratio is None else f"{r.step_time_ratio:.2f}x",
+                "-" if r.predicted_time_ratio is None else f"{r.predicted_time_ratio:.2f}x",
                 f"{r.solve_seconds * 1e3:.1f} ms",
             )
             for r in results
         ]
-        headers = ["strategy", "step peak", "activations", "recompute (fwd %)", "step time", "solve"]
+        headers = ["strategy", "step peak", "activations", "recompute (fwd %)", "step time", "predicted", "solve"]
         _print_table(_describe(source, fake), headers, rows)
         if fake:
             Console().print("step time: run with --real to time real steps against 'none'")
@@ -385,7 +407,7 @@ def report(
 
     with _user_errors():
         source = _load(model, batch, input, device)
-        chosen, planned = _make_plan(source, fake, None)
+        chosen, planned, slowdown = _make_plan(source, fake, None)
         with _status("measuring the unmodified model"):
             baseline = measure_step(source.model, source.example_inputs, fake=fake)
         with _status("solving for the Pareto front"):
@@ -394,7 +416,7 @@ def report(
         title = _describe(source, fake)
         png = memory_timeline([("baseline", baseline), ("remat plan", planned)], out / "memory.png", title)
         pareto_png = pareto_front(front, out / "pareto.png", f"{source.name}: step peak against recompute")
-        rows = _plan_rows(chosen, planned, fake)
+        rows = _plan_rows(chosen, planned, fake, slowdown)
         text = "\n\n".join(
             [
                 f"# remat report: {source.name}",

@@ -2,7 +2,7 @@
 
 A strategy turns a model into the module to train. ``none`` is the model
 itself, ``remat`` is :func:`remat.optimize` (the least-peak plan),
-``remat@BUDGET`` (e.g. ``remat@1GiB``) the plan with the least recompute whose
+``remat@BUDGET`` (e.g. ``remat@1GiB``) the plan predicted fastest whose
 step peak fits BUDGET, ``sqrt`` is Chen et al.'s sqrt(n) equal segments and
 ``per-block`` keeps every piece boundary; the two baselines run on the same capture and executor as ``remat``,
 so only the choice of checkpoints differs. ``checkpoint-blocks`` is what users write by hand:
@@ -166,7 +166,7 @@ STRATEGIES: dict[str, Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Modul
 }
 
 
-_BUDGETED = "remat@"  # remat@BUDGET: the least recompute within BUDGET
+_BUDGETED = "remat@"  # remat@BUDGET: the plan predicted fastest within BUDGET
 _TORCH_BUDGET = "torch-budget"  # torch-budget[@FRACTION|@BYTES]: torch.compile's min-cut partitioner
 _CHOICES = f"{', '.join(STRATEGIES)}, {_TORCH_BUDGET}, remat@BUDGET (e.g. remat@1GiB), {_TORCH_BUDGET}@FRACTION|BUDGET"
 
@@ -262,6 +262,9 @@ class StrategyResult:
         recompute_flops: forward + backward FLOPs beyond those of ``none``.
         step_time_ratio: median real step time over that of ``none``, or None
             where steps were not timed.
+        predicted_time_ratio: for remat's plans, the step time over that of
+            ``none`` the plan predicts (``Plan.predicted_slowdown``); None for
+            the other strategies.
         solve_seconds: time spent choosing the checkpoints (0 for ``none``).
         forward_flops: the forward pass's FLOPs (the same for every strategy),
             to put ``recompute_flops`` in proportion; not in :meth:`as_json`.
@@ -274,6 +277,7 @@ class StrategyResult:
     step_time_ratio: float | None
     solve_seconds: float
     forward_flops: int = dataclasses.field(default=0, repr=False)
+    predicted_time_ratio: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The stable record ``remat bench --json`` writes (see the README)."""
@@ -283,6 +287,7 @@ class StrategyResult:
             "activation_peak_bytes": self.activation_peak_bytes,
             "recompute_flops": self.recompute_flops,
             "step_time_ratio": self.step_time_ratio,
+            "predicted_time_ratio": self.predicted_time_ratio,
             "solve_seconds": self.solve_seconds,
         }
 
@@ -356,6 +361,7 @@ def compare(
             step_time_ratio=seconds[name] / seconds["none"] if seconds else None,
             solve_seconds=modules[name][1],
             forward_flops=measured[name].forward_flops,
+            predicted_time_ratio=getattr(getattr(modules[name][0], "plan", None), "predicted_slowdown", None),
         )
         for name in strategies
     ]

@@ -1,0 +1,137 @@
+"""The step-time model: what a plan makes the device do, and how long that takes.
+
+A training step's time is modelled as the work it does priced at a device's
+rates (:class:`Speed`): FLOPs, operators launched, bytes allocated (what
+memory-bound operators write), and the executor's own costs, each a count
+(:class:`Work`): checkpoint regions entered, and operators run under a Python
+dispatch mode (selective checkpointing's, or the recorder of remade values).
+A plan's time is the store-everything step's plus what the plan adds
+(:func:`plan_work`): its recomputed stages' forward work, one region per
+recomputed segment and per selective stage, and a selective stage's operators
+intercepted twice (forward and recompute) with those without FLOPs run again.
+
+Example:
+    >>> speed = Speed(flops_per_second=1e11, bytes_per_second=1e10, seconds_per_op=5e-6,
+    ...               seconds_per_region=2e-4, seconds_per_intercepted_op=1e-5, seconds_per_recorded_op=4e-5)
+    >>> round(speed.seconds(Work(flops=10**9, ops=100, regions=2)) * 1e3, 2)  # ms
+    10.9
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from remat.chain.model import Chain, Inner
+
+__all__ = ["Speed", "Work", "plan_work", "recompute_counts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What (part of) a step makes the device do; counts add up.
+
+    ``cheap_ops`` and ``cheap_allocated_bytes`` are the part of ``ops`` and
+    ``allocated_bytes`` of operators without FLOPs (what selective checkpointing
+    runs again); ``regions`` are checkpoint regions entered, ``intercepted_ops``
+    operators run under selective checkpointing's dispatch modes and
+    ``recorded_ops`` under the recorder of remade values.
+    """
+
+    flops: int = 0
+    ops: int = 0
+    allocated_bytes: int = 0
+    cheap_ops: int = 0
+    cheap_allocated_bytes: int = 0
+    regions: int = 0
+    intercepted_ops: int = 0
+    recorded_ops: int = 0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def __sub__(self, other: Work) -> Work:
+        return Work(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """A device's rates for each kind of :class:`Work` (see :mod:`remat.profile.speed`)."""
+
+    flops_per_second: float
+    bytes_per_second: float  # allocated by memory-bound operators
+    seconds_per_op: float  # an operator's launch, dispatch and autograd bookkeeping
+    seconds_per_region: float  # one checkpoint region: its hooks, frame and RNG state
+    seconds_per_intercepted_op: float  # an operator under selective checkpointing's dispatch mode
+    seconds_per_recorded_op: float  # an operator under the recorder of remade values
+    source: str = ""  # where the rates come from, for reports
+
+    def seconds(self, work: Work) -> float:
+        return (
+            work.flops / self.flops_per_second
+            + work.allocated_bytes / self.bytes_per_second
+            + work.ops * self.seconds_per_op
+            + work.regions * self.seconds_per_region
+            + work.intercepted_ops * self.seconds_per_intercepted_op
+            + work.recorded_ops * self.seconds_per_recorded_op
+        )
+
+
+def recompute_counts(n: int, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Inner = ()) -> np.ndarray:
+    """How many times each stage (entry ``i - 1`` for stage ``i``) runs its forward again in
+    backward: once in every recomputed segment, once more in each nested one (see
+    :class:`~remat.chain.model.ChainSolution`).
+
+    Example:
+        >>> recompute_counts(6, [2, 4], stored=[2], inner=[(0, 2, (1,))]).tolist()
+        [2, 1, 0, 0, 0, 0]
+    """
+    counts = np.zeros(n, dtype=np.int64)
+    nested = {(l, r): tuple(cs) for l, r, cs in inner}
+    bounds = [0, *checkpoints]
+    pending = [(l, r) for l, r in zip(bounds[:-1], bounds[1:]) if l not in set(stored)]
+    while pending:
+        l, r = pending.pop()
+        counts[l:r] += 1
+        cs = nested.get((l, r), ())
+        pending += zip((l, *cs[:-1]), cs)
+    return counts
+
+
+def _regions(checkpoints: Sequence[int], stored: Sequence[int], inner: Inner) -> int:
+    """Checkpoint regions of the recomputed segments, nested ones included."""
+    starts = (0, *checkpoints)[: len(checkpoints)]  # each segment that ends at a checkpoint
+    return len([l for l in starts if l not in set(stored)]) + sum(len(cs) for _, _, cs in inner)
+
+
+def plan_work(
+    chain: Chain,
+    checkpoints: Sequence[int],
+    stored: Sequence[int] = (),
+    inner: Inner = (),
+    selective_stages: Sequence[int] = (),
+) -> Work:
+    """What a plan adds to the store-everything step: its recomputed forwards, and the
+    regions and dispatch-mode work of its recomputed segments and selective stages
+    (1-based). Operator and byte counts are zero where the chain has none measured."""
+    counts = recompute_counts(chain.n, checkpoints, stored, inner)
+    zeros = np.zeros(chain.n, dtype=np.int64)
+
+    def per_stage(values: np.ndarray | None, weights: np.ndarray) -> int:
+        return int(np.dot(zeros if values is None else values, weights))
+
+    picked = np.zeros(chain.n, dtype=np.int64)
+    picked[[i - 1 for i in selective_stages]] = 1
+    return Work(
+        flops=per_stage(chain.fwd_flops, counts),
+        ops=per_stage(chain.fwd_ops, counts) + per_stage(chain.fwd_cheap_ops, picked),
+        allocated_bytes=(
+            per_stage(chain.fwd_allocated_bytes, counts) + per_stage(chain.fwd_cheap_allocated_bytes, picked)
+        ),
+        cheap_ops=per_stage(chain.fwd_cheap_ops, counts + picked),
+        cheap_allocated_bytes=per_stage(chain.fwd_cheap_allocated_bytes, counts + picked),
+        regions=_regions(checkpoints, stored, inner) + len(selective_stages),
+        intercepted_ops=2 * per_stage(chain.fwd_ops, picked),
+    )
