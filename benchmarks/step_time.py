@@ -8,7 +8,7 @@ per round, first round not counted, median of ``--steps`` rounds (at least 7):
 - ``checkpoint-blocks``: ``torch.utils.checkpoint`` around every block (Hugging Face models:
   ``gradient_checkpointing_enable``), see :func:`remat.tools.strategies.checkpoint_blocks`;
 - ``remat least``: :func:`remat.optimize`, the least peak;
-- ``remat @blocks``: the least recompute within checkpoint-blocks' measured step peak;
+- ``remat @blocks``: the plan predicted fastest within checkpoint-blocks' measured step peak;
 - ``remat 0-FLOP``: the lowest-peak plan of :func:`remat.pareto` that recomputes no FLOPs;
 - ``compile``: ``torch.compile`` (inductor) saving what PyTorch's partitioner saves by default;
   ``compile@0.5``: the same at ``activation_memory_budget=0.5``.

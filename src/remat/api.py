@@ -58,7 +58,9 @@ def plan(
             the least step time (``Plan.predicted_seconds``: recompute, and
             the executor's own costs, at rates measured on the model's
             device) among the least-recompute plans of each family and the
-            Pareto front. ``None``: the least peak. A budget no plan meets raises
+            Pareto front. ``None``: the least peak (or, where one is predicted
+            faster, a plan whose peak is within 0.1% of it, see
+            ``remat.planner.choose.PEAK_TOLERANCE``). A budget no plan meets raises
             :class:`remat.InfeasibleBudget`, which states the least peak.
         profile: ``"fake"`` (measure on fake tensors) or ``"device"``.
         offload: keep the checkpoints in pinned host memory between their
