@@ -223,9 +223,41 @@ def _map_arguments(fn: Callable, kinds, args: tuple, kwargs: dict) -> tuple[tupl
     return tuple(map(one, args)), {name: one(value) for name, value in kwargs.items()}
 
 
+class _Operator(NamedTuple):
+    """What the recorder needs to know of an operator, read from its schema once."""
+
+    names: tuple[str, ...]  # its arguments' names
+    writes: tuple[int, ...]  # positions of the arguments it changes in place
+    momentum: int | None  # position of BatchNorm's momentum argument
+    returns_alias: bool  # its first result aliases an argument
+    costly: bool  # it counts FLOPs
+    remakable: bool  # running it again gives the same outputs (not uninitialised memory)
+    seeded: bool  # it draws random numbers
+    fill: bool  # one of _FILLS
+    pure: Any  # its out-of-place form, for an in-place operator
+
+
+@functools.cache
+def _operator(func) -> _Operator:
+    schema = func._schema
+    names = tuple(a.name for a in schema.arguments)
+    name = func.overloadpacket.__name__
+    return _Operator(
+        names=names,
+        writes=tuple(i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write),
+        momentum=next((names.index(n) for n in _MOMENTUM_ARGUMENTS if n in names), None),
+        returns_alias=bool(schema.returns) and schema.returns[0].alias_info is not None,
+        costly=flop_formula(func) is not None,
+        remakable=not name.startswith(("empty", "new_empty")),
+        seeded=torch.Tag.nondeterministic_seeded in func.tags,
+        fill=name in _FILLS,
+        pure=_out_of_place(func),
+    )
+
+
 def _bound(func, args: tuple, kwargs: dict) -> dict[str, Any]:
     """``func``'s arguments by name."""
-    return dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+    return dict(zip(_operator(func).names, args)) | kwargs
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -241,12 +273,6 @@ def _is_parameter(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)
 
 
-@functools.cache
-def _remakable(func) -> bool:
-    """Whether running ``func`` again gives the same outputs (not uninitialised memory)."""
-    return not func.overloadpacket.__name__.startswith(("empty", "new_empty"))
-
-
 def _out_of_place(func):
     """The out-of-place form of an in-place operator (``aten.relu_`` -> ``aten.relu``), or None."""
     name = func.overloadpacket.__name__
@@ -254,15 +280,6 @@ def _out_of_place(func):
         return None
     packet = getattr(torch.ops.aten, name[:-1], None)
     return None if packet is None else getattr(packet, func._overloadname, None)
-
-
-@functools.cache
-def _writes(func) -> tuple[int, ...]:
-    """Positions of the arguments ``func`` changes in place."""
-    return tuple(
-        i for i, argument in enumerate(func._schema.arguments)
-        if argument.alias_info is not None and argument.alias_info.is_write
-    )
 
 
 # In-place operators that overwrite every element and read only their argument's shape: remade
@@ -299,10 +316,8 @@ class _Replay(NamedTuple):
 
 def _replay_form(func, args: tuple, kwargs: dict) -> _Replay | None:
     """How to remake ``func``'s outputs without changing any tensor, or None."""
-    schema = func._schema
-    names = [a.name for a in schema.arguments]
-    writes = _writes(func)
-    momentum = next((names.index(n) for n in _MOMENTUM_ARGUMENTS if n in names), None)
+    operator = _operator(func)
+    names, writes, momentum = operator.names, operator.writes, operator.momentum
     if momentum is not None:
         # BatchNorm in training moves its running statistics (``native_batch_norm``'s schema does
         # not say it writes them); with momentum 0 they keep their value.
@@ -317,12 +332,11 @@ def _replay_form(func, args: tuple, kwargs: dict) -> _Replay | None:
         return _Replay(func, args, kwargs, False, True, statistics)
     if not writes:
         return _Replay(func, args, kwargs, False, True, ())
-    if writes != (0,) or not schema.returns or schema.returns[0].alias_info is None or not args:
+    if writes != (0,) or not operator.returns_alias or not args:
         return None
-    if func.overloadpacket.__name__ in _FILLS:
+    if operator.fill:
         return _Replay(func, (_Like(args[0]), *args[1:]), kwargs, True, False, ())
-    pure = _out_of_place(func)
-    return None if pure is None else _Replay(pure, args, kwargs, True, True, ())
+    return None if operator.pure is None else _Replay(operator.pure, args, kwargs, True, True, ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,14 +375,16 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self._pin_readers_of_written(func, args, kwargs)
-        costly = flop_formula(func) is not None
+        operator = _operator(func)
+        if operator.writes and self.readers:
+            self._pin_readers_of_written(func, args, kwargs)
+        costly = operator.costly
         if costly:
             index, self.costly_seen = self.costly_seen, self.costly_seen + 1
-        remade = index in self.costly if costly else _remakable(func)
+        remade = index in self.costly if costly else operator.remakable
         replay = _replay_form(func, args, kwargs) if remade else None
         rng = None
-        if replay is not None and torch.Tag.nondeterministic_seeded in func.tags:
+        if replay is not None and operator.seeded:
             device = next((t.device for t in _arguments(args, kwargs) if isinstance(t, torch.Tensor)), None)
             if device is None or device.type not in ("cpu", "cuda"):
                 replay = None  # a generator it has no state of
@@ -383,12 +399,9 @@ class _Recorder(TorchDispatchMode):
 
     def _pin_readers_of_written(self, func, args: tuple, kwargs: dict) -> None:
         """Before ``func`` changes tensors in place, the calls that read them hold their outputs."""
-        writes = _writes(func)
-        if not writes or not self.readers:
-            return
-        names = [a.name for a in func._schema.arguments]
-        bound = _bound(func, args, kwargs)
-        for i in writes:
+        operator = _operator(func)
+        names, bound = operator.names, _bound(func, args, kwargs)
+        for i in operator.writes:
             written = bound.get(names[i])
             for tensor in written if isinstance(written, (list, tuple)) else [written]:
                 if isinstance(tensor, torch.Tensor):
@@ -402,7 +415,7 @@ class _Recorder(TorchDispatchMode):
         flat = _flat(outputs)
         inputs = [t for t in _arguments(args, kwargs) if isinstance(t, torch.Tensor)]
         recipes = [self.recipe_of(t) for t in inputs]
-        costly = flop_formula(func) is not None
+        costly = _operator(func).costly
         # A remade costly call holds its outputs once remade: the cheap chain above it restarts.
         depth = 1 if costly else 1 + max((r.call.depth for r in recipes if r is not None), default=0)
         span = 1 + max((r.call.span for r in recipes if r is not None), default=0)
