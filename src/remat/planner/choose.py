@@ -51,7 +51,8 @@ def solve(
     if budget_bytes is None:
         # The least peak, or a plan predicted faster within the tolerance: the chain's plan
         # without remade values, or storing everything.
-        store = profiled.to_plan(make_solution(profiled.planned(profiled.chain), (), "store everything"), 0.0, None)
+        stored_all = make_solution(profiled.planned(profiled.chain), (), "store everything")
+        store = profiled.to_plan(stored_all, 0.0, None, recompute_seconds=0.0 if costs == "profile" else None)
         limit = chosen.predicted_peak_bytes * (1 + PEAK_TOLERANCE)
         candidates = [chosen, *(p for p in (chain_plan, store) if p.predicted_peak_bytes <= limit and not offload)]
     else:
