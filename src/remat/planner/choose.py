@@ -50,11 +50,13 @@ def solve(
     start = time.perf_counter()
     if budget_bytes is None:
         # The least peak, or a plan predicted faster within the tolerance: the chain's plan
-        # without remade values, or storing everything.
-        stored_all = make_solution(profiled.planned(profiled.chain), (), "store everything")
-        store = profiled.to_plan(stored_all, 0.0, None, recompute_seconds=0.0 if costs == "profile" else None)
-        limit = chosen.predicted_peak_bytes * (1 + PEAK_TOLERANCE)
-        candidates = [chosen, *(p for p in (chain_plan, store) if p.predicted_peak_bytes <= limit and not offload)]
+        # without remade values, or storing everything (offload plans stand alone).
+        candidates = [chosen]
+        if not offload:
+            stored_all = make_solution(profiled.planned(profiled.chain), (), "store everything")
+            store = profiled.to_plan(stored_all, 0.0, None, recompute_seconds=0.0 if costs == "profile" else None)
+            limit = chosen.predicted_peak_bytes * (1 + PEAK_TOLERANCE)
+            candidates += [p for p in (chain_plan, store) if p.predicted_peak_bytes <= limit]
     else:
         candidates = [chosen, *(_timed(profiled, s, budget_bytes, costs) for s in solutions if s.peak_bytes <= budget_bytes)]
     fastest = min(candidates, key=by_time)
@@ -66,7 +68,7 @@ def _timed(profiled: ProfiledModel, solution: ChainSolution, budget_bytes: int, 
     """The plan of a front ``solution``, with the measured times of what it recomputes if ``costs="profile"``."""
     recompute_seconds = None
     if costs == "profile":
-        source = profiled.plain() if solution.inner or solution.stored or solution.selective else profiled
+        source = profiled.source_of(solution)
         counts = recompute_counts(source.chain.n, solution.checkpoints, solution.stored, solution.inner)
         recompute_seconds = float(counts @ source.stage_seconds())
     return profiled.to_plan(solution, 0.0, budget_bytes, recompute_seconds=recompute_seconds)

@@ -56,7 +56,6 @@ class ProfiledModel:
     _selective: Chain | None = None  # the chain with selective costs too (see selective_chain())
     _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
     simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> its simulated step, see planner.remade
-    _speed: Speed | None = None  # the device's rates (see speed())
 
     @classmethod
     def of(
@@ -127,8 +126,7 @@ class ProfiledModel:
 
     def module(self, plan: Plan) -> RematModule:
         """The model run with ``plan``, on the capture the plan was made for (its cut mode)."""
-        source = self if plan.cuts == self.cuts else self.plain()
-        return module_for_plan(self.model, source.captured, plan)
+        return module_for_plan(self.model, self.cut_as(plan).captured, plan)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -139,26 +137,35 @@ class ProfiledModel:
     def cuts(self) -> str:
         """The cut mode of this capture (see :attr:`remat.plan.Plan.cuts`)."""
         return "carried" if self.carried else "single"
+
+    def cut_as(self, plan: Plan) -> ProfiledModel:
+        """This model's capture in ``plan``'s cut mode."""
+        return self if plan.cuts == self.cuts else self.plain()
+
+    def source_of(self, solution: ChainSolution) -> ProfiledModel:
+        """The capture a chain ``solution`` is a plan of: with nested checkpoints, stored or
+        selective segments, the one cut only at single tensors."""
+        return self.plain() if solution.inner or solution.stored or solution.selective else self
+
+    @functools.cached_property
     def speed(self) -> Speed | None:
         """The rates of the model's device for the step-time model (measured once per process),
         or None on a device remat cannot time (meta)."""
-        if self._speed is None:
-            dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
-            try:
-                self._speed = measure_speed(model_device(self.model, self.inputs), dtypes[0] if dtypes else torch.float32)
-            except ValueError:
-                return None
-        return self._speed
+        dtypes = [p.dtype for p in self.model.parameters() if p.is_floating_point()]
+        try:
+            return measure_speed(model_device(self.model, self.inputs), dtypes[0] if dtypes else torch.float32)
+        except ValueError:
+            return None
 
     def timed(self, plan: Plan, step: StepMeasurement | None = None, recompute_seconds: float | None = None) -> Plan:
         """``plan`` with its predicted step time (:mod:`remat.chain.time`): the baseline step's
         work and what the plan adds on its chain, or the work of its simulated ``step`` (remade
         plans) with the executor's regions and dispatch modes; ``recompute_seconds`` (measured
         stage times) in place of the recompute's modelled time."""
-        speed = self.speed()
+        speed = self.speed
         if speed is None:
             return plan
-        chain = (self if plan.cuts == self.cuts else self.plain()).chain
+        chain = self.cut_as(plan).chain
         added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective)
         if step is None:
             work = self.baseline.work + added
@@ -200,7 +207,7 @@ class ProfiledModel:
             self.baseline = measure_step(
                 self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
             )
-        source = self.plain() if solution.inner or solution.stored or solution.selective else self
+        source = self.source_of(solution)
         plan = Plan(
             stage_names=source.chain.names,
             checkpoints=solution.checkpoints,

@@ -72,6 +72,8 @@ Budget = Annotated[
     str | None,
     typer.Option("--budget", help="step peak limit, e.g. 2GiB: the plan predicted fastest within it"),
 ]
+_TIMED_STEPS = 5  # real steps `remat plan --real` times of the model and the plan, each
+
 JsonOut = Annotated[Path | None, typer.Option("--json", metavar="FILE", help="also write the results as JSON")]
 
 
@@ -172,7 +174,7 @@ def _make_plan(
     remake: bool = True,
 ) -> tuple[remat.Plan, StepMeasurement, float | None]:
     """The plan, one step of the planned module measured (on fake or real tensors), and on
-    real tensors its step time over the model's (interleaved steps, median of 5)."""
+    real tensors its step time over the model's (interleaved steps, median of :data:`_TIMED_STEPS`)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
     goal = "the least peak" if budget is None else f"the fastest plan within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
@@ -185,7 +187,7 @@ def _make_plan(
     slowdown = None
     if not fake:
         with _status("timing real steps of the model and the plan"):
-            seconds = step_seconds({"model": source.model, "plan": optimized}, source.example_inputs, 5)
+            seconds = step_seconds({"model": source.model, "plan": optimized}, source.example_inputs, _TIMED_STEPS)
         slowdown = seconds["plan"] / seconds["model"]
     return optimized.plan, measured, slowdown
 
@@ -223,7 +225,11 @@ def _plan_rows(
             if plan.predicted_slowdown is not None
             else []
         ),
-        *([("step time (measured)", f"{slowdown:.2f}x the model's (median of 5)")] if slowdown is not None else []),
+        *(
+            [("step time (measured)", f"{slowdown:.2f}x the model's (median of {_TIMED_STEPS})")]
+            if slowdown is not None
+            else []
+        ),
         ("capture / solve time", f"{plan.capture_seconds:.2f} s / {plan.solve_seconds:.3f} s"),
     ]
 
