@@ -7,6 +7,7 @@ plan), execute (plan -> module), measure.
 from remat.api import max_batch, optimize, pareto, plan
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.graph import TraceError
+from remat.execute.compiled import CompiledModule
 from remat.execute.module import RematModule
 from remat.execute.offload import CheckpointOffload
 from remat.execute.sequential import CheckpointedSequential
@@ -18,6 +19,7 @@ from remat.execute.remake import remake_cheap
 __all__ = [
     "CheckpointOffload",
     "CheckpointedSequential",
+    "CompiledModule",
     "InfeasibleBudget",
     "Plan",
     "RematModule",

@@ -10,6 +10,7 @@ families of :mod:`remat.solvers`), and build the module that runs it
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,8 @@ from torch import nn
 
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.captured import capture, fingerprint
-from remat.execute.module import RematModule, module_for_plan
+from remat.execute.compiled import module_for
+from remat.execute.module import DropInModule
 from remat.measure.step import positional
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
@@ -40,6 +42,7 @@ def plan(
     costs: Costs = "flops",
     grad_accumulation: bool = False,
     remake: bool = True,
+    compile: bool | str = False,
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the fastest plan within ``budget``.
 
@@ -89,6 +92,12 @@ def plan(
             plan is chosen when it has a lower peak, or recomputes fewer
             FLOPs within the budget; its peak is a simulated step. Not with
             ``offload`` or ``costs="profile"``.
+        compile: plan to run compiled (``remat.optimize(..., compile=)``):
+            ``"aot_eager"`` (ATen graphs run as generated Python), ``"inductor"``
+            (fused kernels) or ``True`` (inductor). The plan keeps to what a
+            compiled module runs (no nested checkpoints, offload or remade
+            values) and its peak, recompute and time are a simulated step of
+            the compiled graphs (``aot_eager``, fake tensors).
 
     Example:
         >>> import torch, remat
@@ -102,7 +111,14 @@ def plan(
     profiled = ProfiledModel.of(
         model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
     )
-    return solve(profiled, budget_bytes, offload, costs, remake)
+    return solve(profiled, budget_bytes, offload, costs, remake, _backend(compile))
+
+
+def _backend(compile: bool | str) -> str:
+    """``compile=`` as a backend of :mod:`remat.execute.compiled` (``""``: not compiled)."""
+    if compile is True:
+        return "inductor"
+    return compile or ""
 
 
 def pareto(
@@ -203,7 +219,8 @@ def optimize(
     costs: Costs = "flops",
     grad_accumulation: bool = False,
     remake: bool = True,
-) -> RematModule:
+    compile: bool | str = False,
+) -> DropInModule:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
     The returned module shares the model's parameters and buffers (nothing is
@@ -221,6 +238,12 @@ def optimize(
         costs: ``"flops"`` or ``"profile"`` (time the stages), as in :func:`plan`.
         grad_accumulation: plan for gradients that exist all step, as in :func:`plan`.
         remake: plans may remake cheap values in backward, as in :func:`plan`.
+        compile: run the plan compiled (:class:`remat.execute.compiled.CompiledModule`):
+            ``"aot_eager"``, ``"inductor"`` or ``True`` (inductor), planned as in
+            :func:`plan`. The forward is one call of a compiled graph and the
+            backward recomputes exactly what the plan recomputes, with no Python
+            per piece. The module is compiled for the example inputs' shapes. With
+            ``plan=``, that plan is compiled (it may not nest, offload or remake).
 
     Example:
         >>> import torch, remat
@@ -231,15 +254,16 @@ def optimize(
         True
     """
     inputs = positional(model, example_inputs)
+    backend = _backend(compile)
     if plan is not None:
-        return _apply(model, inputs, plan)
+        return _apply(model, inputs, dataclasses.replace(plan, compiled=backend) if backend else plan)
     budget_bytes = None if budget is None else parse_bytes(budget)
     offload = offload and offload_possible(model, inputs)
     profiled = ProfiledModel.of(model, inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation)
-    return profiled.module(solve(profiled, budget_bytes, offload, costs, remake))
+    return profiled.module(solve(profiled, budget_bytes, offload, costs, remake, backend))
 
 
-def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> RematModule:
+def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> DropInModule:
     """``model`` run with a saved ``plan``: captured as the plan was (its cut mode), its pieces
     grouped into the plan's stages; nothing is profiled again."""
     check_model_and_inputs(model, inputs)
@@ -255,4 +279,4 @@ def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> RematModule:
             f"{len(captured.pieces)} pieces here (a plan from another remat version?): call remat.optimize "
             "without plan= to make a new one"
         )
-    return module_for_plan(model, captured, plan)
+    return module_for(model, captured, plan, inputs)

@@ -74,6 +74,11 @@ class Plan:
             (measured on the device, or assumed); with ``costs="profile"`` the
             recompute is priced at the stages' measured times. ``None`` where
             no rates are known (a model on the meta device).
+        compiled: the backend the plan runs compiled with (``"aot_eager"`` or
+            ``"inductor"``, :mod:`remat.execute.compiled`); ``""`` for the eager
+            engine. A compiled plan's ``predicted_peak_bytes``, recompute and
+            time are one simulated step of its compiled graphs under
+            ``aot_eager`` (Inductor's kernels run the same partition).
         remade_costly: with ``remake``, the calls of operators that count
             FLOPs (matmuls, attention) whose outputs are remade too, by their
             place among such calls in the forward
@@ -114,6 +119,7 @@ class Plan:
     predicted_seconds: float | None = None
     eager_seconds: float | None = None
     time_source: str = ""
+    compiled: str = ""
 
     @property
     def stores_everything(self) -> bool:
@@ -161,6 +167,7 @@ class Plan:
                 else []
             ),
             *([["cheap values", "remade in backward (simulated peak)"]] if self.remake else []),
+            *([["compiled", f"{self.compiled} (simulated peak)"]] if self.compiled else []),
             *(
                 [["remade costly operators", f"{len(self.remade_costly)} (matmuls or attention)"]]
                 if self.remade_costly

@@ -17,36 +17,20 @@ from remat.execute.offload import CheckpointOffload
 from remat.execute.remake import remake_cheap
 from remat.measure.step import bind_positional
 
-__all__ = ["RematModule", "module_for_plan"]
+__all__ = ["DropInModule", "RematModule", "module_for_plan"]
 
 
-class RematModule(nn.Module):
-    """Any traced model run with a checkpoint plan; a drop-in for the original.
+class DropInModule(nn.Module):
+    """What every module remat returns shares with the model it stands in for.
 
-    Made by :func:`remat.optimize`. It holds the model's own children,
-    parameters and buffers under the same names (``state_dict()`` is the
-    model's, and an optimizer over either module's parameters trains both),
-    and runs the traced graph piece by piece, recomputing every segment before
-    the last kept activation in backward. In eval mode or without autograd
-    (``torch.no_grad``) it calls the model's own forward: nothing is saved for
-    backward there, so there is nothing to plan. With ``offload``, the kept
-    activations wait in host memory (:class:`CheckpointOffload`).
+    It holds the model's own children, parameters and buffers under the same
+    names (``state_dict()`` is the model's, and an optimizer over either
+    module's parameters trains both), binds calls as the model's forward does,
+    and in eval mode or without autograd (``torch.no_grad``) calls the model's
+    own forward: nothing is saved for backward there, so there is nothing to plan.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        captured: Any,
-        boundaries: Sequence[int],
-        plan: Any = None,
-        offload: CheckpointOffload | None = None,
-        nested: dict[tuple[int, int], tuple[int, ...]] | None = None,
-        stored: frozenset[int] = frozenset(),
-        selective: frozenset[int] = frozenset(),
-        stage_starts: Sequence[int] = (),
-        remake: bool = False,
-        remade_costly: Sequence[int] = (),
-    ):
+    def __init__(self, model: nn.Module, captured: Any, plan: Any = None):
         super().__init__()
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -58,18 +42,7 @@ class RematModule(nn.Module):
         self._captured = captured
         self._captured_training = model.training  # the graph is specialised to this mode
         self.forward_signature = inspect.signature(model.forward)  # the model's: batches bind to it
-        captured.check_boundaries(boundaries)
-        self._engine = SegmentEngine(
-            _Pieces(captured, self), len(captured.modules), boundaries, offload, nested, stored, selective, stage_starts
-        )
         self.plan = plan
-        self.boundaries = self._engine.boundaries  # pieces where segments start
-        self.nested = self._engine.nested  # recomputed segment (start, stop) -> its inner segment starts
-        self.stored = stored  # starts of segments run normally (not recomputed)
-        self.selective = selective  # pieces where the chain stages that run selectively start
-        self.offload = offload
-        self.remake = remake  # autograd keeps recipes of cheap values (remat.execute.remake.remake_cheap)
-        self.remade_costly = tuple(remade_costly)  # and of these calls of operators with FLOPs
         self.training = model.training  # not .train(): the children keep their own flags
 
     @property
@@ -77,7 +50,7 @@ class RematModule(nn.Module):
         """The captured model this module runs (:class:`remat.capture.captured.Captured`)."""
         return self._captured
 
-    def train(self, mode: bool = True) -> RematModule:
+    def train(self, mode: bool = True) -> DropInModule:
         """Set train/eval mode here, on the model's children, and on the model itself."""
         super().train(mode)
         self._model[0].training = mode
@@ -103,31 +76,17 @@ class RematModule(nn.Module):
         bound.apply_defaults()
         return tuple(bound.arguments[name] for name in names)
 
-    def run_pieces(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):
-        """Pieces ``start..stop-1`` run as they are (no plan) on the flat ``inputs``;
-        ``values`` maps earlier pieces to the outputs these read. For the profiler
-        and the timer."""
-        return self._engine.run_pieces(start, stop, values, inputs)
-
-    def forward(self, *args, **kwargs):
+    def runs_plan(self) -> bool:
+        """Whether a call runs the plan (training, with autograd), not the model's own forward."""
         if not (self.training and torch.is_grad_enabled()):
-            # Nothing to save for backward: the model's own forward, in its own mode.
-            return self._model[0](*args, **kwargs)
+            return False
         if not self._captured_training:
             raise RuntimeError(
                 "this module was planned with the model in eval mode, and the captured graph keeps "
                 "eval-mode behaviour (dropout off, BatchNorm running statistics): call model.train() "
                 "before remat.optimize to train with it"
             )
-        inputs = self.flat_inputs(args, kwargs)
-        # Compiled, the partitioner chooses what to save (and a dispatch mode would stop the compile).
-        remaking = (
-            remake_cheap(costly=self.remade_costly)
-            if self.remake and not torch.compiler.is_compiling()
-            else contextlib.nullcontext()
-        )
-        with remaking:
-            return self.structured_output(self._engine.run(inputs))
+        return True
 
     def structured_output(self, out):
         """The graph's flat output in the model's output structure (``CodeGen.process_outputs``).
@@ -138,6 +97,62 @@ class RematModule(nn.Module):
         if info is None or info.out_spec is None:
             return out
         return pytree.tree_unflatten(out if isinstance(out, (list, tuple)) else [out], info.out_spec)
+
+
+class RematModule(DropInModule):
+    """Any traced model run with a checkpoint plan; a drop-in for the original.
+
+    Made by :func:`remat.optimize`. It runs the traced graph piece by piece
+    (:class:`DropInModule` says what it shares with the model), recomputing
+    every segment before the last kept activation in backward. With
+    ``offload``, the kept activations wait in host memory (:class:`CheckpointOffload`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        captured: Any,
+        boundaries: Sequence[int],
+        plan: Any = None,
+        offload: CheckpointOffload | None = None,
+        nested: dict[tuple[int, int], tuple[int, ...]] | None = None,
+        stored: frozenset[int] = frozenset(),
+        selective: frozenset[int] = frozenset(),
+        stage_starts: Sequence[int] = (),
+        remake: bool = False,
+        remade_costly: Sequence[int] = (),
+    ):
+        super().__init__(model, captured, plan)
+        captured.check_boundaries(boundaries)
+        self._engine = SegmentEngine(
+            _Pieces(captured, self), len(captured.modules), boundaries, offload, nested, stored, selective, stage_starts
+        )
+        self.boundaries = self._engine.boundaries  # pieces where segments start
+        self.nested = self._engine.nested  # recomputed segment (start, stop) -> its inner segment starts
+        self.stored = stored  # starts of segments run normally (not recomputed)
+        self.selective = selective  # pieces where the chain stages that run selectively start
+        self.offload = offload
+        self.remake = remake  # autograd keeps recipes of cheap values (remat.execute.remake.remake_cheap)
+        self.remade_costly = tuple(remade_costly)  # and of these calls of operators with FLOPs
+
+    def run_pieces(self, start: int, stop: int, values: dict[int, Any], inputs: tuple):
+        """Pieces ``start..stop-1`` run as they are (no plan) on the flat ``inputs``;
+        ``values`` maps earlier pieces to the outputs these read. For the profiler
+        and the timer."""
+        return self._engine.run_pieces(start, stop, values, inputs)
+
+    def forward(self, *args, **kwargs):
+        if not self.runs_plan():
+            return self._model[0](*args, **kwargs)  # nothing to save for backward: the model's own forward
+        inputs = self.flat_inputs(args, kwargs)
+        # Compiled, the partitioner chooses what to save (and a dispatch mode would stop the compile).
+        remaking = (
+            remake_cheap(costly=self.remade_costly)
+            if self.remake and not torch.compiler.is_compiling()
+            else contextlib.nullcontext()
+        )
+        with remaking:
+            return self.structured_output(self._engine.run(inputs))
 
     def extra_repr(self) -> str:
         kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)

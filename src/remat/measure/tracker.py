@@ -27,6 +27,9 @@ import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch._C import DispatchKey
+from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -218,6 +221,26 @@ class MemoryTracker(TorchDispatchMode):
 def has_storage(t: torch.Tensor) -> bool:
     # Nested/sparse/functional wrappers have no plain storage to key on.
     return t.layout == torch.strided and not t.is_nested and type(t).__name__ != "FunctionalTensor"
+
+
+# NOTE [random operators replayed]
+#     A compiled backward that recomputes a random operator replays the generator
+#     state the forward drew from: the forward runs it under ``run_and_save_rng_state``
+#     and the backward under ``run_with_rng_state``, higher-order operators that a
+#     dispatch mode must handle itself. The tracker runs their implementation with
+#     itself active again, so the operator inside is counted like any other.
+@run_and_save_rng_state.py_impl(MemoryTracker)
+def _run_and_save_rng_state(mode: MemoryTracker, op, *args, **kwargs):
+    with mode:
+        return run_and_save_rng_state.py_kernels[DispatchKey.BackendSelect](op, *args, **kwargs)
+
+
+@run_with_rng_state.py_impl(MemoryTracker)
+def _run_with_rng_state(mode: MemoryTracker, rng_state, op, *args, **kwargs):
+    with mode:
+        if isinstance(rng_state, FakeTensor):  # nothing to replay on fake tensors (as FakeTensorMode does)
+            return op(*args, **kwargs)
+        return run_with_rng_state.py_kernels[DispatchKey.BackendSelect](rng_state, op, *args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ from remat.plan import Plan
 from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
 from remat.chain.time import recompute_counts
+from remat.execute.compiled import BACKENDS
+from remat.planner.compiled import compiled_choice
 from remat.planner.families import front, lower_envelope, solve_chain
 from remat.planner.profiled import Costs, ProfiledModel, by_time
 from remat.planner.remade import best_remade, simulate_remade
@@ -26,7 +28,12 @@ PEAK_TOLERANCE = 1e-3
 
 
 def solve(
-    profiled: ProfiledModel, budget_bytes: int | None, offload: bool = False, costs: Costs = "flops", remake: bool = True
+    profiled: ProfiledModel,
+    budget_bytes: int | None,
+    offload: bool = False,
+    costs: Costs = "flops",
+    remake: bool = True,
+    compiled: str = "",
 ) -> Plan:
     """The least-peak plan (the fastest within :data:`PEAK_TOLERANCE` of it), or the least
     predicted step time within ``budget_bytes`` (see :func:`remat.plan`).
@@ -34,10 +41,18 @@ def solve(
     Within a budget the candidates are the least recompute the families find, the same
     with remade values, and every plan of the chain's Pareto front that fits: the least
     recompute is not the fastest where its regions and dispatch modes cost more than
-    the FLOPs a plan with fewer of them recomputes (:mod:`remat.chain.time`)."""
+    the FLOPs a plan with fewer of them recomputes (:mod:`remat.chain.time`).
+
+    ``compiled`` (a backend of :mod:`remat.execute.compiled`): plans a compiled module runs
+    (no nested checkpoints, offload or remade values), chosen by simulated compiled steps."""
     check_choice("costs", costs, ("flops", "profile"))
+    if compiled:
+        check_choice("compile backend", compiled, BACKENDS)
+        if offload:
+            raise ValueError("compiled plans do not offload: pass offload=False, or compile=False to offload")
+        remake = False
     try:
-        chosen = solve_chain(profiled, budget_bytes, offload, costs)
+        chosen = solve_chain(profiled, budget_bytes, offload, costs, nested=not compiled)
     except InfeasibleBudget:
         chosen = None
     solutions = front(profiled) if budget_bytes is not None and not offload else []
@@ -45,7 +60,7 @@ def solve(
     if remake and not offload and costs == "flops":
         chosen = best_remade(profiled, chosen, budget_bytes, solutions)
     if chosen is None:
-        least = solve(profiled, None, offload, costs, remake)
+        least = solve(profiled, None, offload, costs, remake, compiled)
         raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
     start = time.perf_counter()
     if budget_bytes is None:
@@ -59,7 +74,10 @@ def solve(
             candidates += [p for p in (chain_plan, store) if p.predicted_peak_bytes <= limit]
     else:
         candidates = [chosen, *(_timed(profiled, s, budget_bytes, costs) for s in solutions if s.peak_bytes <= budget_bytes)]
-    fastest = min(candidates, key=by_time)
+    if compiled:
+        fastest = compiled_choice(profiled, candidates, budget_bytes, compiled, PEAK_TOLERANCE)
+    else:
+        fastest = min(candidates, key=by_time)
     # Pricing the candidates counts as solve time, whichever plan won.
     return dataclasses.replace(fastest, solve_seconds=chosen.solve_seconds + time.perf_counter() - start)
 

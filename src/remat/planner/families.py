@@ -22,8 +22,11 @@ from remat.solvers.nested import min_peak_nested, min_recompute_nested
 __all__ = ["front", "lower_envelope", "solve_chain"]
 
 
-def solve_chain(profiled: ProfiledModel, budget_bytes: int | None, offload: bool, costs: Costs) -> Plan:
-    """The best plan of the chain cost model's families (no remade values)."""
+def solve_chain(
+    profiled: ProfiledModel, budget_bytes: int | None, offload: bool, costs: Costs, nested: bool = True
+) -> Plan:
+    """The best plan of the chain cost model's families (no remade values; ``nested``: nested
+    checkpoints among them)."""
     chain = profiled.planned(profiled.chain)
     if costs == "profile":
         # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
@@ -35,11 +38,11 @@ def solve_chain(profiled: ProfiledModel, budget_bytes: int | None, offload: bool
         solution = min_recompute(chain, budget_bytes, offload=offload)
     profiled_plain = profiled.plain_profiled is not None
     if not offload and costs == "flops":
-        solution = _on_plain_chain(profiled, solution, budget_bytes)
+        solution = _on_plain_chain(profiled, solution, budget_bytes, nested)
     if solution is None:
         # The nested least-peak plan may be below every plan the budget search's
         # grid (or the one-level family) reaches: it is the plan if it fits.
-        least = solve_chain(profiled, None, offload, costs)
+        least = solve_chain(profiled, None, offload, costs, nested)
         if least.predicted_peak_bytes > budget_bytes:
             raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
         return dataclasses.replace(least, budget_bytes=budget_bytes)
@@ -65,7 +68,9 @@ def front(profiled: ProfiledModel) -> list[ChainSolution]:
     return front
 
 
-def _on_plain_chain(profiled: ProfiledModel, solution: ChainSolution | None, budget_bytes: int | None) -> ChainSolution | None:
+def _on_plain_chain(
+    profiled: ProfiledModel, solution: ChainSolution | None, budget_bytes: int | None, nested_allowed: bool = True
+) -> ChainSolution | None:
     """``solution``, or a plan on the chain cut only at single tensors that does
     better: nested checkpoints (a lower peak, or less recompute within the budget;
     they recompute at most one forward, plans without recompute less), or stored
@@ -85,11 +90,14 @@ def _on_plain_chain(profiled: ProfiledModel, solution: ChainSolution | None, bud
         return solution
     forward = int(chain.fwd_flops[:-1].sum())
     richer = profiled.planned(profiled.plain().selective_chain())
+    nested = None
     if budget_bytes is None:
-        nested = min_peak_nested(chain, max_recompute_flops=forward)
+        if nested_allowed:
+            nested = min_peak_nested(chain, max_recompute_flops=forward)
         stored = min_peak(richer, store=True)
     else:
-        nested = min_recompute_nested(chain, budget_bytes)
+        if nested_allowed:
+            nested = min_recompute_nested(chain, budget_bytes)
         stored = min_recompute(richer, budget_bytes, store=True)
     candidates = [
         solution,

@@ -17,7 +17,8 @@ from remat.capture.captured import Captured, fingerprint
 from remat.chain.cost import segment_stages
 from remat.chain.model import Chain, ChainSolution
 from remat.chain.time import Speed, Work, plan_work
-from remat.execute.module import RematModule, module_for_plan
+from remat.execute.compiled import module_for
+from remat.execute.module import DropInModule, RematModule
 from remat.measure.step import StepMeasurement, default_loss, measure_step, model_device, positional
 from remat.plan import Plan
 from remat.profile.model import Profile, capture_and_profile, profile_model
@@ -124,9 +125,10 @@ class ProfiledModel:
         grads = chain.param_grad_bytes
         return dataclasses.replace(chain, base_bytes=chain.base_bytes + int(grads.sum()), param_grad_bytes=0 * grads)
 
-    def module(self, plan: Plan) -> RematModule:
-        """The model run with ``plan``, on the capture the plan was made for (its cut mode)."""
-        return module_for_plan(self.model, self.cut_as(plan).captured, plan)
+    def module(self, plan: Plan) -> DropInModule:
+        """The model run with ``plan`` (compiled if it says so), on the capture the plan was made
+        for (its cut mode)."""
+        return module_for(self.model, self.cut_as(plan).captured, plan, self.inputs)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -169,6 +171,8 @@ class ProfiledModel:
         added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective)
         if step is None:
             work = self.baseline.work + added
+        elif plan.compiled:  # no regions, no dispatch modes: the compiled graphs' operators are the step's
+            work = step.work
         else:
             recorded = step.forward_ops if plan.remake else 0
             work = step.work + Work(regions=added.regions, intercepted_ops=added.intercepted_ops, recorded_ops=recorded)

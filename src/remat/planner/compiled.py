@@ -1,0 +1,49 @@
+"""Plans run compiled (:mod:`remat.execute.compiled`), each priced by one simulated step of its
+compiled graphs: the fastest predicted candidate whose compiled step fits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from remat.budget import InfeasibleBudget
+from remat.measure.step import measure_step
+from remat.plan import Plan
+from remat.planner.profiled import ProfiledModel, by_time
+
+__all__ = ["MAX_COMPILED_TRIES", "compiled_choice", "simulate_compiled"]
+
+#: Candidates a budget plan compiles and simulates at most (each costs a compile and a step on
+#: fake tensors) before it gives up on the budget.
+MAX_COMPILED_TRIES = 6
+
+
+def simulate_compiled(profiled: ProfiledModel, plan: Plan, backend: str) -> Plan:
+    """``plan`` to run compiled with ``backend``: its peak, recompute and time from one step of
+    its compiled graphs under ``aot_eager`` (on fake tensors, or the device with ``profile="device"``)."""
+    simulated = profiled.module(dataclasses.replace(plan, compiled="aot_eager"))
+    step = measure_step(
+        simulated, profiled.inputs, profiled.loss_fn, fake=profiled.fake, grad_accumulation=profiled.grad_accumulation
+    )
+    flops = step.forward_flops + step.backward_flops
+    baseline = profiled.baseline.forward_flops + profiled.baseline.backward_flops
+    plan = dataclasses.replace(plan, compiled=backend, predicted_peak_bytes=step.peak_bytes, recompute_flops=flops - baseline)
+    return profiled.timed(plan, step)
+
+
+def compiled_choice(
+    profiled: ProfiledModel, candidates: list[Plan], budget_bytes: int | None, backend: str, tolerance: float
+) -> Plan:
+    """The candidates compiled and simulated. Within ``budget_bytes``: predicted fastest first,
+    the first whose compiled step fits. Without: the fastest within ``tolerance`` of the least
+    compiled peak."""
+    if budget_bytes is None:
+        simulated = [simulate_compiled(profiled, plan, backend) for plan in candidates]
+        limit = min(p.predicted_peak_bytes for p in simulated) * (1 + tolerance)
+        return min((p for p in simulated if p.predicted_peak_bytes <= limit), key=by_time)
+    least = None
+    for plan in sorted(candidates, key=by_time)[:MAX_COMPILED_TRIES]:
+        compiled = simulate_compiled(profiled, plan, backend)
+        if compiled.predicted_peak_bytes <= budget_bytes:
+            return compiled
+        least = min(least or compiled, compiled, key=lambda p: p.predicted_peak_bytes)
+    raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
