@@ -143,12 +143,14 @@ def tagged_graph(captured: Any, plan: Any) -> tuple[fx.GraphModule, frozenset[in
 
     pieces = in_pieces(plan.stage_pieces, plan.checkpoints, plan.inner, plan.stored, plan.selective)
     n = len(captured.pieces)
-    bounds = [0, *pieces["boundaries"], n]
+    # Segment starts; the last segment runs normally (empty where the last checkpoint is the
+    # model's output: the whole model is then recomputed, and only the loss runs normally).
+    starts = sorted({0, *pieces["boundaries"]})
     stage_bounds = [*pieces["stage_starts"], n]
     regions: dict[int, tuple[int, int, int]] = {}  # piece -> (region, first piece, stop) of what it belongs to
     region = 0
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        if start not in pieces["stored"] and stop != n:  # a recomputed segment
+    for start, stop in zip(starts[:-1], starts[1:]):
+        if start not in pieces["stored"]:  # a recomputed segment
             region += 1
             regions.update({p: (region, start, stop) for p in range(start, stop)})
     selective = set()
