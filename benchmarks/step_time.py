@@ -10,6 +10,9 @@ per round, first round not counted, median of ``--steps`` rounds (at least 7):
 - ``remat least``: :func:`remat.optimize`, the least peak;
 - ``remat @blocks``: the plan predicted fastest within checkpoint-blocks' measured step peak;
 - ``remat 0-FLOP``: the lowest-peak plan of :func:`remat.pareto` that recomputes no FLOPs;
+- ``remat least, aot_eager`` and ``remat @blocks, aot_eager``: the same two plans made with
+  ``compile="aot_eager"`` (:mod:`remat.execute.compiled`): one compiled forward and backward
+  of ATen operators whose partition saves what the plan keeps;
 - ``compile``: ``torch.compile`` (inductor) saving what PyTorch's partitioner saves by default;
   ``compile@0.5``: the same at ``activation_memory_budget=0.5``;
 - ``remat least, compiled``: ``torch.compile`` (inductor) of remat's least-peak module: the
@@ -95,6 +98,11 @@ def run_one(
     start = time.perf_counter()
     at_blocks = remat.optimize(model, x, budget=blocks_peak)
     planning["remat @blocks"] = time.perf_counter() - start
+    aot_eager = {}
+    for label, budget in (("remat least, aot_eager", None), ("remat @blocks, aot_eager", blocks_peak)):
+        start = time.perf_counter()
+        aot_eager[label] = remat.optimize(model, x, budget=budget, compile="aot_eager")
+        planning[label] = time.perf_counter() - start
     start = time.perf_counter()
     zero = [p for p in remat.pareto(model, x) if p.recompute_flops == 0][-1]
     planning["remat 0-FLOP"] = time.perf_counter() - start
@@ -104,8 +112,9 @@ def run_one(
         "remat least": least,
         "remat @blocks": at_blocks,
         "remat 0-FLOP": remat.optimize(model, x, plan=zero),
+        **aot_eager,
     }
-    predicted = {label: modules[label].plan.predicted_slowdown for label in ("remat least", "remat @blocks", "remat 0-FLOP")}
+    predicted = {label: modules[label].plan.predicted_slowdown for label in modules if label.startswith("remat")}
     measured = {label: measure_step(module, x) for label, module in modules.items()}
     if with_compile:
         torch._dynamo.reset()
@@ -183,7 +192,7 @@ def main(argv=None) -> int:
                 continue
             print(f"{name} {size} (batch {batch}, {shape}) ...", flush=True)
             rows += run_one(name, spec, batch, shape, args.steps, not args.no_compile)
-            for row in rows[-(8 if not args.no_compile else 5):]:
+            for row in rows[-(10 if not args.no_compile else 7):]:
                 print("  ", row, flush=True)
     command = "python benchmarks/step_time.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     lines = results_header("Step time against the peers (real CPU tensors)", command, "bench-time")

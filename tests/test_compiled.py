@@ -129,3 +129,17 @@ def test_inductor_runs_the_plan_within_tolerance():
     for name, g in expected.items():
         torch.testing.assert_close(actual[name], g, rtol=1e-4, atol=1e-5)
     assert measure_step(fast, x).peak_bytes <= fast.plan.predicted_peak_bytes
+
+
+def test_hugging_face_batch_compiled():
+    """A dict batch (model(**batch)), its .loss the default loss, through the compiled module."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 256, (2, 16))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "use_cache": False}
+    fast = remat.optimize(model, batch, compile="aot_eager")
+    assert measure_step(fast, batch).peak_bytes == fast.plan.predicted_peak_bytes
+    expected = step_grads(model, (), **batch, loss_fn=lambda out: out.loss)
+    assert_grads_equal(expected, step_grads(fast, (), **batch, loss_fn=lambda out: out.loss))
