@@ -79,8 +79,8 @@ class CompiledModule(DropInModule):
     compiled forward, and the backward recomputes what the plan recomputes
     (NOTE [what the plan keeps, as partition tags]). The graphs are made for
     the example inputs' shapes: other shapes raise (plan and compile again).
-    The parameters are those the model holds now: move the model before
-    compiling, not after.
+    Inductor's kernels hold the tensors the model has when it compiles: move
+    the model to its device before, not after.
     """
 
     def __init__(self, model: nn.Module, captured: Any, plan: Any, example_inputs: tuple, backend: str = "aot_eager"):
