@@ -243,6 +243,7 @@ def _inductor(graph: fx.GraphModule, example_inputs: Sequence[Any], partition):
 
     class _Partitioner(CustomPartitionerFn):
         def __call__(self, gm, joint_inputs, **kwargs):
+            kwargs.pop("compiler", None)  # the min-cut partitioner's; the default one takes none
             return partition(gm, joint_inputs, **kwargs)
 
         def uuid(self) -> str:  # compiled graphs are cached by the tags, which the joint graph's key leaves out
