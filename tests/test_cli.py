@@ -87,6 +87,18 @@ def test_plan_within_a_budget_shows_it_and_keeps_to_it(tmp_path):
     assert data["predicted_peak_bytes"] == data["measured_peak_bytes"] <= budget
 
 
+def test_plan_compiled_predicts_its_measured_peak(tmp_path):
+    summary = tmp_path / "summary.json"
+    result = invoke("plan", *RESNET, "--compile", "aot_eager", "--real", "--json", str(summary))
+    assert result.exit_code == 0, result.output
+    assert "compiled" in result.stdout and "aot_eager" in result.stdout
+    data = json.loads(summary.read_text())
+    assert data["compiled"] == "aot_eager" and data["measured_slowdown"] > 0
+    assert data["predicted_peak_bytes"] == data["measured_peak_bytes"] < data["baseline_peak_bytes"]
+    bad = invoke("plan", MLP, "--compile", "tvm")
+    assert bad.exit_code == 1 and "compile backend must be 'aot_eager' or 'inductor'" in bad.output
+
+
 def test_plan_budget_below_the_least_peak_says_what_is_achievable():
     source = models.load(MLP)
     least = remat.plan(source.model, source.example_inputs).predicted_peak_bytes

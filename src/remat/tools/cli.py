@@ -172,18 +172,24 @@ def _make_plan(
     costs: str = "flops",
     grad_accumulation: bool = False,
     remake: bool = True,
+    compile: str | None = None,
 ) -> tuple[remat.Plan, StepMeasurement, float | None]:
     """The plan, one step of the planned module measured (on fake or real tensors), and on
-    real tensors its step time over the model's (interleaved steps, median of :data:`_TIMED_STEPS`)."""
+    real tensors its step time over the model's (interleaved steps, median of :data:`_TIMED_STEPS`).
+    A plan compiled with inductor is measured on fake tensors by its aot_eager graphs (the
+    same partition: fused kernels run real tensors only)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
     goal = "the least peak" if budget is None else f"the fastest plan within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
         optimized = remat.optimize(
             source.model, source.example_inputs, budget=budget_bytes, costs=costs,
-            grad_accumulation=grad_accumulation, remake=remake,
+            grad_accumulation=grad_accumulation, remake=remake, compile=compile or False,
         )
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
-        measured = measure_step(optimized, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation)
+        stepped = optimized
+        if fake and compile == "inductor":
+            stepped = remat.optimize(source.model, source.example_inputs, plan=optimized.plan, compile="aot_eager")
+        measured = measure_step(stepped, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation)
     slowdown = None
     if not fake:
         with _status("timing real steps of the model and the plan"):
@@ -208,6 +214,7 @@ def _plan_rows(
             else []
         ),
         *([("cheap values", "remade in backward (predicted peak: a simulated step)")] if plan.remake else []),
+        *([("compiled", f"{plan.compiled} (predicted peak: a simulated step of its graphs)")] if plan.compiled else []),
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
         ("budget", _budget_text(plan.budget_bytes)),
         ("parameter gradients", "exist all step (accumulation)" if plan.grad_accumulation else "made in backward"),
@@ -281,6 +288,7 @@ def _plan_json(
         "grad_accumulation": plan.grad_accumulation,
         "remake": plan.remake,
         "remade_costly": list(plan.remade_costly),
+        "compiled": plan.compiled,
         "capture_seconds": plan.capture_seconds,
         "solve_seconds": plan.solve_seconds,
     }
@@ -319,6 +327,14 @@ def plan(
             help="plans may remake cheap values (norms, activations, adds) in backward instead of keeping them",
         ),
     ] = True,
+    compile: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            metavar="BACKEND",
+            help="plan to run compiled: aot_eager (ATen graphs) or inductor (fused kernels)",
+        ),
+    ] = None,
 ) -> None:
     """The least-peak checkpoint plan (or the fastest within --budget): what it keeps, its peak, its cost.
 
@@ -328,7 +344,7 @@ def plan(
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
         source = _load(model, batch, input, device)
-        chosen, measured, slowdown = _make_plan(source, fake, budget, costs, grad_accumulation, remake)
+        chosen, measured, slowdown = _make_plan(source, fake, budget, costs, grad_accumulation, remake, compile)
         rows = _plan_rows(chosen, measured, fake, slowdown)
         _print_table(_describe(source, fake), ["", "remat plan"], rows, numbers=False)
         if json_out is not None:
