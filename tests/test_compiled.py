@@ -13,6 +13,7 @@ from torch import nn
 
 import remat
 from grad_helpers import assert_grads_equal, step_grads
+from test_bad_input import PartlyTraceable
 from remat import measure_step
 from remat.tools import models
 
@@ -115,6 +116,12 @@ def test_compiled_module_refuses_what_it_cannot_run():
         from remat.planner.profiled import ProfiledModel
 
         solve(ProfiledModel.of(model, x, None), None, offload=True, compiled="aot_eager")
+
+
+def test_untraceable_parts_are_refused_with_what_to_do():
+    model, x = PartlyTraceable().train(), torch.randn(16, 64)
+    with pytest.warns(UserWarning, match="one opaque stage"), pytest.raises(ValueError, match="block.1 could not be traced"):
+        remat.optimize(model, x, compile="aot_eager")
 
 
 @pytest.mark.heavy

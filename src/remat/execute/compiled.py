@@ -93,6 +93,12 @@ class CompiledModule(DropInModule):
                 f"a compiled module cannot run this plan's {missing}: plan with compile= (remat.plan, "
                 "remat.optimize), which keeps to the plans a compiled module runs"
             )
+        if captured.opaque:
+            raise ValueError(
+                f"a compiled module needs the whole model as one graph, and {', '.join(captured.opaque)} could "
+                "not be traced (they run as opaque stages): use compile=False, whose engine runs them as they "
+                "are, or make them traceable"
+            )
         self.backend = backend
         graph, selective = tagged_graph(captured, plan)
         flat = self.flat_inputs(tuple(example_inputs), {})
