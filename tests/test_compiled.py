@@ -102,8 +102,10 @@ def test_random_operators_are_replayed():
 def test_compiled_module_refuses_what_it_cannot_run():
     model, x = _cnn().train(), torch.randn(2, 3, 16, 16)
     fast = remat.optimize(model, x, compile="aot_eager")
-    with pytest.raises(ValueError, match="compiled for inputs 2x3x16x16 float32"):
+    with pytest.raises(ValueError, match="compiled for inputs 2x3x16x16 float32 and got 3x3x16x16 float32"):
         fast(torch.randn(3, 3, 16, 16))
+    with pytest.raises(ValueError, match="and got 2x3x16x16 float32 requiring grad"):
+        fast(torch.randn(2, 3, 16, 16, requires_grad=True))
     with torch.no_grad():  # the model's own forward, any shape
         assert fast(torch.randn(3, 3, 16, 16)).shape == (3, 10)
     nested = dataclasses.replace(fast.plan, inner=((0, 2, (1,)),), compiled="")

@@ -262,13 +262,18 @@ def _inductor(graph: fx.GraphModule, example_inputs: Sequence[Any], partition):
 
 
 def _signature(inputs: Sequence[Any]) -> tuple:
+    """What the compiled graphs are specialised to: each input's shape, dtype, device and whether
+    it requires grad (the backward computes its gradient only then); other inputs by value."""
     return tuple(
-        (tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else repr(t) for t in inputs
+        (tuple(t.shape), t.dtype, t.device.type, t.requires_grad) if isinstance(t, torch.Tensor) else repr(t)
+        for t in inputs
     )
 
 
 def _describe(signature: tuple) -> str:
     return ", ".join(
-        f"{'x'.join(map(str, s[0])) or 'scalar'} {str(s[1]).removeprefix('torch.')}" if isinstance(s, tuple) else s
+        f"{'x'.join(map(str, s[0])) or 'scalar'} {str(s[1]).removeprefix('torch.')}{' requiring grad' if s[3] else ''}"
+        if isinstance(s, tuple)
+        else s
         for s in signature
     )
