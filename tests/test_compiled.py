@@ -67,6 +67,15 @@ def test_budget_plan_compiled_fits_and_is_exact():
         remat.plan(model, x, budget=least.predicted_peak_bytes // 2, compile="aot_eager")
 
 
+def test_max_batch_compiled():
+    spec = "remat:mlp?depth=4&width=64"
+    batch, plan = remat.max_batch(spec, "1MiB", compile="aot_eager")
+    assert plan.compiled == "aot_eager" and plan.predicted_peak_bytes <= 2**20
+    above = models.load(spec, batch + 1)
+    with pytest.raises(remat.InfeasibleBudget):
+        remat.plan(above.model, above.example_inputs, budget="1MiB", compile="aot_eager")
+
+
 def test_planning_compiled_leaves_the_model_as_it_was():
     model, x = _cnn().train(), torch.randn(2, 3, 16, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -158,6 +158,7 @@ def max_batch(
     make_inputs: Callable[[int], Any] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     limit: int = 1 << 16,
+    compile: bool | str = False,
 ) -> tuple[int, Plan]:
     """The largest batch size whose best plan fits ``budget``, and that plan.
 
@@ -167,6 +168,7 @@ def max_batch(
         budget: the step's peak limit, bytes or a string like ``"8GiB"``.
         make_inputs: batch size -> example inputs (needed for a module).
         limit: the largest batch size tried.
+        compile: the largest batch whose compiled plan fits, as in :func:`plan`.
 
     Example:
         >>> import remat
@@ -185,13 +187,13 @@ def max_batch(
 
     def best(batch: int) -> Plan | None:
         try:
-            return solve(ProfiledModel.of(model, make_inputs(batch), loss_fn), budget_bytes)
+            return solve(ProfiledModel.of(model, make_inputs(batch), loss_fn), budget_bytes, compiled=_backend(compile))
         except InfeasibleBudget:
             return None
 
     fitting = best(1)
     if fitting is None:
-        least = plan(model, make_inputs(1), loss_fn).predicted_peak_bytes
+        least = plan(model, make_inputs(1), loss_fn, compile=compile).predicted_peak_bytes
         raise InfeasibleBudget(budget_bytes, least)
     low, high = 1, 2  # low fits; find a high that does not
     while high <= limit and (candidate := best(high)) is not None:
