@@ -122,6 +122,14 @@ def test_fit_finds_the_largest_batch_and_shows_the_next_does_not_fit():
     assert f"batch {batch + 1} does not fit: least peak" in flat and f"({least_next} B)" in flat
 
 
+def test_fit_compiled_says_so_and_keeps_to_the_budget():
+    result = invoke("fit", MLP, "--budget", "4MiB", "--compile", "aot_eager")
+    assert result.exit_code == 0, result.output
+    flat = re.sub(r"[\s│┃]+", " ", result.stdout)
+    batch = int(re.search(r"largest batch (\d+)", flat).group(1))
+    assert "compiled aot_eager" in flat and f"batch {batch + 1} does not fit" in flat
+
+
 def test_bench_json_has_the_documented_schema(tmp_path):
     out = tmp_path / "bench.json"
     result = invoke("bench", *RESNET, "--strategies", "none,sqrt,per-block,remat", "--json", str(out))

@@ -495,15 +495,23 @@ def fit(
     budget: Annotated[str, typer.Option("--budget", help="step peak limit, e.g. 24GiB")],
     input: InputShape = None,
     device: Device = "cpu",
+    compile: Annotated[
+        str | None,
+        typer.Option("--compile", metavar="BACKEND", help="for a compiled plan: aot_eager or inductor"),
+    ] = None,
 ) -> None:
     """The largest batch whose plan fits BUDGET, its peak and its recompute (planned on fake tensors)."""
     with _user_errors():
         budget_bytes = parse_bytes(budget)
         source = _load(model, None, input, device)
         with _status(f"searching for the largest batch within {format_bytes(budget_bytes)}"):
-            batch, chosen = remat.max_batch(source.model, budget_bytes, make_inputs=source.make_inputs)
+            batch, chosen = remat.max_batch(
+                source.model, budget_bytes, make_inputs=source.make_inputs, compile=compile or False
+            )
         with _status(f"solving batch {batch + 1} for its least peak"):
-            next_least = remat.plan(source.model, source.make_inputs(batch + 1)).predicted_peak_bytes
+            next_least = remat.plan(
+                source.model, source.make_inputs(batch + 1), compile=compile or False
+            ).predicted_peak_bytes
         beyond = "does not fit" if next_least > budget_bytes else "fits (the search stopped at its batch limit)"
         rows = [
             ("largest batch", str(batch)),
@@ -514,6 +522,7 @@ def fit(
             ("kept activations", f"{len(chosen.checkpoints)} of {len(chosen.stage_names) - 1} stage outputs"
              + _nested_text(chosen)),
             (f"batch {batch + 1}", f"{beyond}: least peak {_exact_bytes(next_least)}"),
+            *([("compiled", chosen.compiled)] if chosen.compiled else []),
         ]
         at_batch = dataclasses.replace(source, example_inputs=source.make_inputs(batch))
         _print_table(_describe(at_batch, True), ["", "remat fit"], rows, numbers=False)
