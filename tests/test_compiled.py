@@ -135,6 +135,20 @@ def test_untraceable_parts_are_refused_with_what_to_do():
         remat.optimize(model, x, compile="aot_eager")
 
 
+def test_autocast_compiled_matches_autocast_and_is_guarded():
+    model, x = _cnn().train(), torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = remat.optimize(model, x, compile="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert remat.measure_step(fast, x, fake=True).peak_bytes == fast.plan.predicted_peak_bytes
+        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        expected = step_grads(model, (x,))
+        model.load_state_dict(buffers)
+        assert_grads_equal(expected, step_grads(fast, (x,)))
+    with pytest.raises(RuntimeError, match=r"compiled under autocast\('cpu', bfloat16\) and is called under no autocast"):
+        fast(x)
+
+
 @pytest.mark.heavy
 def test_inductor_runs_the_plan_within_tolerance():
     model, x = _cnn().train(), torch.randn(4, 3, 16, 16)

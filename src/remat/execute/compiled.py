@@ -103,6 +103,7 @@ class CompiledModule(DropInModule):
         graph, selective = tagged_graph(captured, plan)
         flat = self.flat_inputs(tuple(example_inputs), {})
         self._signature = _signature(flat)
+        self._autocast = _autocast()
         self._output_spec = graph.meta["output_spec"]
         # A plain function, not a submodule: the model's modules are reached by one path only
         # (a second one would be swapped twice by whoever swaps tensors by name).
@@ -116,6 +117,12 @@ class CompiledModule(DropInModule):
             raise ValueError(
                 f"this module was compiled for inputs {_describe(self._signature)} and got "
                 f"{_describe(_signature(inputs))}: call remat.optimize(..., compile=...) for these inputs"
+            )
+        if _autocast() != self._autocast:
+            raise RuntimeError(
+                f"this module was compiled under {_describe_autocast(self._autocast)} and is called under "
+                f"{_describe_autocast(_autocast())}: its graphs hold the casts they were traced with; call "
+                "remat.optimize(..., compile=...) in the autocast block you train in"
             )
         out = self._compiled(self, inputs)
         return self.structured_output(tree_unflatten(list(out), self._output_spec))
@@ -268,6 +275,17 @@ def _signature(inputs: Sequence[Any]) -> tuple:
         (tuple(t.shape), t.dtype, t.device.type, t.requires_grad) if isinstance(t, torch.Tensor) else repr(t)
         for t in inputs
     )
+
+
+def _autocast() -> tuple:
+    """The autocast state the graphs were traced in (their casts are part of them)."""
+    return tuple(
+        (device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)
+    )
+
+
+def _describe_autocast(state: tuple) -> str:
+    return " and ".join(f"autocast({d!r}, {str(t).removeprefix('torch.')})" for d, t in state) or "no autocast"
 
 
 def _describe(signature: tuple) -> str:
