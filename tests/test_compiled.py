@@ -174,3 +174,29 @@ def test_hugging_face_batch_compiled():
     assert measure_step(fast, batch).peak_bytes == fast.plan.predicted_peak_bytes
     expected = step_grads(model, (), **batch, loss_fn=lambda out: out.loss)
     assert_grads_equal(expected, step_grads(fast, (), **batch, loss_fn=lambda out: out.loss))
+
+
+def test_budget_candidates_after_a_miss_need_the_room_a_compile_took(monkeypatch):
+    """A candidate whose compiled step is over the budget by some bytes makes the search skip
+    the next ones with less room than that, not simulate each."""
+    import remat.planner.compiled as planner_compiled
+
+    model, x = _cnn().train(), torch.randn(2, 3, 16, 16)
+    base = remat.plan(model, x)
+    budget = base.predicted_peak_bytes
+    fast, tight, roomy = (
+        dataclasses.replace(base, predicted_peak_bytes=budget - room, predicted_seconds=seconds)
+        for room, seconds in ((0, 1.0), (256, 2.0), (1024, 3.0))
+    )
+    simulated = []
+
+    def simulate(profiled, plan, backend):
+        simulated.append(plan.predicted_seconds)
+        return dataclasses.replace(plan, compiled=backend, predicted_peak_bytes=plan.predicted_peak_bytes + 512)
+
+    monkeypatch.setattr(planner_compiled, "simulate_compiled", simulate)
+    chosen = planner_compiled.compiled_choice(None, [roomy, tight, fast], budget, "aot_eager", 0.0)
+    assert simulated == [1.0, 3.0] and chosen.predicted_seconds == 3.0
+    assert chosen.predicted_peak_bytes == budget - 512 and chosen.compiled == "aot_eager"
+    with pytest.raises(remat.InfeasibleBudget):
+        planner_compiled.compiled_choice(None, [fast, tight], budget, "aot_eager", 0.0)
