@@ -11,6 +11,7 @@ from remat.execute.compiled import CompiledModule
 from remat.execute.module import RematModule
 from remat.execute.offload import CheckpointOffload
 from remat.execute.sequential import CheckpointedSequential
+from remat.execute.shapes import PerShapeModule
 from remat.measure.step import StepMeasurement, default_loss, measure_step
 from remat.measure.tracker import track_memory
 from remat.plan import Plan
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointedSequential",
     "CompiledModule",
     "InfeasibleBudget",
+    "PerShapeModule",
     "Plan",
     "RematModule",
     "StepMeasurement",

@@ -21,6 +21,7 @@ from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.captured import capture, fingerprint
 from remat.execute.compiled import module_for
 from remat.execute.module import DropInModule
+from remat.execute.shapes import PerShapeModule
 from remat.measure.step import positional
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
@@ -222,7 +223,8 @@ def optimize(
     grad_accumulation: bool = False,
     remake: bool = True,
     compile: bool | str = False,
-) -> DropInModule:
+    per_shape: bool | int = False,
+) -> nn.Module:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
     The returned module shares the model's parameters and buffers (nothing is
@@ -246,6 +248,11 @@ def optimize(
             backward recomputes exactly what the plan recomputes, with no Python
             per piece. The module is compiled for the example inputs' shapes. With
             ``plan=``, that plan is compiled (it may not nest, offload or remake).
+        per_shape: for training loops whose batches change shape (sequence
+            length, batch size): a :class:`remat.execute.shapes.PerShapeModule`
+            that plans (and compiles) again for each new input shape, keeping the
+            plans of the last ``per_shape`` shapes (``True``: 8), each one made
+            with the arguments given here. Logged on the ``remat`` logger.
 
     Example:
         >>> import torch, remat
@@ -255,6 +262,17 @@ def optimize(
         >>> torch.equal(fast(x), net(x))
         True
     """
+    if per_shape:
+        if plan is not None:
+            raise ValueError("a plan is made for one input shape: pass plan= or per_shape=, not both")
+        options = dict(
+            loss_fn=loss_fn, budget=budget, profile=profile, offload=offload, costs=costs,
+            grad_accumulation=grad_accumulation, remake=remake, compile=compile,
+        )
+        return PerShapeModule(
+            model, lambda args, kwargs: optimize(model, (args, kwargs), **options), example_inputs,
+            8 if per_shape is True else per_shape,
+        )
     inputs = positional(model, example_inputs)
     backend = _backend(compile)
     if plan is not None:

@@ -4,6 +4,7 @@ from remat.execute.compiled import CompiledModule
 from remat.execute.module import RematModule
 from remat.execute.offload import CheckpointOffload
 from remat.execute.remake import remake_cheap
+from remat.execute.shapes import PerShapeModule
 from remat.execute.sequential import CheckpointedSequential
 
-__all__ = ["CheckpointOffload", "CompiledModule", "CheckpointedSequential", "RematModule", "remake_cheap"]
+__all__ = ["CheckpointOffload", "CompiledModule", "CheckpointedSequential", "PerShapeModule", "RematModule", "remake_cheap"]

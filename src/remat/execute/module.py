@@ -17,7 +17,20 @@ from remat.execute.offload import CheckpointOffload
 from remat.execute.remake import remake_cheap
 from remat.measure.step import bind_positional
 
-__all__ = ["DropInModule", "RematModule", "module_for_plan"]
+__all__ = ["DropInModule", "RematModule", "module_for_plan", "share_model"]
+
+
+def share_model(module: nn.Module, model: nn.Module) -> None:
+    """Give ``module`` the model's own children, parameters and buffers under the same names
+    (nothing copied), and keep the model itself off the module tree (``module._model[0]``), so
+    that ``state_dict()`` and ``parameters()`` are the model's."""
+    for name, child in model.named_children():
+        module.add_module(name, child)
+    for name, param in model.named_parameters(recurse=False):
+        module.register_parameter(name, param)
+    for name, buffer in model.named_buffers(recurse=False):
+        module.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+    module._model = [model]
 
 
 class DropInModule(nn.Module):
@@ -32,13 +45,7 @@ class DropInModule(nn.Module):
 
     def __init__(self, model: nn.Module, captured: Any, plan: Any = None):
         super().__init__()
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, param in model.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buffer in model.named_buffers(recurse=False):
-            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
-        self._model = [model]  # the user's root module, not a submodule: state_dict stays the model's
+        share_model(self, model)
         self._captured = captured
         self._captured_training = model.training  # the graph is specialised to this mode
         self.forward_signature = inspect.signature(model.forward)  # the model's: batches bind to it
