@@ -76,6 +76,18 @@ def test_max_batch_compiled():
         remat.plan(above.model, above.example_inputs, budget="1MiB", compile="aot_eager")
 
 
+def test_pareto_compiled_is_a_front_of_compiled_plans():
+    model, x = _cnn().train(), torch.randn(2, 3, 16, 16)
+    front = remat.pareto(model, x, compile="aot_eager")
+    assert len(front) > 1 and all(p.compiled == "aot_eager" for p in front)
+    peaks = [p.predicted_peak_bytes for p in front]
+    flops = [p.recompute_flops for p in front]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks)
+    assert flops == sorted(flops) and flops[0] == 0
+    last = remat.optimize(model, x, plan=front[-1])
+    assert measure_step(last, x).peak_bytes == front[-1].predicted_peak_bytes
+
+
 def test_planning_compiled_leaves_the_model_as_it_was():
     model, x = _cnn().train(), torch.randn(2, 3, 16, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}

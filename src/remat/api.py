@@ -128,6 +128,7 @@ def pareto(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     *,
     remake: bool = True,
+    compile: bool | str = False,
 ) -> list[Plan]:
     """Every plan worth having, from the lowest peak that recomputes nothing to the least peak.
 
@@ -137,7 +138,8 @@ def pareto(
     first plan stores everything, or runs stages selectively where that
     lowers the peak at no recompute FLOPs; with ``remake``, so are the
     front's plans run with cheap values remade in backward (see :func:`plan`),
-    one simulated step each.
+    one simulated step each. With ``compile`` (as in :func:`plan`), the front's
+    plans compiled, each priced by a simulated step of its compiled graphs.
 
     Example:
         >>> import torch, remat
@@ -149,7 +151,7 @@ def pareto(
         >>> front[-1].predicted_peak_bytes == remat.plan(net, x).predicted_peak_bytes
         True
     """
-    return pareto_plans(ProfiledModel.of(model, example_inputs, loss_fn), remake)
+    return pareto_plans(ProfiledModel.of(model, example_inputs, loss_fn), remake, _backend(compile))
 
 
 def max_batch(

@@ -12,7 +12,7 @@ from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
 from remat.chain.time import recompute_counts
 from remat.execute.compiled import BACKENDS
-from remat.planner.compiled import compiled_choice
+from remat.planner.compiled import compiled_choice, simulate_compiled
 from remat.planner.families import front, lower_envelope, solve_chain
 from remat.planner.profiled import Costs, ProfiledModel, by_time
 from remat.planner.remade import best_remade, simulate_remade
@@ -92,13 +92,17 @@ def _timed(profiled: ProfiledModel, solution: ChainSolution, budget_bytes: int, 
     return profiled.to_plan(solution, 0.0, budget_bytes, recompute_seconds=recompute_seconds)
 
 
-def pareto_plans(profiled: ProfiledModel, remake: bool = True) -> list[Plan]:
+def pareto_plans(profiled: ProfiledModel, remake: bool = True, compiled: str = "") -> list[Plan]:
     """Every plan worth having, from the lowest peak that recomputes nothing to the least peak
-    (see :func:`remat.pareto`)."""
+    (see :func:`remat.pareto`); with ``compiled``, the front's plans compiled (simulated)."""
     start = time.perf_counter()
     solutions = front(profiled)
     seconds = (time.perf_counter() - start) / len(solutions)  # the whole front's solve time, shared out
     plans = [profiled.to_plan(solution, seconds, None) for solution in solutions]
+    if compiled:
+        check_choice("compile backend", compiled, BACKENDS)
+        simulated = [simulate_compiled(profiled, plan, compiled) for plan in plans]
+        return lower_envelope(simulated, lambda p: p.predicted_peak_bytes)
     if remake:
         remade = [r for r in (simulate_remade(profiled, p) for p in plans) if r is not None]
         plans = lower_envelope(plans + remade, lambda p: p.predicted_peak_bytes)
