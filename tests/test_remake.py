@@ -413,3 +413,30 @@ def test_costly_calls_are_remade_in_the_order_of_what_they_save_per_flop():
     assert plan is not None and plan.predicted_peak_bytes <= budget
     remade = [c for c in calls if c.index in plan.remade_costly]
     assert remade and all("attention" in c.name for c in remade)
+
+
+def test_no_remade_plan_is_simulated_where_none_can_be_predicted_faster():
+    """Every remade plan runs at least the model's step with its forward under the recorder: the
+    bound holds for remade plans of the front, and where a fitting chain plan is predicted
+    faster than it, that plan is chosen without a simulated step."""
+    import dataclasses
+
+    from remat.chain.time import Work
+    from remat.planner.choose import solve
+
+    source = models.load("remat:mlp?depth=8&width=256", 512)
+    least = remat.plan(source.model, source.example_inputs, remake=False)
+    budget = least.predicted_peak_bytes  # the chain plan recomputes; cheaper plans of the front may fit remade
+    profiled = ProfiledModel.of(source.model, source.example_inputs, None)
+    solve(profiled, budget)
+    assert profiled.simulated  # the chain's plan recomputes: remade plans are searched
+    bound = profiled.speed.seconds(profiled.baseline.work + Work(recorded_ops=profiled.baseline.forward_ops))
+    for solution in chain_front(profiled)[:3]:
+        remade = simulate_remade(profiled, profiled.to_plan(solution, 0.0, budget))
+        assert remade.predicted_seconds >= bound
+    # With a recorder this slow, no remade plan can win: none is simulated.
+    slow = ProfiledModel.of(source.model, source.example_inputs, None)
+    slow.__dict__["speed"] = dataclasses.replace(profiled.speed, seconds_per_recorded_op=1.0)
+    chosen = solve(slow, budget)
+    assert not chosen.remake and not slow.simulated
+    assert chosen.predicted_peak_bytes <= budget

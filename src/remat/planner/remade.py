@@ -8,9 +8,10 @@ import time
 import warnings
 from collections.abc import Callable
 
+from remat.chain.model import ChainSolution
+from remat.chain.time import Work
 from remat.execute.remake import CostlyCall, costly_calls
 from remat.measure.step import measure_step, step_model
-from remat.chain.model import ChainSolution
 from remat.plan import Plan
 from remat.planner.profiled import ProfiledModel, by_time
 
@@ -72,6 +73,8 @@ def best_remade(
         best = simulate_remade(profiled, chosen)
         if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
             best = chosen
+    elif chosen is not None and not _remade_can_be_faster(profiled, chosen):
+        return chosen
     else:
         cheaper = [
             profiled.to_plan(s, 0.0, budget_bytes)
@@ -99,6 +102,17 @@ def best_remade(
     return dataclasses.replace(
         best, solve_seconds=(chosen.solve_seconds if chosen else 0.0) + time.perf_counter() - start
     )
+
+
+def _remade_can_be_faster(profiled: ProfiledModel, plan: Plan) -> bool:
+    """Whether a plan with remade values could be predicted faster than ``plan``. Any such plan
+    runs at least the model's own step, with every forward operator under the recorder: when
+    that alone is predicted slower, no remade plan is worth a simulated step."""
+    speed = profiled.speed
+    if speed is None or plan.predicted_seconds is None:
+        return True
+    least = profiled.baseline.work + Work(recorded_ops=profiled.baseline.forward_ops)
+    return speed.seconds(least) <= plan.predicted_seconds
 
 
 def remade_costly(profiled: ProfiledModel, front: list[Plan], budget_bytes: int) -> Plan | None:
