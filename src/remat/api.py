@@ -19,7 +19,7 @@ from torch import nn
 
 from remat.budget import InfeasibleBudget, parse_bytes
 from remat.capture.captured import capture, fingerprint
-from remat.execute.compiled import module_for
+from remat.execute.compiled import BACKENDS, module_for
 from remat.execute.module import DropInModule
 from remat.execute.shapes import PerShapeModule
 from remat.measure.step import positional
@@ -27,7 +27,7 @@ from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
 from remat.planner.profiled import Costs, ProfiledModel
 from remat.profile.model import Profile
-from remat.validate import check_model_and_inputs, offload_possible
+from remat.validate import check_choice, check_model_and_inputs, offload_possible
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
 
@@ -119,6 +119,8 @@ def _backend(compile: bool | str) -> str:
     """``compile=`` as a backend of :mod:`remat.execute.compiled` (``""``: not compiled)."""
     if compile is True:
         return "inductor"
+    if compile:
+        check_choice("compile backend", compile, BACKENDS)
     return compile or ""
 
 

@@ -51,6 +51,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from remat.execute.engine import in_pieces
 from remat.execute.module import DropInModule, module_for_plan
+from remat.execute.shapes import input_signature
 from remat.measure.flops import flop_formula
 
 __all__ = ["BACKENDS", "CompiledModule", "module_for", "unsupported"]
@@ -102,7 +103,7 @@ class CompiledModule(DropInModule):
         self.backend = backend
         graph, selective = tagged_graph(captured, plan)
         flat = self.flat_inputs(tuple(example_inputs), {})
-        self._signature = _signature(flat)
+        self._signature = input_signature(flat)
         self._autocast = _autocast()
         self._output_spec = graph.meta["output_spec"]
         # A plain function, not a submodule: the model's modules are reached by one path only
@@ -113,10 +114,10 @@ class CompiledModule(DropInModule):
         if not self.runs_plan():
             return self._model[0](*args, **kwargs)  # nothing to save for backward: the model's own forward
         inputs = self.flat_inputs(args, kwargs)
-        if _signature(inputs) != self._signature:
+        if input_signature(inputs) != self._signature:
             raise ValueError(
                 f"this module was compiled for inputs {_describe(self._signature)} and got "
-                f"{_describe(_signature(inputs))}: call remat.optimize(..., compile=...) for these inputs"
+                f"{_describe(input_signature(inputs))}: call remat.optimize(..., compile=...) for these inputs"
             )
         if _autocast() != self._autocast:
             raise RuntimeError(
@@ -266,15 +267,6 @@ def _inductor(graph: fx.GraphModule, example_inputs: Sequence[Any], partition):
     with config.patch(custom_partitioner_fn=_Partitioner()):
         compiled = compile_fx(graph, list(example_inputs))
     return lambda root, inputs: compiled(*inputs)
-
-
-def _signature(inputs: Sequence[Any]) -> tuple:
-    """What the compiled graphs are specialised to: each input's shape, dtype, device and whether
-    it requires grad (the backward computes its gradient only then); other inputs by value."""
-    return tuple(
-        (tuple(t.shape), t.dtype, t.device.type, t.requires_grad) if isinstance(t, torch.Tensor) else repr(t)
-        for t in inputs
-    )
 
 
 def _autocast() -> tuple:

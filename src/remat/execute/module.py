@@ -17,51 +17,52 @@ from remat.execute.offload import CheckpointOffload
 from remat.execute.remake import remake_cheap
 from remat.measure.step import bind_positional
 
-__all__ = ["DropInModule", "RematModule", "module_for_plan", "share_model"]
+__all__ = ["DropInModule", "RematModule", "StandIn", "module_for_plan"]
 
 
-def share_model(module: nn.Module, model: nn.Module) -> None:
-    """Give ``module`` the model's own children, parameters and buffers under the same names
-    (nothing copied), and keep the model itself off the module tree (``module._model[0]``), so
-    that ``state_dict()`` and ``parameters()`` are the model's."""
-    for name, child in model.named_children():
-        module.add_module(name, child)
-    for name, param in model.named_parameters(recurse=False):
-        module.register_parameter(name, param)
-    for name, buffer in model.named_buffers(recurse=False):
-        module.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
-    module._model = [model]
+class StandIn(nn.Module):
+    """A module in the model's place: it holds the model's own children, parameters and buffers
+    under the same names (nothing copied; ``state_dict()`` is the model's, and an optimizer over
+    either module's parameters trains both), and keeps the model itself off the module tree
+    (``self._model[0]``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        self._model = [model]
+        self.training = model.training  # not .train(): the children keep their own flags
+
+    def train(self, mode: bool = True) -> StandIn:
+        """Set train/eval mode here, on the model's children, and on the model itself."""
+        super().train(mode)
+        self._model[0].training = mode
+        return self
 
 
-class DropInModule(nn.Module):
-    """What every module remat returns shares with the model it stands in for.
+class DropInModule(StandIn):
+    """What every module that runs one plan shares with the model it stands in for.
 
-    It holds the model's own children, parameters and buffers under the same
-    names (``state_dict()`` is the model's, and an optimizer over either
-    module's parameters trains both), binds calls as the model's forward does,
-    and in eval mode or without autograd (``torch.no_grad``) calls the model's
-    own forward: nothing is saved for backward there, so there is nothing to plan.
+    Besides the model's tensors (:class:`StandIn`), it binds calls as the model's
+    forward does, and in eval mode or without autograd (``torch.no_grad``) calls the
+    model's own forward: nothing is saved for backward there, so there is nothing to plan.
     """
 
     def __init__(self, model: nn.Module, captured: Any, plan: Any = None):
-        super().__init__()
-        share_model(self, model)
+        super().__init__(model)
         self._captured = captured
         self._captured_training = model.training  # the graph is specialised to this mode
         self.forward_signature = inspect.signature(model.forward)  # the model's: batches bind to it
         self.plan = plan
-        self.training = model.training  # not .train(): the children keep their own flags
 
     @property
     def captured(self) -> Any:
         """The captured model this module runs (:class:`remat.capture.captured.Captured`)."""
         return self._captured
-
-    def train(self, mode: bool = True) -> DropInModule:
-        """Set train/eval mode here, on the model's children, and on the model itself."""
-        super().train(mode)
-        self._model[0].training = mode
-        return self
 
     def flat_inputs(self, args: tuple, kwargs: dict) -> tuple:
         """The graph's flat inputs for a call with ``args`` and ``kwargs`` (defaults filled in)."""

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from remat.execute.module import share_model
+from remat.execute.module import StandIn
 
-__all__ = ["PerShapeModule", "as_call", "shape_key"]
+__all__ = ["PerShapeModule", "as_call", "input_signature", "shape_key"]
 
 logger = logging.getLogger("remat")
 
@@ -37,14 +37,23 @@ def as_call(example_inputs: Any) -> tuple[tuple, dict]:
     return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
 
 
+def input_signature(values: Sequence[Any]) -> tuple:
+    """What a plan or its compiled graphs are specialised to in a call: each tensor's shape,
+    dtype, device and whether it requires grad (the backward computes its gradient only then);
+    other values as they are."""
+    return tuple(
+        (tuple(t.shape), t.dtype, t.device.type, t.requires_grad) if isinstance(t, torch.Tensor) else repr(t)
+        for t in values
+    )
+
+
 def shape_key(args: tuple, kwargs: dict) -> tuple:
-    """What a plan is specialised to in a call: each tensor's shape and dtype, other values as they are."""
+    """The :func:`input_signature` of a call's arguments, with their structure."""
     leaves, spec = tree_flatten((args, kwargs))
-    described = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t) for t in leaves)
-    return described, str(spec)
+    return input_signature(leaves), str(spec)
 
 
-class PerShapeModule(nn.Module):
+class PerShapeModule(StandIn):
     """The model trained with a plan for each input shape; a drop-in for the original.
 
     Made by ``remat.optimize(..., per_shape=N)``. It holds the model's own children,
@@ -58,12 +67,10 @@ class PerShapeModule(nn.Module):
     def __init__(
         self, model: nn.Module, make: Callable[[tuple, dict], nn.Module], example_inputs: Any, max_shapes: int = 8
     ):
-        super().__init__()
         if max_shapes < 1:
             raise ValueError(f"per_shape keeps at least one plan: got {max_shapes}")
-        share_model(self, model)
+        super().__init__(model)
         self.max_shapes = max_shapes
-        self.training = model.training
         self._make = make
         # Not submodules: each shares the model's tensors, which would be listed again.
         self._planned: collections.OrderedDict[tuple, nn.Module] = collections.OrderedDict()
@@ -79,11 +86,6 @@ class PerShapeModule(nn.Module):
     def plan(self) -> Any:
         """The plan of the most recent call's shapes (None before the first)."""
         return next(reversed(self._planned.values())).plan if self._planned else None
-
-    def train(self, mode: bool = True) -> PerShapeModule:
-        super().train(mode)
-        self._model[0].training = mode
-        return self
 
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):

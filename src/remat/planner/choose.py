@@ -11,7 +11,6 @@ from remat.plan import Plan
 from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
 from remat.chain.time import recompute_counts
-from remat.execute.compiled import BACKENDS
 from remat.planner.compiled import compiled_choice, simulate_compiled
 from remat.planner.families import front, lower_envelope, solve_chain
 from remat.planner.profiled import Costs, ProfiledModel, by_time
@@ -43,11 +42,10 @@ def solve(
     recompute is not the fastest where its regions and dispatch modes cost more than
     the FLOPs a plan with fewer of them recomputes (:mod:`remat.chain.time`).
 
-    ``compiled`` (a backend of :mod:`remat.execute.compiled`): plans a compiled module runs
+    ``compiled`` (one of :data:`remat.execute.compiled.BACKENDS`): plans a compiled module runs
     (no nested checkpoints, offload or remade values), chosen by simulated compiled steps."""
     check_choice("costs", costs, ("flops", "profile"))
     if compiled:
-        check_choice("compile backend", compiled, BACKENDS)
         if offload:
             raise ValueError("compiled plans do not offload: pass offload=False, or compile=False to offload")
         remake = False
@@ -100,7 +98,6 @@ def pareto_plans(profiled: ProfiledModel, remake: bool = True, compiled: str = "
     seconds = (time.perf_counter() - start) / len(solutions)  # the whole front's solve time, shared out
     plans = [profiled.to_plan(solution, seconds, None) for solution in solutions]
     if compiled:
-        check_choice("compile backend", compiled, BACKENDS)
         simulated = [simulate_compiled(profiled, plan, compiled) for plan in plans]
         return lower_envelope(simulated, lambda p: p.predicted_peak_bytes)
     if remake:

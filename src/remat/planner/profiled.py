@@ -57,6 +57,7 @@ class ProfiledModel:
     _selective: Chain | None = None  # the chain with selective costs too (see selective_chain())
     _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
     simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> its simulated step, see planner.remade
+    compiled: dict = dataclasses.field(default_factory=dict)  # what an aot_eager module runs -> it, see module()
 
     @classmethod
     def of(
@@ -127,8 +128,16 @@ class ProfiledModel:
 
     def module(self, plan: Plan) -> DropInModule:
         """The model run with ``plan`` (compiled if it says so), on the capture the plan was made
-        for (its cut mode)."""
-        return module_for(self.model, self.cut_as(plan).captured, plan, self.inputs)
+        for (its cut mode). An ``aot_eager`` module is compiled once per partition: the one a
+        simulated step ran (:mod:`remat.planner.compiled`) is the one returned for the plan chosen."""
+        if plan.compiled != "aot_eager":
+            return module_for(self.model, self.cut_as(plan).captured, plan, self.inputs)
+        runs = (plan.cuts, plan.checkpoints, plan.stored, plan.selective)
+        if runs not in self.compiled:
+            self.compiled[runs] = module_for(self.model, self.cut_as(plan).captured, plan, self.inputs)
+        module = self.compiled[runs]
+        module.plan = plan  # the same graphs; the plan as priced
+        return module
 
     @functools.cached_property
     def fingerprint(self) -> str:
