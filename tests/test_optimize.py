@@ -596,3 +596,16 @@ def test_conversions_that_return_their_input_are_not_cut_as_new_values():
     measured = measure_step(fast, (x,), fake=True).peak_bytes
     # Cut as new values, they were counted as freed while their storage (the residual stream) lived: 13% under.
     assert measured <= fast.plan.predicted_peak_bytes <= measured * 1.01
+
+
+def test_a_loss_fn_may_close_over_real_labels():
+    # Planned on fake tensors, the loss meets the caller's real labels: they are read as fake ones.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    model(x)  # sizes the lazy layer
+    loss_fn = lambda out: nn.functional.cross_entropy(out, y)  # noqa: E731
+    fast = remat.optimize(model, x, loss_fn=loss_fn)
+    assert measure_step(fast, x, loss_fn, fake=True).peak_bytes == fast.plan.predicted_peak_bytes
+    assert measure_step(fast, x, loss_fn).peak_bytes == fast.plan.predicted_peak_bytes
+    assert_grads_equal(step_grads(model, (x,), loss_fn=loss_fn), step_grads(fast, (x,), loss_fn=loss_fn))

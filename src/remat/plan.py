@@ -132,6 +132,11 @@ class Plan:
         return tuple(self.stage_names[i - 1] for i in self.checkpoints)
 
     @property
+    def kept(self) -> str:
+        """The kept activations, as the summary and the module's repr show them."""
+        return ", ".join(self.checkpoint_names) or "(none: store everything)"
+
+    @property
     def recompute_overhead(self) -> float:
         """Recomputed FLOPs as a fraction of one forward pass."""
         return self.recompute_flops / self.forward_flops if self.forward_flops else 0.0
@@ -191,8 +196,7 @@ class Plan:
             ["capture + solve", f"{self.capture_seconds:.2f} s + {self.solve_seconds:.3f} s"],
         ]
         table = format_table(rows, ["", "value"])
-        kept = ", ".join(self.checkpoint_names) or "(none: store everything)"
-        return f"{table}\nkept: {kept}"
+        return f"{table}\nkept: {self.kept}"
 
     def to_json(self) -> str:
         return json.dumps({"format": _FORMAT, **dataclasses.asdict(self)}, indent=2)

@@ -129,8 +129,7 @@ class CompiledModule(DropInModule):
         return self.structured_output(tree_unflatten(list(out), self._output_spec))
 
     def extra_repr(self) -> str:
-        kept = ", ".join(self.plan.checkpoint_names)
-        return f"keeps: {kept} (compiled, {self.backend})"
+        return f"keeps: {self.plan.kept} (compiled, {self.backend})"
 
 
 def module_for(model: nn.Module, captured: Any, plan: Any, example_inputs: tuple) -> DropInModule:

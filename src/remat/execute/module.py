@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,20 @@ class StandIn(nn.Module):
     either module's parameters trains both), and keeps the model itself off the module tree
     (``self._model[0]``)."""
 
+    # NOTE [the model's forward signature]
+    # Training libraries read a model's forward signature to decide what to pass it: Hugging Face's
+    # Trainer keeps the batch columns the signature names, finds the labels in it (on the class),
+    # and passes loss keyword arguments where it takes **kwargs. So a stand-in is made an instance
+    # of a subclass (one per model class) whose forward has the model's signature.
+    # Per-call loss keyword arguments (num_items_in_batch) are not model inputs a plan was made
+    # for: this tells Trainer not to pass them; it scales the batch-mean loss itself.
+    accepts_loss_kwargs = False
+
+    def __new__(cls, model: nn.Module | None = None, *args, **kwargs):
+        if model is None or "_model_class" in cls.__dict__:  # copy, pickle, or already signed
+            return super().__new__(cls)
+        return super().__new__(_signed(cls, type(model)))
+
     def __init__(self, model: nn.Module):
         super().__init__()
         for name, child in model.named_children():
@@ -42,6 +57,20 @@ class StandIn(nn.Module):
         super().train(mode)
         self._model[0].training = mode
         return self
+
+
+@functools.cache
+def _signed(cls: type, model_class: type) -> type:
+    """``cls`` with its forward shown under ``model_class.forward``'s signature
+    (NOTE [the model's forward signature])."""
+
+    def forward(self, *args, **kwargs):
+        return cls.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(model_class.forward)
+    forward.__doc__ = cls.forward.__doc__
+    name = f"{cls.__name__}[{model_class.__name__}]"
+    return type(name, (cls,), {"forward": forward, "_model_class": model_class, "__module__": cls.__module__})
 
 
 class DropInModule(StandIn):
@@ -163,7 +192,7 @@ class RematModule(DropInModule):
             return self.structured_output(self._engine.run(inputs))
 
     def extra_repr(self) -> str:
-        kept = ", ".join(self.plan.checkpoint_names) if self.plan is not None else str(self.boundaries)
+        kept = self.plan.kept if self.plan is not None else str(self.boundaries)
         nested = f" (and {sum(map(len, self.nested.values()))} nested in recomputes)" if self.nested else ""
         stored = f" ({len(self.stored)} segments stored, not recomputed)" if self.stored else ""
         stored += f" ({len(self.selective)} stages selective)" if self.selective else ""

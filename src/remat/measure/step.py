@@ -149,7 +149,9 @@ def step_model(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.nn.utils.stateless import _reparametrize_module
 
-        mode = FakeTensorMode()
+        # Real tensors the step meets outside the model and inputs (labels a loss_fn closes over)
+        # become fake ones as they are read.
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
         fakes: dict[int, torch.Tensor] = {}  # tied tensors stay tied
 
         def to_fake(t: torch.Tensor) -> torch.Tensor:
