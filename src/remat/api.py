@@ -22,7 +22,7 @@ from remat.capture.captured import capture, fingerprint
 from remat.execute.compiled import BACKENDS, module_for
 from remat.execute.module import DropInModule
 from remat.execute.shapes import PerShapeModule
-from remat.measure.step import positional
+from remat.measure.step import has_meta, positional, without_weights
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
 from remat.planner.profiled import Costs, ProfiledModel
@@ -108,11 +108,12 @@ def plan(
         True
     """
     budget_bytes = None if budget is None else parse_bytes(budget)
-    offload = offload and offload_possible(model, positional(model, example_inputs))
-    profiled = ProfiledModel.of(
-        model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
-    )
-    return solve(profiled, budget_bytes, offload, costs, remake, _backend(compile))
+    with without_weights(model, example_inputs) as example_inputs:
+        offload = offload and offload_possible(model, positional(model, example_inputs))
+        profiled = ProfiledModel.of(
+            model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
+        )
+        return solve(profiled, budget_bytes, offload, costs, remake, _backend(compile))
 
 
 def _backend(compile: bool | str) -> str:
@@ -153,7 +154,8 @@ def pareto(
         >>> front[-1].predicted_peak_bytes == remat.plan(net, x).predicted_peak_bytes
         True
     """
-    return pareto_plans(ProfiledModel.of(model, example_inputs, loss_fn), remake, _backend(compile))
+    with without_weights(model, example_inputs) as example_inputs:
+        return pareto_plans(ProfiledModel.of(model, example_inputs, loss_fn), remake, _backend(compile))
 
 
 def max_batch(
@@ -192,7 +194,8 @@ def max_batch(
 
     def best(batch: int) -> Plan | None:
         try:
-            return solve(ProfiledModel.of(model, make_inputs(batch), loss_fn), budget_bytes, compiled=_backend(compile))
+            with without_weights(model, make_inputs(batch)) as inputs:
+                return solve(ProfiledModel.of(model, inputs, loss_fn), budget_bytes, compiled=_backend(compile))
         except InfeasibleBudget:
             return None
 
@@ -276,6 +279,12 @@ def optimize(
         return PerShapeModule(
             model, lambda args, kwargs: optimize(model, (args, kwargs), **options), example_inputs,
             8 if per_shape is True else per_shape,
+        )
+    if has_meta(model, example_inputs):
+        raise ValueError(
+            f"{type(model).__name__} is on the meta device: it has no weights to train. Plan it "
+            "(remat.plan(model, batch), then plan.save(path)), build the model with its weights, and "
+            "call remat.optimize(model, batch, plan=remat.Plan.load(path))"
         )
     inputs = positional(model, example_inputs)
     backend = _backend(compile)

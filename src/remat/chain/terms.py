@@ -195,10 +195,20 @@ class SegmentTerms:
         The kept bytes leave out ``a(r)``: the recomputed segment that must
         follow holds it as its input.
         """
+        peaks, keeps = self.stored_row(l)
+        return int(peaks[r - l - 1]), int(keeps[r - l - 1])
+
+    def stored_row(self, l: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`stored_segment` ``(l, r)`` for all ``r`` in ``l+1..n-2`` (vectorised)."""
+        n = self.n
+        if l + 1 > n - 2:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         kept = int(self.a_in[l]) if self.keeps_in[l + 1] else 0
-        fwd = max(int(self.a_in[l] + self.f_s[l + 1]), kept + int(self.T_rc[l + 2 : r + 1].max(initial=0) - self.Q[l]))
-        bw = kept + self.held + int(self.T_bw_last[l + 1 : r + 1].max() - self.Q[l])
-        return max(fwd, bw), kept + int(self.HH[r] - self.Q[l])
+        cm = np.maximum.accumulate
+        rc = np.concatenate([[0], np.maximum(cm(self.T_rc[l + 2 : n - 1]), 0)])  # max T_rc[l+2..r], at least 0
+        fwd = np.maximum(int(self.a_in[l] + self.f_s[l + 1]), kept + rc - self.Q[l])
+        bw = kept + self.held + cm(self.T_bw_last[l + 1 : n - 1]) - self.Q[l]
+        return np.maximum(fwd, bw), kept + self.HH[l + 1 : n - 1] - self.Q[l]
 
     @functools.cached_property
     def lists(self) -> tuple[list[int], ...]:

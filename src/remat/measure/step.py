@@ -16,8 +16,8 @@ from remat.chain.time import Work
 from remat.measure.tracker import MemoryTracker, has_storage, round_to_of, storage_bytes, track_memory, unique_storage_bytes
 
 __all__ = [
-    "StepMeasurement", "as_tuple", "bind_positional", "default_loss", "first_tensor", "measure_step", "model_device",
-    "positional", "step_model",
+    "StepMeasurement", "as_tuple", "bind_positional", "default_loss", "first_tensor", "has_meta", "measure_step",
+    "model_device", "positional", "step_model", "without_weights",
 ]
 
 
@@ -181,6 +181,54 @@ def step_model(model: torch.nn.Module, example_inputs: Any, *, fake: bool):
                 p.grad = grad
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+
+
+def has_meta(model: torch.nn.Module, example_inputs: Any) -> bool:
+    """Whether ``model`` was built on ``device="meta"`` (or an input is on meta)."""
+    tensors = [*model.parameters(), *model.buffers(), *tree_flatten(example_inputs)[0]]
+    return any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+
+
+@contextlib.contextmanager
+def without_weights(model: torch.nn.Module, example_inputs: Any):
+    """``example_inputs`` ready to plan ``model`` with, when the model holds no real weights.
+
+    A model built on ``device="meta"`` is planned as if built on the device of its other
+    inputs (the CPU if all are meta): until the ``with`` block ends, its meta parameters and
+    buffers are swapped for fake tensors there. Its inputs, and the real inputs of a model
+    built under the caller's ``FakeTensorMode``, are made fake in the model's mode. A model
+    with real weights and its inputs are left as they are. Yields the inputs.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    flat = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+    fake = next((t for _, t in named if isinstance(t, FakeTensor)), None)
+    if fake is None and not has_meta(model, example_inputs):
+        yield example_inputs
+        return
+    mode = fake.fake_mode if fake is not None else FakeTensorMode(allow_non_fake_inputs=True)
+    device = next((t.device for t in flat if not t.is_meta), torch.device("cpu"))
+    fakes: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+
+    def to_fake(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, FakeTensor):
+            return t
+        if id(t) not in fakes:
+            if t.is_meta:
+                with mode:
+                    made = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            else:
+                made = mode.from_tensor(t)
+            made.requires_grad_(t.requires_grad)
+            # Parameters stay Parameters: torch.export checks the state dict's kinds.
+            fakes[id(t)] = torch.nn.Parameter(made, t.requires_grad) if isinstance(t, torch.nn.Parameter) else made
+        return fakes[id(t)]
+
+    swapped = {name: to_fake(t) for name, t in named if t.is_meta}
+    with _reparametrize_module(model, swapped):
+        yield tree_map_only(torch.Tensor, to_fake, example_inputs)
 
 
 def measure_step(

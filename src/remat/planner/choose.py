@@ -4,13 +4,14 @@ within a budget, the one predicted fastest."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from remat.budget import InfeasibleBudget
 from remat.plan import Plan
 from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
-from remat.chain.time import recompute_counts
+from remat.chain.time import Work, recompute_counts
 from remat.planner.compiled import compiled_choice, simulate_compiled
 from remat.planner.families import front, lower_envelope, solve_chain
 from remat.planner.profiled import Costs, ProfiledModel, by_time
@@ -53,10 +54,10 @@ def solve(
         chosen = solve_chain(profiled, budget_bytes, offload, costs, nested=not compiled)
     except InfeasibleBudget:
         chosen = None
-    solutions = front(profiled) if budget_bytes is not None and not offload else []
+    fitting = _fitting_front(profiled, budget_bytes, chosen, costs) if budget_bytes is not None and not offload else []
     chain_plan = chosen
     if remake and not offload and costs == "flops":
-        chosen = best_remade(profiled, chosen, budget_bytes, solutions)
+        chosen = best_remade(profiled, chosen, budget_bytes)
     if chosen is None:
         least = solve(profiled, None, offload, costs, remake, compiled)
         raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
@@ -71,13 +72,37 @@ def solve(
             limit = chosen.predicted_peak_bytes * (1 + PEAK_TOLERANCE)
             candidates += [p for p in (chain_plan, store) if p.predicted_peak_bytes <= limit]
     else:
-        candidates = [chosen, *(_timed(profiled, s, budget_bytes, costs) for s in solutions if s.peak_bytes <= budget_bytes)]
+        candidates = [chosen, *fitting]
     if compiled:
         fastest = compiled_choice(profiled, candidates, budget_bytes, compiled, PEAK_TOLERANCE)
     else:
         fastest = min(candidates, key=by_time)
     # Pricing the candidates counts as solve time, whichever plan won.
     return dataclasses.replace(fastest, solve_seconds=chosen.solve_seconds + time.perf_counter() - start)
+
+
+def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | None, costs: Costs) -> list[Plan]:
+    """The plans of the chain's Pareto front that fit ``budget_bytes``, timed.
+
+    The walk starts at the budget and goes down the front, where recompute only grows. It
+    stops at a plan whose recompute FLOPs alone, over the model's own step, are predicted
+    slower than the fastest plan found: every plan after it is (:class:`remat.chain.time.Work`
+    adds up, and a chain plan's work is the model's step and at least its recompute's FLOPs).
+    """
+    speed = profiled.speed
+    if speed is None or costs != "flops":
+        return [_timed(profiled, s, budget_bytes, costs) for s in front(profiled, below=budget_bytes)]
+    timed: dict[int, Plan] = {}
+    fastest = by_time(chosen)[0] if chosen is not None and chosen.predicted_seconds is not None else math.inf
+
+    def slower_from_here(solution: ChainSolution) -> bool:
+        nonlocal fastest
+        timed[id(solution)] = plan = _timed(profiled, solution, budget_bytes, costs)
+        fastest = min(fastest, by_time(plan)[0])
+        return speed.seconds(profiled.baseline.work + Work(flops=solution.recompute_flops)) > fastest
+
+    solutions = front(profiled, below=budget_bytes, until=slower_from_here)
+    return [timed.get(id(s)) or _timed(profiled, s, budget_bytes, costs) for s in solutions]
 
 
 def _timed(profiled: ProfiledModel, solution: ChainSolution, budget_bytes: int, costs: Costs) -> Plan:

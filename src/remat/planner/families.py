@@ -58,12 +58,15 @@ def solve_chain(
     return profiled.to_plan(solution, seconds, budget_bytes, offload, recompute_seconds)
 
 
-def front(profiled: ProfiledModel) -> list[ChainSolution]:
+def front(
+    profiled: ProfiledModel, below: int | None = None, until: Callable[[ChainSolution], bool] | None = None
+) -> list[ChainSolution]:
     """The chain's Pareto front of plans (peak descending, recompute ascending), with the stored
-    and selective segments of the chain cut at single tensors where that chain is small enough."""
-    front = pareto_front(profiled.chain)
+    and selective segments of the chain cut at single tensors where that chain is small enough.
+    ``below`` and ``until`` bound each walk (:func:`remat.solvers.checkpoints.pareto_front`)."""
+    front = pareto_front(profiled.chain, below=below, until=until)
     if profiled.plain().chain.n <= MAX_NESTED_STAGES:
-        richer = pareto_front(profiled.plain().selective_chain(), store=True)
+        richer = pareto_front(profiled.plain().selective_chain(), store=True, below=below, until=until)
         front = lower_envelope(front + [s for s in richer if s.stored or s.selective], lambda s: s.peak_bytes)
     return front
 

@@ -8,11 +8,11 @@ import time
 import warnings
 from collections.abc import Callable
 
-from remat.chain.model import ChainSolution
 from remat.chain.time import Work
 from remat.execute.remake import CostlyCall, costly_calls
 from remat.measure.step import measure_step, step_model
 from remat.plan import Plan
+from remat.planner.families import front
 from remat.planner.profiled import ProfiledModel, by_time
 
 __all__ = ["MAX_COSTLY_KINDS", "MAX_TRADES", "best_remade", "costly_calls_of", "costly_worth", "remade_costly", "simulate_remade"]
@@ -57,16 +57,14 @@ def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...]
     return min(simulated, key=lambda p: p.predicted_peak_bytes)
 
 
-def best_remade(
-    profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int | None, front: list[ChainSolution]
-) -> Plan | None:
+def best_remade(profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int | None) -> Plan | None:
     """``chosen``, or the same plan run with remade values if that lowers the least peak.
 
     Within a budget, the least predicted step time (:func:`by_time`) among ``chosen``, the plans of the front run
     with remade values (the one that recomputes least first, then by bisection along
     the rest), and the first remade with the outputs of its most memory-hungry matmuls
     remade too (:func:`remade_costly`). Each candidate is one or two simulated steps;
-    ``front`` is the chain's Pareto front (:func:`remat.planner.families.front`).
+    the front is the chain's (:func:`remat.planner.families.front`), down to ``chosen``.
     """
     start = time.perf_counter()
     if budget_bytes is None:  # the least-peak plan is there
@@ -76,9 +74,10 @@ def best_remade(
     elif chosen is not None and not _remade_can_be_faster(profiled, chosen):
         return chosen
     else:
+        reached = None if chosen is None else lambda s: s.recompute_flops >= chosen.recompute_flops
         cheaper = [
             profiled.to_plan(s, 0.0, budget_bytes)
-            for s in front if chosen is None or s.recompute_flops < chosen.recompute_flops
+            for s in front(profiled, until=reached) if chosen is None or s.recompute_flops < chosen.recompute_flops
         ]
 
         def remade(index: int) -> Plan | None:

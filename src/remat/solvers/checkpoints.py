@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -155,7 +156,14 @@ def min_recompute(
 
 
 
-def pareto_front(chain: Chain, *, offload: bool = False, store: bool = False) -> list[ChainSolution]:
+def pareto_front(
+    chain: Chain,
+    *,
+    offload: bool = False,
+    store: bool = False,
+    below: int | None = None,
+    until: Callable[[ChainSolution], bool] | None = None,
+) -> list[ChainSolution]:
     """Every plan worth having: for each peak, the least recompute, from storing everything to the least peak.
 
     Peaks strictly decrease along the list and recompute strictly increases:
@@ -171,16 +179,21 @@ def pareto_front(chain: Chain, *, offload: bool = False, store: bool = False) ->
         >>> front[0].recompute_flops, front[-1].peak_bytes == min_peak(random_chain(12, seed=3)).peak_bytes
         (0, True)
 
-    With ``store=True``, over the plans of ``min_recompute(..., store=True)``.
+    With ``store=True``, over the plans of ``min_recompute(..., store=True)``. With
+    ``below``, only the plans whose peak is at most ``below`` bytes (the walk starts
+    there); ``until(solution)`` true ends the walk after that plan (the plans after it
+    recompute at least as much).
     """
     front: list[ChainSolution] = []
-    solution = min_recompute(chain, peak_of(chain, []), offload=offload, store=store)
+    solution = min_recompute(chain, peak_of(chain, []) if below is None else below, offload=offload, store=store)
     while solution is not None:
         # Budgets only go down, so recompute never does: a plan with the same
         # recompute as the one before it and a lower peak replaces it.
         if front and front[-1].recompute_flops == solution.recompute_flops:
             front.pop()
         front.append(solution)
+        if until is not None and until(solution):
+            break
         solution = min_recompute(chain, solution.peak_bytes - 1, offload=offload, store=store)
     return front
 

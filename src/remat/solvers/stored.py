@@ -4,6 +4,8 @@ selectively, found by Pareto sets of (kept bytes, recomputed FLOPs) per boundary
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from remat.chain.cost import handed_over, make_solution
@@ -27,69 +29,94 @@ def _plan_with_stored(
     """Least-recompute (checkpoints, stored starts, selective starts) within ``limit``, by Pareto
     sets per boundary.
 
-    A label is ``(kept bytes, recomputed FLOPs, previous label, boundary,
-    how the segment ending there runs: "recomputed", "stored" or "selective")``.
-    ``free[r]`` holds prefixes whose segment ending at ``r`` was recomputed
-    (or ``r = 0``); ``after[kind][r]`` those that end with a stored segment run
-    that way, which the next kept segment (stored or last) must run the other
-    way. With ``selective`` (the terms of the chain run selectively), stored
-    segments may run so, and the last one with ``selective_last``.
+    A label is a prefix plan ending at a boundary ``r``: its kept bytes, its recomputed
+    FLOPs, the label it extends and how the segment ending at ``r`` runs ("recomputed",
+    "stored" or "selective"). The labels at ``r`` are grouped by that last segment's kind:
+    a stored segment must be followed by a kept segment (stored or last) run the other way,
+    or by a recomputed one. With ``selective`` (the terms of the chain run selectively),
+    stored segments may run so, and the last one with ``selective_last``. Labels are kept as
+    arrays (:class:`_Labels`), made a row of boundaries at a time.
     """
     n = terms.n
-    flops = np.concatenate([[0], np.cumsum(fwd_flops)]).tolist()
+    flops = np.concatenate([[0], np.cumsum(fwd_flops)]).astype(np.int64)
     kinds = {"stored": terms, **({"selective": selective} if selective is not None else {})}
-    free: list[list[tuple]] = [[] for _ in range(n)]
-    after: dict[str, list[list[tuple]]] = {kind: [[] for _ in range(n)] for kind in kinds}
-    free[0].append((0, 0, None, 0, "recomputed"))
-    best = None  # (label, whether the last segment runs selectively)
+    labels = _Labels()
+    best = None  # (recomputed FLOPs, label, whether the last segment runs selectively)
     for l in range(n):
-        for before, labels in [(None, free[l]), *((kind, after[kind][l]) for kind in kinds)]:
-            front = _pareto(labels)
-            if not front:
+        for before in (None, *kinds):
+            kept, recomputed, ids = labels.front(before, l)
+            if not len(ids):
                 continue
             for kind, kind_terms in kinds.items():
                 if kind == before:
                     continue
                 handed = handed_over(kinds[before] if before else None, kind_terms, l)
                 if kind != "selective" or selective_last:
-                    last = handed + kind_terms.last_segment(l)
-                    fits = [lab for lab in front if lab[0] + last <= limit]
-                    if fits:
-                        top = min(fits, key=lambda x: x[1])
-                        if best is None or top[1] < best[0][1]:
-                            best = (top, kind == "selective")
-                for r in range(l + 1, n - 1):  # (a last segment of the loss alone would follow)
-                    cost, keeps = kind_terms.stored_segment(l, r)
-                    for label in front:  # kept bytes ascending: the feasible ones come first
-                        if label[0] + handed + cost > limit:
-                            break
-                        after[kind][r].append((label[0] + handed + keeps, label[1], label, r, kind))
-            recompute, _ = terms.row(l)
+                    # kept bytes ascending, FLOPs descending: the last that fits recomputes least
+                    fits = int(np.searchsorted(kept, limit - handed - kind_terms.last_segment(l), side="right"))
+                    if fits and (best is None or recomputed[fits - 1] < best[0]):
+                        best = (recomputed[fits - 1], int(ids[fits - 1]), kind == "selective")
+                peaks, keeps = kind_terms.stored_row(l)
+                counts = np.searchsorted(kept, limit - handed - peaks, side="right")
+                for r, m, keep in zip(range(l + 1, n - 1), counts.tolist(), keeps.tolist()):
+                    if m:  # (a last segment of the loss alone would follow r = n - 1)
+                        labels.add(kind, r, kept[:m] + (handed + keep), recomputed[:m], ids[:m])
+            peaks, _ = terms.row(l)
+            counts = np.searchsorted(kept, limit - peaks, side="right")
             a_l = int(terms.a_in[l])
-            for r in range(l + 1, n):
-                cost = int(recompute[r - l - 1])
-                for label in front:
-                    if label[0] + cost > limit:
-                        break
-                    free[r].append((label[0] + a_l, label[1] + flops[r] - flops[l], label, r, "recomputed"))
+            for r, m in zip(range(l + 1, n), counts.tolist()):
+                if m:
+                    labels.add(None, r, kept[:m] + a_l, recomputed[:m] + int(flops[r] - flops[l]), ids[:m])
     if best is None:
         return None
-    label, last_selective = best
-    checkpoints, stored, chosen = [], [], [label[3]] if last_selective else []
-    while label[2] is not None:
-        checkpoints.append(label[3])
-        if label[4] != "recomputed":
-            stored.append(label[2][3])
-            if label[4] == "selective":
-                chosen.append(label[2][3])
-        label = label[2]
+    _, label, last_selective = best
+    parent, boundary, kind = labels.facts(label)
+    checkpoints, stored, chosen = [], [], [boundary] if last_selective else []
+    while parent >= 0:
+        checkpoints.append(boundary)
+        start = labels.facts(parent)[1]
+        if kind is not None:
+            stored.append(start)
+            if kind == "selective":
+                chosen.append(start)
+        parent, boundary, kind = labels.facts(parent)
     return tuple(reversed(checkpoints)), tuple(reversed(stored)), tuple(sorted(chosen))
 
 
-def _pareto(labels: list[tuple]) -> list[tuple]:
-    """Labels no other beats on both kept bytes and FLOPs, by kept bytes ascending."""
-    front: list[tuple] = []
-    for label in sorted(labels, key=lambda x: (x[0], x[1])):
-        if not front or label[1] < front[-1][1]:
-            front.append(label)
-    return front
+class _Labels:
+    """The labels of :func:`_plan_with_stored`, made in rows: each row is labels extending
+    some labels (their ids) to one boundary by one kind of segment. Label 0 is the empty
+    plan at boundary 0."""
+
+    def __init__(self):
+        self.starts = [0]  # per row: the id of its first label
+        self.rows: list[tuple[np.ndarray, int, str | None]] = [(np.array([-1]), 0, None)]  # (parents, boundary, kind)
+        self.waiting: dict[tuple[str | None, int], list[tuple[np.ndarray, ...]]] = {(None, 0): [
+            (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        ]}
+
+    def add(self, kind: str | None, boundary: int, kept: np.ndarray, recomputed: np.ndarray, parents: np.ndarray) -> None:
+        first = self.starts[-1] + len(self.rows[-1][0])
+        self.starts.append(first)
+        self.rows.append((parents, boundary, kind))
+        ids = np.arange(first, first + len(parents))
+        self.waiting.setdefault((kind, boundary), []).append((kept, recomputed, ids))
+
+    def front(self, kind: str | None, boundary: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The labels at ``boundary`` whose last segment runs as ``kind`` that no other beats on
+        both kept bytes and FLOPs (the first made of equal ones), by kept bytes ascending."""
+        made = self.waiting.pop((kind, boundary), [])
+        if not made:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        kept, recomputed, ids = (np.concatenate(parts) for parts in zip(*made))
+        order = np.lexsort((recomputed, kept))  # stable: the first made wins ties
+        kept, recomputed, ids = kept[order], recomputed[order], ids[order]
+        least_before = np.concatenate([[np.iinfo(np.int64).max], np.minimum.accumulate(recomputed)[:-1]])
+        keep = recomputed < least_before
+        return kept[keep], recomputed[keep], ids[keep]
+
+    def facts(self, label: int) -> tuple[int, int, str | None]:
+        """``label``'s parent (-1 for the empty plan), boundary and last segment's kind."""
+        row = bisect.bisect_right(self.starts, label) - 1
+        parents, boundary, kind = self.rows[row]
+        return int(parents[label - self.starts[row]]), boundary, kind

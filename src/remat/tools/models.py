@@ -23,7 +23,8 @@ The same spec is used by the Python API, the benchmarks and the command line:
   labels (``model(**batch)`` gives the loss): token ids of length ``seq``
   (default 128) or images of the config's size; batch 8. The config's
   defaults are often billions of parameters: give sizes (``hidden_size``,
-  ``num_hidden_layers``, ...); a model of over 2 billion is refused.
+  ``num_hidden_layers``, ...); built with weights, a model of over 2 billion
+  is refused (build it with ``fake=True``: no weights, any size).
 * ``path/to/file.py:factory`` -- imports the file and calls
   ``factory(**options)``, which returns a module or a ``(module,
   example_inputs)`` tuple. A bare module needs ``input_shape``.
@@ -35,11 +36,13 @@ The same spec is used by the Python API, the benchmarks and the command line:
   golden tests).
 
 Every spec also takes ``batch=N``, the default batch size (an explicit
-``batch_size`` argument wins). Option values are read as int, float or bool
+``batch_size`` argument wins), and ``dtype=NAME`` (``bfloat16``, ``float16``):
+the parameters and floating-point inputs in that dtype. Option values are read as int, float or bool
 (``true``/``false``) where they look like one, else kept as strings.
 
 Models are built on CPU with real random weights, seeded so that the same spec
-always gives the same model, and returned in training mode.
+always gives the same model, and returned in training mode; with ``fake=True``
+they are built without weights (fake tensors), for planning.
 
 Example:
     >>> from remat.tools import models
@@ -52,6 +55,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -62,6 +66,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from remat.tools import nets
 
@@ -110,7 +115,7 @@ class ModelSource:
 
 
 def load(
-    spec: str, batch_size: int | None = None, *, input_shape: tuple[int, ...] | None = None
+    spec: str, batch_size: int | None = None, *, input_shape: tuple[int, ...] | None = None, fake: bool = False
 ) -> ModelSource:
     """Build the model named by ``spec`` with example inputs.
 
@@ -124,6 +129,10 @@ def load(
             ``(3, 64, 64)`` for an image model or ``(128,)`` (sequence length)
             for a Hugging Face model. Required for a file factory that returns
             only a module.
+        fake: build the model without weights, for planning and fake-tensor
+            steps only: on the meta device, its parameters and buffers then
+            made fake CPU tensors (no memory, no data; no initialisation run),
+            so a model of any size builds in seconds. The example inputs stay real.
 
     Raises:
         ValueError: the spec, its name or one of its options is not understood.
@@ -140,11 +149,39 @@ def load(
     default_batch = options.pop("batch", None)
     if default_batch is not None and not (isinstance(default_batch, int) and default_batch > 0):
         raise ValueError(f"batch={default_batch!r} in {spec!r} must be a positive integer")
-    with torch.random.fork_rng(devices=[]):
+    dtype = _dtype(options.pop("dtype", None), spec)
+    with torch.random.fork_rng(devices=[]), torch.device("meta") if fake else contextlib.nullcontext():
         torch.manual_seed(SEED)
-        model, make_inputs, source_batch = _build(spec, target, options, input_shape)
+        model, make_inputs, source_batch = _build(spec, target, options, input_shape, fake)
+        if dtype is not None:
+            model.to(dtype)
+            make_inputs = _cast_inputs(make_inputs, dtype)
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
     batch = batch_size or default_batch or source_batch
     return ModelSource(spec, model.train(), make_inputs(batch), make_inputs)
+
+
+def _dtype(name: Any, spec: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={name!r} in {spec!r} is not a floating-point torch dtype (float32, bfloat16, float16)")
+    return dtype
+
+
+def _cast_inputs(make_inputs: Callable[[int], Any], dtype: torch.dtype) -> Callable[[int], Any]:
+    """``make_inputs`` with its floating-point tensors in ``dtype`` (token ids stay integers)."""
+
+    def make(batch_size: int) -> Any:
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        return tree_map_only(torch.Tensor, cast, make_inputs(batch_size))
+
+    return make
 
 
 # -- spec parsing ----------------------------------------------------------------
@@ -175,14 +212,14 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _build(spec: str, target: str, options: dict[str, Any], input_shape):
+def _build(spec: str, target: str, options: dict[str, Any], input_shape, fake: bool = False):
     scheme, sep, name = target.rpartition(":")
     if not sep:
         raise ValueError(f"model spec {spec!r} has no scheme; use one of: {SPEC_FORMS}")
     if scheme == "torchvision":
         return _torchvision(name, options, input_shape)
     if scheme == "hf":
-        return _huggingface(name, options, input_shape)
+        return _huggingface(name, options, input_shape, fake)
     if scheme == "remat":
         return _generator(name, options, input_shape)
     if scheme.endswith(".py"):
@@ -237,9 +274,9 @@ _HF_MODELS = {
 }
 
 
-def _huggingface(name: str, options: dict[str, Any], input_shape):
+def _huggingface(name: str, options: dict[str, Any], input_shape, fake: bool):
     if name not in _HF_MODELS:
-        return _hf_auto(name, options, input_shape)
+        return _hf_auto(name, options, input_shape, fake)
     import transformers
 
     config_name, model_name, max_seq_field = _HF_MODELS[name]
@@ -285,7 +322,7 @@ _HF_TASKS = {
 _HF_MAX_PARAMETERS = 2_000_000_000  # real weights on the CPU: larger models would not fit
 
 
-def _hf_auto(model_type: str, options: dict[str, Any], input_shape):
+def _hf_auto(model_type: str, options: dict[str, Any], input_shape, fake: bool):
     """Any transformers model type, from ``AutoConfig.for_model`` and the auto class of a task."""
     import transformers
     from transformers.models.auto import modeling_auto
@@ -315,13 +352,15 @@ def _hf_auto(model_type: str, options: dict[str, Any], input_shape):
     if attn is not None:
         config._attn_implementation = attn
     auto = getattr(transformers, _HF_TASKS[task][0])
-    with torch.device("meta"):
-        size = sum(p.numel() for p in auto.from_config(config).parameters())
-    if size > _HF_MAX_PARAMETERS:
-        raise ValueError(
-            f"hf:{model_type} with these options has {size / 1e9:.1f} billion parameters, too many to build on "
-            "this machine: give smaller sizes (e.g. hidden_size=256&num_hidden_layers=4)"
-        )
+    if not fake:
+        with torch.device("meta"):
+            size = sum(p.numel() for p in auto.from_config(config).parameters())
+        if size > _HF_MAX_PARAMETERS:
+            raise ValueError(
+                f"hf:{model_type} with these options has {size / 1e9:.1f} billion parameters, too many to build "
+                "with weights on this machine: plan it without weights (remat plan --fake, models.load(..., "
+                "fake=True)) or give smaller sizes (e.g. hidden_size=256&num_hidden_layers=4)"
+            )
     model = auto.from_config(config)
     if input_shape is not None:
         seq = input_shape[0]
