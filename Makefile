@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time clean
+.PHONY: demo test test-heavy bench bench-big bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-compile: $(STAMP)
 # benchmarks/results/optimality_gap.md
 bench-gap: $(STAMP)
 	$(PY) benchmarks/optimality_gap.py --jobs 2
+
+# Llama-2-7B- and 70B-shaped models planned without weights (fake tensors; a few minutes):
+# writes benchmarks/results/big_models.md
+bench-big: $(STAMP)
+	$(PY) benchmarks/big_models.py
 
 # Step time of remat's plans against per-block checkpointing and torch.compile, real CPU tensors,
 # steps interleaved (about half an hour on 2 cores): writes benchmarks/results/step_time.md

@@ -230,3 +230,25 @@ def test_transformers_types_refuse_unknown_fields_tasks_and_models_too_big_to_bu
         models.load(f"hf:llama?{SMALL_LM}&task=masked-lm")
     with pytest.raises(ValueError, match="billion parameters"):
         models.load("hf:llama")  # the config's defaults: a 7B model
+
+
+@pytest.mark.parametrize(
+    "spec", ["torchvision:resnet18", f"hf:llama?{SMALL_LM}&num_key_value_heads=2&dtype=bfloat16", "remat:mlp?depth=3"]
+)
+def test_a_spec_built_without_weights_plans_as_the_one_with_weights(spec):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    real, fake = models.load(spec, 2, input_shape=None), models.load(spec, 2, fake=True)
+    assert all(isinstance(t, FakeTensor) for t in [*fake.model.parameters(), *fake.model.buffers()])
+    assert [p.dtype for p in fake.model.parameters()] == [p.dtype for p in real.model.parameters()]
+    expected, planned = remat.plan(real.model, real.example_inputs), remat.plan(fake.model, fake.example_inputs)
+    assert (planned.checkpoints, planned.predicted_peak_bytes, planned.fingerprint) == (
+        expected.checkpoints, expected.predicted_peak_bytes, expected.fingerprint
+    )
+
+
+def test_a_model_too_big_to_build_builds_without_weights():
+    source = models.load("hf:llama?seq=32", 1, fake=True)  # the config's defaults: a 7B model
+    assert sum(p.numel() for p in source.model.parameters()) > 6e9
+    with pytest.raises(ValueError, match="dtype='int8'.*not a floating-point"):
+        models.load("remat:mlp?dtype=int8")

@@ -286,14 +286,17 @@ def optimize(
             "(remat.plan(model, batch), then plan.save(path)), build the model with its weights, and "
             "call remat.optimize(model, batch, plan=remat.Plan.load(path))"
         )
-    inputs = positional(model, example_inputs)
     backend = _backend(compile)
-    if plan is not None:
-        return _apply(model, inputs, dataclasses.replace(plan, compiled=backend) if backend else plan)
-    budget_bytes = None if budget is None else parse_bytes(budget)
-    offload = offload and offload_possible(model, inputs)
-    profiled = ProfiledModel.of(model, inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation)
-    return profiled.module(solve(profiled, budget_bytes, offload, costs, remake, backend))
+    with without_weights(model, example_inputs) as example_inputs:  # a model built under a FakeTensorMode
+        inputs = positional(model, example_inputs)
+        if plan is not None:
+            return _apply(model, inputs, dataclasses.replace(plan, compiled=backend) if backend else plan)
+        budget_bytes = None if budget is None else parse_bytes(budget)
+        offload = offload and offload_possible(model, inputs)
+        profiled = ProfiledModel.of(
+            model, inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
+        )
+        return profiled.module(solve(profiled, budget_bytes, offload, costs, remake, backend))
 
 
 def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> DropInModule:

@@ -116,13 +116,13 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _load(spec: str, batch: int | None, input_shape: str | None, device: str) -> models.ModelSource:
-    """The model and example inputs, on ``device``."""
+def _load(spec: str, batch: int | None, input_shape: str | None, device: str, fake: bool = False) -> models.ModelSource:
+    """The model and example inputs, on ``device``; with ``fake``, built without weights (fake tensors)."""
     target = torch.device(device)
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    with _status(f"building {spec}"):
-        source = models.load(spec, batch, input_shape=_parse_shape(input_shape) if input_shape else None)
+    with _status(f"building {spec}" + (" without weights" if fake else "")):
+        source = models.load(spec, batch, input_shape=_parse_shape(input_shape) if input_shape else None, fake=fake)
     if target.type != "cpu":
         source.to(target)
     return source
@@ -343,7 +343,8 @@ def plan(
     with _user_errors():
         if budget is not None:
             parse_bytes(budget)  # a bad size is reported before the model is built
-        source = _load(model, batch, input, device)
+        # Planned and stepped on fake tensors, the model needs no weights (timing stages needs them).
+        source = _load(model, batch, input, device, fake=fake and costs == "flops")
         chosen, measured, slowdown = _make_plan(source, fake, budget, costs, grad_accumulation, remake, compile)
         rows = _plan_rows(chosen, measured, fake, slowdown)
         _print_table(_describe(source, fake), ["", "remat plan"], rows, numbers=False)
@@ -503,7 +504,7 @@ def fit(
     """The largest batch whose plan fits BUDGET, its peak and its recompute (planned on fake tensors)."""
     with _user_errors():
         budget_bytes = parse_bytes(budget)
-        source = _load(model, None, input, device)
+        source = _load(model, None, input, device, fake=True)
         with _status(f"searching for the largest batch within {format_bytes(budget_bytes)}"):
             batch, chosen = remat.max_batch(
                 source.model, budget_bytes, make_inputs=source.make_inputs, compile=compile or False
