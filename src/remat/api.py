@@ -22,6 +22,7 @@ from remat.capture.captured import capture, fingerprint
 from remat.execute.compiled import BACKENDS, module_for
 from remat.execute.module import DropInModule
 from remat.execute.shapes import PerShapeModule
+from remat.measure.optimizer import OptimizerSpec
 from remat.measure.step import has_meta, positional, without_weights
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
@@ -44,6 +45,7 @@ def plan(
     grad_accumulation: bool = False,
     remake: bool = True,
     compile: bool | str = False,
+    optimizer: OptimizerSpec | None = None,
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the fastest plan within ``budget``.
 
@@ -99,6 +101,14 @@ def plan(
             compiled module runs (no nested checkpoints, offload or remade
             values) and its peak, recompute and time are a simulated step of
             the compiled graphs (``aot_eager``, fake tensors).
+        optimizer: plan the whole step, ending with this optimizer's
+            ``step()`` and ``zero_grad()`` (an optimizer over the model's
+            parameters, or a name: ``"adamw"``, ``"adam"``, ``"sgd"``,
+            ``"sgd-momentum"``, ... see :mod:`remat.measure.optimizer`). Its
+            state, as its first step makes it (measured on fake tensors, not
+            assumed), is held all step, and its ``step()`` runs with every
+            gradient made: both count in every peak. The optimizer given is
+            not touched.
 
     Example:
         >>> import torch, remat
@@ -111,7 +121,8 @@ def plan(
     with without_weights(model, example_inputs) as example_inputs:
         offload = offload and offload_possible(model, positional(model, example_inputs))
         profiled = ProfiledModel.of(
-            model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
+            model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation,
+            optimizer=optimizer,
         )
         return solve(profiled, budget_bytes, offload, costs, remake, _backend(compile))
 
@@ -132,6 +143,7 @@ def pareto(
     *,
     remake: bool = True,
     compile: bool | str = False,
+    optimizer: OptimizerSpec | None = None,
 ) -> list[Plan]:
     """Every plan worth having, from the lowest peak that recomputes nothing to the least peak.
 
@@ -142,7 +154,8 @@ def pareto(
     lowers the peak at no recompute FLOPs; with ``remake``, so are the
     front's plans run with cheap values remade in backward (see :func:`plan`),
     one simulated step each. With ``compile`` (as in :func:`plan`), the front's
-    plans compiled, each priced by a simulated step of its compiled graphs.
+    plans compiled, each priced by a simulated step of its compiled graphs. With
+    ``optimizer``, every peak counts its state and its step (as in :func:`plan`).
 
     Example:
         >>> import torch, remat
@@ -155,7 +168,8 @@ def pareto(
         True
     """
     with without_weights(model, example_inputs) as example_inputs:
-        return pareto_plans(ProfiledModel.of(model, example_inputs, loss_fn), remake, _backend(compile))
+        profiled = ProfiledModel.of(model, example_inputs, loss_fn, optimizer=optimizer)
+        return pareto_plans(profiled, remake, _backend(compile))
 
 
 def max_batch(
@@ -166,6 +180,7 @@ def max_batch(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     limit: int = 1 << 16,
     compile: bool | str = False,
+    optimizer: OptimizerSpec | None = None,
 ) -> tuple[int, Plan]:
     """The largest batch size whose best plan fits ``budget``, and that plan.
 
@@ -176,6 +191,7 @@ def max_batch(
         make_inputs: batch size -> example inputs (needed for a module).
         limit: the largest batch size tried.
         compile: the largest batch whose compiled plan fits, as in :func:`plan`.
+        optimizer: count its state and its step, as in :func:`plan`.
 
     Example:
         >>> import remat
@@ -187,7 +203,7 @@ def max_batch(
     if isinstance(model, str):
         from remat.tools import models
 
-        source = models.load(model)
+        source = models.load(model, fake=True)  # planned on fake tensors: no weights needed
         model, make_inputs = source.model, source.make_inputs
     if make_inputs is None:
         raise TypeError("max_batch needs make_inputs=lambda batch: example_inputs for a module")
@@ -195,13 +211,14 @@ def max_batch(
     def best(batch: int) -> Plan | None:
         try:
             with without_weights(model, make_inputs(batch)) as inputs:
-                return solve(ProfiledModel.of(model, inputs, loss_fn), budget_bytes, compiled=_backend(compile))
+                profiled = ProfiledModel.of(model, inputs, loss_fn, optimizer=optimizer)
+                return solve(profiled, budget_bytes, compiled=_backend(compile))
         except InfeasibleBudget:
             return None
 
     fitting = best(1)
     if fitting is None:
-        least = plan(model, make_inputs(1), loss_fn, compile=compile).predicted_peak_bytes
+        least = plan(model, make_inputs(1), loss_fn, compile=compile, optimizer=optimizer).predicted_peak_bytes
         raise InfeasibleBudget(budget_bytes, least)
     low, high = 1, 2  # low fits; find a high that does not
     while high <= limit and (candidate := best(high)) is not None:
@@ -231,6 +248,7 @@ def optimize(
     remake: bool = True,
     compile: bool | str = False,
     per_shape: bool | int = False,
+    optimizer: OptimizerSpec | None = None,
 ) -> nn.Module:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -260,6 +278,8 @@ def optimize(
             that plans (and compiles) again for each new input shape, keeping the
             plans of the last ``per_shape`` shapes (``True``: 8), each one made
             with the arguments given here. Logged on the ``remat`` logger.
+        optimizer: plan the whole step with this optimizer's state and step, as
+            in :func:`plan` (the module itself does not step it: train as usual).
 
     Example:
         >>> import torch, remat
@@ -274,7 +294,7 @@ def optimize(
             raise ValueError("a plan is made for one input shape: pass plan= or per_shape=, not both")
         options = dict(
             loss_fn=loss_fn, budget=budget, profile=profile, offload=offload, costs=costs,
-            grad_accumulation=grad_accumulation, remake=remake, compile=compile,
+            grad_accumulation=grad_accumulation, remake=remake, compile=compile, optimizer=optimizer,
         )
         return PerShapeModule(
             model, lambda args, kwargs: optimize(model, (args, kwargs), **options), example_inputs,
@@ -294,7 +314,8 @@ def optimize(
         budget_bytes = None if budget is None else parse_bytes(budget)
         offload = offload and offload_possible(model, inputs)
         profiled = ProfiledModel.of(
-            model, inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation
+            model, inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation,
+            optimizer=optimizer,
         )
         return profiled.module(solve(profiled, budget_bytes, offload, costs, remake, backend))
 

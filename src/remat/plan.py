@@ -79,6 +79,9 @@ class Plan:
             engine. A compiled plan's ``predicted_peak_bytes``, recompute and
             time are one simulated step of its compiled graphs under
             ``aot_eager`` (Inductor's kernels run the same partition).
+        optimizer / optimizer_state_bytes: the optimizer the step ends with
+            (``""``: none) and the bytes of its state, held all step; the
+            predicted and baseline peaks count them, and its ``step()``.
         remade_costly: with ``remake``, the calls of operators that count
             FLOPs (matmuls, attention) whose outputs are remade too, by their
             place among such calls in the forward
@@ -120,6 +123,8 @@ class Plan:
     eager_seconds: float | None = None
     time_source: str = ""
     compiled: str = ""
+    optimizer: str = ""
+    optimizer_state_bytes: int = 0
 
     @property
     def stores_everything(self) -> bool:
@@ -160,6 +165,11 @@ class Plan:
             ["budget", format_bytes(self.budget_bytes) if self.budget_bytes else "none (least peak)"],
             ["kept activations", "offloaded to pinned host memory" if self.offload else "on the device"],
             ["parameter gradients", "exist all step (accumulation)" if self.grad_accumulation else "made in backward"],
+            *(
+                [["optimizer", f"{self.optimizer}, state {format_bytes(self.optimizer_state_bytes)} (and its step)"]]
+                if self.optimizer
+                else []
+            ),
             *(
                 [["nested checkpoints", f"{sum(len(cs) for _, _, cs in self.inner)} in {len(self.inner)} recomputes"]]
                 if self.inner

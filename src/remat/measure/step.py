@@ -13,6 +13,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from remat.chain.time import Work
+from remat.measure.optimizer import OptimizerSpec, optimizer_like, state_bytes, warm_up
 from remat.measure.tracker import MemoryTracker, has_storage, round_to_of, storage_bytes, track_memory, unique_storage_bytes
 
 __all__ = [
@@ -75,6 +76,10 @@ class StepMeasurement:
     forward_ops: int = dataclasses.field(repr=False, default=0)
     # The whole step's FLOPs, operators and bytes allocated (the step-time model's terms).
     work: Work = dataclasses.field(repr=False, default=Work())
+    # With an optimizer: its state (in peak_bytes all step), and the whole step's bytes at the
+    # peak of its step() (and zero_grad()), which every plan of the model shares.
+    optimizer_state_bytes: int = 0
+    optimizer_peak_bytes: int = 0
 
 
 
@@ -238,13 +243,14 @@ def measure_step(
     *,
     fake: bool = False,
     grad_accumulation: bool = False,
+    optimizer: OptimizerSpec | None = None,
 ) -> StepMeasurement:
     """Run one training step and measure its memory, FLOPs and time.
 
     The user's model is left as it was: on fake tensors its tensors are swapped
     for fake ones during the step and put back; on real ones the parameters'
     ``.grad`` and the buffers (BatchNorm running statistics) are put back
-    afterwards.
+    afterwards (and, with an optimizer, the parameters' values).
 
     Args:
         model: the module to train.
@@ -256,6 +262,10 @@ def measure_step(
             before it starts (a gradient-accumulation micro-step): they are
             counted in ``peak_bytes`` and ``gradient_bytes`` all step long,
             and the backward adds into them.
+        optimizer: the step ends with ``optimizer.step()`` and ``zero_grad()``,
+            its state there from the start (an optimizer or a name such as
+            ``"adamw"``; see :mod:`remat.measure.optimizer`: a new one of the
+            same kind and settings runs, the given one is not touched).
 
     Example:
         >>> import torch, remat
@@ -266,10 +276,17 @@ def measure_step(
     """
     loss_fn = loss_fn or default_loss
     device = model_device(model, example_inputs)
+    originals = list(model.parameters())
     with step_model(model, example_inputs, fake=fake) as (module, inputs):
         params = [p for p in module.parameters() if p.requires_grad]
         round_to = round_to_of(device)
         parameter_bytes = unique_storage_bytes([*module.parameters(), *module.buffers()], round_to)
+        stepping = None if optimizer is None else optimizer_like(optimizer, originals, list(module.parameters()))
+        values = None if fake or stepping is None else [p.detach().clone() for p in params]
+        state = 0
+        if stepping is not None:
+            warm_up(stepping)
+            state = state_bytes(stepping, round_to)
         existing_grad_bytes = 0
         if grad_accumulation:
             for p in params:
@@ -298,19 +315,33 @@ def measure_step(
             _backward(loss, params)
             grads = [p.grad for p in params if p.grad is not None]
             del output, loss
+            gradient_bytes = unique_storage_bytes(grads, round_to)
+            grad_records = {id(r) for r in map(mem.record_of, grads) if r is not None}
+            activation_peak = _activation_peak(mem, grad_records)
+            optimizer_peak = 0
+            if stepping is not None:
+                trained = mem.peak_bytes
+                del grads
+                mem.mark()
+                stepping.step()
+                stepping.zero_grad(set_to_none=True)
+                optimizer_peak = mem.peak_bytes
+                grads = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        if values is not None:
+            with torch.no_grad():
+                for p, value in zip(params, values):
+                    p.copy_(value)
 
-        grad_records = {id(r) for r in map(mem.record_of, grads) if r is not None}
-        base = parameter_bytes + input_bytes
-        activation_peak = _activation_peak(mem, grad_records)
-        gradient_bytes = unique_storage_bytes(grads, round_to)
+        base = parameter_bytes + input_bytes + existing_grad_bytes + state
+        peak = mem.peak_bytes if stepping is None else max(trained, optimizer_peak)
         if grad_accumulation:
             for p in params:
                 p.grad = None  # ours, not the user's (the model's own .grad is put back)
         return StepMeasurement(
-            peak_bytes=base + existing_grad_bytes + mem.peak_bytes,
+            peak_bytes=base + peak,
             activation_peak_bytes=activation_peak,
             saved_bytes=saved_bytes,
             parameter_bytes=parameter_bytes,
@@ -322,6 +353,8 @@ def measure_step(
             timeline=tuple(mem.timeline),
             forward_ops=forward_ops,
             work=mem.work(),
+            optimizer_state_bytes=state,
+            optimizer_peak_bytes=base + optimizer_peak if stepping is not None else 0,
         )
 
 

@@ -50,6 +50,10 @@ def solve(
         if offload:
             raise ValueError("compiled plans do not offload: pass offload=False, or compile=False to offload")
         remake = False
+    step = profiled.baseline
+    if budget_bytes is not None and step is not None and step.optimizer_peak_bytes > budget_bytes:
+        # The optimizer's step() runs with every gradient made, whatever the plan.
+        raise InfeasibleBudget(budget_bytes, solve(profiled, None, offload, costs, remake, compiled).predicted_peak_bytes)
     try:
         chosen = solve_chain(profiled, budget_bytes, offload, costs, nested=not compiled)
     except InfeasibleBudget:

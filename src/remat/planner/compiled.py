@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 from remat.budget import InfeasibleBudget
-from remat.measure.step import measure_step
 from remat.plan import Plan
 from remat.planner.profiled import ProfiledModel, by_time
 
@@ -21,9 +20,7 @@ def simulate_compiled(profiled: ProfiledModel, plan: Plan, backend: str) -> Plan
     """``plan`` to run compiled with ``backend``: its peak, recompute and time from one step of
     its compiled graphs under ``aot_eager`` (on fake tensors, or the device with ``profile="device"``)."""
     simulated = profiled.module(dataclasses.replace(plan, compiled="aot_eager"))
-    step = measure_step(
-        simulated, profiled.inputs, profiled.loss_fn, fake=profiled.fake, grad_accumulation=profiled.grad_accumulation
-    )
+    step = profiled.step(simulated)
     flops = step.forward_flops + step.backward_flops
     baseline = profiled.baseline.forward_flops + profiled.baseline.backward_flops
     plan = dataclasses.replace(plan, compiled=backend, predicted_peak_bytes=step.peak_bytes, recompute_flops=flops - baseline)

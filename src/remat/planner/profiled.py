@@ -19,6 +19,7 @@ from remat.chain.model import Chain, ChainSolution
 from remat.chain.time import Speed, Work, plan_work
 from remat.execute.compiled import module_for
 from remat.execute.module import DropInModule, RematModule
+from remat.measure.optimizer import OptimizerSpec, describe
 from remat.measure.step import StepMeasurement, default_loss, measure_step, model_device, positional
 from remat.plan import Plan
 from remat.profile.model import Profile, capture_and_profile, profile_model
@@ -58,6 +59,7 @@ class ProfiledModel:
     _plainly: frozenset[int] = frozenset()  # chain stages (1-based) that cannot run selectively
     simulated: dict = dataclasses.field(default_factory=dict)  # remade plan -> its simulated step, see planner.remade
     compiled: dict = dataclasses.field(default_factory=dict)  # what an aot_eager module runs -> it, see module()
+    optimizer: OptimizerSpec | None = None  # its state and step() are part of the step (see plan())
 
     @classmethod
     def of(
@@ -69,6 +71,7 @@ class ProfiledModel:
         *,
         carried: bool = True,
         grad_accumulation: bool = False,
+        optimizer: OptimizerSpec | None = None,
     ) -> ProfiledModel:
         inputs = positional(model, example_inputs)
         check_model_and_inputs(model, inputs)
@@ -76,9 +79,24 @@ class ProfiledModel:
         start = time.perf_counter()
         captured, chain, stage_pieces, profile, carried = capture_and_profile(model, inputs, loss_fn, profile, carried)
         elapsed = time.perf_counter() - start
-        return cls(
+        profiled = cls(
             model, inputs, loss_fn, captured, chain, stage_pieces, elapsed, carried,
-            fake=profile == "fake", grad_accumulation=grad_accumulation,
+            fake=profile == "fake", grad_accumulation=grad_accumulation, optimizer=optimizer,
+        )
+        if optimizer is not None:
+            # The optimizer's state is held all step, as the parameters are.
+            profiled.baseline = profiled.step(model)
+            profiled.chain = dataclasses.replace(
+                chain, base_bytes=chain.base_bytes + profiled.baseline.optimizer_state_bytes
+            )
+        return profiled
+
+    def step(self, module: nn.Module) -> StepMeasurement:
+        """One step of ``module`` (the model, or a module running a plan of it) measured as this
+        model's steps are: on the same tensors, with its gradient accumulation and optimizer."""
+        return measure_step(
+            module, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation,
+            optimizer=self.optimizer,
         )
 
     def plain(self) -> ProfiledModel:
@@ -88,7 +106,8 @@ class ProfiledModel:
         if self.plain_profiled is None:
             profile = "fake" if self.fake else "device"
             self.plain_profiled = ProfiledModel.of(
-                self.model, self.inputs, self.loss_fn, profile, carried=False, grad_accumulation=self.grad_accumulation
+                self.model, self.inputs, self.loss_fn, profile, carried=False,
+                grad_accumulation=self.grad_accumulation, optimizer=self.optimizer,
             )
             self.plain_profiled.baseline = self.baseline
         return self.plain_profiled
@@ -217,14 +236,13 @@ class ProfiledModel:
         stored or selective segments, of the one cut only at single tensors), with the baseline
         step measured once."""
         if self.baseline is None:
-            self.baseline = measure_step(
-                self.model, self.inputs, self.loss_fn, fake=self.fake, grad_accumulation=self.grad_accumulation
-            )
+            self.baseline = self.step(self.model)
         source = self.source_of(solution)
         plan = Plan(
             stage_names=source.chain.names,
             checkpoints=solution.checkpoints,
-            predicted_peak_bytes=solution.peak_bytes,
+            # The optimizer's step() runs after every plan's backward, with every gradient made.
+            predicted_peak_bytes=max(solution.peak_bytes, self.baseline.optimizer_peak_bytes),
             baseline_peak_bytes=self.baseline.peak_bytes,
             forward_flops=int(self.chain.fwd_flops[:-1].sum()),
             recompute_flops=solution.recompute_flops,
@@ -239,6 +257,8 @@ class ProfiledModel:
             recompute_seconds=recompute_seconds,
             inner=solution.inner,
             grad_accumulation=self.grad_accumulation,
+            optimizer=describe(self.optimizer),
+            optimizer_state_bytes=self.baseline.optimizer_state_bytes,
             stored=solution.stored,
             selective=tuple(
                 i for i in segment_stages(source.chain.n, solution.checkpoints, solution.selective)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from remat.chain.time import Work
 from remat.execute.remake import CostlyCall, costly_calls
-from remat.measure.step import measure_step, step_model
+from remat.measure.step import step_model
 from remat.plan import Plan
 from remat.planner.families import front
 from remat.planner.profiled import ProfiledModel, by_time
@@ -42,10 +42,7 @@ def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...]
                 variant.offload, costly)
         if runs not in profiled.simulated:
             try:
-                profiled.simulated[runs] = measure_step(
-                    profiled.module(variant), profiled.inputs, profiled.loss_fn,
-                    fake=profiled.fake, grad_accumulation=profiled.grad_accumulation,
-                )
+                profiled.simulated[runs] = profiled.step(profiled.module(variant))
             except RuntimeError as error:
                 warnings.warn(f"remat: planning without remade values ({error})", stacklevel=4)
                 return None

@@ -74,6 +74,13 @@ Budget = Annotated[
 ]
 _TIMED_STEPS = 5  # real steps `remat plan --real` times of the model and the plan, each
 
+OptimizerName = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer", metavar="NAME",
+        help="plan the whole step with this optimizer's state and step(): adamw, adam, sgd, sgd-momentum, ...",
+    ),
+]
 JsonOut = Annotated[Path | None, typer.Option("--json", metavar="FILE", help="also write the results as JSON")]
 
 
@@ -173,6 +180,7 @@ def _make_plan(
     grad_accumulation: bool = False,
     remake: bool = True,
     compile: str | None = None,
+    optimizer: str | None = None,
 ) -> tuple[remat.Plan, StepMeasurement, float | None]:
     """The plan, one step of the planned module measured (on fake or real tensors), and on
     real tensors its step time over the model's (interleaved steps, median of :data:`_TIMED_STEPS`).
@@ -183,13 +191,15 @@ def _make_plan(
     with _status(f"capturing the model and solving for {goal}"):
         optimized = remat.optimize(
             source.model, source.example_inputs, budget=budget_bytes, costs=costs,
-            grad_accumulation=grad_accumulation, remake=remake, compile=compile or False,
+            grad_accumulation=grad_accumulation, remake=remake, compile=compile or False, optimizer=optimizer,
         )
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
         stepped = optimized
         if fake and compile == "inductor":
             stepped = remat.optimize(source.model, source.example_inputs, plan=optimized.plan, compile="aot_eager")
-        measured = measure_step(stepped, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation)
+        measured = measure_step(
+            stepped, source.example_inputs, fake=fake, grad_accumulation=grad_accumulation, optimizer=optimizer
+        )
     slowdown = None
     if not fake:
         with _status("timing real steps of the model and the plan"):
@@ -218,6 +228,8 @@ def _plan_rows(
         ("baseline peak (measured)", format_bytes(plan.baseline_peak_bytes)),
         ("budget", _budget_text(plan.budget_bytes)),
         ("parameter gradients", "exist all step (accumulation)" if plan.grad_accumulation else "made in backward"),
+        *([("optimizer", f"{plan.optimizer}: state {format_bytes(plan.optimizer_state_bytes)}, and its step")]
+          if plan.optimizer else []),
         ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
         (f"measured peak ({'fake' if fake else 'real'} tensors)", format_bytes(measured.peak_bytes)),
         ("peak cut", f"{_percent_cut(plan.baseline_peak_bytes, plan.predicted_peak_bytes):.1%}"),
@@ -335,6 +347,7 @@ def plan(
             help="plan to run compiled: aot_eager (ATen graphs) or inductor (fused kernels)",
         ),
     ] = None,
+    optimizer: OptimizerName = None,
 ) -> None:
     """The least-peak checkpoint plan (or the fastest within --budget): what it keeps, its peak, its cost.
 
@@ -345,7 +358,9 @@ def plan(
             parse_bytes(budget)  # a bad size is reported before the model is built
         # Planned and stepped on fake tensors, the model needs no weights (timing stages needs them).
         source = _load(model, batch, input, device, fake=fake and costs == "flops")
-        chosen, measured, slowdown = _make_plan(source, fake, budget, costs, grad_accumulation, remake, compile)
+        chosen, measured, slowdown = _make_plan(
+            source, fake, budget, costs, grad_accumulation, remake, compile, optimizer
+        )
         rows = _plan_rows(chosen, measured, fake, slowdown)
         _print_table(_describe(source, fake), ["", "remat plan"], rows, numbers=False)
         if json_out is not None:
@@ -500,6 +515,7 @@ def fit(
         str | None,
         typer.Option("--compile", metavar="BACKEND", help="for a compiled plan: aot_eager or inductor"),
     ] = None,
+    optimizer: OptimizerName = None,
 ) -> None:
     """The largest batch whose plan fits BUDGET, its peak and its recompute (planned on fake tensors)."""
     with _user_errors():
@@ -507,11 +523,12 @@ def fit(
         source = _load(model, None, input, device, fake=True)
         with _status(f"searching for the largest batch within {format_bytes(budget_bytes)}"):
             batch, chosen = remat.max_batch(
-                source.model, budget_bytes, make_inputs=source.make_inputs, compile=compile or False
+                source.model, budget_bytes, make_inputs=source.make_inputs, compile=compile or False,
+                optimizer=optimizer,
             )
         with _status(f"solving batch {batch + 1} for its least peak"):
             next_least = remat.plan(
-                source.model, source.make_inputs(batch + 1), compile=compile or False
+                source.model, source.make_inputs(batch + 1), compile=compile or False, optimizer=optimizer
             ).predicted_peak_bytes
         beyond = "does not fit" if next_least > budget_bytes else "fits (the search stopped at its batch limit)"
         rows = [
@@ -524,6 +541,8 @@ def fit(
              + _nested_text(chosen)),
             (f"batch {batch + 1}", f"{beyond}: least peak {_exact_bytes(next_least)}"),
             *([("compiled", chosen.compiled)] if chosen.compiled else []),
+            *([("optimizer", f"{chosen.optimizer}, state {format_bytes(chosen.optimizer_state_bytes)}")]
+              if chosen.optimizer else []),
         ]
         at_batch = dataclasses.replace(source, example_inputs=source.make_inputs(batch))
         _print_table(_describe(at_batch, True), ["", "remat fit"], rows, numbers=False)
