@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-big bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time clean
+.PHONY: demo test test-heavy bench bench-big bench-llm bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench-gap: $(STAMP)
 # writes benchmarks/results/big_models.md
 bench-big: $(STAMP)
 	$(PY) benchmarks/big_models.py
+
+# Language models (gpt2, llama-, mistral-, qwen2-shaped, t5, bart, bert) against HF per-layer
+# checkpointing and torch.compile's min-cut partitioner, fake tensors: writes benchmarks/results/llm.md
+bench-llm: $(STAMP)
+	$(PY) benchmarks/llm.py
 
 # Step time of remat's plans against per-block checkpointing and torch.compile, real CPU tensors,
 # steps interleaved (about half an hour on 2 cores): writes benchmarks/results/step_time.md
