@@ -71,7 +71,7 @@ def test_a_model_on_meta_is_not_optimized_and_a_plan_for_other_shapes_is_refused
     plan = remat.plan(model, x)
     real = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     assert measure_step(remat.optimize(real, x, plan=plan), x).peak_bytes == plan.predicted_peak_bytes
-    with pytest.raises(ValueError, match="another model or input size"):
-        remat.optimize(real, torch.randn(16, 64), plan=plan)
-    with pytest.raises(ValueError, match="another model or input size"):
+    with pytest.raises(ValueError, match=r"made for inputs \(32, 64\):torch.float32, and these are \(16, 64\)"):
+        remat.optimize(real, torch.randn(16, 64), plan=remat.Plan.from_json(plan.to_json()))
+    with pytest.raises(ValueError, match="made for another model: Sequential's parameter"):
         remat.optimize(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64)), x, plan=plan)

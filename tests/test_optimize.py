@@ -501,8 +501,7 @@ def test_a_saved_plan_applies_without_profiling_the_model_again(spec, cuts, monk
     source = models.load(spec, 2, input_shape=(3, 64, 64))
     model, inputs = source.model, source.example_inputs
     least = remat.plan(model, inputs)
-    budget = (least.predicted_peak_bytes + least.baseline_peak_bytes) // 2
-    plan = least if cuts == "carried" else remat.plan(model, inputs, budget=budget)
+    plan = least if cuts == "carried" else next(p for p in remat.pareto(model, inputs) if p.selective)
     assert plan.cuts == cuts
     saved = Plan.from_json(plan.to_json())
 
@@ -527,9 +526,9 @@ def test_plan_for_another_input_size_is_refused(tmp_path):
     remat.plan(model, inputs).save(path)
     loaded = Plan.load(path)
     for other in (source.make_inputs(4), (torch.randn(2, 3, 96, 96),)):
-        with pytest.raises(ValueError, match="another model or input size"):
+        with pytest.raises(ValueError, match=r"made for inputs \(2, 3, 64, 64\):torch.float32, and these are"):
             remat.optimize(model, other, plan=loaded)
-    with pytest.raises(ValueError, match="another model or input size"):
+    with pytest.raises(ValueError, match="made for another model"):
         remat.optimize(models.load("torchvision:resnet34", 2, input_shape=(3, 64, 64)).model, inputs, plan=loaded)
 
 

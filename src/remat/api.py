@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from remat.budget import InfeasibleBudget, parse_bytes
-from remat.capture.captured import capture, fingerprint
+from remat.capture.captured import capture, fingerprint, input_shapes
 from remat.execute.compiled import BACKENDS, module_for
 from remat.execute.module import DropInModule
 from remat.execute.shapes import PerShapeModule
@@ -325,9 +325,15 @@ def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> DropInModule:
     grouped into the plan's stages; nothing is profiled again."""
     check_model_and_inputs(model, inputs)
     if plan.fingerprint != fingerprint(model, inputs):
+        given = input_shapes(inputs)
+        if plan.input_shapes and plan.input_shapes != given:
+            raise ValueError(
+                f"this plan was made for inputs {', '.join(plan.input_shapes)}, and these are {', '.join(given)}: "
+                "call remat.optimize without plan= for these shapes (or with per_shape=8 for shapes that change)"
+            )
         raise ValueError(
-            "this plan was made for another model or input size (fingerprint mismatch); "
-            "call remat.optimize without plan= to make a new one"
+            f"this plan was made for another model: {type(model).__name__}'s parameter or buffer names, shapes "
+            "or dtypes differ from those it was planned with; call remat.optimize without plan= to make a new one"
         )
     captured = capture(model, inputs, carried=plan.cuts == "carried")
     if [p for stage in plan.stage_pieces for p in stage] != list(range(len(captured.pieces))):

@@ -39,6 +39,8 @@ class Plan:
         solve_seconds / capture_seconds: planning time.
         fingerprint: parameter and input shapes the plan was made for; a
             saved plan is only reused for the same.
+        input_shapes: the tensor inputs' shapes and dtypes it was made for
+            (to say which differ when a plan is applied to other inputs).
         budget_bytes: the peak budget it was made for (``None``: least peak).
         offload: the kept activations wait in pinned host memory between
             their forward and their recompute (CUDA only); the predicted peak
@@ -125,6 +127,7 @@ class Plan:
     compiled: str = ""
     optimizer: str = ""
     optimizer_state_bytes: int = 0
+    input_shapes: tuple[str, ...] = ()
 
     @property
     def stores_everything(self) -> bool:
@@ -225,6 +228,7 @@ class Plan:
         data["selective"] = tuple(data.get("selective", ()))
         data["remade_costly"] = tuple(data.get("remade_costly", ()))
         data["stage_pieces"] = tuple(tuple(stage) for stage in data.get("stage_pieces", ()))
+        data["input_shapes"] = tuple(data.get("input_shapes", ()))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from remat.capture.graph import Piece, opaque_modules, piece_module, span_module, split_linear, trace
 
-__all__ = ["Captured", "capture", "fingerprint"]
+__all__ = ["Captured", "capture", "fingerprint", "input_shapes"]
 
 
 @dataclasses.dataclass
@@ -115,5 +115,10 @@ def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True) ->
 def fingerprint(model: nn.Module, example_inputs: tuple) -> str:
     """Parameter names/shapes/dtypes and input shapes, hashed."""
     parts = [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in model.state_dict().items()]
-    parts += [f"in:{tuple(t.shape)}:{t.dtype}" for t in example_inputs if isinstance(t, torch.Tensor)]
+    parts += [f"in:{shape}" for shape in input_shapes(example_inputs)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def input_shapes(example_inputs: tuple) -> tuple[str, ...]:
+    """Each tensor input's shape and dtype, as text: ``"(8, 128):torch.int64"``."""
+    return tuple(f"{tuple(t.shape)}:{t.dtype}" for t in example_inputs if isinstance(t, torch.Tensor))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from remat.capture.captured import Captured, fingerprint
+from remat.capture.captured import Captured, fingerprint, input_shapes
 from remat.chain.cost import segment_stages
 from remat.chain.model import Chain, ChainSolution
 from remat.chain.time import Speed, Work, plan_work
@@ -251,6 +251,7 @@ class ProfiledModel:
             solve_seconds=solve_seconds,
             capture_seconds=self.capture_seconds + (self.plain_profiled.capture_seconds if self.plain_profiled else 0.0),
             fingerprint=self.fingerprint,
+            input_shapes=input_shapes(self.inputs),
             budget_bytes=budget_bytes,
             offload=offload,
             costs="flops" if recompute_seconds is None else "profile",
