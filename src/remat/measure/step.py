@@ -277,14 +277,16 @@ def measure_step(
     loss_fn = loss_fn or default_loss
     device = model_device(model, example_inputs)
     originals = list(model.parameters())
-    with step_model(model, example_inputs, fake=fake) as (module, inputs):
+    with contextlib.ExitStack() as stack:
+        module, inputs = stack.enter_context(step_model(model, example_inputs, fake=fake))
         params = [p for p in module.parameters() if p.requires_grad]
         round_to = round_to_of(device)
         parameter_bytes = unique_storage_bytes([*module.parameters(), *module.buffers()], round_to)
         stepping = None if optimizer is None else optimizer_like(optimizer, originals, list(module.parameters()))
-        values = None if fake or stepping is None else [p.detach().clone() for p in params]
         state = 0
         if stepping is not None:
+            if not fake:  # the steps change the weights: put them back afterwards
+                stack.enter_context(_values_kept(params))
             warm_up(stepping)
             state = state_bytes(stepping, round_to)
         existing_grad_bytes = 0
@@ -321,19 +323,14 @@ def measure_step(
             optimizer_peak = 0
             if stepping is not None:
                 trained = mem.peak_bytes
-                del grads
+                del grads  # zero_grad() frees them
                 mem.mark()
                 stepping.step()
                 stepping.zero_grad(set_to_none=True)
                 optimizer_peak = mem.peak_bytes
-                grads = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        if values is not None:
-            with torch.no_grad():
-                for p, value in zip(params, values):
-                    p.copy_(value)
 
         base = parameter_bytes + input_bytes + existing_grad_bytes + state
         peak = mem.peak_bytes if stepping is None else max(trained, optimizer_peak)
@@ -356,6 +353,18 @@ def measure_step(
             optimizer_state_bytes=state,
             optimizer_peak_bytes=base + optimizer_peak if stepping is not None else 0,
         )
+
+
+@contextlib.contextmanager
+def _values_kept(params: list[torch.Tensor]):
+    """The values of ``params`` put back when the block ends, however it ends."""
+    values = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value)
 
 
 def _backward(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
