@@ -55,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import weakref
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, NamedTuple
@@ -478,8 +479,25 @@ def _costly_call(index: int, func, args: tuple, kwargs: dict, outputs) -> Costly
 def _unpack(saved: Any) -> torch.Tensor:
     if not isinstance(saved, _Recipe):
         return saved
-    with torch.no_grad(), _autocast_off():
+    with torch.no_grad(), _autocast_off(), _room_to_recurse(saved.call.span):
         return saved.make().detach()
+
+
+#: Python frames that remaking one operator of a chain takes (make, output, its arguments).
+_FRAMES_PER_OPERATOR = 8
+
+
+@contextlib.contextmanager
+def _room_to_recurse(operators: int) -> Iterator[None]:
+    """Python's recursion limit raised for remaking a chain of ``operators``, one recursion
+    each: a chain may be ``SPAN_PER_DEPTH * max_depth`` long (512 by default), deeper than
+    the default limit allows (GPT-2's residual stream, through remade costly calls)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _FRAMES_PER_OPERATOR * operators)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 @contextlib.contextmanager
