@@ -18,23 +18,11 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from remat.execute.module import StandIn
+from remat.measure.step import as_call
 
-__all__ = ["PerShapeModule", "as_call", "input_signature", "shape_key"]
+__all__ = ["PerShapeModule", "input_signature", "shape_key"]
 
 logger = logging.getLogger("remat")
-
-
-def as_call(example_inputs: Any) -> tuple[tuple, dict]:
-    """Example inputs (a tensor, a tuple of positional arguments, a dict batch, or
-    ``(args, kwargs)``) as the call that passes them: ``(args, kwargs)``."""
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    if (
-        isinstance(example_inputs, tuple) and len(example_inputs) == 2
-        and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict)
-    ):
-        return tuple(example_inputs[0]), example_inputs[1]
-    return (tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)), {}
 
 
 def input_signature(values: Sequence[Any]) -> tuple:

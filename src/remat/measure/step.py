@@ -17,7 +17,7 @@ from remat.measure.optimizer import OptimizerSpec, optimizer_like, state_bytes, 
 from remat.measure.tracker import MemoryTracker, has_storage, round_to_of, storage_bytes, track_memory, unique_storage_bytes
 
 __all__ = [
-    "StepMeasurement", "as_tuple", "bind_positional", "default_loss", "first_tensor", "has_meta", "measure_step",
+    "StepMeasurement", "as_call", "as_tuple", "bind_positional", "default_loss", "first_tensor", "has_meta", "measure_step",
     "model_device", "positional", "step_model", "without_weights",
 ]
 
@@ -91,17 +91,24 @@ def positional(model: torch.nn.Module, example_inputs: Any) -> tuple:
     Keyword arguments are put in the places of ``model.forward``'s parameters,
     the parameters between them left at their defaults.
     """
+    args, kwargs = as_call(example_inputs)
+    if not kwargs:
+        return args
+    signature = getattr(model, "forward_signature", None) or inspect.signature(model.forward)
+    return bind_positional(signature, args, kwargs, type(model).__name__)
+
+
+def as_call(example_inputs: Any) -> tuple[tuple, dict]:
+    """Example inputs (a tensor, a tuple or list of positional arguments, a dict batch, or
+    ``(args, kwargs)``) as the call that passes them: ``(args, kwargs)``."""
     if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
-    elif (
+        return (), example_inputs
+    if (
         isinstance(example_inputs, tuple) and len(example_inputs) == 2
         and isinstance(example_inputs[0], (tuple, list)) and isinstance(example_inputs[1], dict)
     ):
-        args, kwargs = example_inputs
-    else:
-        return as_tuple(example_inputs)
-    signature = getattr(model, "forward_signature", None) or inspect.signature(model.forward)
-    return bind_positional(signature, tuple(args), kwargs, type(model).__name__)
+        return tuple(example_inputs[0]), example_inputs[1]
+    return as_tuple(example_inputs), {}
 
 
 def bind_positional(signature: inspect.Signature, args: tuple, kwargs: dict, name: str = "the model") -> tuple:

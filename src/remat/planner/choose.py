@@ -107,7 +107,6 @@ def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | No
         return [_timed(profiled, s, budget_bytes, costs) for s in front(profiled, below=budget_bytes, envelope=False)]
     timed: dict[int, Plan] = {}
     fastest = by_time(chosen)[0] if chosen is not None and chosen.predicted_seconds is not None else math.inf
-
     since_fastest, last_recompute = 0, -1
 
     def slower_from_here(solution: ChainSolution) -> bool:
@@ -116,8 +115,9 @@ def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | No
             since_fastest = 0
         last_recompute = solution.recompute_flops
         timed[id(solution)] = plan = _timed(profiled, solution, budget_bytes, costs)
-        since_fastest = 0 if by_time(plan)[0] < fastest else since_fastest + 1
-        fastest = min(fastest, by_time(plan)[0])
+        seconds = by_time(plan)[0]
+        since_fastest = 0 if seconds < fastest else since_fastest + 1
+        fastest = min(fastest, seconds)
         floor = speed.seconds(profiled.baseline.work + Work(flops=solution.recompute_flops))
         return floor > fastest or since_fastest >= PATIENCE
 

@@ -72,6 +72,7 @@ class ProfiledModel:
         carried: bool = True,
         grad_accumulation: bool = False,
         optimizer: OptimizerSpec | None = None,
+        baseline: StepMeasurement | None = None,
     ) -> ProfiledModel:
         inputs = positional(model, example_inputs)
         check_model_and_inputs(model, inputs)
@@ -81,11 +82,12 @@ class ProfiledModel:
         elapsed = time.perf_counter() - start
         profiled = cls(
             model, inputs, loss_fn, captured, chain, stage_pieces, elapsed, carried,
-            fake=profile == "fake", grad_accumulation=grad_accumulation, optimizer=optimizer,
+            baseline=baseline, fake=profile == "fake", grad_accumulation=grad_accumulation, optimizer=optimizer,
         )
         if optimizer is not None:
             # The optimizer's state is held all step, as the parameters are.
-            profiled.baseline = profiled.step(model)
+            if profiled.baseline is None:
+                profiled.baseline = profiled.step(model)
             profiled.chain = dataclasses.replace(
                 chain, base_bytes=chain.base_bytes + profiled.baseline.optimizer_state_bytes
             )
@@ -107,9 +109,8 @@ class ProfiledModel:
             profile = "fake" if self.fake else "device"
             self.plain_profiled = ProfiledModel.of(
                 self.model, self.inputs, self.loss_fn, profile, carried=False,
-                grad_accumulation=self.grad_accumulation, optimizer=self.optimizer,
+                grad_accumulation=self.grad_accumulation, optimizer=self.optimizer, baseline=self.baseline,
             )
-            self.plain_profiled.baseline = self.baseline
         return self.plain_profiled
 
     def selective_chain(self) -> Chain:

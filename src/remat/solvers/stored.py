@@ -74,12 +74,12 @@ def _plan_with_stored(
     checkpoints, stored, chosen = [], [], [boundary] if last_selective else []
     while parent >= 0:
         checkpoints.append(boundary)
-        start = labels.facts(parent)[1]
+        facts = labels.facts(parent)  # start = the boundary of the label this one extends
         if kind is not None:
-            stored.append(start)
+            stored.append(facts[1])
             if kind == "selective":
-                chosen.append(start)
-        parent, boundary, kind = labels.facts(parent)
+                chosen.append(facts[1])
+        parent, boundary, kind = facts
     return tuple(reversed(checkpoints)), tuple(reversed(stored)), tuple(sorted(chosen))
 
 
