@@ -25,7 +25,7 @@ from grad_helpers import assert_grads_equal, step_grads
 from remat.profile.sequential import profile_sequential
 from remat.execute.sequential import CheckpointedSequential
 from remat.measure.step import measure_step
-from remat.chain.cost import peak_of, segment_stages
+from remat.chain.cost import peak_of, recompute_flops_of, segment_stages
 from remat.solvers.baselines import sqrt_segments
 from remat.solvers.checkpoints import min_peak
 
@@ -126,6 +126,22 @@ def test_peak_of_equals_measured_for_every_plan(name, record_property, capsys):
         print(f"\n{name}: n={prof.chain.n}, {exact}/{len(errors)} plans exact, worst relative error {worst:.2e}")
     assert worst <= 0.01, {c: e for c, e in errors.items() if e > 0.01}
     assert len(peaks) == 2 ** (prof.chain.n - 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_recompute_flops_equal_measured_with_early_stop(name):
+    """A recompute stops at the segment's last saved tensor: the backward's extra FLOPs are
+    what the chain predicts, less than whole segments where a segment ends with a matmul
+    or convolution (its inputs are saved before it runs)."""
+    net, x, prof = model(name)
+    base = measure_step(net, x, fake=True).backward_flops
+    whole = prof.chain.without_early_stop()
+    saved = 0
+    for cps in random.Random(1).sample(list(all_plans(prof.chain.n)), 24):
+        measured = measure_step(CheckpointedSequential(list(net), cps, prof.stage_pieces), x, fake=True)
+        assert measured.backward_flops - base == recompute_flops_of(prof.chain, cps), cps
+        saved += recompute_flops_of(whole, cps) - recompute_flops_of(prof.chain, cps)
+    assert saved > 0
 
 
 @pytest.mark.parametrize("name", MODELS)

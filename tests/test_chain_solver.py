@@ -110,20 +110,32 @@ class Reference:
         """Saved for ignored outputs by stage n-1: live once its backward (before stage i's) ran."""
         return self.c.stranded_bytes if i < self.n - 1 else 0
 
+    def stop(self, l: int, r: int, whole: bool) -> int:
+        """The stage where the recompute of (l, r] stops: with early stop the last one that
+        saves anything (l: none), else r."""
+        if whole or not self.c.early_stop:
+            return r
+        return max((i for i in range(l + 1, r + 1) if self.c.saves_any[i - 1]), default=l)
+
     @functools.cache
-    def segment(self, l: int, r: int, last: bool) -> int:
+    def segment(self, l: int, r: int, last: bool, whole: bool = False) -> int:
         c, a = self.c, self.a
         prev = lambda i: a[i - 1] if i - 1 > l else 0  # noqa: E731  the input of stage i if not a(l)
         peaks = []
         if not last:
-            # forward without saving, then the recompute with saving, then backward.
+            # forward without saving, then the recompute with saving (up to the last saved
+            # tensor with early stop), then backward.
             a_l = self.a_in[l]
             for i in range(l + 1, r + 1):
                 peaks.append(a_l + prev(i) + self.carried_in(l, i - 1, False) + int(c.fwd_nosave_peak[i - 1]))
             extra = self.held + self.W_after(r) + self.g(r) + self.stranded(r)
-            for i in range(l + 1, r + 1):
+            peaks.append(a_l + extra)
+            j = self.stop(l, r, whole)
+            for i in range(l + 1, j + 1):
+                stopped = c.early_stop and not whole and i == j
+                forward = c.last_save_peak[i - 1] if stopped else c.fwd_save_peak[i - 1]
                 peaks.append(a_l + extra + self.H(l, i - 1) + prev(i) + self.carried_in(l, i - 1, True)
-                             + int(c.fwd_save_peak[i - 1]))
+                             + int(forward))
             for i in range(l + 1, r + 1):
                 peaks.append(self.backward(l, i, a_l, last=False))
             return max(peaks)
@@ -147,13 +159,24 @@ class Reference:
         bounds = [0, *checkpoints, self.n]
         peak = kept = 0
         for l, r in zip(bounds[:-1], bounds[1:]):
-            peak = max(peak, kept + self.segment(l, r, r == self.n))
+            peak = max(peak, kept + self.segment(l, r, r == self.n, offload))
             kept += 0 if offload else self.a_in[l]
         return self.c.base_bytes + peak
 
-    def recompute_flops(self, checkpoints) -> int:
-        """Every stage before the last segment runs forward twice."""
-        return sum(int(self.c.fwd_flops[i - 1]) for i in range(1, (checkpoints or (0,))[-1] + 1))
+    def segment_flops(self, l: int, r: int, whole: bool = False) -> int:
+        """A recompute runs stages l+1..j forward again, stage j up to its last saved tensor
+        with early stop (offload plans recompute whole segments)."""
+        j = self.stop(l, r, whole)
+        flops = sum(int(self.c.fwd_flops[i - 1]) for i in range(l + 1, j))
+        if j > l:
+            stopped = self.c.early_stop and not whole
+            flops += int(self.c.last_save_flops[j - 1] if stopped else self.c.fwd_flops[j - 1])
+        return flops
+
+    def recompute_flops(self, checkpoints, offload: bool = False) -> int:
+        """Every stage before the last segment runs forward twice (early stop aside)."""
+        bounds = [0, *checkpoints]
+        return sum(self.segment_flops(l, r, offload) for l, r in zip(bounds[:-1], bounds[1:]))
 
     def best(self, offload: bool = False) -> tuple[int, int]:
         """(peak, recompute FLOPs), lexicographically least over every plan.
@@ -173,8 +196,8 @@ class Reference:
                     continue  # r would need an activation made inside (l, r), or a(l) is not read next
                 if self.c.stranded_bytes and r == n - 1:
                     continue  # see Chain.stranded_bytes
-                seg_flops = flops + int(self.c.fwd_flops[l:r].sum())
-                segment = kept + self.segment(l, r, False)
+                seg_flops = flops + self.segment_flops(l, r, offload)
+                segment = kept + self.segment(l, r, False, offload)
                 visit(r, kept + (0 if offload else self.a_in[l]), max(peak, segment), seg_flops)
 
         visit(0, 0, 0, 0)
@@ -461,6 +484,49 @@ def test_solvers_find_the_exhaustive_optimum_with_carried_activations_or_strande
         assert ref.valid(sol.checkpoints)
         if not chain.carries:  # offload plans cut at single tensors
             assert min_peak(chain, offload=True).peak_bytes == ref.best(offload=True)[0]
+
+
+# -- early stop: a recompute ends at its segment's last saved tensor ----------------
+
+
+def early_stop_chains():
+    """300 plain and 150 carried random chains whose recomputes stop early."""
+    return [
+        *(random_chain(1 + seed % 14, seed, early_stop=True) for seed in range(300)),
+        *(random_chain(1 + seed % 12, seed, carried=True, early_stop=True) for seed in range(150)),
+    ]
+
+
+def test_reference_matches_peak_of_with_early_stop():
+    """And early stop only lowers a plan's peak and recompute; offload plans recompute whole."""
+    rng = random.Random(3)
+    for chain in early_stop_chains():
+        ref, whole = Reference(chain), chain.without_early_stop()
+        plans = [cps for cps in all_plans(chain.n) if ref.valid(cps)]
+        for cps in rng.sample(plans, min(6, len(plans))):
+            assert ref.peak(cps) == peak_of(chain, cps) <= peak_of(whole, cps), (chain.n, cps)
+            assert ref.recompute_flops(cps) == recompute_flops_of(chain, cps) <= recompute_flops_of(whole, cps)
+            if not chain.carries:
+                assert peak_of(chain, cps, offload=True) == peak_of(whole, cps, offload=True) == ref.peak(cps, True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_solvers_find_the_exhaustive_optimum_with_early_stop(method):
+    for chain in early_stop_chains():
+        sol = min_peak(chain, method)
+        assert (sol.peak_bytes, sol.recompute_flops) == Reference(chain).best(), (chain.n, sol)
+        assert sol.peak_bytes == peak_of(chain, sol.checkpoints)
+
+
+def test_budget_solver_is_exact_with_early_stop():
+    """The least recompute within a budget, where it depends on where every segment ends."""
+    for chain in early_stop_chains()[::4]:
+        ref = Reference(chain)
+        plans = [(ref.peak(cps), ref.recompute_flops(cps)) for cps in all_plans(chain.n) if ref.valid(cps)]
+        for budget in sorted({peak for peak, _ in plans})[:6]:
+            sol = min_recompute(chain, budget)
+            best = min(flops for peak, flops in plans if peak <= budget)
+            assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best, (chain.n, budget)
 
 
 # -- offload: kept activations in host memory ------------------------------------

@@ -38,9 +38,11 @@ from remat.tools.nets import RandomNet
 DEFAULT_SEEDS = range(300)
 HEAVY_SEEDS = range(300, 2300)
 # Seeds whose predicted peak is off by more than 2%, or below the measured one by enough to pass
-# the budget (gradients exact): none at present.
+# the budget (gradients exact): 5 and 117 are 2.2% above, by the backward of a stage with several
+# outputs (an over-count of the kinds docs/design.md lists under "Several outputs"), which binds
+# once early stop lowers the recompute's own peak.
 PEAK_REASON = "chain cost model off by more than 2% on this graph"
-KNOWN_PEAK_FAILURES: set[int] = set()
+KNOWN_PEAK_FAILURES: set[int] = {5, 117}
 # The heavy seeds (-m heavy) whose peak check fails, gradients exact on all 2000: 38, i.e.
 # 1.9% (13 below by up to 4.9% or over the budget; 25 above, by up to 6.3%: gradient aliasing
 # and over-counts of the kinds docs/design.md lists under "Several outputs", not each traced;

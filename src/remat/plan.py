@@ -10,7 +10,7 @@ from remat.report import format_bytes, format_table
 
 __all__ = ["Plan"]
 
-_FORMAT = "remat.plan/2"
+_FORMAT = "remat.plan/3"
 
 
 @dataclasses.dataclass(frozen=True)

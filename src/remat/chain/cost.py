@@ -8,6 +8,10 @@ the chain into segments ``(l, r]``. Every segment except the last runs its
 forward without saving anything for backward and is recomputed once, from its
 checkpoint, when the backward pass reaches it; the last segment runs normally
 (recomputing it right after the forward would hold the same tensors again).
+A recompute stops at the segment's last saved tensor (early stop): it runs
+stages ``l+1..j-1`` and stage ``j`` up to its last saved tensor, ``j = J(r)``
+the last stage up to ``r`` that saves anything (``Chain.last_save_*``); plans
+with nested checkpoints or offload recompute whole segments.
 
 The exact peak of one step under a plan (``peak_of``) follows PyTorch's order
 of allocation and freeing, per stage, in terms of the quantities a
@@ -22,7 +26,8 @@ of allocation and freeing, per stage, in terms of the quantities a
   which also holds the output gradient ``g(r)``, the parameter gradients
   ``W(>r)`` produced so far and what is held through the whole backward: the
   loss ``a(n)``, its gradient ``g(n)`` and, with ``output_held``, ``a(n-1)``):
-  ``K + a(l)[kept] + H(l, i-1) + a(i-1)[i-1>l] + fwd_save_peak[i]``,
+  ``K + a(l)[kept] + H(l, i-1) + a(i-1)[i-1>l] + fwd_save_peak[i]``
+  (``last_save_peak[j]`` for the stage ``j`` where a recompute stops),
   where ``H(l, j)`` is what stages ``l+1..j`` retain for backward (their
   internal saved tensors plus each activation a stage saves as input or
   output, counted once);
@@ -212,7 +217,7 @@ def _validate_inner(chain: Chain, checkpoints: tuple[int, ...], inner: Inner) ->
 
 
 def _nested_phase(
-    terms: SegmentTerms, l: int, r: int, nested: dict[tuple[int, int], tuple[int, ...]], flops: np.ndarray
+    terms: SegmentTerms, l: int, r: int, nested: dict[tuple[int, int], tuple[int, ...]]
 ) -> tuple[int, int]:
     """Peak (a(l) included) and recomputed FLOPs of segment (l, r]'s recompute and backward.
 
@@ -224,17 +229,17 @@ def _nested_phase(
     """
     cs = nested.get((l, r))
     if not cs:
-        return terms.recompute_phase(l, r), int(flops[r] - flops[l])
+        return terms.recompute_phase(l, r), terms.recompute_flops(l, r)
     inner = list(zip((l, *cs[:-1]), cs))
     peak = kept = 0
     for s, e in inner:
         peak = max(peak, kept + int(terms.a_in[s] + terms.E[r]) + terms.forward_unsaved(s, e))
         kept += int(terms.a_in[s])
     peak = max(peak, kept + terms.run_inside(cs[-1], r))
-    recomputed = int(flops[r] - flops[l])
+    recomputed = terms.recompute_flops(l, r)
     for s, e in reversed(inner):
         kept -= int(terms.a_in[s])
-        local, more = _nested_phase(terms, s, e, nested, flops)
+        local, more = _nested_phase(terms, s, e, nested)
         peak = max(peak, kept + local)
         recomputed += more
     return peak, recomputed
@@ -292,16 +297,17 @@ def _cost(
         raise ValueError("nested checkpoints are planned without stored or selective segments and without offload")
     if chosen and offload:
         raise ValueError("selective segments are planned without offload")
+    if (nested or offload) and chain.early_stop:
+        chain, terms = chain.without_early_stop(), None  # (see NOTE [early stop] in remat.execute.engine)
     terms = terms or SegmentTerms(chain)
     if chosen and selective_terms is None:
         selective_terms = selective_terms_of(chain)
     of = lambda l: selective_terms if l in chosen else terms  # noqa: E731
-    flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)])
     segments = _segments(chain.n, cps)[:-1]
-    recomputed = sum(int(flops[r] - flops[l]) for l, r in segments if l not in kept)
     if offload:
+        recomputed = sum(terms.recompute_flops(l, r) for l, r in segments)
         return chain.base_bytes + peak_offloaded(terms, cps), recomputed, cps, kept, chosen
-    peak = held = 0
+    peak = held = recomputed = 0
     previous = None  # the terms of the segment before, if it was stored
     for l, r in segments:
         if l in kept:
@@ -309,9 +315,9 @@ def _cost(
             local, keeps = of(l).stored_segment(l, r)
             previous = of(l)
         else:
-            local, more = _nested_phase(terms, l, r, nested, flops)
+            local, more = _nested_phase(terms, l, r, nested)
             local = max(local, int(terms.a_in[l]) + terms.forward_unsaved(l, r))
-            recomputed += more - int(flops[r] - flops[l])
+            recomputed += more
             keeps = int(terms.a_in[l])
             previous = None
         peak = max(peak, held + local)

@@ -13,6 +13,10 @@ Inner = tuple[tuple[int, int, tuple[int, ...]], ...]
 _BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "skips_next")
 # Per-stage arrays measured again for stages run selectively (``Chain.selective_*``).
 _SELECTIVE_FIELDS = ("fwd_save_peak", "saved_bytes", "saves_input", "saves_output", "bwd_peak")
+# Per-stage arrays of a recompute that stops at its last saved tensor (``Chain.early_stop``).
+_EARLY_STOP_FIELDS = (
+    "saves_any", "last_save_peak", "last_save_flops", "last_save_ops", "last_save_allocated_bytes"
+)
 
 __all__ = ["Chain", "ChainSolution", "Inner"]
 
@@ -82,6 +86,13 @@ class Chain:
             segment runs selectively only if stage ``n - 1`` strands as much
             either way (``selective_stranded_bytes``): the other segments'
             costs count what it strands.
+        saves_any / last_save_*: whether the stage saves anything for
+            backward, and its forward with saving up to its last saved tensor:
+            the peak of new bytes by then, and the FLOPs, operators and bytes
+            allocated by then. A recompute stops there, in the last stage of
+            its segment that saves anything (NOTE [early stop] in
+            :mod:`remat.execute.engine`); ``None`` where not measured: the
+            recompute then runs whole segments (``early_stop`` false).
     """
 
     act_bytes: np.ndarray
@@ -115,6 +126,11 @@ class Chain:
     fwd_allocated_bytes: np.ndarray | None = None
     fwd_cheap_ops: np.ndarray | None = None
     fwd_cheap_allocated_bytes: np.ndarray | None = None
+    saves_any: np.ndarray | None = None
+    last_save_peak: np.ndarray | None = None
+    last_save_flops: np.ndarray | None = None
+    last_save_ops: np.ndarray | None = None
+    last_save_allocated_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)
@@ -134,6 +150,9 @@ class Chain:
         selective = [getattr(self, f"selective_{name}") for name in _SELECTIVE_FIELDS]
         if any(x is None for x in selective) and any(x is not None for x in selective):
             raise ValueError(f"Chain.selective_* ({', '.join(_SELECTIVE_FIELDS)}) are given all together or not at all")
+        stops = [getattr(self, name) for name in _EARLY_STOP_FIELDS]
+        if any(x is None for x in stops) and any(x is not None for x in stops):
+            raise ValueError(f"Chain's early-stop arrays ({', '.join(_EARLY_STOP_FIELDS)}) are given all together or not at all")
         if self.live_until is not None:
             bounds = np.arange(n + 1)
             if (self.live_until < bounds).any() or (self.live_until[:-1] > n - 1).any():
@@ -143,6 +162,25 @@ class Chain:
     def carries(self) -> bool:
         """Whether some activation is read past the next stage (multi-tensor boundaries)."""
         return self.live_until is not None and bool((self.live_until > np.arange(self.n + 1)).any())
+
+    @property
+    def early_stop(self) -> bool:
+        """Whether a recompute stops at its last saved tensor (see ``saves_any``)."""
+        return self.saves_any is not None
+
+    def last_savers(self) -> np.ndarray:
+        """Per boundary ``r`` (0..n): the stage where a recompute of a segment ending at ``r``
+        stops, the last stage up to ``r`` that saves anything (0: none); ``r`` itself without
+        early stop, when every recompute runs its whole segment."""
+        stages = np.arange(self.n + 1)
+        if not self.early_stop:
+            return stages
+        return np.maximum.accumulate(np.where(np.concatenate([[False], self.saves_any]), stages, 0))
+
+    def without_early_stop(self) -> Chain:
+        """The chain with recomputes of whole segments: how plans with nested checkpoints
+        or offload run (see NOTE [early stop] in :mod:`remat.execute.engine`)."""
+        return dataclasses.replace(self, **dict.fromkeys(_EARLY_STOP_FIELDS))
 
     @property
     def n(self) -> int:
@@ -197,7 +235,9 @@ class Chain:
                 converted[key] = value
             elif value is None:
                 converted[key] = None
-            elif key in ("saves_input", "saves_output", "skips_next", "selective_saves_input", "selective_saves_output"):
+            elif key in (
+                "saves_input", "saves_output", "skips_next", "selective_saves_input", "selective_saves_output", "saves_any"
+            ):
                 converted[key] = np.asarray(value, dtype=bool)
             else:
                 converted[key] = np.asarray(value, dtype=np.int64)

@@ -9,7 +9,9 @@ from remat.chain.model import Chain
 __all__ = ["random_chain"]
 
 
-def random_chain(n: int, seed: int = 0, *, carried: bool = False, selective: bool = False) -> Chain:
+def random_chain(
+    n: int, seed: int = 0, *, carried: bool = False, selective: bool = False, early_stop: bool = False
+) -> Chain:
     """A heterogeneous random chain for tests and benchmarks.
 
     Stages vary in output size by orders of magnitude; some save nothing,
@@ -18,7 +20,9 @@ def random_chain(n: int, seed: int = 0, *, carried: bool = False, selective: boo
     (like residual inputs) and some of those are saved by a later stage.
     With ``selective``, stages also have selective costs: run so, a
     stage keeps its input and part of what it saves, and its backward
-    first makes the rest again.
+    first makes the rest again. With ``early_stop``, a recompute stops at its last saved
+    tensor: a stage that saves its input only does so before it runs (none of it runs then),
+    one with an internal saved tensor saves it halfway, one that saves its output at its end.
     """
     rng = np.random.default_rng(seed)
     act = rng.choice([1, 2, 4, 8, 16, 64], size=n + 1) * 1024 * rng.integers(1, 5, size=n + 1)
@@ -59,6 +63,16 @@ def random_chain(n: int, seed: int = 0, *, carried: bool = False, selective: boo
             selective_saves_input=np.ones(n, dtype=bool),
             selective_saves_output=kept_output,
             selective_bwd_peak=bwd + remade,
+        )
+    if early_stop:
+        halfway = kind == 4
+        whole = saves_output
+        extra.update(
+            saves_any=kind != 0,
+            last_save_peak=np.where(whole, fwd_save, np.where(halfway, saved + temp // 2, 0)).astype(np.int64),
+            last_save_flops=np.where(whole, flops, np.where(halfway, flops // 2, 0)).astype(np.int64),
+            last_save_ops=np.zeros(n, dtype=np.int64),
+            last_save_allocated_bytes=np.zeros(n, dtype=np.int64),
         )
     return Chain(**extra,
         act_bytes=act.astype(np.int64),

@@ -71,6 +71,19 @@ class SegmentTerms:
         self.T_rc[1:] = self.HH[:-1] + a[:-1] + self.f_s[1:]
         self.T_bw = w_after + self.HH + out_kept + g_bw + pad(chain.bwd_peak)
         self.T_bw[0] = 0
+        # Early stop: the recompute of a segment ending at r stops in stage J[r], the last
+        # stage up to r that saves anything (0: none), at its last saved tensor, having run
+        # F_stop[J[r]] of its FLOPs and peaked at f_stop[J[r]]. Without it, J[r] = r and a
+        # stage runs whole.
+        self.flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)]).astype(np.int64)
+        self.early_stop = chain.early_stop
+        self.J = chain.last_savers()
+        if chain.early_stop:
+            self.f_stop, self.F_stop = pad(chain.last_save_peak), pad(chain.last_save_flops)
+        else:
+            self.f_stop, self.F_stop = self.f_s, pad(chain.fwd_flops)
+        self.T_stop = np.zeros(n + 1, dtype=np.int64)
+        self.T_stop[1:] = self.HH[:-1] + a[:-1] + self.f_stop[1:]
         # Extra held while a segment ending at r is recomputed.
         self.E = self.held + w_after + g
         # After stage n-1's backward (recomputed or not), what it saved for ignored outputs stays.
@@ -171,13 +184,33 @@ class SegmentTerms:
 
     def recompute_phase(self, l: int, r: int) -> int:
         """Peak of segment (l, r]'s recompute (saving) and backward, a(l) held throughout."""
-        T_rc, T_bw = self.T_rc[l + 2 : r + 1], self.T_bw[l + 1 : r + 1]
+        T_bw = self.T_bw[l + 1 : r + 1]
         if self.carries:
-            T_rc = T_rc + self.in_segment(l, self.unretained)[l + 1 : r]
             T_bw = T_bw - self.released_early(l)[l + 1 : r + 1]
-        rc = max(self.f_s[l + 1], T_rc.max(initial=0) - self.Q[l])
         bw = T_bw.max() - self.Q[l]
-        return int(self.a_in[l]) + int(max(self.E[r] + rc, self.held + bw))
+        return int(self.a_in[l]) + int(max(self.E[r] + self.recompute_part(l, r), self.held + bw))
+
+    def recompute_part(self, l: int, r: int) -> int:
+        """Peak of segment (l, r]'s recompute over what is held while it runs (a(l) and
+        ``E[r]`` aside): stages l+1..J[r]-1 whole, stage J[r] up to its last saved tensor."""
+        j = int(self.J[r])
+        if j <= l:
+            return 0  # nothing in the segment saves anything: nothing runs again
+        if j == l + 1:
+            return int(self.f_stop[j])
+        stop = int(self.T_stop[j])
+        if self.carries:
+            live = self.in_segment(l, self.unretained)
+            prior = int((self.T_rc[l + 2 : j] + live[l + 1 : j - 1]).max(initial=-UNREACHABLE))
+            stop += int(live[j - 1])
+        else:
+            prior = self.range_max[1].query(l + 2, j - 1)  # O(1); 0 when empty, as the terms are >= 0
+        return int(max(self.f_s[l + 1], max(prior, stop) - self.Q[l]))
+
+    def recompute_flops(self, l: int, r: int) -> int:
+        """FLOPs of segment (l, r]'s recompute (see :meth:`recompute_part`)."""
+        j = int(self.J[r])
+        return 0 if j <= l else int(self.flops[j - 1] - self.flops[l] + self.F_stop[j])
 
     def run_inside(self, c: int, r: int) -> int:
         """Peak of stages c+1..r run normally (saving, then backward) inside the recompute
@@ -213,7 +246,7 @@ class SegmentTerms:
     @functools.cached_property
     def lists(self) -> tuple[list[int], ...]:
         """Per-stage arrays as Python lists, for the scalar loop of the queue."""
-        arrays = (self.a_in, self.f_ns, self.f_s, self.Q, self.E, self.T_ns, self.T_rc, self.T_bw)
+        arrays = (self.a_in, self.f_ns, self.Q, self.E, self.T_ns, self.T_bw)
         return tuple(_as_array(x) for x in arrays)
 
     @functools.cached_property
@@ -234,10 +267,7 @@ class SegmentTerms:
             T_ns = T_ns + self.in_segment(l, self.a_in)[l + 1 : n]
             T_rc = T_rc + self.in_segment(l, self.unretained)[l + 1 : n]
         fns = np.maximum(self.f_ns[l + 1], np.concatenate([[0], cm(T_ns)]))
-        rc = np.maximum(
-            self.f_s[l + 1],
-            np.concatenate([[np.iinfo(np.int64).min // 4], cm(T_rc) - self.Q[l]]),
-        )
+        rc = self._recompute_parts(l, T_rc)
         T_bw = self.T_bw[l + 1 : n + 1]
         if self.carries:
             T_bw = T_bw - self.released_early(l)[l + 1 : n + 1]
@@ -247,6 +277,24 @@ class SegmentTerms:
         if self.carries:
             recompute[(self.lo[r] > l) | self.skips_next[l]] = UNREACHABLE
         return recompute[:-1], self.last_segment(l)
+
+    def _recompute_parts(self, l: int, T_rc: np.ndarray) -> np.ndarray:
+        """:meth:`recompute_part` ``(l, r)`` for all ``r`` in ``l+1..n``, given ``T_rc`` of
+        stages ``l+2..n`` with what the segment carries added."""
+        n = self.n
+        j = self.J[l + 1 : n + 1]
+        k = np.maximum(j - l - 2, 0)  # stage j's index in T_rc, where j >= l + 2
+        before = np.concatenate([[-UNREACHABLE], np.maximum.accumulate(T_rc)])  # max of T_rc[:k]
+        stop = self.T_stop[j]
+        if len(T_rc):
+            stop = stop + (T_rc - self.T_rc[l + 2 : n + 1])[k]
+        inside = np.maximum(self.f_s[l + 1], np.maximum(before[k], stop) - self.Q[l])
+        return np.where(j >= l + 2, inside, np.where(j == l + 1, self.f_stop[j], 0))
+
+    def recompute_flops_row(self, l: int) -> np.ndarray:
+        """:meth:`recompute_flops` ``(l, r)`` for all ``r`` in ``l+1..n``."""
+        j = self.J[l + 1 : self.n + 1]
+        return np.where(j > l, self.flops[np.maximum(j - 1, 0)] - self.flops[l] + self.F_stop[j], 0)
 
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from remat.chain.model import Chain, Inner
 
-__all__ = ["Speed", "Work", "plan_work", "recompute_counts"]
+__all__ = ["Speed", "Work", "early_stop_shares", "plan_work", "recompute_counts", "recompute_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,47 @@ def recompute_counts(n: int, checkpoints: Sequence[int], stored: Sequence[int] =
     return counts
 
 
+def _left_out(chain: Chain, checkpoints: Sequence[int], stored: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    """What early stop leaves out of a one-level plan's recomputes: the stages run not at all
+    (0-based ranges), and those that stop at their last saved tensor (0-based)."""
+    whole, partly = [], []
+    J = chain.last_savers()
+    bounds = [0, *checkpoints]
+    for l, r in zip(bounds[:-1], bounds[1:]):
+        if l not in set(stored):
+            j = max(int(J[r]), l)
+            whole.append((j, r))
+            if j > l:
+                partly.append(j - 1)
+    return whole, partly
+
+
+def recompute_weights(
+    chain: Chain, checkpoints: Sequence[int], stored: Sequence[int] = (), inner: Inner = ()
+) -> np.ndarray:
+    """How much of each stage's forward runs again in backward: :func:`recompute_counts`, less
+    what early stop leaves out (a stage stopped at its last saved tensor by the share of its
+    FLOPs run by then, see :func:`early_stop_shares`)."""
+    weights = recompute_counts(chain.n, checkpoints, stored, inner).astype(float)
+    if not chain.early_stop or inner:
+        return weights
+    whole, partly = _left_out(chain, checkpoints, stored)
+    for j, r in whole:
+        weights[j:r] -= 1
+    shares = early_stop_shares(chain)
+    for i in partly:
+        weights[i] -= 1 - shares[i]
+    return weights
+
+
+def early_stop_shares(chain: Chain) -> np.ndarray:
+    """Per stage: the share of its forward that runs up to its last saved tensor (of its
+    FLOPs, or of its operators where it has no FLOPs; 1 where neither was counted)."""
+    ops = np.zeros(chain.n) if chain.fwd_ops is None else chain.fwd_ops
+    by_ops = np.divide(chain.last_save_ops, ops, out=np.ones(chain.n), where=ops > 0)
+    return np.divide(chain.last_save_flops, chain.fwd_flops, out=by_ops, where=chain.fwd_flops > 0)
+
+
 def _regions(checkpoints: Sequence[int], stored: Sequence[int], inner: Inner) -> int:
     """Checkpoint regions of the recomputed segments, nested ones included."""
     starts = (0, *checkpoints)[: len(checkpoints)]  # each segment that ends at a checkpoint
@@ -124,7 +165,7 @@ def plan_work(
 
     picked = np.zeros(chain.n, dtype=np.int64)
     picked[[i - 1 for i in selective_stages]] = 1
-    return Work(
+    work = Work(
         flops=per_stage(chain.fwd_flops, counts),
         ops=per_stage(chain.fwd_ops, counts) + per_stage(chain.fwd_cheap_ops, picked),
         allocated_bytes=(
@@ -134,4 +175,27 @@ def plan_work(
         cheap_allocated_bytes=per_stage(chain.fwd_cheap_allocated_bytes, counts + picked),
         regions=_regions(checkpoints, stored, inner) + len(selective_stages),
         intercepted_ops=2 * per_stage(chain.fwd_ops, picked),
+    )
+    if chain.early_stop and not inner:
+        whole, partly = _left_out(chain, checkpoints, stored)
+        for j, r in whole:
+            work -= _stage_work(chain, slice(j, r), cheap=True)
+        for i in partly:
+            work -= _stage_work(chain, slice(i, i + 1)) - Work(
+                flops=int(chain.last_save_flops[i]),
+                ops=int(chain.last_save_ops[i]),
+                allocated_bytes=int(chain.last_save_allocated_bytes[i]),
+            )
+    return work
+
+
+def _stage_work(chain: Chain, stages: slice, cheap: bool = False) -> Work:
+    """The forward work of some stages (0-based); its part without FLOPs too if ``cheap``."""
+    total = lambda values: 0 if values is None else int(values[stages].sum())  # noqa: E731
+    return Work(
+        flops=total(chain.fwd_flops),
+        ops=total(chain.fwd_ops),
+        allocated_bytes=total(chain.fwd_allocated_bytes),
+        cheap_ops=total(chain.fwd_cheap_ops) if cheap else 0,
+        cheap_allocated_bytes=total(chain.fwd_cheap_allocated_bytes) if cheap else 0,
     )

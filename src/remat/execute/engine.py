@@ -7,15 +7,25 @@ engine does the rest.
 
 NOTE [recompute]
     A recomputed segment runs under ``torch.utils.checkpoint`` (non-reentrant,
-    RNG state restored, so dropout masks are the same; no early stop, since
-    the cost model counts whole segments). BatchNorm runs with momentum 0
-    during the recompute, so its running statistics move once per step.
+    RNG state restored, so dropout masks are the same). BatchNorm runs with
+    momentum 0 during the recompute, so its running statistics move once per
+    step.
+
+NOTE [early stop]
+    A recompute stops at the last tensor the segment's backward needs
+    (checkpoint's early stop): what runs after it, often the segment's last
+    matmul or convolution, whose inputs are saved before it runs, does not
+    run again. The chain model counts a recompute so (``Chain.last_save_*``).
+    Plans with nested checkpoints or offload recompute whole segments, as the
+    chain model prices them.
 
 NOTE [recompute first]
-    An identity on the segment's outputs saves an empty tensor, so the
-    segment's backward starts by unpacking it, which starts the recompute.
-    Otherwise backward nodes that need no saved tensor (views, adds) run first
-    and hold their gradients through the recompute.
+    The segment's backward starts by unpacking a tensor saved for it, which
+    starts the recompute. Otherwise backward nodes that need no saved tensor
+    (views, adds) run first and hold their gradients through the recompute.
+    With early stop, that tensor is saved first, at the segment's start (an
+    anchor), and unpacked by an identity on the segment's outputs; without,
+    the identity saves it, last.
 
 NOTE [one call per span]
     Pieces run back to back (a segment, or the stages between selective ones)
@@ -134,7 +144,8 @@ def _running_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
     With momentum 0 the update ``(1 - m) * running + m * batch`` leaves the
     running statistics exactly as they are, while the batch statistics, the
     output and the tensors saved for backward stay the same as in the first
-    forward; the ``num_batches_tracked`` increment is undone afterwards.
+    forward; the ``num_batches_tracked`` increment is undone afterwards where
+    it happened (a recompute that stops early skips the last BatchNorms).
     Nothing is allocated (a copy-and-restore would show up in the peak).
     """
     norms = [
@@ -142,20 +153,22 @@ def _running_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
     ]
     momenta = [m.momentum for m in norms]
+    counted = [None if m.num_batches_tracked is None else m.num_batches_tracked._version for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, momentum in zip(norms, momenta):
+            for m, momentum, version in zip(norms, momenta, counted):
                 m.momentum = momentum
-                if m.num_batches_tracked is not None:
+                if version is not None and m.num_batches_tracked._version != version:
                     m.num_batches_tracked.sub_(1)
 
 
-def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *args):
-    """Run ``function(*args)`` saving nothing for backward; recompute it in backward."""
+def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *args, early_stop: bool = True):
+    """Run ``function(*args)`` saving nothing for backward; recompute it in backward, up to
+    the last tensor its backward needs if ``early_stop`` (NOTE [early stop])."""
 
     if torch.compiler.is_compiling():
         # Under torch.compile the checkpoint becomes a higher-order op: the
@@ -168,12 +181,12 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
         return contextlib.nullcontext(), _running_stats_frozen(modules)
 
     def recompute_first(*inputs):
+        anchor = [_Anchor.apply(torch.empty(0, requires_grad=True)).grad_fn] if early_stop else None
         return pytree.tree_map_only(
-            torch.Tensor, lambda t: _RecomputeFirst.apply(t) if t.requires_grad else t, function(*inputs)
+            torch.Tensor, lambda t: _RecomputeFirst.apply(t, anchor) if t.requires_grad else t, function(*inputs)
         )
 
-    # Recompute whole segments (no early stop): the cost model counts them so.
-    with set_checkpoint_early_stop(False):
+    with set_checkpoint_early_stop(early_stop):
         return checkpoint(
             recompute_first, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
         )
@@ -228,27 +241,50 @@ def _entered_together(*managers) -> Iterator[None]:
         yield
 
 
+class _Anchor(torch.autograd.Function):
+    """Identity that saves its input: the first tensor a segment saves (NOTE [recompute first])."""
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(leaf)
+        return leaf.view_as(leaf)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 class _RecomputeFirst(torch.autograd.Function):
     """Identity on a segment's output whose backward, the segment's first, starts its recompute.
 
     Checkpoint recomputes a segment when backward first needs one of its saved
     tensors; backward nodes that need none (views, reshapes, adds) would run
     before that and hold their gradients through the recompute, which the
-    cost model (recompute, then backward) does not count. Saving a tensor
-    here makes the recompute the first thing the segment's backward does.
-    It is an empty one, not the output: the recompute keeps whatever it saves
-    until its backward, which never comes for an output the loss ignores.
+    cost model (recompute, then backward) does not count. Unpacking a tensor
+    here makes the recompute the first thing the segment's backward does: the
+    one the segment's anchor saved (``anchor`` holds the node of an
+    :class:`_Anchor`, shared by the segment's outputs: the first to run its
+    backward unpacks it and lets it go, and with it the checkpoint, which its
+    saved tensor refers to), or else one saved here. It is an empty one, not
+    the output: the recompute keeps whatever it saves until its backward,
+    which never comes for an output the loss ignores.
     """
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(output.new_empty(0))
+    def forward(ctx, output: torch.Tensor, anchor: list | None) -> torch.Tensor:
+        ctx.anchor = anchor
+        if anchor is None:
+            ctx.save_for_backward(output.new_empty(0))
         return output
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.saved_tensors  # unpacking triggers the recompute
-        return grad
+        # Unpacking starts the recompute.
+        if ctx.anchor is None:
+            ctx.saved_tensors
+        elif ctx.anchor:
+            ctx.anchor.pop().saved_tensors
+        return grad, None
 
 
 class Program(Protocol):
@@ -306,6 +342,7 @@ class SegmentEngine:
         self.stored = stored
         self.selective = selective
         self.stage_starts = tuple(stage_starts)
+        self.early_stop = not self.nested and offload is None  # (NOTE [early stop])
         _check_combination(self.nested, stored | selective, offload)
         _check_selective([0, *self.boundaries, size], stored, selective)
 
@@ -324,7 +361,9 @@ class SegmentEngine:
                 kept[stop - 1] = self._run(*args)
             else:
                 with saving(offload, kept.get(start - 1)):
-                    kept[stop - 1] = run_segment_recomputed(self._run, program.submodules(start, stop), *args)
+                    kept[stop - 1] = run_segment_recomputed(
+                        self._run, program.submodules(start, stop), *args, early_stop=self.early_stop
+                    )
             self._forget_read(kept, stop)
         return self._run_kept(bounds[-2], bounds[-1], kept, inputs)
 

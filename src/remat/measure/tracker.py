@@ -98,6 +98,7 @@ class MemoryTracker(TorchDispatchMode):
         self._views = 0  # operators that return views (detach, reshape): no kernel, little time
         self._cheap_ops = 0  # operators without FLOPs that are not views
         self._cheap_allocated = 0  # bytes of the storages those made
+        self._allocated = 0  # bytes of every storage made inside
         self.timeline: list[tuple[str, int]] = []
         self._live: dict[int, _StorageRecord] = {}  # keyed by id(storage) while alive
         self._records: list[_StorageRecord] = []
@@ -118,6 +119,7 @@ class MemoryTracker(TorchDispatchMode):
         record = _StorageRecord(storage_bytes(storage, self.round_to), len(self.timeline))
         self._live[key] = record
         self._records.append(record)
+        self._allocated += record.nbytes
         self._counted += record.nbytes
         self._counted_peak = max(self._counted_peak, self._counted)
         weakref.finalize(storage, self._release, key, record)
@@ -150,7 +152,7 @@ class MemoryTracker(TorchDispatchMode):
         return Work(
             flops=self.flops,
             ops=len(self.timeline) - self._views,
-            allocated_bytes=sum(r.nbytes for r in self._records),
+            allocated_bytes=self._allocated,
             cheap_ops=self._cheap_ops,
             cheap_allocated_bytes=self._cheap_allocated,
         )

@@ -11,7 +11,7 @@ from remat.budget import InfeasibleBudget
 from remat.plan import Plan
 from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
-from remat.chain.time import Work, recompute_counts
+from remat.chain.time import Work, recompute_weights
 from remat.planner.compiled import compiled_choice, simulate_compiled
 from remat.planner.families import front, lower_envelope, solve_chain
 from remat.planner.profiled import Costs, ProfiledModel, by_time
@@ -130,8 +130,8 @@ def _timed(profiled: ProfiledModel, solution: ChainSolution, budget_bytes: int, 
     recompute_seconds = None
     if costs == "profile":
         source = profiled.source_of(solution)
-        counts = recompute_counts(source.chain.n, solution.checkpoints, solution.stored, solution.inner)
-        recompute_seconds = float(counts @ source.stage_seconds())
+        weights = recompute_weights(source.chain, solution.checkpoints, solution.stored, solution.inner)
+        recompute_seconds = float(weights @ source.stage_seconds())
     return profiled.to_plan(solution, 0.0, budget_bytes, recompute_seconds=recompute_seconds)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from remat.budget import InfeasibleBudget
 from remat.chain.cost import largest_retained, recompute_flops_of, single_tensor_boundaries
 from remat.chain.model import ChainSolution
+from remat.chain.time import early_stop_shares
 from remat.plan import Plan
 from remat.planner.profiled import Costs, ProfiledModel
 from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
@@ -30,7 +31,11 @@ def solve_chain(
     chain = profiled.planned(profiled.chain)
     if costs == "profile":
         # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
-        chain = dataclasses.replace(chain, fwd_flops=np.round(profiled.stage_seconds() * 1e9).astype(np.int64))
+        nanoseconds = np.round(profiled.stage_seconds() * 1e9)
+        stopped = {"last_save_flops": np.round(nanoseconds * early_stop_shares(chain))} if chain.early_stop else {}
+        chain = dataclasses.replace(
+            chain, fwd_flops=nanoseconds.astype(np.int64), **{k: v.astype(np.int64) for k, v in stopped.items()}
+        )
     start = time.perf_counter()
     if budget_bytes is None:
         solution = min_peak(chain, offload=offload)

@@ -197,6 +197,8 @@ class ProfiledModel:
         if speed is None:
             return plan
         chain = self.cut_as(plan).chain
+        if plan.inner or plan.offload:  # (see NOTE [early stop] in remat.execute.engine)
+            chain = chain.without_early_stop()
         added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective)
         if step is None:
             work = self.baseline.work + added

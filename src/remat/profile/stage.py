@@ -55,6 +55,10 @@ class StageCost:
     output_grad_bytes: int = 0
     # What its forward runs saving nothing (as when recomputed): operators, bytes allocated.
     fwd_work: Work = Work()
+    # Its forward with saving up to the last tensor it saves for backward, where a recompute
+    # that ends with this stage stops (see NOTE [early stop] in remat.execute.engine): the
+    # peak of new bytes and the work done by then; None if it saves nothing.
+    to_last_save: tuple[int, Work] | None = None
 
 
 def tensors_of(tree: Any) -> list[torch.Tensor]:
@@ -206,9 +210,13 @@ def profile_stage(
 
     # Saved storages by id, held weakly: an id is reused once its storage dies.
     saved_storages: dict[int, weakref.ref] = {}
+    to_last_save: list[tuple[int, Work]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved_storages[id(t.untyped_storage())] = weakref.ref(t.untyped_storage())
+        # An operator saves its inputs before it runs and its outputs after: what the
+        # tracker has seen by now is what a recompute stopped here would have run.
+        to_last_save[:] = [(mem.peak_bytes, mem.work())]
         return t
 
     del x
@@ -317,6 +325,7 @@ def profile_stage(
         stranded,
         grad_bytes,
         fwd_work,
+        to_last_save[0] if to_last_save else None,
     )
     return cost, output
 

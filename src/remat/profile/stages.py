@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from remat.measure.tracker import round_to_of, unique_storage_bytes
 from remat.chain.model import Chain
+from remat.chain.time import Work
 from remat.profile.stage import PASSED_ON, StageCost, leaf, profile_stage, tensors_of
 
 __all__ = ["BackwardSkipsStage", "profile_selectively", "profile_stages"]
@@ -416,12 +417,25 @@ def _chain_of(
         fwd_allocated_bytes=[c.fwd_work.allocated_bytes for c in costs],
         fwd_cheap_ops=[c.fwd_work.cheap_ops for c in costs],
         fwd_cheap_allocated_bytes=[c.fwd_work.cheap_allocated_bytes for c in costs],
+        **_early_stop_arrays(costs),
         base_bytes=base_bytes,
         output_held=True,
         stranded_bytes=held_cost.stranded if held_cost else 0,
         held_output_bwd_peak=held_cost.bwd if held_cost else None,
         names=tuple(names),
         **extra,
+    )
+
+
+def _early_stop_arrays(costs: Sequence[StageCost]) -> dict[str, list]:
+    """The chain's ``saves_any`` and ``last_save_*`` (see :class:`Chain`) from the stages' costs."""
+    stops = [c.to_last_save or (0, Work()) for c in costs]
+    return dict(
+        saves_any=[c.to_last_save is not None for c in costs],
+        last_save_peak=[peak for peak, _ in stops],
+        last_save_flops=[work.flops for _, work in stops],
+        last_save_ops=[work.ops for _, work in stops],
+        last_save_allocated_bytes=[work.allocated_bytes for _, work in stops],
     )
 
 

@@ -18,13 +18,17 @@ chains a stage needs few re-evaluations (timings in
 ``benchmarks/results/chain_scaling.md``).
 
 
-Ties (least recompute at the least peak) are broken exactly by one more pass
-over the chain at the optimal peak ``P``: ``v(r)``, the least bytes of
+Ties (least recompute at the least peak) are broken by one more pass over
+the chain at the optimal peak ``P``: ``v(r)``, the least bytes of
 checkpoints before ``r`` over feasible prefixes that end at checkpoint ``r``,
 obeys ``v(r) = min{v(l) + a(l) : v(l) + R(l, r) <= P}``; holding fewer
 checkpoint bytes never hurts what follows, so the minimum is all that matters.
-Every stage before the last segment is recomputed exactly once, so the plan
-whose last segment starts earliest recomputes least. ``linear`` computes
+Every stage before the last segment is recomputed once, so the plan whose
+last segment starts earliest recomputes least, but for what early stop
+leaves out of each recompute (``Chain.last_save_*``), which depends on where
+every segment ends: there the least recompute comes from Pareto sets of
+(kept bytes, recomputed FLOPs) per boundary, as for ``store=True`` (exact,
+O(n^2 p)), on chains of up to ``EXACT_STAGES`` stages. ``linear`` computes
 ``v`` in O(n) amortised with a monotone queue (an ``l`` beaten by a later
 ``l'`` with ``v(l') + a(l') <= v(l) + a(l)`` is never needed again), ``dp``
 with an O(n^2) scan.
@@ -51,9 +55,13 @@ from remat.chain.cost import check_offload, check_store, make_solution, peak_of
 from remat.chain.model import Chain, ChainSolution
 from remat.chain.terms import UNREACHABLE, SegmentTerms, selective_terms_of
 from remat.solvers.offload import least_peak_offloaded, prefix_feasible_offloaded
-from remat.solvers.stored import stored_plan
+from remat.solvers.stored import least_recompute_labels, stored_plan
 
-__all__ = ["min_peak", "min_recompute", "pareto_front", "plan_within", "prefix_feasible_quadratic"]
+__all__ = ["EXACT_STAGES", "min_peak", "min_recompute", "pareto_front", "plan_within", "prefix_feasible_quadratic"]
+
+#: Chains with early stop of up to this many stages get the exact least recompute (Pareto sets,
+#: O(n^2 p)); longer ones the plan whose last segment starts earliest (O(n)).
+EXACT_STAGES = 1000
 
 
 def min_peak(
@@ -74,6 +82,8 @@ def min_peak(
             stored segment holds its saved tensors, but has no recompute
             phase, which holds the gradients too).
     """
+    if offload:
+        chain = chain.without_early_stop()  # (see NOTE [early stop] in remat.execute.engine)
     if store:
         check_store(chain, offload)
         terms, selective = SegmentTerms(chain), selective_terms_of(chain)
@@ -90,7 +100,7 @@ def min_peak(
     terms = SegmentTerms(chain)
     check_offload(chain, offload)
     if offload:
-        cps = _least_recompute_at(terms, least_peak_offloaded(terms), prefix_feasible_offloaded)
+        cps = _least_recompute_at(terms, least_peak_offloaded(terms), prefix_feasible_offloaded, offload=True)
         return make_solution(chain, cps, "offload_dp", terms, offload=True)
     if method == "dp" or (method == "linear" and terms.carries):
         # The sweep's range maxima assume each activation is read by the next stage only.
@@ -139,6 +149,8 @@ def min_recompute(
         >>> plan.peak_bytes <= budget and plan.recompute_flops <= min_peak(chain).recompute_flops
         True
     """
+    if offload:
+        chain = chain.without_early_stop()  # (see NOTE [early stop] in remat.execute.engine)
     terms = SegmentTerms(chain)
     feasible = {"dp": prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
     if feasible is None:
@@ -151,7 +163,7 @@ def min_recompute(
     if store:
         check_store(chain, offload)
         return stored_plan(chain, budget_bytes, terms, selective_terms_of(chain))
-    cps = plan_within(terms, budget_bytes - chain.base_bytes, feasible)
+    cps = plan_within(terms, budget_bytes - chain.base_bytes, feasible, offload)
     return None if cps is None else make_solution(chain, cps, method, terms, offload)
 
 
@@ -187,9 +199,10 @@ def pareto_front(
     front: list[ChainSolution] = []
     solution = min_recompute(chain, peak_of(chain, []) if below is None else below, offload=offload, store=store)
     while solution is not None:
-        # Budgets only go down, so recompute never does: a plan with the same
-        # recompute as the one before it and a lower peak replaces it.
-        if front and front[-1].recompute_flops == solution.recompute_flops:
+        # Budgets only go down: a plan with a lower peak that recomputes no more
+        # than the ones before it replaces them (early stop makes recompute
+        # depend on where segments end, not only on where the last one starts).
+        while front and front[-1].recompute_flops >= solution.recompute_flops:
             front.pop()
         front.append(solution)
         if until is not None and until(solution):
@@ -239,30 +252,27 @@ def _prefix_feasible_linear(terms: SegmentTerms, limit: int) -> tuple[np.ndarray
     increasing; its front's range maxima are extended by one stage per step.
     """
     n, big = terms.n, UNREACHABLE
-    a_in, f_ns, f_s, Q, E, T_ns, T_rc, T_bw = terms.lists
-    rmq_ns, rmq_rc, rmq_bw = terms.range_max
+    a_in, f_ns, Q, E, T_ns, T_bw = terms.lists
+    rmq_ns, _, rmq_bw = terms.range_max
     held = terms.held
     v = [big] * n
     parent = [-1] * n
     v[0] = 0
     queue: deque[int] = deque([0])
     front = upto = -1
-    mx_ns = mx_rc = mx_bw = 0
+    mx_ns = mx_bw = 0
     for r in range(1, n):
         chosen = -1
         while queue:
             l = queue[0]
             if l == front and upto == r - 1:
-                if r >= l + 2:
-                    if T_ns[r] > mx_ns:
-                        mx_ns = T_ns[r]
-                    if T_rc[r] > mx_rc:
-                        mx_rc = T_rc[r]
+                if r >= l + 2 and T_ns[r] > mx_ns:
+                    mx_ns = T_ns[r]
                 if T_bw[r] > mx_bw:
                     mx_bw = T_bw[r]
             else:
                 front = l
-                mx_ns, mx_rc = rmq_ns.query(l + 2, r), rmq_rc.query(l + 2, r)
+                mx_ns = rmq_ns.query(l + 2, r)
                 mx_bw = rmq_bw.query(l + 1, r)
             upto = r
             u = v[l] + a_in[l]
@@ -272,7 +282,7 @@ def _prefix_feasible_linear(terms: SegmentTerms, limit: int) -> tuple[np.ndarray
             if cost > limit:
                 queue.popleft()
                 continue
-            cost = u + E[r] + max(f_s[l + 1], mx_rc - Q[l])
+            cost = u + E[r] + terms.recompute_part(l, r)
             if cost <= limit:
                 chosen = l
                 break
@@ -281,7 +291,7 @@ def _prefix_feasible_linear(terms: SegmentTerms, limit: int) -> tuple[np.ndarray
             for k in range(1, len(queue)):
                 l = queue[k]
                 u = v[l] + a_in[l]
-                rc = E[r] + max(f_s[l + 1], rmq_rc.query(l + 2, r) - Q[l])
+                rc = E[r] + terms.recompute_part(l, r)
                 mono = max(f_ns[l + 1], rmq_ns.query(l + 2, r), held + rmq_bw.query(l + 1, r) - Q[l])
                 cost = u + max(rc, mono)
                 if cost <= limit:
@@ -299,8 +309,13 @@ def _prefix_feasible_linear(terms: SegmentTerms, limit: int) -> tuple[np.ndarray
 
 
 
-def plan_within(terms: SegmentTerms, limit: int, feasible) -> tuple[int, ...] | None:
-    """The plan with the earliest last segment whose peak is <= limit, if any."""
+def plan_within(terms: SegmentTerms, limit: int, feasible, offload: bool = False) -> tuple[int, ...] | None:
+    """The plan with the least recompute whose peak is <= limit, if any: with early stop, by
+    Pareto sets (see the module docstring) on chains of up to ``EXACT_STAGES`` stages, else
+    (and without early stop) the plan with the earliest last segment."""
+    if terms.early_stop and terms.n <= EXACT_STAGES:
+        plan = least_recompute_labels(terms, limit, offload)
+        return None if plan is None else plan[0]
     v, parent = feasible(terms, limit)
     fits = np.nonzero(v + terms.S <= limit)[0]
     if not fits.size:
@@ -313,8 +328,8 @@ def plan_within(terms: SegmentTerms, limit: int, feasible) -> tuple[int, ...] | 
     return tuple(reversed(cps))
 
 
-def _least_recompute_at(terms: SegmentTerms, limit: int, feasible) -> tuple[int, ...]:
-    cps = plan_within(terms, limit, feasible)
+def _least_recompute_at(terms: SegmentTerms, limit: int, feasible, offload: bool = False) -> tuple[int, ...]:
+    cps = plan_within(terms, limit, feasible, offload)
     if cps is None:
         raise AssertionError("internal error: the least peak has no plan")
     return cps
@@ -330,8 +345,8 @@ def _least_peak_sweep(terms: SegmentTerms) -> int:
     minimum. Each ``c_r`` is a max of O(1) range maxima (sparse tables).
     """
     n = terms.n
-    a_in, f_ns, f_s, Q, E, _, _, _ = terms.lists
-    ns_levels, rc_levels, bw_levels = (t.levels for t in terms.range_max)
+    a_in, f_ns, Q, E, _, _ = terms.lists
+    ns_levels, _, bw_levels = (t.levels for t in terms.range_max)
     floor_log2 = [0] + [k.bit_length() - 1 for k in range(1, n + 2)]
     held = terms.held
     S = terms.S.tolist()
@@ -351,15 +366,11 @@ def _least_peak_sweep(terms: SegmentTerms) -> int:
             if c > key:
                 return c
         x = f_ns[l + 1]
-        rc = f_s[l + 1]
         if r >= l + 2:
             k = floor_log2[r - l - 1]
-            hi = r - (1 << k) + 1
-            level = ns_levels[k]
+            level, hi = ns_levels[k], r - (1 << k) + 1
             x = max(x, level[l + 2], level[hi])
-            level = rc_levels[k]
-            rc = max(rc, max(level[l + 2], level[hi]) - Q[l])
-        return max(c, x, E[r] + rc)
+        return max(c, x, E[r] + terms.recompute_part(l, r))
 
     heap: list[tuple[int, int]] = []
     for l in range(n - 1, -1, -1):

@@ -70,7 +70,8 @@ class _Costs:
         if chain.n > MAX_STAGES:
             raise ValueError(f"nested plans are solved for chains of up to {MAX_STAGES} stages, not {chain.n}")
         self.chain = chain
-        self.terms = t = SegmentTerms(chain)
+        # Nested recomputes run whole segments (see NOTE [early stop] in remat.execute.engine).
+        self.terms = t = SegmentTerms(chain.without_early_stop())
         n = chain.n
         # forward_unsaved(l, c), recompute_phase(l, r), run_inside(c, r) for all pairs.
         self.unsaved = np.zeros((n + 1, n + 1), dtype=np.int64)
@@ -177,7 +178,7 @@ class _Program:
             self._phase_plan(l, c, m, inner)
             m -= self.a[l]
             l = c
-        return make_solution(self.chain, checkpoints, "nested", self.terms, inner=tuple(sorted(inner)))
+        return make_solution(self.chain, checkpoints, "nested", inner=tuple(sorted(inner)))
 
     def _phase_plan(self, l: int, r: int, m: int, inner: list) -> None:
         G = self.rest(r)

@@ -12,19 +12,29 @@ from remat.chain.cost import handed_over, make_solution
 from remat.chain.model import Chain, ChainSolution
 from remat.chain.terms import SegmentTerms
 
-__all__ = ["stored_plan"]
+__all__ = ["least_recompute_labels", "stored_plan"]
 
 
 def stored_plan(chain: Chain, budget_bytes: int, terms: SegmentTerms, selective: SegmentTerms | None) -> ChainSolution | None:
     """``min_recompute(..., store=True)`` on terms built once (the least-peak bisection asks many budgets)."""
-    plan = _plan_with_stored(terms, chain.fwd_flops, budget_bytes - chain.base_bytes, selective, chain.selective_last)
+    plan = _plan_with_stored(terms, budget_bytes - chain.base_bytes, selective, chain.selective_last)
     if plan is None:
         return None
     return make_solution(chain, plan[0], "store", terms, stored=plan[1], selective=plan[2], selective_terms=selective)
 
 
+def least_recompute_labels(
+    terms: SegmentTerms, limit: int, offload: bool = False
+) -> tuple[tuple[int, ...], tuple, tuple] | None:
+    """The least-recompute plan of recomputed segments only within ``limit`` (over base bytes),
+    exact however recompute depends on the segments (early stop), by the Pareto sets below;
+    with ``offload``, no kept activation stays on the device."""
+    return _plan_with_stored(terms, limit, store=False, offload=offload)
+
+
 def _plan_with_stored(
-    terms: SegmentTerms, fwd_flops: np.ndarray, limit: int, selective: SegmentTerms | None = None, selective_last: bool = False
+    terms: SegmentTerms, limit: int, selective: SegmentTerms | None = None, selective_last: bool = False,
+    store: bool = True, offload: bool = False,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
     """Least-recompute (checkpoints, stored starts, selective starts) within ``limit``, by Pareto
     sets per boundary.
@@ -34,11 +44,11 @@ def _plan_with_stored(
     "stored" or "selective"). The labels at ``r`` are grouped by that last segment's kind:
     a stored segment must be followed by a kept segment (stored or last) run the other way,
     or by a recomputed one. With ``selective`` (the terms of the chain run selectively),
-    stored segments may run so, and the last one with ``selective_last``. Labels are kept as
-    arrays (:class:`_Labels`), made a row of boundaries at a time.
+    stored segments may run so, and the last one with ``selective_last``; without ``store``,
+    every segment but the last is recomputed. Labels are kept as arrays (:class:`_Labels`),
+    made a row of boundaries at a time.
     """
     n = terms.n
-    flops = np.concatenate([[0], np.cumsum(fwd_flops)]).astype(np.int64)
     kinds = {"stored": terms, **({"selective": selective} if selective is not None else {})}
     labels = _Labels()
     best = None  # (recomputed FLOPs, label, whether the last segment runs selectively)
@@ -56,6 +66,8 @@ def _plan_with_stored(
                     fits = int(np.searchsorted(kept, limit - handed - kind_terms.last_segment(l), side="right"))
                     if fits and (best is None or recomputed[fits - 1] < best[0]):
                         best = (recomputed[fits - 1], int(ids[fits - 1]), kind == "selective")
+                if not store:
+                    continue
                 peaks, keeps = kind_terms.stored_row(l)
                 counts = np.searchsorted(kept, limit - handed - peaks, side="right")
                 for r, m, keep in zip(range(l + 1, n - 1), counts.tolist(), keeps.tolist()):
@@ -63,10 +75,10 @@ def _plan_with_stored(
                         labels.add(kind, r, kept[:m] + (handed + keep), recomputed[:m], ids[:m])
             peaks, _ = terms.row(l)
             counts = np.searchsorted(kept, limit - peaks, side="right")
-            a_l = int(terms.a_in[l])
-            for r, m in zip(range(l + 1, n), counts.tolist()):
+            a_l = 0 if offload else int(terms.a_in[l])
+            for r, m, more in zip(range(l + 1, n), counts.tolist(), terms.recompute_flops_row(l).tolist()):
                 if m:
-                    labels.add(None, r, kept[:m] + a_l, recomputed[:m] + int(flops[r] - flops[l]), ids[:m])
+                    labels.add(None, r, kept[:m] + a_l, recomputed[:m] + more, ids[:m])
     if best is None:
         return None
     _, label, last_selective = best
