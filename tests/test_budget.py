@@ -286,9 +286,24 @@ def test_budget_plans_run_stored_segments_exactly(tmp_path):
 # -- selective segments ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "spec, shape", [("hf:gpt2?n_layer=3&n_embd=64&n_head=4", (32,)), ("torchvision:resnet18", (3, 96, 96))]
-)
+def test_early_stop_meets_a_budget_at_no_recompute_flops_on_a_cnn():
+    """With early stop, segments that end at a convolution remake BatchNorm and ReLU from
+    the kept convolution outputs and stop there: ResNet-18's least peak recomputes no FLOPs,
+    runs as predicted, and keeps gradients and BatchNorm statistics exactly the model's."""
+    source = models.load("torchvision:resnet18", 2, input_shape=(3, 96, 96))
+    net, x = source.model, source.example_inputs
+    fast = remat.optimize(net, x)
+    assert fast.plan.recompute_flops == 0 and not fast.plan.selective and fast.plan.checkpoints
+    assert fast.plan.predicted_peak_bytes < fast.plan.baseline_peak_bytes
+    step = measure_step(fast, x, fake=True)
+    assert step.peak_bytes == fast.plan.predicted_peak_bytes
+    assert step.backward_flops == measure_step(net, x, fake=True).backward_flops
+    plain_net = copy.deepcopy(net)
+    assert_grads_equal(step_grads(plain_net, x), step_grads(fast, x))
+    assert all(torch.equal(a, b) for a, b in zip(plain_net.state_dict().values(), net.state_dict().values()))
+
+
+@pytest.mark.parametrize("spec, shape", [("hf:gpt2?n_layer=3&n_embd=64&n_head=4", (32,))])
 def test_budget_plans_run_selective_segments_exactly(spec, shape, tmp_path):
     """Where stages may keep only what their matmuls and convolutions made (and remake
     layer norms, activations, dropout and BatchNorm when their backward starts), a generous

@@ -125,8 +125,9 @@ def min_recompute(
     ``None`` when no plan fits (``min_peak`` then gives the least peak there
     is). Exact over the plans of this module: every stage before the last
     segment is recomputed once, so the least recompute is the feasible plan
-    whose last segment starts earliest, which the feasibility pass finds.
-    With ``offload`` (kept activations in host memory), an O(n^2) pass.
+    whose last segment starts earliest, which the feasibility pass finds; with
+    early stop, Pareto sets (see :func:`plan_within`). With ``offload`` (kept
+    activations in host memory), an O(n^2) pass.
 
     With ``store=True`` the plans may also run middle segments normally
     (``ChainSolution.stored``), keeping their saved tensors instead of
