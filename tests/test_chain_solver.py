@@ -22,6 +22,7 @@ from remat.chain.model import Chain
 from remat.solvers.baselines import sqrt_segments, store_all, uniform_segments
 from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
 from remat.chain.random import random_chain
+from remat.chain.time import Speed
 
 METHODS = ["dp", "linear"]
 N_CHAINS = 600
@@ -527,6 +528,30 @@ def test_budget_solver_is_exact_with_early_stop():
             sol = min_recompute(chain, budget)
             best = min(flops for peak, flops in plans if peak <= budget)
             assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best, (chain.n, budget)
+
+
+def test_least_peak_with_the_fastest_recompute():
+    """With the device's rates, ties at the least peak go to the plan whose recomputes (and
+    one region each) are predicted fastest: fewer, longer segments where regions cost more
+    than the FLOPs they save."""
+    speed = Speed(flops_per_second=1e9, bytes_per_second=1e9, seconds_per_op=0.0, seconds_per_region=1e-3,
+                  seconds_per_intercepted_op=0.0, seconds_per_recorded_op=0.0)
+    differs = 0
+    for chain in early_stop_chains()[:300:3]:
+        ref = Reference(chain)
+        plans = [cps for cps in all_plans(chain.n) if ref.valid(cps)]
+        least = min(ref.peak(cps) for cps in plans)
+        bounds = lambda cps: list(zip((0, *cps), cps))  # noqa: E731  the recomputed segments
+
+        def seconds(cps):
+            return sum(round(1e9 * (ref.segment_flops(l, r) / 1e9 + 1e-3)) for l, r in bounds(cps))
+
+        fastest = min(seconds(cps) for cps in plans if ref.peak(cps) == least)
+        for method in METHODS:
+            sol = min_peak(chain, method, speed=speed)
+            assert sol.peak_bytes == least and seconds(sol.checkpoints) == fastest, (chain.n, sol)
+        differs += seconds(min_peak(chain).checkpoints) > fastest
+    assert differs
 
 
 # -- offload: kept activations in host memory ------------------------------------

@@ -8,6 +8,7 @@ import functools
 import numpy as np
 
 from remat.chain.model import Chain
+from remat.chain.time import Speed
 
 UNREACHABLE = np.iinfo(np.int64).max // 4
 
@@ -75,13 +76,18 @@ class SegmentTerms:
         # stage up to r that saves anything (0: none), at its last saved tensor, having run
         # F_stop[J[r]] of its FLOPs and peaked at f_stop[J[r]]. Without it, J[r] = r and a
         # stage runs whole.
-        self.flops = np.concatenate([[0], np.cumsum(chain.fwd_flops)]).astype(np.int64)
         self.early_stop = chain.early_stop
         self.J = chain.last_savers()
-        if chain.early_stop:
-            self.f_stop, self.F_stop = pad(chain.last_save_peak), pad(chain.last_save_flops)
-        else:
-            self.f_stop, self.F_stop = self.f_s, pad(chain.fwd_flops)
+        # What a recompute runs, per kind of work (see remat.chain.time.Work): prefix sums over
+        # the stages, and each stage's part up to its last saved tensor.
+        zeros = np.zeros(n, dtype=np.int64)
+        whole = [chain.fwd_flops, zeros if chain.fwd_ops is None else chain.fwd_ops,
+                 zeros if chain.fwd_allocated_bytes is None else chain.fwd_allocated_bytes]
+        stopped = [chain.last_save_flops, chain.last_save_ops, chain.last_save_allocated_bytes]
+        self.work_prefix = [np.concatenate([[0], np.cumsum(w)]).astype(np.int64) for w in whole]
+        self.work_stop = [pad(w) for w in (stopped if chain.early_stop else whole)]
+        self.f_stop = pad(chain.last_save_peak) if chain.early_stop else self.f_s
+        self.flops, self.F_stop = self.work_prefix[0], self.work_stop[0]
         self.T_stop = np.zeros(n + 1, dtype=np.int64)
         self.T_stop[1:] = self.HH[:-1] + a[:-1] + self.f_stop[1:]
         # Extra held while a segment ending at r is recomputed.
@@ -293,8 +299,24 @@ class SegmentTerms:
 
     def recompute_flops_row(self, l: int) -> np.ndarray:
         """:meth:`recompute_flops` ``(l, r)`` for all ``r`` in ``l+1..n``."""
+        return self._recompute_row(l, 0)
+
+    def recompute_seconds_row(self, l: int, speed: Speed) -> np.ndarray:
+        """The predicted time (integer nanoseconds) of the recompute of segment ``(l, r]``, its
+        region included, for all ``r`` in ``l+1..n``: what the step-time model adds for it."""
+        flops, ops, allocated = (self._recompute_row(l, k) for k in range(3))
+        seconds = (
+            flops / speed.flops_per_second + allocated / speed.bytes_per_second
+            + ops * speed.seconds_per_op + speed.seconds_per_region
+        )
+        return np.round(seconds * 1e9).astype(np.int64)
+
+    def _recompute_row(self, l: int, kind: int) -> np.ndarray:
+        """Work of kind ``kind`` (0 FLOPs, 1 operators, 2 bytes allocated) of the recompute of
+        ``(l, r]`` for all ``r`` in ``l+1..n``."""
         j = self.J[l + 1 : self.n + 1]
-        return np.where(j > l, self.flops[np.maximum(j - 1, 0)] - self.flops[l] + self.F_stop[j], 0)
+        prefix, stop = self.work_prefix[kind], self.work_stop[kind]
+        return np.where(j > l, prefix[np.maximum(j - 1, 0)] - prefix[l] + stop[j], 0)
 
 
 

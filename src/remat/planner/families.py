@@ -36,11 +36,14 @@ def solve_chain(
         chain = dataclasses.replace(
             chain, fwd_flops=nanoseconds.astype(np.int64), **{k: v.astype(np.int64) for k, v in stopped.items()}
         )
+    # Ties (the least peak) and the plans within a budget go to the recompute predicted
+    # fastest: with early stop, the least FLOPs may take more segments, each a region.
+    speed = profiled.speed if costs == "flops" else None
     start = time.perf_counter()
     if budget_bytes is None:
-        solution = min_peak(chain, offload=offload)
+        solution = min_peak(chain, offload=offload, speed=speed)
     else:
-        solution = min_recompute(chain, budget_bytes, offload=offload)
+        solution = min_recompute(chain, budget_bytes, offload=offload, speed=speed)
     profiled_plain = profiled.plain_profiled is not None
     if not offload and costs == "flops":
         solution = _on_plain_chain(profiled, solution, budget_bytes, nested)

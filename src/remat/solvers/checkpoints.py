@@ -54,6 +54,7 @@ import numpy as np
 from remat.chain.cost import check_offload, check_store, make_solution, peak_of
 from remat.chain.model import Chain, ChainSolution
 from remat.chain.terms import UNREACHABLE, SegmentTerms, selective_terms_of
+from remat.chain.time import Speed
 from remat.solvers.offload import least_peak_offloaded, prefix_feasible_offloaded
 from remat.solvers.stored import least_recompute_labels, stored_plan
 
@@ -65,7 +66,12 @@ EXACT_STAGES = 1000
 
 
 def min_peak(
-    chain: Chain, method: Literal["dp", "linear"] = "linear", *, offload: bool = False, store: bool = False
+    chain: Chain,
+    method: Literal["dp", "linear"] = "linear",
+    *,
+    offload: bool = False,
+    store: bool = False,
+    speed: Speed | None = None,
 ) -> ChainSolution:
     """Checkpoints with the least peak; among those, the least recompute.
 
@@ -81,6 +87,10 @@ def min_peak(
             bisection from the plain least peak (both kinds may lower it: a
             stored segment holds its saved tensors, but has no recompute
             phase, which holds the gradients too).
+        speed: the device's rates: among the least-peak plans, the one whose
+            recomputes are predicted fastest (FLOPs, operators, bytes and one
+            region each, :mod:`remat.chain.time`) rather than the least FLOPs
+            (not with ``store``).
     """
     if offload:
         chain = chain.without_early_stop()  # (see NOTE [early stop] in remat.execute.engine)
@@ -100,13 +110,13 @@ def min_peak(
     terms = SegmentTerms(chain)
     check_offload(chain, offload)
     if offload:
-        cps = _least_recompute_at(terms, least_peak_offloaded(terms), prefix_feasible_offloaded, offload=True)
+        cps = _least_recompute_at(terms, least_peak_offloaded(terms), prefix_feasible_offloaded, True, speed)
         return make_solution(chain, cps, "offload_dp", terms, offload=True)
     if method == "dp" or (method == "linear" and terms.carries):
         # The sweep's range maxima assume each activation is read by the next stage only.
-        cps = _least_recompute_at(terms, _least_peak_dp(terms), prefix_feasible_quadratic)
+        cps = _least_recompute_at(terms, _least_peak_dp(terms), prefix_feasible_quadratic, speed=speed)
     elif method == "linear":
-        cps = _least_recompute_at(terms, _least_peak_sweep(terms), _prefix_feasible_linear)
+        cps = _least_recompute_at(terms, _least_peak_sweep(terms), _prefix_feasible_linear, speed=speed)
     else:
         raise ValueError(f"unknown method {method!r}: use 'dp' or 'linear'")
     return make_solution(chain, cps, method, terms)
@@ -119,6 +129,7 @@ def min_recompute(
     *,
     offload: bool = False,
     store: bool = False,
+    speed: Speed | None = None,
 ) -> ChainSolution | None:
     """Checkpoints with the least recompute whose peak is at most ``budget_bytes``.
 
@@ -128,6 +139,9 @@ def min_recompute(
     whose last segment starts earliest, which the feasibility pass finds; with
     early stop, Pareto sets (see :func:`plan_within`). With ``offload`` (kept
     activations in host memory), an O(n^2) pass.
+
+    With ``speed`` (the device's rates), the plan whose recomputes are predicted
+    fastest rather than the least FLOPs (not with ``store``).
 
     With ``store=True`` the plans may also run middle segments normally
     (``ChainSolution.stored``), keeping their saved tensors instead of
@@ -164,7 +178,7 @@ def min_recompute(
     if store:
         check_store(chain, offload)
         return stored_plan(chain, budget_bytes, terms, selective_terms_of(chain))
-    cps = plan_within(terms, budget_bytes - chain.base_bytes, feasible, offload)
+    cps = plan_within(terms, budget_bytes - chain.base_bytes, feasible, offload, speed)
     return None if cps is None else make_solution(chain, cps, method, terms, offload)
 
 
@@ -310,12 +324,15 @@ def _prefix_feasible_linear(terms: SegmentTerms, limit: int) -> tuple[np.ndarray
 
 
 
-def plan_within(terms: SegmentTerms, limit: int, feasible, offload: bool = False) -> tuple[int, ...] | None:
-    """The plan with the least recompute whose peak is <= limit, if any: with early stop, by
-    Pareto sets (see the module docstring) on chains of up to ``EXACT_STAGES`` stages, else
-    (and without early stop) the plan with the earliest last segment."""
-    if terms.early_stop and terms.n <= EXACT_STAGES:
-        plan = least_recompute_labels(terms, limit, offload)
+def plan_within(
+    terms: SegmentTerms, limit: int, feasible, offload: bool = False, speed: Speed | None = None
+) -> tuple[int, ...] | None:
+    """The plan with the least recompute (with ``speed``, predicted recompute time) whose peak
+    is <= limit, if any: with early stop or ``speed``, by Pareto sets (see the module
+    docstring) on chains of up to ``EXACT_STAGES`` stages, else the plan with the earliest
+    last segment."""
+    if (terms.early_stop or speed is not None) and terms.n <= EXACT_STAGES:
+        plan = least_recompute_labels(terms, limit, offload, speed)
         return None if plan is None else plan[0]
     v, parent = feasible(terms, limit)
     fits = np.nonzero(v + terms.S <= limit)[0]
@@ -329,8 +346,10 @@ def plan_within(terms: SegmentTerms, limit: int, feasible, offload: bool = False
     return tuple(reversed(cps))
 
 
-def _least_recompute_at(terms: SegmentTerms, limit: int, feasible, offload: bool = False) -> tuple[int, ...]:
-    cps = plan_within(terms, limit, feasible, offload)
+def _least_recompute_at(
+    terms: SegmentTerms, limit: int, feasible, offload: bool = False, speed: Speed | None = None
+) -> tuple[int, ...]:
+    cps = plan_within(terms, limit, feasible, offload, speed)
     if cps is None:
         raise AssertionError("internal error: the least peak has no plan")
     return cps

@@ -5,12 +5,14 @@ selectively, found by Pareto sets of (kept bytes, recomputed FLOPs) per boundary
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import numpy as np
 
 from remat.chain.cost import handed_over, make_solution
 from remat.chain.model import Chain, ChainSolution
 from remat.chain.terms import SegmentTerms
+from remat.chain.time import Speed
 
 __all__ = ["least_recompute_labels", "stored_plan"]
 
@@ -24,17 +26,20 @@ def stored_plan(chain: Chain, budget_bytes: int, terms: SegmentTerms, selective:
 
 
 def least_recompute_labels(
-    terms: SegmentTerms, limit: int, offload: bool = False
+    terms: SegmentTerms, limit: int, offload: bool = False, speed: Speed | None = None
 ) -> tuple[tuple[int, ...], tuple, tuple] | None:
     """The least-recompute plan of recomputed segments only within ``limit`` (over base bytes),
     exact however recompute depends on the segments (early stop), by the Pareto sets below;
-    with ``offload``, no kept activation stays on the device."""
-    return _plan_with_stored(terms, limit, store=False, offload=offload)
+    with ``offload``, no kept activation stays on the device. With ``speed``, recompute is
+    the predicted time of each segment's recompute and region
+    (:meth:`SegmentTerms.recompute_seconds_row`), not its FLOPs."""
+    cost_row = None if speed is None else (lambda l: terms.recompute_seconds_row(l, speed))
+    return _plan_with_stored(terms, limit, store=False, offload=offload, cost_row=cost_row)
 
 
 def _plan_with_stored(
     terms: SegmentTerms, limit: int, selective: SegmentTerms | None = None, selective_last: bool = False,
-    store: bool = True, offload: bool = False,
+    store: bool = True, offload: bool = False, cost_row: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
     """Least-recompute (checkpoints, stored starts, selective starts) within ``limit``, by Pareto
     sets per boundary.
@@ -76,7 +81,8 @@ def _plan_with_stored(
             peaks, _ = terms.row(l)
             counts = np.searchsorted(kept, limit - peaks, side="right")
             a_l = 0 if offload else int(terms.a_in[l])
-            for r, m, more in zip(range(l + 1, n), counts.tolist(), terms.recompute_flops_row(l).tolist()):
+            costs = terms.recompute_flops_row(l) if cost_row is None else cost_row(l)
+            for r, m, more in zip(range(l + 1, n), counts.tolist(), costs.tolist()):
                 if m:
                     labels.add(None, r, kept[:m] + a_l, recomputed[:m] + more, ids[:m])
     if best is None:
