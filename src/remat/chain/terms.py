@@ -8,7 +8,7 @@ import functools
 import numpy as np
 
 from remat.chain.model import Chain
-from remat.chain.time import Speed
+from remat.chain.time import Speed, Work
 
 UNREACHABLE = np.iinfo(np.int64).max // 4
 
@@ -305,10 +305,7 @@ class SegmentTerms:
         """The predicted time (integer nanoseconds) of the recompute of segment ``(l, r]``, its
         region included, for all ``r`` in ``l+1..n``: what the step-time model adds for it."""
         flops, ops, allocated = (self._recompute_row(l, k) for k in range(3))
-        seconds = (
-            flops / speed.flops_per_second + allocated / speed.bytes_per_second
-            + ops * speed.seconds_per_op + speed.seconds_per_region
-        )
+        seconds = speed.seconds(Work(flops=flops, ops=ops, allocated_bytes=allocated, regions=1))
         return np.round(seconds * 1e9).astype(np.int64)
 
     def _recompute_row(self, l: int, kind: int) -> np.ndarray:

@@ -36,14 +36,15 @@ def solve_chain(
         chain = dataclasses.replace(
             chain, fwd_flops=nanoseconds.astype(np.int64), **{k: v.astype(np.int64) for k, v in stopped.items()}
         )
-    # Ties (the least peak) and the plans within a budget go to the recompute predicted
-    # fastest: with early stop, the least FLOPs may take more segments, each a region.
-    speed = profiled.speed if costs == "flops" else None
     start = time.perf_counter()
     if budget_bytes is None:
+        # Ties go to the recompute predicted fastest: with early stop, the least FLOPs at the
+        # least peak may take twice the segments, each a region. (Within a budget, the least
+        # FLOPs, and then the fastest of the front below the budget, see remat.planner.choose.)
+        speed = profiled.speed if costs == "flops" else None
         solution = min_peak(chain, offload=offload, speed=speed)
     else:
-        solution = min_recompute(chain, budget_bytes, offload=offload, speed=speed)
+        solution = min_recompute(chain, budget_bytes, offload=offload)
     profiled_plain = profiled.plain_profiled is not None
     if not offload and costs == "flops":
         solution = _on_plain_chain(profiled, solution, budget_bytes, nested)
