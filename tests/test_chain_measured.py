@@ -297,3 +297,20 @@ def test_selective_segments_peak_of_equals_measured(name):
         step_grads(make(copy_), (x,))
         stepped.append(copy_.state_dict())
     assert all(torch.equal(stepped[0][k], stepped[1][k]) for k in stepped[0])
+
+
+def test_a_second_backward_through_a_retained_graph_recomputes_again():
+    """``backward(retain_graph=True)`` then ``backward()``: each recomputes the segments, with
+    BatchNorm's statistics frozen each time; gradients and buffers are the plain model's."""
+    net, x, prof = model("vgg_bn")
+    plain, ours = copy.deepcopy(net), copy.deepcopy(net)
+    loss = plain(x).float().pow(2).mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    loss = CheckpointedSequential(list(ours), tuple(range(1, prof.chain.n)), prof.stage_pieces)(x).float().pow(2).mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for (key, p), q in zip(plain.named_parameters(), ours.parameters()):
+        assert torch.equal(p.grad, q.grad), key
+    for (key, b), c in zip(plain.named_buffers(), ours.buffers()):
+        assert torch.equal(b, c), key

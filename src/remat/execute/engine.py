@@ -137,8 +137,7 @@ def _check_combination(nested: dict, stored: frozenset[int], offload: Checkpoint
         raise ValueError("stored and selective segments are planned without nested checkpoints or offload")
 
 
-@contextlib.contextmanager
-def _running_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+class _RunningStatsFrozen:
     """Recompute BatchNorm without changing its running statistics.
 
     With momentum 0 the update ``(1 - m) * running + m * batch`` leaves the
@@ -146,21 +145,26 @@ def _running_stats_frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
     output and the tensors saved for backward stay the same as in the first
     forward; the ``num_batches_tracked`` increment is undone afterwards where
     it happened (a recompute that stops early skips the last BatchNorms).
-    Nothing is allocated (a copy-and-restore would show up in the peak).
+    Nothing is allocated (a copy-and-restore would show up in the peak). It
+    may be entered again, once per recompute (a second backward through a
+    retained graph recomputes again).
     """
-    norms = [
-        m for root in modules for m in root.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-    ]
-    momenta = [m.momentum for m in norms]
-    counted = [None if m.num_batches_tracked is None else m.num_batches_tracked._version for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.norms = [
+            m for root in modules for m in root.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+        ]
+
+    def __enter__(self) -> None:
+        self.momenta = [m.momentum for m in self.norms]
+        self.counted = [None if m.num_batches_tracked is None else m.num_batches_tracked._version for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
         with torch.no_grad():
-            for m, momentum, version in zip(norms, momenta, counted):
+            for m, momentum, version in zip(self.norms, self.momenta, self.counted):
                 m.momentum = momentum
                 if version is not None and m.num_batches_tracked._version != version:
                     m.num_batches_tracked.sub_(1)
@@ -178,7 +182,7 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
         return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
 
     def contexts():
-        return contextlib.nullcontext(), _running_stats_frozen(modules)
+        return contextlib.nullcontext(), _RunningStatsFrozen(modules)
 
     def recompute_first(*inputs):
         anchor = [_Anchor.apply(torch.empty(0, requires_grad=True)).grad_fn] if early_stop else None
@@ -225,7 +229,7 @@ def run_selective(function: Callable, modules: Sequence[nn.Module], *args):
     def contexts():
         forward, recompute = create_selective_checkpoint_contexts(_save_what_has_flops)
         # The statistics are put back after the recompute mode is left: outside the region.
-        return forward, _entered_together(_running_stats_frozen(modules), recompute)
+        return forward, _entered_together(_RunningStatsFrozen(modules), recompute)
 
     with set_checkpoint_early_stop(True):
         return checkpoint(
