@@ -432,14 +432,20 @@ def test_plans_that_drop_a_carried_activation_are_refused():
         assert 2 not in min_peak(chain, method).checkpoints or 1 in min_peak(chain, method).checkpoints
 
 
-def test_budget_solver_is_exact_with_carried_activations():
-    for chain in carried_chains()[::3]:
+def assert_budgets_exact(chains, budgets: int) -> None:
+    """At each chain's ``budgets`` lowest plan peaks, ``min_recompute`` fits and recomputes
+    the least of every plan that fits (the reference's enumeration)."""
+    for chain in chains:
         ref = Reference(chain)
         plans = [(ref.peak(cps), ref.recompute_flops(cps)) for cps in all_plans(chain.n) if ref.valid(cps)]
-        for budget in sorted({peak for peak, _ in plans})[:4]:
+        for budget in sorted({peak for peak, _ in plans})[:budgets]:
             sol = min_recompute(chain, budget)
             best = min(flops for peak, flops in plans if peak <= budget)
-            assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best
+            assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best, (chain.n, budget)
+
+
+def test_budget_solver_is_exact_with_carried_activations():
+    assert_budgets_exact(carried_chains()[::3], 4)
 
 
 # -- stranded bytes: what the last model stage saves for outputs the loss ignores --
@@ -521,13 +527,7 @@ def test_solvers_find_the_exhaustive_optimum_with_early_stop(method):
 
 def test_budget_solver_is_exact_with_early_stop():
     """The least recompute within a budget, where it depends on where every segment ends."""
-    for chain in early_stop_chains()[::4]:
-        ref = Reference(chain)
-        plans = [(ref.peak(cps), ref.recompute_flops(cps)) for cps in all_plans(chain.n) if ref.valid(cps)]
-        for budget in sorted({peak for peak, _ in plans})[:6]:
-            sol = min_recompute(chain, budget)
-            best = min(flops for peak, flops in plans if peak <= budget)
-            assert sol is not None and sol.peak_bytes <= budget and sol.recompute_flops == best, (chain.n, budget)
+    assert_budgets_exact(early_stop_chains()[::4], 6)
 
 
 def test_least_peak_with_the_fastest_recompute():

@@ -297,8 +297,9 @@ def _cost(
         raise ValueError("nested checkpoints are planned without stored or selective segments and without offload")
     if chosen and offload:
         raise ValueError("selective segments are planned without offload")
-    if (nested or offload) and chain.early_stop:
-        chain, terms = chain.without_early_stop(), None  # (see NOTE [early stop] in remat.execute.engine)
+    run = chain.run_as(nested=bool(nested), offload=offload)
+    if run is not chain:  # the terms given count early stop
+        chain, terms = run, None
     terms = terms or SegmentTerms(chain)
     if chosen and selective_terms is None:
         selective_terms = selective_terms_of(chain)

@@ -178,9 +178,13 @@ class Chain:
         return np.maximum.accumulate(np.where(np.concatenate([[False], self.saves_any]), stages, 0))
 
     def without_early_stop(self) -> Chain:
-        """The chain with recomputes of whole segments: how plans with nested checkpoints
-        or offload run (see NOTE [early stop] in :mod:`remat.execute.engine`)."""
+        """The chain with recomputes of whole segments."""
         return dataclasses.replace(self, **dict.fromkeys(_EARLY_STOP_FIELDS))
+
+    def run_as(self, *, nested: bool = False, offload: bool = False) -> Chain:
+        """The chain as the engine runs a plan with nested checkpoints or offload or neither:
+        those recompute whole segments (NOTE [early stop] in :mod:`remat.execute.engine`)."""
+        return self.without_early_stop() if (nested or offload) and self.early_stop else self
 
     @property
     def n(self) -> int:

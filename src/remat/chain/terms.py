@@ -74,8 +74,8 @@ class SegmentTerms:
         self.T_bw[0] = 0
         # Early stop: the recompute of a segment ending at r stops in stage J[r], the last
         # stage up to r that saves anything (0: none), at its last saved tensor, having run
-        # F_stop[J[r]] of its FLOPs and peaked at f_stop[J[r]]. Without it, J[r] = r and a
-        # stage runs whole.
+        # work_stop[.][J[r]] of its work and peaked at f_stop[J[r]]. Without it, J[r] = r and
+        # a stage runs whole.
         self.early_stop = chain.early_stop
         self.J = chain.last_savers()
         # What a recompute runs, per kind of work (see remat.chain.time.Work): prefix sums over
@@ -87,7 +87,6 @@ class SegmentTerms:
         self.work_prefix = [np.concatenate([[0], np.cumsum(w)]).astype(np.int64) for w in whole]
         self.work_stop = [pad(w) for w in (stopped if chain.early_stop else whole)]
         self.f_stop = pad(chain.last_save_peak) if chain.early_stop else self.f_s
-        self.flops, self.F_stop = self.work_prefix[0], self.work_stop[0]
         self.T_stop = np.zeros(n + 1, dtype=np.int64)
         self.T_stop[1:] = self.HH[:-1] + a[:-1] + self.f_stop[1:]
         # Extra held while a segment ending at r is recomputed.
@@ -216,7 +215,8 @@ class SegmentTerms:
     def recompute_flops(self, l: int, r: int) -> int:
         """FLOPs of segment (l, r]'s recompute (see :meth:`recompute_part`)."""
         j = int(self.J[r])
-        return 0 if j <= l else int(self.flops[j - 1] - self.flops[l] + self.F_stop[j])
+        flops, stop = self.work_prefix[0], self.work_stop[0]
+        return 0 if j <= l else int(flops[j - 1] - flops[l] + stop[j])
 
     def run_inside(self, c: int, r: int) -> int:
         """Peak of stages c+1..r run normally (saving, then backward) inside the recompute

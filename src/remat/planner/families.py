@@ -32,10 +32,11 @@ def solve_chain(
     if costs == "profile":
         # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
         nanoseconds = np.round(profiled.stage_seconds() * 1e9)
-        stopped = {"last_save_flops": np.round(nanoseconds * early_stop_shares(chain))} if chain.early_stop else {}
-        chain = dataclasses.replace(
-            chain, fwd_flops=nanoseconds.astype(np.int64), **{k: v.astype(np.int64) for k, v in stopped.items()}
-        )
+        if chain.early_stop:  # the stopped stages' share, of their FLOPs, now of their time
+            chain = dataclasses.replace(
+                chain, last_save_flops=np.round(nanoseconds * early_stop_shares(chain)).astype(np.int64)
+            )
+        chain = dataclasses.replace(chain, fwd_flops=nanoseconds.astype(np.int64))
     start = time.perf_counter()
     if budget_bytes is None:
         # Ties go to the recompute predicted fastest: with early stop, the least FLOPs at the

@@ -196,9 +196,7 @@ class ProfiledModel:
         speed = self.speed
         if speed is None:
             return plan
-        chain = self.cut_as(plan).chain
-        if plan.inner or plan.offload:  # (see NOTE [early stop] in remat.execute.engine)
-            chain = chain.without_early_stop()
+        chain = self.cut_as(plan).chain.run_as(nested=bool(plan.inner), offload=plan.offload)
         added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective)
         if step is None:
             work = self.baseline.work + added

@@ -92,8 +92,7 @@ def min_peak(
             region each, :mod:`remat.chain.time`) rather than the least FLOPs
             (not with ``store``).
     """
-    if offload:
-        chain = chain.without_early_stop()  # (see NOTE [early stop] in remat.execute.engine)
+    chain = chain.run_as(offload=offload)
     if store:
         check_store(chain, offload)
         terms, selective = SegmentTerms(chain), selective_terms_of(chain)
@@ -164,8 +163,7 @@ def min_recompute(
         >>> plan.peak_bytes <= budget and plan.recompute_flops <= min_peak(chain).recompute_flops
         True
     """
-    if offload:
-        chain = chain.without_early_stop()  # (see NOTE [early stop] in remat.execute.engine)
+    chain = chain.run_as(offload=offload)
     terms = SegmentTerms(chain)
     feasible = {"dp": prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
     if feasible is None:

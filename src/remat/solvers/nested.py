@@ -70,8 +70,7 @@ class _Costs:
         if chain.n > MAX_STAGES:
             raise ValueError(f"nested plans are solved for chains of up to {MAX_STAGES} stages, not {chain.n}")
         self.chain = chain
-        # Nested recomputes run whole segments (see NOTE [early stop] in remat.execute.engine).
-        self.terms = t = SegmentTerms(chain.without_early_stop())
+        self.terms = t = SegmentTerms(chain.run_as(nested=True))
         n = chain.n
         # forward_unsaved(l, c), recompute_phase(l, r), run_inside(c, r) for all pairs.
         self.unsaved = np.zeros((n + 1, n + 1), dtype=np.int64)
