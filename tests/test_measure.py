@@ -110,9 +110,23 @@ def test_track_memory_without_real_memory(where):
     work = mem.work()
     # empty, empty, the cast (no FLOPs) and the matmul, each allocating its output
     assert (work.ops, work.cheap_ops) == (4, 3)
-    assert work.allocated_bytes == mem.peak_bytes
-    assert work.cheap_allocated_bytes == mem.peak_bytes - 1000 * 10 * 4
+    assert work.written_bytes == mem.peak_bytes
+    assert work.cheap_written_bytes == mem.peak_bytes - 1000 * 10 * 4
     del c
+
+
+def test_work_counts_bytes_written_in_place_and_by_normalizations():
+    bn = torch.nn.BatchNorm1d(8)
+    x = torch.randn(16, 8)
+    with track_memory() as mem:
+        # writes num_batches_tracked in place (8 bytes), y (512) and its saved mean and inverse std (2 x 32)
+        y = bn(x)
+        y.relu_()  # writes y again, in place, allocating nothing
+        y.view(-1)  # a view writes nothing
+    work = mem.work()
+    assert work.norm_bytes == 16 * 8 * 4 + 2 * 8 * 4
+    assert work.written_bytes == 8 + work.norm_bytes + 16 * 8 * 4
+    assert work.cheap_written_bytes == work.written_bytes  # nothing here counts FLOPs
 
 
 def test_default_loss_accepts_nested_outputs():

@@ -34,9 +34,9 @@ def _with_ops(chain):
     return dataclasses.replace(
         chain,
         fwd_ops=np.arange(1, n + 1) * 10,
-        fwd_allocated_bytes=np.arange(1, n + 1) * 1000,
+        fwd_written_bytes=np.arange(1, n + 1) * 1000,
         fwd_cheap_ops=np.arange(1, n + 1) * 7,
-        fwd_cheap_allocated_bytes=np.arange(1, n + 1) * 600,
+        fwd_cheap_written_bytes=np.arange(1, n + 1) * 600,
     )
 
 
@@ -46,7 +46,7 @@ def test_plan_work_counts_recomputes_regions_and_selective_stages():
     work = plan_work(chain, (2, 4), stored=(2,), selective_stages=(3,))
     assert work.flops == int(chain.fwd_flops[:2].sum())
     assert work.ops == 10 + 20 + 7 * 3  # stages 1, 2 recomputed; stage 3's cheap operators run again
-    assert work.allocated_bytes == 1000 + 2000 + 600 * 3
+    assert work.written_bytes == 1000 + 2000 + 600 * 3
     assert work.regions == 2 and work.intercepted_ops == 2 * 30 and work.recorded_ops == 0
     assert plan_work(chain, ()) == Work()
     # Nested: (0, 4] recomputed, and (0, 2] once more inside it: two regions more.
@@ -57,7 +57,7 @@ def test_plan_work_counts_recomputes_regions_and_selective_stages():
 def test_speed_prices_each_kind_of_work():
     speed = Speed(1e9, 1e8, 1e-6, 1e-4, 1e-5, 2e-5)
     assert speed.seconds(Work(flops=10**9)) == pytest.approx(1.0)
-    assert speed.seconds(Work(allocated_bytes=10**8, ops=10**6)) == pytest.approx(2.0)
+    assert speed.seconds(Work(written_bytes=10**8, ops=10**6)) == pytest.approx(2.0)
     assert speed.seconds(Work(regions=10, intercepted_ops=100, recorded_ops=50)) == pytest.approx(1e-3 + 1e-3 + 1e-3)
     assert Work(1, 2, 3) + Work(1, 1, 1) - Work(2, 3, 4) == Work()
 

@@ -15,7 +15,8 @@ _BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "car
 _SELECTIVE_FIELDS = ("fwd_save_peak", "saved_bytes", "saves_input", "saves_output", "bwd_peak")
 # Per-stage arrays of a recompute that stops at its last saved tensor (``Chain.early_stop``).
 _EARLY_STOP_FIELDS = (
-    "saves_any", "last_save_peak", "last_save_flops", "last_save_ops", "last_save_allocated_bytes"
+    "saves_any", "last_save_peak", "last_save_flops", "last_save_ops", "last_save_written_bytes",
+    "last_save_norm_bytes",
 )
 
 __all__ = ["Chain", "ChainSolution", "Inner"]
@@ -73,8 +74,9 @@ class Chain:
         held_output_bwd_peak: stage ``n - 1``'s ``bwd_peak`` when it runs
             in the last segment, where the caller holds its outputs through
             the backward (``None``: the same as recomputed).
-        fwd_ops / fwd_allocated_bytes: operators a stage's forward runs and
-            the bytes they allocate; fwd_cheap_ops / fwd_cheap_allocated_bytes:
+        fwd_ops / fwd_written_bytes / fwd_norm_bytes: operators a stage's
+            forward runs, the bytes they write and the part of those
+            normalizations write; fwd_cheap_ops / fwd_cheap_written_bytes:
             the part of operators without FLOPs (the step-time model,
             :mod:`remat.chain.time`; ``None`` where not measured).
         selective_*: the same quantities for each stage run *selectively*
@@ -88,8 +90,8 @@ class Chain:
             costs count what it strands.
         saves_any / last_save_*: whether the stage saves anything for
             backward, and its forward with saving up to its last saved tensor:
-            the peak of new bytes by then, and the FLOPs, operators and bytes
-            allocated by then. A recompute stops there, in the last stage of
+            the peak of new bytes by then, and the FLOPs, operators, bytes
+            written and bytes normalizations wrote by then. A recompute stops there, in the last stage of
             its segment that saves anything (NOTE [early stop] in
             :mod:`remat.execute.engine`); ``None`` where not measured: the
             recompute then runs whole segments (``early_stop`` false).
@@ -123,14 +125,16 @@ class Chain:
     selective_held_output_bwd_peak: int | None = None
     selective_stranded_bytes: int = 0
     fwd_ops: np.ndarray | None = None
-    fwd_allocated_bytes: np.ndarray | None = None
+    fwd_written_bytes: np.ndarray | None = None
     fwd_cheap_ops: np.ndarray | None = None
-    fwd_cheap_allocated_bytes: np.ndarray | None = None
+    fwd_cheap_written_bytes: np.ndarray | None = None
+    fwd_norm_bytes: np.ndarray | None = None
     saves_any: np.ndarray | None = None
     last_save_peak: np.ndarray | None = None
     last_save_flops: np.ndarray | None = None
     last_save_ops: np.ndarray | None = None
-    last_save_allocated_bytes: np.ndarray | None = None
+    last_save_written_bytes: np.ndarray | None = None
+    last_save_norm_bytes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.fwd_save_peak)

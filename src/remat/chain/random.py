@@ -72,7 +72,8 @@ def random_chain(
             last_save_peak=np.where(whole, fwd_save, np.where(halfway, saved + temp // 2, 0)).astype(np.int64),
             last_save_flops=np.where(whole, flops, np.where(halfway, flops // 2, 0)).astype(np.int64),
             last_save_ops=np.zeros(n, dtype=np.int64),
-            last_save_allocated_bytes=np.zeros(n, dtype=np.int64),
+            last_save_written_bytes=np.zeros(n, dtype=np.int64),
+            last_save_norm_bytes=np.zeros(n, dtype=np.int64),
         )
     return Chain(**extra,
         act_bytes=act.astype(np.int64),

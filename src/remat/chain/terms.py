@@ -81,9 +81,10 @@ class SegmentTerms:
         # What a recompute runs, per kind of work (see remat.chain.time.Work): prefix sums over
         # the stages, and each stage's part up to its last saved tensor.
         zeros = np.zeros(n, dtype=np.int64)
-        whole = [chain.fwd_flops, zeros if chain.fwd_ops is None else chain.fwd_ops,
-                 zeros if chain.fwd_allocated_bytes is None else chain.fwd_allocated_bytes]
-        stopped = [chain.last_save_flops, chain.last_save_ops, chain.last_save_allocated_bytes]
+        whole = [chain.fwd_flops] + [
+            zeros if w is None else w for w in (chain.fwd_ops, chain.fwd_written_bytes, chain.fwd_norm_bytes)
+        ]
+        stopped = [chain.last_save_flops, chain.last_save_ops, chain.last_save_written_bytes, chain.last_save_norm_bytes]
         self.work_prefix = [np.concatenate([[0], np.cumsum(w)]).astype(np.int64) for w in whole]
         self.work_stop = [pad(w) for w in (stopped if chain.early_stop else whole)]
         self.f_stop = pad(chain.last_save_peak) if chain.early_stop else self.f_s
@@ -304,13 +305,13 @@ class SegmentTerms:
     def recompute_seconds_row(self, l: int, speed: Speed) -> np.ndarray:
         """The predicted time (integer nanoseconds) of the recompute of segment ``(l, r]``, its
         region included, for all ``r`` in ``l+1..n``: what the step-time model adds for it."""
-        flops, ops, allocated = (self._recompute_row(l, k) for k in range(3))
-        seconds = speed.seconds(Work(flops=flops, ops=ops, allocated_bytes=allocated, regions=1))
+        flops, ops, written, norm = (self._recompute_row(l, k) for k in range(4))
+        seconds = speed.seconds(Work(flops=flops, ops=ops, written_bytes=written, norm_bytes=norm, regions=1))
         return np.round(seconds * 1e9).astype(np.int64)
 
     def _recompute_row(self, l: int, kind: int) -> np.ndarray:
-        """Work of kind ``kind`` (0 FLOPs, 1 operators, 2 bytes allocated) of the recompute of
-        ``(l, r]`` for all ``r`` in ``l+1..n``."""
+        """Work of kind ``kind`` (0 FLOPs, 1 operators, 2 bytes written, 3 of those by
+        normalizations) of the recompute of ``(l, r]`` for all ``r`` in ``l+1..n``."""
         j = self.J[l + 1 : self.n + 1]
         prefix, stop = self.work_prefix[kind], self.work_stop[kind]
         return np.where(j > l, prefix[np.maximum(j - 1, 0)] - prefix[l] + stop[j], 0)

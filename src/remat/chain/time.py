@@ -1,8 +1,9 @@
 """The step-time model: what a plan makes the device do, and how long that takes.
 
 A training step's time is modelled as the work it does priced at a device's
-rates (:class:`Speed`): FLOPs, operators launched, bytes allocated (what
-memory-bound operators write), and the executor's own costs, each a count
+rates (:class:`Speed`): FLOPs, operators launched, bytes written (what
+memory-bound operators cost; normalizations, slower per byte on some devices,
+apart), and the executor's own costs, each a count
 (:class:`Work`): checkpoint regions entered, and operators run under a Python
 dispatch mode (selective checkpointing's, or the recorder of remade values).
 A plan's time is the store-everything step's plus what the plan adds
@@ -33,18 +34,22 @@ __all__ = ["Speed", "Work", "early_stop_shares", "plan_work", "recompute_counts"
 class Work:
     """What (part of) a step makes the device do; counts add up.
 
-    ``cheap_ops`` and ``cheap_allocated_bytes`` are the part of ``ops`` and
-    ``allocated_bytes`` of operators without FLOPs (what selective checkpointing
-    runs again); ``regions`` are checkpoint regions entered, ``intercepted_ops``
+    ``written_bytes`` counts the outputs of every operator but views, in place
+    or not; ``norm_bytes`` is the part normalizations (BatchNorm, LayerNorm,
+    GroupNorm, forward and backward) write. ``cheap_ops`` and
+    ``cheap_written_bytes`` are the part of ``ops`` and ``written_bytes`` of
+    operators without FLOPs (what selective checkpointing runs again);
+    ``regions`` are checkpoint regions entered, ``intercepted_ops``
     operators run under selective checkpointing's dispatch modes and
     ``recorded_ops`` under the recorder of remade values.
     """
 
     flops: int = 0
     ops: int = 0
-    allocated_bytes: int = 0
+    written_bytes: int = 0
     cheap_ops: int = 0
-    cheap_allocated_bytes: int = 0
+    cheap_written_bytes: int = 0
+    norm_bytes: int = 0
     regions: int = 0
     intercepted_ops: int = 0
     recorded_ops: int = 0
@@ -61,17 +66,19 @@ class Speed:
     """A device's rates for each kind of :class:`Work` (see :mod:`remat.profile.speed`)."""
 
     flops_per_second: float
-    bytes_per_second: float  # allocated by memory-bound operators
+    bytes_per_second: float  # written by memory-bound operators
     seconds_per_op: float  # an operator's launch, dispatch and autograd bookkeeping
     seconds_per_region: float  # one checkpoint region: its hooks, frame and RNG state
     seconds_per_intercepted_op: float  # an operator under selective checkpointing's dispatch mode
     seconds_per_recorded_op: float  # an operator under the recorder of remade values
     source: str = ""  # where the rates come from, for reports
+    norm_bytes_per_second: float | None = None  # written by normalizations (None: bytes_per_second)
 
     def seconds(self, work: Work) -> float:
         return (
             work.flops / self.flops_per_second
-            + work.allocated_bytes / self.bytes_per_second
+            + (work.written_bytes - work.norm_bytes) / self.bytes_per_second
+            + work.norm_bytes / (self.norm_bytes_per_second or self.bytes_per_second)
             + work.ops * self.seconds_per_op
             + work.regions * self.seconds_per_region
             + work.intercepted_ops * self.seconds_per_intercepted_op
@@ -168,11 +175,12 @@ def plan_work(
     work = Work(
         flops=per_stage(chain.fwd_flops, counts),
         ops=per_stage(chain.fwd_ops, counts) + per_stage(chain.fwd_cheap_ops, picked),
-        allocated_bytes=(
-            per_stage(chain.fwd_allocated_bytes, counts) + per_stage(chain.fwd_cheap_allocated_bytes, picked)
+        written_bytes=(
+            per_stage(chain.fwd_written_bytes, counts) + per_stage(chain.fwd_cheap_written_bytes, picked)
         ),
         cheap_ops=per_stage(chain.fwd_cheap_ops, counts + picked),
-        cheap_allocated_bytes=per_stage(chain.fwd_cheap_allocated_bytes, counts + picked),
+        cheap_written_bytes=per_stage(chain.fwd_cheap_written_bytes, counts + picked),
+        norm_bytes=per_stage(chain.fwd_norm_bytes, counts + picked),
         regions=_regions(checkpoints, stored, inner) + len(selective_stages),
         intercepted_ops=2 * per_stage(chain.fwd_ops, picked),
     )
@@ -184,7 +192,8 @@ def plan_work(
             work -= _stage_work(chain, slice(i, i + 1)) - Work(
                 flops=int(chain.last_save_flops[i]),
                 ops=int(chain.last_save_ops[i]),
-                allocated_bytes=int(chain.last_save_allocated_bytes[i]),
+                written_bytes=int(chain.last_save_written_bytes[i]),
+                norm_bytes=int(chain.last_save_norm_bytes[i]),
             )
     return work
 
@@ -195,7 +204,8 @@ def _stage_work(chain: Chain, stages: slice, cheap: bool = False) -> Work:
     return Work(
         flops=total(chain.fwd_flops),
         ops=total(chain.fwd_ops),
-        allocated_bytes=total(chain.fwd_allocated_bytes),
+        written_bytes=total(chain.fwd_written_bytes),
         cheap_ops=total(chain.fwd_cheap_ops) if cheap else 0,
-        cheap_allocated_bytes=total(chain.fwd_cheap_allocated_bytes) if cheap else 0,
+        cheap_written_bytes=total(chain.fwd_cheap_written_bytes) if cheap else 0,
+        norm_bytes=total(chain.fwd_norm_bytes),
     )

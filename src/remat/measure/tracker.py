@@ -48,6 +48,19 @@ _ALIAS_OPS = {torch.ops.aten.lift_fresh.default}
 # the dispatcher, real tensors do not. Leaving them out of the timeline keeps
 # real and fake timelines (and op counts) equal.
 _METADATA_OPS = {torch.ops.prim.device.default}
+# Normalizations, forward and backward: the step-time model prices what they write apart, since
+# some devices run them several times slower per byte than elementwise operators (CPUs).
+_NORM_OPS = {
+    getattr(torch.ops.aten, name)
+    for name in (
+        "native_batch_norm", "native_batch_norm_backward", "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "_batch_norm_with_update",
+        "_batch_norm_with_update_functional", "_batch_norm_no_update", "batch_norm_backward", "cudnn_batch_norm",
+        "cudnn_batch_norm_backward", "miopen_batch_norm", "miopen_batch_norm_backward", "native_layer_norm",
+        "native_layer_norm_backward", "native_group_norm", "native_group_norm_backward",
+    )
+    if hasattr(torch.ops.aten, name)
+}
 
 
 def round_to_of(device: torch.device | str | None) -> int:
@@ -85,7 +98,7 @@ class MemoryTracker(TorchDispatchMode):
     * ``flops``: FLOPs of the operators run inside (``torch.utils.flop_counter``
       formulas; operators without a formula count zero).
     * ``work()``: those FLOPs with the operators run and the bytes they
-      allocated (what the step-time model prices, :class:`remat.chain.time.Work`).
+      wrote (what the step-time model prices, :class:`remat.chain.time.Work`).
     """
 
     def __init__(self, round_to: int = 1, cuda_device: torch.device | None = None):
@@ -97,8 +110,9 @@ class MemoryTracker(TorchDispatchMode):
         self.flops = 0
         self._views = 0  # operators that return views (detach, reshape): no kernel, little time
         self._cheap_ops = 0  # operators without FLOPs that are not views
-        self._cheap_allocated = 0  # bytes of the storages those made
-        self._allocated = 0  # bytes of every storage made inside
+        self._cheap_written = 0  # bytes those wrote
+        self._written = 0  # bytes every operator but views wrote: new storages, or in place
+        self._norm_written = 0  # the part normalizations wrote
         self.timeline: list[tuple[str, int]] = []
         self._live: dict[int, _StorageRecord] = {}  # keyed by id(storage) while alive
         self._records: list[_StorageRecord] = []
@@ -119,7 +133,6 @@ class MemoryTracker(TorchDispatchMode):
         record = _StorageRecord(storage_bytes(storage, self.round_to), len(self.timeline))
         self._live[key] = record
         self._records.append(record)
-        self._allocated += record.nbytes
         self._counted += record.nbytes
         self._counted_peak = max(self._counted_peak, self._counted)
         weakref.finalize(storage, self._release, key, record)
@@ -148,13 +161,14 @@ class MemoryTracker(TorchDispatchMode):
         return self._counted_peak
 
     def work(self) -> Work:
-        """The operators run (views aside) and bytes allocated inside so far, with their FLOPs."""
+        """The operators run (views aside) and bytes they wrote inside so far, with their FLOPs."""
         return Work(
             flops=self.flops,
             ops=len(self.timeline) - self._views,
-            allocated_bytes=self._allocated,
+            written_bytes=self._written,
             cheap_ops=self._cheap_ops,
-            cheap_allocated_bytes=self._cheap_allocated,
+            cheap_written_bytes=self._cheap_written,
+            norm_bytes=self._norm_written,
         )
 
     def mark(self) -> None:
@@ -197,11 +211,20 @@ class MemoryTracker(TorchDispatchMode):
                 for t in tree_flatten((args, kwargs))[0]
                 if isinstance(t, torch.Tensor) and has_storage(t)
             }
+            written = 0
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor) and has_storage(t):
                     storage = t.untyped_storage()
-                    if id(storage) not in inputs and self._register(storage) and formula is None:
-                        self._cheap_allocated += self._records[-1].nbytes
+                    if id(storage) not in inputs:
+                        if self._register(storage):
+                            written += self._records[-1].nbytes
+                    elif not func.is_view:  # in place (or out=)
+                        written += t.nbytes
+            self._written += written
+            if formula is None:
+                self._cheap_written += written
+            if func._overloadpacket in _NORM_OPS:
+                self._norm_written += written
         self.timeline.append((str(func._overloadpacket), self.current_bytes))
         return out
 

@@ -210,7 +210,10 @@ class ProfiledModel:
         if recompute_seconds is not None:
             recomputed = plan_work(chain, plan.checkpoints, plan.stored, plan.inner)
             seconds += recompute_seconds - speed.seconds(
-                Work(flops=recomputed.flops, ops=recomputed.ops, allocated_bytes=recomputed.allocated_bytes)
+                Work(
+                    flops=recomputed.flops, ops=recomputed.ops, written_bytes=recomputed.written_bytes,
+                    norm_bytes=recomputed.norm_bytes,
+                )
             )
             source += "; recompute at the stages' measured times"
         return dataclasses.replace(

@@ -6,7 +6,10 @@ prices exactly what the tracker counts in a model's step:
 
 * per operator: a chain of operators on one-element tensors (launch, dispatch
   and autograd bookkeeping, nothing else);
-* per byte allocated: elementwise operators on large tensors, less their operators' cost;
+* per byte written: elementwise operators on large tensors, less their operators' cost;
+* per byte normalizations write: BatchNorm (training) on a large tensor, less its operators'
+  cost and the other bytes its step writes (LayerNorm runs faster per byte on CPUs, up to
+  twice: priced so, its recompute is overrated, never underrated);
 * per FLOP: matmuls and convolutions, less their operators' and bytes' cost;
 * per checkpoint region: the engine's recomputed segment around a tiny block,
   less the block's own cost;
@@ -39,6 +42,7 @@ __all__ = ["ASSUMED_CUDA", "measure_speed"]
 ASSUMED_CUDA = Speed(
     flops_per_second=300e12,
     bytes_per_second=1.5e12,
+    norm_bytes_per_second=1e12,  # a normalization reads its input twice
     seconds_per_op=8e-6,
     seconds_per_region=1.5e-4,
     seconds_per_intercepted_op=1.5e-5,
@@ -78,6 +82,7 @@ def _measured(device: str, dtype: torch.dtype, threads: int) -> Speed:
     op = _per_op(on)
     per_byte = _per_byte(on, op)
     per_flop = _per_flop(on, op, per_byte)
+    per_norm_byte = _per_norm_byte(on, op, per_byte)
     region = _per_region(on, op)
     intercepted = _per_dispatched_op(on, op, _selective)
     recorded = _per_dispatched_op(on, op, _remade)
@@ -85,6 +90,7 @@ def _measured(device: str, dtype: torch.dtype, threads: int) -> Speed:
     return Speed(
         flops_per_second=1 / per_flop,
         bytes_per_second=1 / per_byte,
+        norm_bytes_per_second=1 / per_norm_byte,
         seconds_per_op=op,
         seconds_per_region=region,
         seconds_per_intercepted_op=intercepted,
@@ -135,7 +141,16 @@ def _per_byte(on: dict, op: float) -> float:
     x = torch.ones(1 << 22, requires_grad=True, **on)
     step = lambda: _step(lambda: torch.sigmoid(torch.sigmoid(x * 2) * 2))  # noqa: E731
     work = _counted(step, on["device"])
-    return max(_timed(step, on["device"]) - work.ops * op, 0.0) / work.allocated_bytes
+    return max(_timed(step, on["device"]) - work.ops * op, 0.0) / work.written_bytes
+
+
+def _per_norm_byte(on: dict, op: float, per_byte: float) -> float:
+    x = torch.ones(8, 64, 64, 64, requires_grad=True, **on)
+    batch_norm = torch.nn.BatchNorm2d(64, **on)
+    step = lambda: _step(lambda: batch_norm(x))  # noqa: E731
+    work = _counted(step, on["device"])
+    rest = work.ops * op + (work.written_bytes - work.norm_bytes) * per_byte
+    return max(_timed(step, on["device"]) - rest, 0.0) / work.norm_bytes
 
 
 def _per_flop(on: dict, op: float, per_byte: float) -> float:
@@ -152,7 +167,7 @@ def _per_flop(on: dict, op: float, per_byte: float) -> float:
 
     step = lambda: _step(forward)  # noqa: E731
     work = _counted(step, on["device"])
-    rest = work.ops * op + work.allocated_bytes * per_byte
+    rest = work.ops * op + work.written_bytes * per_byte
     return max(_timed(step, on["device"]) - rest, 0.0) / work.flops
 
 

@@ -414,9 +414,10 @@ def _chain_of(
         fwd_flops=col("fwd_flops"),
         bwd_flops=col("bwd_flops"),
         fwd_ops=[c.fwd_work.ops for c in costs],
-        fwd_allocated_bytes=[c.fwd_work.allocated_bytes for c in costs],
+        fwd_written_bytes=[c.fwd_work.written_bytes for c in costs],
         fwd_cheap_ops=[c.fwd_work.cheap_ops for c in costs],
-        fwd_cheap_allocated_bytes=[c.fwd_work.cheap_allocated_bytes for c in costs],
+        fwd_cheap_written_bytes=[c.fwd_work.cheap_written_bytes for c in costs],
+        fwd_norm_bytes=[c.fwd_work.norm_bytes for c in costs],
         **_early_stop_arrays(costs),
         base_bytes=base_bytes,
         output_held=True,
@@ -435,7 +436,8 @@ def _early_stop_arrays(costs: Sequence[StageCost]) -> dict[str, list]:
         last_save_peak=[peak for peak, _ in stops],
         last_save_flops=[work.flops for _, work in stops],
         last_save_ops=[work.ops for _, work in stops],
-        last_save_allocated_bytes=[work.allocated_bytes for _, work in stops],
+        last_save_written_bytes=[work.written_bytes for _, work in stops],
+        last_save_norm_bytes=[work.norm_bytes for _, work in stops],
     )
 
 
