@@ -2,7 +2,7 @@
 
 For each model, at budgets of 90/70/50/30% of the store-everything activation
 peak (``P - (1 - f) * A``, as in tests/test_budget.py), one training step of
-``remat.optimize(model, x, budget=...)`` is measured on fake tensors; its
+``remat.optimize(model, x, budget=..., objective="flops")`` is measured on fake tensors; its
 measured step peak is then the target for PyTorch's own answer: the model
 under ``torch.compile`` with ``aot_autograd``, the min-cut partitioner and
 eager (``aot_eager``'s boxed) compilers, at the ``activation_memory_budget``
@@ -80,7 +80,7 @@ def run_one(spec: str, batch: int, shape) -> dict:
         budget = int(none.peak_bytes - (1 - fraction) * none.activation_peak_bytes)
         row = {"fraction": fraction, "budget": budget}
         try:
-            optimized = remat.optimize(model, x, budget=budget)
+            optimized = remat.optimize(model, x, budget=budget, objective="flops")
         except InfeasibleBudget as error:
             row["remat_error"] = f"no plan: least peak {format_bytes(error.least_peak_bytes)}"
             rows.append(row)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                         command, "bench-compile"),
         "",
         "At each budget (the step peak if the activations alone shrank to that share of the",
-        "store-everything activation peak), remat's plan (`remat.optimize(..., budget=)`) is measured;",
+        "store-everything activation peak), remat's plan (`remat.optimize(..., budget=, objective='flops')`) is measured;",
         "torch is `torch.compile` with `aot_autograd`, `min_cut_rematerialization_partition` and",
         "the `aot_eager` boxed compilers, at the `torch._functorch.config.activation_memory_budget`",
         "with the least recompute whose measured step peak is at most remat's (`TorchBudgetSearch`:",

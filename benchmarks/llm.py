@@ -5,9 +5,9 @@ For each model, one training step (Hugging Face batch with labels, the model's o
 ``none`` (store everything); ``checkpoint-blocks`` (the model's own
 ``gradient_checkpointing_enable()``, per layer); ``torch-budget@0.5`` and ``torch-budget@0.2``
 (``torch.compile`` with ``activation_memory_budget``, the min-cut partitioner); ``remat`` (the
-least peak); and remat at each peer's measured step peak (``remat@<bytes>``). Each row gives the
-measured step peak, the FLOPs ratio (the step's FLOPs over storing everything's) and the
-planning time, and for remat at a peer's peak whether it recomputes no more than the peer.
+least peak); and remat at each peer's measured step peak (``remat-flops@<bytes>``: the least
+recompute within it). Each row gives the measured step peak, the FLOPs ratio (the step's FLOPs
+over storing everything's) and the planning time, and for remat at a peer's peak whether it recomputes no more than the peer.
 A strategy that fails is a row that says why.
 
 Run: ``make bench-llm`` (or ``.venv/bin/python benchmarks/llm.py``). Writes
@@ -95,7 +95,7 @@ def run_model(name: str, spec: str, batch: int) -> list[str]:
         row(peer, result)
         if isinstance(result, str):
             continue
-        at_peak = measure(model, inputs, f"remat@{result[0]}", flops)
+        at_peak = measure(model, inputs, f"remat-flops@{result[0]}", flops)
         if isinstance(at_peak, str):
             row(f"remat at {peer}'s peak", at_peak)
         else:

@@ -106,13 +106,15 @@ def test_remat_matches_every_peak_torch_reaches_with_no_more_recompute():
 
 
 def test_remat_recomputes_no_more_than_torch_at_its_budget_peaks(source, search):
-    """Issue #5's claim on a small model: at each budget plan's measured peak, remat's recompute <= torch's."""
+    """Issue #5's claim on a small model: at each budget plan's measured peak, remat's recompute <= torch's
+    (remat asked for the least recompute: by default it takes the plan predicted fastest)."""
     model, x = source.model, source.example_inputs
     none = measure_step(model, x, fake=True)
     compared = 0
     for fraction in (0.9, 0.7, 0.5, 0.3):
+        budget = int(none.peak_bytes - (1 - fraction) * none.activation_peak_bytes)
         try:
-            optimized = remat.optimize(model, x, budget=int(none.peak_bytes - (1 - fraction) * none.activation_peak_bytes))
+            optimized = remat.optimize(model, x, budget=budget, objective="flops")
         except InfeasibleBudget:
             continue
         planned = measure_step(optimized, x, fake=True)
@@ -124,9 +126,27 @@ def test_remat_recomputes_no_more_than_torch_at_its_budget_peaks(source, search)
     assert compared >= 1
 
 
+def test_time_objective_recomputes_more_flops_in_less_time(source):
+    """On a small model a checkpoint region costs more than the FLOPs of a few layers: within a
+    budget, the plan predicted fastest (the default) recomputes more FLOPs than the least
+    recompute, and both run at their predicted peaks."""
+    model, x = source.model, source.example_inputs
+    none = measure_step(model, x, fake=True)
+    budget = int(none.peak_bytes - 0.1 * none.activation_peak_bytes)
+    fastest = remat.plan(model, x, budget=budget)
+    least = remat.plan(model, x, budget=budget, objective="flops")
+    assert fastest.recompute_flops > least.recompute_flops
+    assert fastest.predicted_seconds < least.predicted_seconds
+    for plan in (fastest, least):
+        assert measure_step(remat.optimize(model, x, plan=plan), x, fake=True).peak_bytes == plan.predicted_peak_bytes
+        assert plan.predicted_peak_bytes <= budget
+    with pytest.raises(ValueError, match="objective"):
+        remat.plan(model, x, budget=budget, objective="speed")
+
+
 def test_torch_budget_strategy_names():
-    assert parse_strategies("none,torch-budget,torch-budget@0.5,torch-budget@0,torch-budget@1MiB") == [
-        "none", "torch-budget", "torch-budget@0.5", "torch-budget@0", "torch-budget@1MiB",
+    assert parse_strategies("none,torch-budget,torch-budget@0.5,torch-budget@0,torch-budget@1MiB,remat-flops@1MiB") == [
+        "none", "torch-budget", "torch-budget@0.5", "torch-budget@0", "torch-budget@1MiB", "remat-flops@1MiB",
     ]
     for bad in ("torch-budget@lots", "torch-budget@-0.5", "torch-budget@"):
         with pytest.raises(ValueError, match=r"fraction in \[0, 1\]"):

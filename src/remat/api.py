@@ -26,7 +26,7 @@ from remat.measure.optimizer import OptimizerSpec
 from remat.measure.step import has_meta, positional, without_weights
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
-from remat.planner.profiled import Costs, ProfiledModel
+from remat.planner.profiled import Costs, Objective, ProfiledModel
 from remat.profile.model import Profile
 from remat.validate import check_choice, check_model_and_inputs, offload_possible
 
@@ -46,6 +46,7 @@ def plan(
     remake: bool = True,
     compile: bool | str = False,
     optimizer: OptimizerSpec | None = None,
+    objective: Objective = "time",
 ) -> Plan:
     """Find the checkpoints for ``model``: the least peak, or the fastest plan within ``budget``.
 
@@ -63,8 +64,9 @@ def plan(
             such as ``"20GiB"``); the plan is then the one predicted to take
             the least step time (``Plan.predicted_seconds``: recompute, and
             the executor's own costs, at rates measured on the model's
-            device) among the least-recompute plans of each family and the
-            Pareto front. ``None``: the least peak (or, where one is predicted
+            device) among the least-recompute plans of each family, the
+            Pareto front and the one-level plan whose recomputes are predicted
+            fastest (see ``objective``). ``None``: the least peak (or, where one is predicted
             faster, a plan whose peak is within 0.1% of it, see
             ``remat.planner.choose.PEAK_TOLERANCE``). A budget no plan meets raises
             :class:`remat.InfeasibleBudget`, which states the least peak.
@@ -109,6 +111,14 @@ def plan(
             assumed), is held all step, and its ``step()`` runs with every
             gradient made: both count in every peak. The optimizer given is
             not touched.
+        objective: ``"time"`` (the least predicted step time within ``budget``, and
+            the least peak's ties to it) or ``"flops"``: the least recompute FLOPs
+            (ties: the least time), as the peers are compared. FLOPs are what a
+            step recomputes on any device; time also counts what costs no FLOPs
+            (checkpoint regions, dispatch modes, remade normalizations), at rates
+            measured on this machine, so ``"time"`` may recompute more FLOPs to
+            run faster (DenseNet-121 on a CPU: 1x1 convolutions instead of
+            BatchNorms), and its choice may differ between machines.
 
     Example:
         >>> import torch, remat
@@ -124,7 +134,7 @@ def plan(
             model, example_inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation,
             optimizer=optimizer,
         )
-        return solve(profiled, budget_bytes, offload, costs, remake, _backend(compile))
+        return solve(profiled, budget_bytes, offload, costs, remake, _backend(compile), objective)
 
 
 def _backend(compile: bool | str) -> str:
@@ -249,6 +259,7 @@ def optimize(
     compile: bool | str = False,
     per_shape: bool | int = False,
     optimizer: OptimizerSpec | None = None,
+    objective: Objective = "time",
 ) -> nn.Module:
     """A drop-in module that trains ``model`` with the least-peak checkpoints.
 
@@ -280,6 +291,7 @@ def optimize(
             with the arguments given here. Logged on the ``remat`` logger.
         optimizer: plan the whole step with this optimizer's state and step, as
             in :func:`plan` (the module itself does not step it: train as usual).
+        objective: ``"time"`` or ``"flops"``, as in :func:`plan`.
 
     Example:
         >>> import torch, remat
@@ -295,6 +307,7 @@ def optimize(
         options = dict(
             loss_fn=loss_fn, budget=budget, profile=profile, offload=offload, costs=costs,
             grad_accumulation=grad_accumulation, remake=remake, compile=compile, optimizer=optimizer,
+            objective=objective,
         )
         return PerShapeModule(
             model, lambda args, kwargs: optimize(model, (args, kwargs), **options), example_inputs,
@@ -317,7 +330,7 @@ def optimize(
             model, inputs, loss_fn, profile, carried=not offload, grad_accumulation=grad_accumulation,
             optimizer=optimizer,
         )
-        return profiled.module(solve(profiled, budget_bytes, offload, costs, remake, backend))
+        return profiled.module(solve(profiled, budget_bytes, offload, costs, remake, backend, objective))
 
 
 def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> DropInModule:

@@ -1,5 +1,5 @@
 """Choose a plan: the best of the chain's families, then of the same plans with remade values;
-within a budget, the one predicted fastest."""
+within a budget, the one predicted fastest (or, for the ``"flops"`` objective, the least recompute)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
 from remat.chain.time import Work, recompute_weights
 from remat.planner.compiled import compiled_choice, simulate_compiled
-from remat.planner.families import front, lower_envelope, solve_chain
-from remat.planner.profiled import Costs, ProfiledModel, by_time
+from remat.planner.families import fastest_within, front, lower_envelope, solve_chain
+from remat.planner.profiled import Costs, Objective, ProfiledModel, by_time, sort_key
 from remat.planner.remade import best_remade, simulate_remade
 from remat.validate import check_choice
 
@@ -41,18 +41,23 @@ def solve(
     costs: Costs = "flops",
     remake: bool = True,
     compiled: str = "",
+    objective: Objective = "time",
 ) -> Plan:
     """The least-peak plan (the fastest within :data:`PEAK_TOLERANCE` of it), or the least
     predicted step time within ``budget_bytes`` (see :func:`remat.plan`).
 
     Within a budget the candidates are the least recompute the families find, the same
-    with remade values, and every plan of the chain's Pareto front that fits: the least
-    recompute is not the fastest where its regions and dispatch modes cost more than
-    the FLOPs a plan with fewer of them recomputes (:mod:`remat.chain.time`).
+    with remade values, every plan of the chain's Pareto front that fits, and the one-level
+    plan whose recomputes are predicted fastest: the least recompute is not the fastest
+    where its regions, dispatch modes and operators without FLOPs cost more than the FLOPs
+    a plan with fewer of them recomputes (:mod:`remat.chain.time`). With ``objective="flops"``
+    the least recompute (ties: the fastest), at the least peak too.
 
     ``compiled`` (one of :data:`remat.execute.compiled.BACKENDS`): plans a compiled module runs
     (no nested checkpoints, offload or remade values), chosen by simulated compiled steps."""
     check_choice("costs", costs, ("flops", "profile"))
+    check_choice("objective", objective, ("time", "flops"))
+    key = sort_key(objective)
     if compiled:
         if offload:
             raise ValueError("compiled plans do not offload: pass offload=False, or compile=False to offload")
@@ -60,17 +65,21 @@ def solve(
     step = profiled.baseline
     if budget_bytes is not None and step is not None and step.optimizer_peak_bytes > budget_bytes:
         # The optimizer's step() runs with every gradient made, whatever the plan.
-        raise InfeasibleBudget(budget_bytes, solve(profiled, None, offload, costs, remake, compiled).predicted_peak_bytes)
+        least = solve(profiled, None, offload, costs, remake, compiled, objective)
+        raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
     try:
-        chosen = solve_chain(profiled, budget_bytes, offload, costs, nested=not compiled)
+        chosen = solve_chain(profiled, budget_bytes, offload, costs, nested=not compiled, ties_by_time=objective == "time")
     except InfeasibleBudget:
         chosen = None
-    fitting = _fitting_front(profiled, budget_bytes, chosen, costs) if budget_bytes is not None and not offload else []
+    by_time_too = budget_bytes is not None and not offload and objective == "time"
+    fitting = _fitting_front(profiled, budget_bytes, chosen, costs) if by_time_too else []
+    if by_time_too and costs == "flops":
+        fitting += [p for p in (fastest_within(profiled, budget_bytes),) if p is not None]
     chain_plan = chosen
     if remake and not offload and costs == "flops":
         chosen = best_remade(profiled, chosen, budget_bytes)
     if chosen is None:
-        least = solve(profiled, None, offload, costs, remake, compiled)
+        least = solve(profiled, None, offload, costs, remake, compiled, objective)
         raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
     start = time.perf_counter()
     if budget_bytes is None:
@@ -85,11 +94,11 @@ def solve(
     else:
         candidates = [chosen, *fitting]
     if compiled:
-        fastest = compiled_choice(profiled, candidates, budget_bytes, compiled, PEAK_TOLERANCE)
+        best = compiled_choice(profiled, candidates, budget_bytes, compiled, PEAK_TOLERANCE, key)
     else:
-        fastest = min(candidates, key=by_time)
+        best = min(candidates, key=key)
     # Pricing the candidates counts as solve time, whichever plan won.
-    return dataclasses.replace(fastest, solve_seconds=chosen.solve_seconds + time.perf_counter() - start)
+    return dataclasses.replace(best, solve_seconds=chosen.solve_seconds + time.perf_counter() - start)
 
 
 def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | None, costs: Costs) -> list[Plan]:

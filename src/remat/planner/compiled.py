@@ -7,6 +7,8 @@ import dataclasses
 
 from remat.budget import InfeasibleBudget
 from remat.plan import Plan
+from collections.abc import Callable
+
 from remat.planner.profiled import ProfiledModel, by_time
 
 __all__ = ["MAX_COMPILED_TRIES", "compiled_choice", "simulate_compiled"]
@@ -28,20 +30,22 @@ def simulate_compiled(profiled: ProfiledModel, plan: Plan, backend: str) -> Plan
 
 
 def compiled_choice(
-    profiled: ProfiledModel, candidates: list[Plan], budget_bytes: int | None, backend: str, tolerance: float
+    profiled: ProfiledModel, candidates: list[Plan], budget_bytes: int | None, backend: str, tolerance: float,
+    key: Callable[[Plan], tuple] = by_time,
 ) -> Plan:
-    """The candidates compiled and simulated. Within ``budget_bytes``: predicted fastest first,
-    the first whose compiled step fits (at most :data:`MAX_COMPILED_TRIES` misses). Without:
-    the fastest within ``tolerance`` of the least compiled peak."""
+    """The candidates compiled and simulated. Within ``budget_bytes``: the best by ``key``
+    (predicted fastest) first, the first whose compiled step fits (at most
+    :data:`MAX_COMPILED_TRIES` misses). Without: the best within ``tolerance`` of the least
+    compiled peak."""
     if budget_bytes is None:
         simulated = [simulate_compiled(profiled, plan, backend) for plan in candidates]
         limit = min(p.predicted_peak_bytes for p in simulated) * (1 + tolerance)
-        return min((p for p in simulated if p.predicted_peak_bytes <= limit), key=by_time)
+        return min((p for p in simulated if p.predicted_peak_bytes <= limit), key=key)
     # A compiled step may hold a little more than the chain model says (functional BatchNorm's
     # statistics, an activation made out of place): after a miss, only candidates with at
     # least that much room are tried.
     least, margin, tried = None, 0, 0
-    for plan in sorted(candidates, key=by_time):
+    for plan in sorted(candidates, key=key):
         if plan.predicted_peak_bytes + margin > budget_bytes:
             continue
         compiled = simulate_compiled(profiled, plan, backend)

@@ -20,14 +20,16 @@ from remat.solvers.checkpoints import min_peak, min_recompute, pareto_front
 from remat.solvers.nested import MAX_STAGES as MAX_NESTED_STAGES
 from remat.solvers.nested import min_peak_nested, min_recompute_nested
 
-__all__ = ["front", "lower_envelope", "solve_chain"]
+__all__ = ["fastest_within", "front", "lower_envelope", "solve_chain"]
 
 
 def solve_chain(
-    profiled: ProfiledModel, budget_bytes: int | None, offload: bool, costs: Costs, nested: bool = True
+    profiled: ProfiledModel, budget_bytes: int | None, offload: bool, costs: Costs, nested: bool = True,
+    ties_by_time: bool = True,
 ) -> Plan:
     """The best plan of the chain cost model's families (no remade values; ``nested``: nested
-    checkpoints among them)."""
+    checkpoints among them); with ``ties_by_time``, the least peak's ties go to the recompute
+    predicted fastest, else to the least FLOPs."""
     chain = profiled.planned(profiled.chain)
     if costs == "profile":
         # The solvers weigh recompute by the chain's forward costs: nanoseconds here.
@@ -42,7 +44,7 @@ def solve_chain(
         # Ties go to the recompute predicted fastest: with early stop, the least FLOPs at the
         # least peak may take twice the segments, each a region. (Within a budget, the least
         # FLOPs, and then the fastest of the front below the budget, see remat.planner.choose.)
-        speed = profiled.speed if costs == "flops" else None
+        speed = profiled.speed if costs == "flops" and ties_by_time else None
         solution = min_peak(chain, offload=offload, speed=speed)
     else:
         solution = min_recompute(chain, budget_bytes, offload=offload)
@@ -52,7 +54,7 @@ def solve_chain(
     if solution is None:
         # The nested least-peak plan may be below every plan the budget search's
         # grid (or the one-level family) reaches: it is the plan if it fits.
-        least = solve_chain(profiled, None, offload, costs, nested)
+        least = solve_chain(profiled, None, offload, costs, nested, ties_by_time)
         if least.predicted_peak_bytes > budget_bytes:
             raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)
         return dataclasses.replace(least, budget_bytes=budget_bytes)
@@ -66,6 +68,20 @@ def solve_chain(
             solution, recompute_flops=recompute_flops_of(profiled.chain, solution.checkpoints, solution.stored)
         )
     return profiled.to_plan(solution, seconds, budget_bytes, offload, recompute_seconds)
+
+
+def fastest_within(profiled: ProfiledModel, budget_bytes: int) -> Plan | None:
+    """The one-level plan whose recomputes are predicted fastest within ``budget_bytes`` (None
+    if none fits, or without the device's rates). Where operators without FLOPs take much of
+    the time (BatchNorm on a CPU) or regions cost more than a small block's FLOPs, it
+    recomputes more FLOPs than the least-recompute plan, in less time."""
+    if profiled.speed is None:
+        return None
+    start = time.perf_counter()
+    solution = min_recompute(profiled.planned(profiled.chain), budget_bytes, speed=profiled.speed)
+    if solution is None:
+        return None
+    return profiled.to_plan(solution, time.perf_counter() - start, budget_bytes)
 
 
 def front(

@@ -27,15 +27,26 @@ from remat.profile.speed import measure_speed
 from remat.profile.timing import stage_seconds
 from remat.validate import check_model_and_inputs
 
-__all__ = ["Costs", "ProfiledModel", "by_time"]
+__all__ = ["Costs", "Objective", "ProfiledModel", "by_flops", "by_time", "sort_key"]
 
 Costs = Literal["flops", "profile"]
+Objective = Literal["time", "flops"]
 
 
 def by_time(plan: Plan) -> tuple[float, int]:
     """Sort key of plans: the least predicted step time first, then the least recompute (plans
     without a predicted time by recompute alone)."""
     return (plan.predicted_seconds if plan.predicted_seconds is not None else 0.0, plan.recompute_flops)
+
+
+def by_flops(plan: Plan) -> tuple[int, float]:
+    """Sort key of plans: the least recompute first, then the least predicted step time."""
+    return (plan.recompute_flops, plan.predicted_seconds if plan.predicted_seconds is not None else 0.0)
+
+
+def sort_key(objective: Objective) -> Callable[[Plan], tuple]:
+    """The sort key of plans for ``objective`` (see :func:`remat.plan`)."""
+    return by_time if objective == "time" else by_flops
 
 
 @dataclasses.dataclass

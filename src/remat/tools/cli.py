@@ -181,17 +181,20 @@ def _make_plan(
     remake: bool = True,
     compile: str | None = None,
     optimizer: str | None = None,
+    objective: str = "time",
 ) -> tuple[remat.Plan, StepMeasurement, float | None]:
     """The plan, one step of the planned module measured (on fake or real tensors), and on
     real tensors its step time over the model's (interleaved steps, median of :data:`_TIMED_STEPS`).
     A plan compiled with inductor is measured on fake tensors by its aot_eager graphs (the
     same partition: fused kernels run real tensors only)."""
     budget_bytes = parse_bytes(budget) if budget is not None else None
-    goal = "the least peak" if budget is None else f"the fastest plan within {format_bytes(budget_bytes)}"
+    best = "fastest plan" if objective == "time" else "least recompute"
+    goal = "the least peak" if budget is None else f"the {best} within {format_bytes(budget_bytes)}"
     with _status(f"capturing the model and solving for {goal}"):
         optimized = remat.optimize(
             source.model, source.example_inputs, budget=budget_bytes, costs=costs,
             grad_accumulation=grad_accumulation, remake=remake, compile=compile or False, optimizer=optimizer,
+            objective=objective,
         )
     with _status(f"measuring one step with the plan on {'fake' if fake else 'real'} tensors"):
         stepped = optimized
@@ -348,6 +351,14 @@ def plan(
         ),
     ] = None,
     optimizer: OptimizerName = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="time (within --budget, the plan predicted fastest on this machine) or flops (the least "
+            "recompute, as peers are compared)",
+        ),
+    ] = "time",
 ) -> None:
     """The least-peak checkpoint plan (or the fastest within --budget): what it keeps, its peak, its cost.
 
@@ -359,7 +370,7 @@ def plan(
         # Planned and stepped on fake tensors, the model needs no weights (timing stages needs them).
         source = _load(model, batch, input, device, fake=fake and costs == "flops")
         chosen, measured, slowdown = _make_plan(
-            source, fake, budget, costs, grad_accumulation, remake, compile, optimizer
+            source, fake, budget, costs, grad_accumulation, remake, compile, optimizer, objective
         )
         rows = _plan_rows(chosen, measured, fake, slowdown)
         _print_table(_describe(source, fake), ["", "remat plan"], rows, numbers=False)

@@ -166,13 +166,18 @@ STRATEGIES: dict[str, Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Modul
 }
 
 
-_BUDGETED = "remat@"  # remat@BUDGET: the plan predicted fastest within BUDGET
+# remat@BUDGET: the plan predicted fastest within BUDGET; remat-flops@BUDGET: the least recompute
+_BUDGETED = {"remat@": "time", "remat-flops@": "flops"}
 _TORCH_BUDGET = "torch-budget"  # torch-budget[@FRACTION|@BYTES]: torch.compile's min-cut partitioner
-_CHOICES = f"{', '.join(STRATEGIES)}, {_TORCH_BUDGET}, remat@BUDGET (e.g. remat@1GiB), {_TORCH_BUDGET}@FRACTION|BUDGET"
+_CHOICES = (
+    f"{', '.join(STRATEGIES)}, {_TORCH_BUDGET}, remat@BUDGET (e.g. remat@1GiB), remat-flops@BUDGET, "
+    f"{_TORCH_BUDGET}@FRACTION|BUDGET"
+)
 
 
 def strategy(name: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Module, float]]:
-    """The strategy called ``name``: one of :data:`STRATEGIES`, ``remat@BUDGET``, or ``torch-budget[@X]``.
+    """The strategy called ``name``: one of :data:`STRATEGIES`, ``remat@BUDGET`` (the plan predicted
+    fastest within BUDGET), ``remat-flops@BUDGET`` (the least recompute within it), or ``torch-budget[@X]``.
 
     ``torch-budget`` is :class:`TorchBudgetModule` at PyTorch's default
     ``activation_memory_budget`` (1.0); ``torch-budget@X`` takes X in [0, 1]
@@ -184,11 +189,12 @@ def strategy(name: str) -> Callable[[nn.Module, tuple, LossFn | None], tuple[nn.
         ValueError: the name is unknown, or its budget is not a size
             (:func:`remat.parse_bytes`) or a fraction in [0, 1].
     """
-    if name.startswith(_BUDGETED):
-        budget_bytes = parse_bytes(name[len(_BUDGETED):])
+    prefix = next((p for p in _BUDGETED if name.startswith(p)), None)
+    if prefix is not None:
+        budget_bytes, objective = parse_bytes(name[len(prefix):]), _BUDGETED[prefix]
 
         def within_budget(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
-            module = optimize(model, inputs, loss_fn, budget=budget_bytes)
+            module = optimize(model, inputs, loss_fn, budget=budget_bytes, objective=objective)
             return module, module.plan.solve_seconds
 
         return within_budget
