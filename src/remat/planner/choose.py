@@ -77,7 +77,7 @@ def solve(
         fitting += [p for p in (fastest_within(profiled, budget_bytes),) if p is not None]
     chain_plan = chosen
     if remake and not offload and costs == "flops":
-        chosen = best_remade(profiled, chosen, budget_bytes)
+        chosen = best_remade(profiled, chosen, budget_bytes, objective)
     if chosen is None:
         least = solve(profiled, None, offload, costs, remake, compiled, objective)
         raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)

@@ -13,7 +13,7 @@ from remat.execute.remake import CostlyCall, costly_calls
 from remat.measure.step import step_model
 from remat.plan import Plan
 from remat.planner.families import front
-from remat.planner.profiled import ProfiledModel, by_time
+from remat.planner.profiled import Objective, ProfiledModel, sort_key
 
 __all__ = ["MAX_COSTLY_KINDS", "MAX_TRADES", "best_remade", "costly_calls_of", "costly_worth", "remade_costly", "simulate_remade"]
 
@@ -54,10 +54,13 @@ def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...]
     return min(simulated, key=lambda p: p.predicted_peak_bytes)
 
 
-def best_remade(profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int | None) -> Plan | None:
+def best_remade(
+    profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int | None, objective: Objective = "time"
+) -> Plan | None:
     """``chosen``, or the same plan run with remade values if that lowers the least peak.
 
-    Within a budget, the least predicted step time (:func:`by_time`) among ``chosen``, the plans of the front run
+    Within a budget, the best for ``objective`` (the least predicted step time, or the least
+    recompute, see :func:`remat.planner.profiled.sort_key`) among ``chosen``, the plans of the front run
     with remade values (the one that recomputes least first, then by bisection along
     the rest), and the first remade with the outputs of its most memory-hungry matmuls
     remade too (:func:`remade_costly`). Each candidate is one or two simulated steps;
@@ -68,7 +71,7 @@ def best_remade(profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int 
         best = simulate_remade(profiled, chosen)
         if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
             best = chosen
-    elif chosen is not None and not _remade_can_be_faster(profiled, chosen):
+    elif chosen is not None and objective == "time" and not _remade_can_be_faster(profiled, chosen):
         return chosen
     else:
         reached = None if chosen is None else lambda s: s.recompute_flops >= chosen.recompute_flops
@@ -91,7 +94,7 @@ def best_remade(profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int 
             candidates = [chosen, along[1] if along else None]
             if first is not None:
                 candidates.append(remade_costly(profiled, cheaper, budget_bytes))
-        best = min((c for c in candidates if c is not None), key=by_time, default=None)
+        best = min((c for c in candidates if c is not None), key=sort_key(objective), default=None)
     if best is None:
         return None
     # The simulated steps count as solve time, whichever plan won.
