@@ -71,9 +71,9 @@ def solve(
         chosen = solve_chain(profiled, budget_bytes, offload, costs, nested=not compiled, ties_by_time=objective == "time")
     except InfeasibleBudget:
         chosen = None
-    by_time_too = budget_bytes is not None and not offload and objective == "time"
-    fitting = _fitting_front(profiled, budget_bytes, chosen, costs) if by_time_too else []
-    if by_time_too and costs == "flops":
+    timed_choice = budget_bytes is not None and not offload and objective == "time"
+    fitting = _fitting_front(profiled, budget_bytes, chosen, costs) if timed_choice else []
+    if timed_choice and costs == "flops":
         fitting += [p for p in (fastest_within(profiled, budget_bytes),) if p is not None]
     chain_plan = chosen
     if remake and not offload and costs == "flops":

@@ -4,11 +4,10 @@ compiled graphs: the fastest predicted candidate whose compiled step fits."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from remat.budget import InfeasibleBudget
 from remat.plan import Plan
-from collections.abc import Callable
-
 from remat.planner.profiled import ProfiledModel, by_time
 
 __all__ = ["MAX_COMPILED_TRIES", "compiled_choice", "simulate_compiled"]

@@ -43,7 +43,8 @@ def solve_chain(
     if budget_bytes is None:
         # Ties go to the recompute predicted fastest: with early stop, the least FLOPs at the
         # least peak may take twice the segments, each a region. (Within a budget, the least
-        # FLOPs, and then the fastest of the front below the budget, see remat.planner.choose.)
+        # FLOPs here; remat.planner.choose then weighs the front below the budget and
+        # fastest_within by time.)
         speed = profiled.speed if costs == "flops" and ties_by_time else None
         solution = min_peak(chain, offload=offload, speed=speed)
     else:

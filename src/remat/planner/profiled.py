@@ -36,12 +36,16 @@ Objective = Literal["time", "flops"]
 def by_time(plan: Plan) -> tuple[float, int]:
     """Sort key of plans: the least predicted step time first, then the least recompute (plans
     without a predicted time by recompute alone)."""
-    return (plan.predicted_seconds if plan.predicted_seconds is not None else 0.0, plan.recompute_flops)
+    return (_seconds(plan), plan.recompute_flops)
 
 
 def by_flops(plan: Plan) -> tuple[int, float]:
     """Sort key of plans: the least recompute first, then the least predicted step time."""
-    return (plan.recompute_flops, plan.predicted_seconds if plan.predicted_seconds is not None else 0.0)
+    return (plan.recompute_flops, _seconds(plan))
+
+
+def _seconds(plan: Plan) -> float:
+    return plan.predicted_seconds if plan.predicted_seconds is not None else 0.0
 
 
 def sort_key(objective: Objective) -> Callable[[Plan], tuple]:
