@@ -11,8 +11,32 @@ from remat.chain.model import Chain
 from remat.chain.time import Speed, Work
 
 UNREACHABLE = np.iinfo(np.int64).max // 4
+#: Chains of at most this many stages cache the rows their solvers ask for (each row
+#: O(n) int64, n of them per kind: 4 MiB at 1000 stages). A row does not depend on the
+#: limit, and a walk down the Pareto front solves the same terms at every budget.
+CACHED_ROWS_STAGES = 1000
 
 __all__ = ["SegmentTerms", "UNREACHABLE", "selective_terms_of"]
+
+
+def _cached_row(row):
+    """A row method of :class:`SegmentTerms`, its results cached (read-only) on chains of at most
+    :data:`CACHED_ROWS_STAGES` stages."""
+
+    @functools.wraps(row)
+    def cached(self: SegmentTerms, *args):
+        if self.n > CACHED_ROWS_STAGES:
+            return row(self, *args)
+        key = (row.__name__, *args)
+        if key not in self._rows:
+            value = row(self, *args)
+            for part in value if isinstance(value, tuple) else (value,):
+                if isinstance(part, np.ndarray):
+                    part.flags.writeable = False
+            self._rows[key] = value
+        return self._rows[key]
+
+    return cached
 
 
 class SegmentTerms:
@@ -24,6 +48,7 @@ class SegmentTerms:
 
     def __init__(self, chain: Chain):
         n = chain.n
+        self._rows: dict[tuple, object] = {}  # see _cached_row
         a = chain.act_bytes.astype(np.int64)
         g = chain.grad_bytes.astype(np.int64)
         pad = lambda v: np.concatenate([[0], np.asarray(v, dtype=np.int64)])  # noqa: E731
@@ -238,6 +263,7 @@ class SegmentTerms:
         peaks, keeps = self.stored_row(l)
         return int(peaks[r - l - 1]), int(keeps[r - l - 1])
 
+    @_cached_row
     def stored_row(self, l: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`stored_segment` ``(l, r)`` for all ``r`` in ``l+1..n-2`` (vectorised)."""
         n = self.n
@@ -264,6 +290,7 @@ class SegmentTerms:
         """Peak of the last segment (l, n], run normally."""
         return int(self.S[l])
 
+    @_cached_row
     def row(self, l: int) -> tuple[np.ndarray, int]:
         """``R(l, r)`` for all ``r`` in ``l+1..n-1`` (vectorised), and ``S(l)``."""
         n = self.n
@@ -309,6 +336,7 @@ class SegmentTerms:
         seconds = speed.seconds(Work(flops=flops, ops=ops, written_bytes=written, norm_bytes=norm, regions=1))
         return np.round(seconds * 1e9).astype(np.int64)
 
+    @_cached_row
     def _recompute_row(self, l: int, kind: int) -> np.ndarray:
         """Work of kind ``kind`` (0 FLOPs, 1 operators, 2 bytes written, 3 of those by
         normalizations) of the recompute of ``(l, r]`` for all ``r`` in ``l+1..n``."""

@@ -77,7 +77,8 @@ def solve(
         fitting += [p for p in (fastest_within(profiled, budget_bytes),) if p is not None]
     chain_plan = chosen
     if remake and not offload and costs == "flops":
-        chosen = best_remade(profiled, chosen, budget_bytes, objective)
+        timed = [by_time(p)[0] for p in (chain_plan, *fitting) if p is not None and p.predicted_seconds is not None]
+        chosen = best_remade(profiled, chosen, budget_bytes, objective, to_beat=min(timed, default=None))
     if chosen is None:
         least = solve(profiled, None, offload, costs, remake, compiled, objective)
         raise InfeasibleBudget(budget_bytes, least.predicted_peak_bytes)

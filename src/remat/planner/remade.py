@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+from remat.chain.model import ChainSolution
 from remat.chain.time import Work
 from remat.execute.remake import CostlyCall, costly_calls
 from remat.measure.step import step_model
@@ -55,7 +56,11 @@ def simulate_remade(profiled: ProfiledModel, plan: Plan, costly: tuple[int, ...]
 
 
 def best_remade(
-    profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int | None, objective: Objective = "time"
+    profiled: ProfiledModel,
+    chosen: Plan | None,
+    budget_bytes: int | None,
+    objective: Objective = "time",
+    to_beat: float | None = None,
 ) -> Plan | None:
     """``chosen``, or the same plan run with remade values if that lowers the least peak.
 
@@ -65,20 +70,21 @@ def best_remade(
     the rest), and the first remade with the outputs of its most memory-hungry matmuls
     remade too (:func:`remade_costly`). Each candidate is one or two simulated steps;
     the front is the chain's (:func:`remat.planner.families.front`), down to ``chosen``.
+    With the time objective, ``to_beat`` is the least predicted step time of the plans
+    without remade values: only the plans of the front that could be faster remade are
+    simulated (:func:`_could_be_faster`).
     """
     start = time.perf_counter()
+    if to_beat is None and chosen is not None:
+        to_beat = chosen.predicted_seconds
     if budget_bytes is None:  # the least-peak plan is there
         best = simulate_remade(profiled, chosen)
         if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
             best = chosen
-    elif chosen is not None and objective == "time" and not _remade_can_be_faster(profiled, chosen):
+    elif chosen is not None and objective == "time" and not _remade_can_be_faster(profiled, to_beat):
         return chosen
     else:
-        reached = None if chosen is None else lambda s: s.recompute_flops >= chosen.recompute_flops
-        cheaper = [
-            profiled.to_plan(s, 0.0, budget_bytes)
-            for s in front(profiled, until=reached) if chosen is None or s.recompute_flops < chosen.recompute_flops
-        ]
+        cheaper = _cheaper_front(profiled, chosen, budget_bytes, to_beat if objective == "time" else None)
 
         def remade(index: int) -> Plan | None:
             return simulate_remade(profiled, cheaper[index])
@@ -90,10 +96,12 @@ def best_remade(
         if _fits(first, budget_bytes):
             candidates = [chosen, first]
         else:
+            if objective == "time" and first is not None:
+                cheaper = _could_be_faster(cheaper, remade, to_beat)
             along = _least_fitting(remade, 1, len(cheaper), budget_bytes)
             candidates = [chosen, along[1] if along else None]
-            if first is not None:
-                candidates.append(remade_costly(profiled, cheaper, budget_bytes))
+            if first is not None and cheaper:
+                candidates.append(remade_costly(profiled, cheaper, budget_bytes, to_beat if objective == "time" else None))
         best = min((c for c in candidates if c is not None), key=sort_key(objective), default=None)
     if best is None:
         return None
@@ -103,21 +111,75 @@ def best_remade(
     )
 
 
-def _remade_can_be_faster(profiled: ProfiledModel, plan: Plan) -> bool:
-    """Whether a plan with remade values could be predicted faster than ``plan``. Any such plan
-    runs at least the model's own step, with every forward operator under the recorder: when
-    that alone is predicted slower, no remade plan is worth a simulated step."""
+def _cheaper_front(
+    profiled: ProfiledModel, chosen: Plan | None, budget_bytes: int, to_beat: float | None
+) -> list[Plan]:
+    """The plans of the chain's front that recompute less than ``chosen`` (the whole front
+    without it), by recompute ascending, as plans within ``budget_bytes``.
+
+    With ``to_beat`` (seconds), the walk down the front also ends at the first plan that,
+    remade, could not be predicted faster than that (:func:`_remade_can_be_faster`):
+    remaking only adds to a plan's work, and the predicted times grow along the front
+    with its recompute.
+    """
+
+    def until(solution: ChainSolution) -> bool:
+        if chosen is not None and solution.recompute_flops >= chosen.recompute_flops:
+            return True
+        if to_beat is None:
+            return False
+        return not _remade_can_be_faster(profiled, to_beat, profiled.to_plan(solution, 0.0, budget_bytes))
+
+    return [
+        profiled.to_plan(s, 0.0, budget_bytes)
+        for s in front(profiled, until=until) if chosen is None or s.recompute_flops < chosen.recompute_flops
+    ]
+
+
+def _remade_can_be_faster(profiled: ProfiledModel, seconds: float | None, plan: Plan | None = None) -> bool:
+    """Whether a plan with remade values (``plan`` remade, or any) could be predicted faster than
+    ``seconds``. Such a plan runs at least the model's own step (and ``plan``'s recompute), with
+    every forward operator under the recorder: when that alone is predicted slower, it is not
+    worth a simulated step."""
     speed = profiled.speed
-    if speed is None or plan.predicted_seconds is None:
+    if speed is None or seconds is None:
         return True
-    least = profiled.baseline.work + Work(recorded_ops=profiled.baseline.forward_ops)
-    return speed.seconds(least) <= plan.predicted_seconds
+    if plan is None:
+        least = speed.seconds(profiled.baseline.work)
+    elif plan.predicted_seconds is None:
+        return True
+    else:
+        least = plan.predicted_seconds
+    return least + speed.seconds(Work(recorded_ops=profiled.baseline.forward_ops)) <= seconds
 
 
-def remade_costly(profiled: ProfiledModel, front: list[Plan], budget_bytes: int) -> Plan | None:
+def _could_be_faster(front: list[Plan], remade: Callable[[int], Plan | None], seconds: float | None) -> list[Plan]:
+    """The plans of ``front`` (by recompute ascending) that might be predicted faster than
+    ``seconds`` run with remade values, with ``remade(i)`` the plan ``front[i]`` remade.
+
+    Each is priced, without a simulated step, at its own predicted time plus the least that
+    remaking added to the plans simulated: the first of the front and its middle, which
+    the bisection along the front starts from anyway. Remaking adds much the same to every
+    plan of a front (the recorder on every forward operator, the cheap values remade where
+    the plan stores), except where it also drops a plan's selective stages. The kept plans
+    keep the front's order, so their peaks still fall along them.
+    """
+    if seconds is None or any(p.predicted_seconds is None for p in front):
+        return front
+    probes = [(front[i], remade(i)) for i in sorted({0, len(front) // 2})]
+    added = [r.predicted_seconds - p.predicted_seconds for p, r in probes if r is not None and r.predicted_seconds is not None]
+    if not added:
+        return front
+    return [p for p in front if p.predicted_seconds + min(added) < seconds]
+
+
+def remade_costly(
+    profiled: ProfiledModel, front: list[Plan], budget_bytes: int, to_beat: float | None = None
+) -> Plan | None:
     """The plan of ``front`` (by recompute ascending) with costly calls remade too that fits
     the budget at the least recompute found; or None. Plans run remade and without
-    selective stages.
+    selective stages; with ``to_beat`` (seconds), only the plans of the front that could be
+    predicted faster so (:func:`_could_be_faster`, before any costly call is remade).
 
     Calls are remade in the order of the peak bytes their kind saves per FLOP
     (:func:`costly_worth`): attention before the first matmul of an MLP, say;
@@ -128,6 +190,10 @@ def remade_costly(profiled: ProfiledModel, front: list[Plan], budget_bytes: int)
     The best plan found is then improved by trades of its calls (:func:`_traded`).
     """
     front = [dataclasses.replace(p, selective=(), remake=False, remade_costly=()) for p in front]
+    if to_beat is not None:
+        front = _could_be_faster(front, lambda i: simulate_remade(profiled, front[i]), to_beat)
+        if not front:
+            return None
     census: dict[int, list[CostlyCall]] = {}  # per plan of the front, its costly calls
 
     def census_of(index: int) -> list[CostlyCall]:
@@ -135,6 +201,8 @@ def remade_costly(profiled: ProfiledModel, front: list[Plan], budget_bytes: int)
             census[index] = costly_calls_of(profiled, front[index])
         return census[index]
 
+    if to_beat is not None and not _costly_can_be_faster(profiled, front, census_of(0), budget_bytes, to_beat):
+        return None
     worth = costly_worth(profiled, front[0], census_of(0))
     best_first = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
     rank = {kind: i for i, kind in enumerate(best_first)}
@@ -165,6 +233,36 @@ def remade_costly(profiled: ProfiledModel, front: list[Plan], budget_bytes: int)
             best, best_index = plan, index
         high = index
     return best if best is None else _traded(profiled, front[best_index], best, candidates(best_index), budget_bytes)
+
+
+def _costly_can_be_faster(
+    profiled: ProfiledModel, front: list[Plan], calls: list[CostlyCall], budget_bytes: int, seconds: float
+) -> bool:
+    """Whether a plan of ``front`` (without selective stages, by recompute ascending) with some of
+    ``calls`` remade could fit ``budget_bytes`` and be predicted faster than ``seconds``.
+
+    Remaking a call frees at most its output, and the front's remade peaks fall along it: the
+    last plan's, simulated, less the bytes to free is the least any fitting plan must free,
+    at the FLOPs of the calls with the most output bytes per FLOP at least. Any such plan takes
+    at least the front's least predicted time, what remaking added to the first plan
+    (simulated) and those FLOPs' time.
+    """
+    speed = profiled.speed
+    first, last = simulate_remade(profiled, front[0]), simulate_remade(profiled, front[-1])
+    if speed is None or first is None or last is None or any(p.predicted_seconds is None for p in front):
+        return True
+    to_free = last.predicted_peak_bytes - budget_bytes
+    flops = 0
+    for call in sorted(calls, key=lambda c: c.flops / max(c.output_bytes, 1)):
+        if to_free <= 0:
+            break
+        to_free -= call.output_bytes
+        flops += call.flops
+    if to_free > 0:  # every call remade frees too little
+        return False
+    added = first.predicted_seconds - front[0].predicted_seconds
+    least = min(p.predicted_seconds for p in front) + added + speed.seconds(Work(flops=flops))
+    return least < seconds
 
 
 def _traded(profiled: ProfiledModel, base: Plan, found: Plan, calls: list[CostlyCall], budget_bytes: int) -> Plan:

@@ -163,6 +163,13 @@ def min_recompute(
         >>> plan.peak_bytes <= budget and plan.recompute_flops <= min_peak(chain).recompute_flops
         True
     """
+    return _recompute_solver(chain, method, offload, store, speed)(budget_bytes)
+
+
+def _recompute_solver(
+    chain: Chain, method: str, offload: bool, store: bool, speed: Speed | None
+) -> Callable[[int], ChainSolution | None]:
+    """:func:`min_recompute` of ``chain`` as a function of the budget, its terms built once."""
     chain = chain.run_as(offload=offload)
     terms = SegmentTerms(chain)
     feasible = {"dp": prefix_feasible_quadratic, "linear": _prefix_feasible_linear}.get(method)
@@ -175,9 +182,14 @@ def min_recompute(
         feasible, method = prefix_feasible_offloaded, "offload_dp"
     if store:
         check_store(chain, offload)
-        return stored_plan(chain, budget_bytes, terms, selective_terms_of(chain))
-    cps = plan_within(terms, budget_bytes - chain.base_bytes, feasible, offload, speed)
-    return None if cps is None else make_solution(chain, cps, method, terms, offload)
+        selective = selective_terms_of(chain)
+        return lambda budget_bytes: stored_plan(chain, budget_bytes, terms, selective)
+
+    def solve(budget_bytes: int) -> ChainSolution | None:
+        cps = plan_within(terms, budget_bytes - chain.base_bytes, feasible, offload, speed)
+        return None if cps is None else make_solution(chain, cps, method, terms, offload)
+
+    return solve
 
 
 
@@ -210,7 +222,8 @@ def pareto_front(
     recompute at least as much).
     """
     front: list[ChainSolution] = []
-    solution = min_recompute(chain, peak_of(chain, []) if below is None else below, offload=offload, store=store)
+    solve = _recompute_solver(chain, "linear", offload, store, None)
+    solution = solve(peak_of(chain, []) if below is None else below)
     while solution is not None:
         # Budgets only go down: a plan with a lower peak that recomputes no more
         # than the ones before it replaces them (early stop makes recompute
@@ -220,7 +233,7 @@ def pareto_front(
         front.append(solution)
         if until is not None and until(solution):
             break
-        solution = min_recompute(chain, solution.peak_bytes - 1, offload=offload, store=store)
+        solution = solve(solution.peak_bytes - 1)
     return front
 
 

@@ -57,8 +57,9 @@ def _plan_with_stored(
     kinds = {"stored": terms, **({"selective": selective} if selective is not None else {})}
     labels = _Labels()
     best = None  # (recomputed FLOPs, label, whether the last segment runs selectively)
+    befores = (None, *kinds) if store else (None,)  # without store, every label ends in a recomputed segment
     for l in range(n):
-        for before in (None, *kinds):
+        for before in befores:
             kept, recomputed, ids = labels.front(before, l)
             if not len(ids):
                 continue
@@ -101,6 +102,9 @@ def _plan_with_stored(
     return tuple(reversed(checkpoints)), tuple(reversed(stored)), tuple(sorted(chosen))
 
 
+_NO_LABELS = (np.zeros(0, dtype=np.int64),) * 3
+
+
 class _Labels:
     """The labels of :func:`_plan_with_stored`, made in rows: each row is labels extending
     some labels (their ids) to one boundary by one kind of segment. Label 0 is the empty
@@ -109,28 +113,32 @@ class _Labels:
     def __init__(self):
         self.starts = [0]  # per row: the id of its first label
         self.rows: list[tuple[np.ndarray, int, str | None]] = [(np.array([-1]), 0, None)]  # (parents, boundary, kind)
-        self.waiting: dict[tuple[str | None, int], list[tuple[np.ndarray, ...]]] = {(None, 0): [
-            (np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
-        ]}
+        # Per (kind, boundary), the labels made so far: their kept bytes, recomputed FLOPs and ids, in parts.
+        self.waiting: dict[tuple[str | None, int], tuple[list[np.ndarray], ...]] = {
+            (None, 0): tuple([np.zeros(1, dtype=np.int64)] for _ in range(3))
+        }
 
     def add(self, kind: str | None, boundary: int, kept: np.ndarray, recomputed: np.ndarray, parents: np.ndarray) -> None:
         first = self.starts[-1] + len(self.rows[-1][0])
         self.starts.append(first)
         self.rows.append((parents, boundary, kind))
-        ids = np.arange(first, first + len(parents))
-        self.waiting.setdefault((kind, boundary), []).append((kept, recomputed, ids))
+        made = self.waiting.setdefault((kind, boundary), ([], [], []))
+        made[0].append(kept)
+        made[1].append(recomputed)
+        made[2].append(np.arange(first, first + len(parents)))
 
     def front(self, kind: str | None, boundary: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The labels at ``boundary`` whose last segment runs as ``kind`` that no other beats on
         both kept bytes and FLOPs (the first made of equal ones), by kept bytes ascending."""
-        made = self.waiting.pop((kind, boundary), [])
-        if not made:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        kept, recomputed, ids = (np.concatenate(parts) for parts in zip(*made))
+        made = self.waiting.pop((kind, boundary), None)
+        if made is None:
+            return _NO_LABELS
+        kept, recomputed, ids = (parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in made)
         order = np.lexsort((recomputed, kept))  # stable: the first made wins ties
         kept, recomputed, ids = kept[order], recomputed[order], ids[order]
-        least_before = np.concatenate([[np.iinfo(np.int64).max], np.minimum.accumulate(recomputed)[:-1]])
-        keep = recomputed < least_before
+        keep = np.empty(len(recomputed), dtype=bool)
+        keep[0] = True
+        np.less(recomputed[1:], np.minimum.accumulate(recomputed)[:-1], out=keep[1:])
         return kept[keep], recomputed[keep], ids[keep]
 
     def facts(self, label: int) -> tuple[int, int, str | None]:
