@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-big bench-llm bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time clean
+.PHONY: demo test test-heavy bench bench-big bench-llm bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time bench-dominance clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,12 @@ bench-llm: $(STAMP)
 # steps interleaved (about half an hour on 2 cores): writes benchmarks/results/step_time.md
 bench-time: $(STAMP)
 	$(PY) benchmarks/step_time.py
+
+# remat at every peer's point (per-block, selective per-block, sqrt(n) segments, torch.compile's
+# min-cut at activation_memory_budget 0.0..1.0), one model per family, fake tensors (hours on
+# 2 cores; --all for every torchvision classifier): writes benchmarks/results/dominance.md
+bench-dominance: $(STAMP)
+	$(PY) benchmarks/dominance.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -178,8 +178,9 @@ def remade_costly(
 ) -> Plan | None:
     """The plan of ``front`` (by recompute ascending) with costly calls remade too that fits
     the budget at the least recompute found; or None. Plans run remade and without
-    selective stages; with ``to_beat`` (seconds), only the plans of the front that could be
-    predicted faster so (:func:`_could_be_faster`, before any costly call is remade).
+    selective stages. With ``to_beat`` (seconds), only the plans of the front that could be
+    predicted faster so (:func:`_could_be_faster`, before any costly call is remade), and
+    no search where none could be (:func:`_costly_can_be_faster`).
 
     Calls are remade in the order of the peak bytes their kind saves per FLOP
     (:func:`costly_worth`): attention before the first matmul of an MLP, say;
@@ -241,28 +242,24 @@ def _costly_can_be_faster(
     """Whether a plan of ``front`` (without selective stages, by recompute ascending) with some of
     ``calls`` remade could fit ``budget_bytes`` and be predicted faster than ``seconds``.
 
-    Remaking a call frees at most its output, and the front's remade peaks fall along it: the
-    last plan's, simulated, less the bytes to free is the least any fitting plan must free,
-    at the FLOPs of the calls with the most output bytes per FLOP at least. Any such plan takes
-    at least the front's least predicted time, what remaking added to the first plan
-    (simulated) and those FLOPs' time.
+    An estimate, not a bound: remaking a call frees about its output (copies of it may go
+    too), and the front's remade peaks fall along it. The last plan's, simulated, less the
+    budget is then what a fitting plan must free, at the FLOPs of the calls with the most
+    output bytes per FLOP at least; the plan takes at least the front's least predicted
+    time, what remaking added to the first plan (simulated) and those FLOPs' time.
     """
     speed = profiled.speed
     first, last = simulate_remade(profiled, front[0]), simulate_remade(profiled, front[-1])
-    if speed is None or first is None or last is None or any(p.predicted_seconds is None for p in front):
+    if speed is None or first is None or last is None or any(p.predicted_seconds is None for p in [first, *front]):
         return True
-    to_free = last.predicted_peak_bytes - budget_bytes
-    flops = 0
+    to_free, flops = last.predicted_peak_bytes - budget_bytes, 0
     for call in sorted(calls, key=lambda c: c.flops / max(c.output_bytes, 1)):
         if to_free <= 0:
             break
         to_free -= call.output_bytes
         flops += call.flops
-    if to_free > 0:  # every call remade frees too little
-        return False
     added = first.predicted_seconds - front[0].predicted_seconds
-    least = min(p.predicted_seconds for p in front) + added + speed.seconds(Work(flops=flops))
-    return least < seconds
+    return min(p.predicted_seconds for p in front) + added + speed.seconds(Work(flops=flops)) < seconds
 
 
 def _traded(profiled: ProfiledModel, base: Plan, found: Plan, calls: list[CostlyCall], budget_bytes: int) -> Plan:

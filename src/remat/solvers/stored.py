@@ -76,16 +76,17 @@ def _plan_with_stored(
                     continue
                 peaks, keeps = kind_terms.stored_row(l)
                 counts = np.searchsorted(kept, limit - handed - peaks, side="right")
-                for r, m, keep in zip(range(l + 1, n - 1), counts.tolist(), keeps.tolist()):
-                    if m:  # (a last segment of the loss alone would follow r = n - 1)
-                        labels.add(kind, r, kept[:m] + (handed + keep), recomputed[:m], ids[:m])
+                # (a last segment of the loss alone would follow r = n - 1)
+                for k in np.flatnonzero(counts).tolist():
+                    m = int(counts[k])
+                    labels.add(kind, l + 1 + k, kept[:m] + (handed + int(keeps[k])), recomputed[:m], ids[:m])
             peaks, _ = terms.row(l)
             counts = np.searchsorted(kept, limit - peaks, side="right")
             a_l = 0 if offload else int(terms.a_in[l])
             costs = terms.recompute_flops_row(l) if cost_row is None else cost_row(l)
-            for r, m, more in zip(range(l + 1, n), counts.tolist(), costs.tolist()):
-                if m:
-                    labels.add(None, r, kept[:m] + a_l, recomputed[:m] + more, ids[:m])
+            for k in np.flatnonzero(counts).tolist():
+                m = int(counts[k])
+                labels.add(None, l + 1 + k, kept[:m] + a_l, recomputed[:m] + int(costs[k]), ids[:m])
     if best is None:
         return None
     _, label, last_selective = best

@@ -7,7 +7,9 @@ step peak fits BUDGET, ``sqrt`` is Chen et al.'s sqrt(n) equal segments and
 ``per-block`` keeps every piece boundary; the two baselines run on the same capture and executor as ``remat``,
 so only the choice of checkpoints differs. ``checkpoint-blocks`` is what users write by hand:
 ``torch.utils.checkpoint`` around every block of the model (its repeated submodules; Hugging Face
-models: their own ``gradient_checkpointing_enable()``), on a copy of the model. ``torch-budget`` is PyTorch's own
+models: their own ``gradient_checkpointing_enable()``), on a copy of the model;
+``selective-blocks`` the same with selective checkpointing's usual policy (save the outputs of
+matmuls, convolutions and attention, recompute the rest). ``torch-budget`` is PyTorch's own
 answer: ``torch.compile`` with the min-cut partitioner (eager compilers, so
 every operator runs and is measured) at ``activation_memory_budget`` 1.0,
 ``torch-budget@0.5`` at that fraction, and ``torch-budget@1GiB`` at the
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from remat.api import optimize
 from remat.planner.profiled import ProfiledModel
@@ -98,10 +100,24 @@ def _per_block(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple
     return with_solver(model, inputs, lambda chain: uniform_segments(chain, chain.n), loss_fn)
 
 
-def checkpoint_blocks(model: nn.Module) -> nn.Module:
+#: What selective checkpointing's usual policy saves (torchtitan's, in spirit): the outputs of
+#: matmuls, convolutions and attention; everything else in a block is recomputed.
+SAVED_BY_POLICY = (
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+)
+
+
+def checkpoint_blocks(model: nn.Module, selective: bool = False) -> nn.Module:
     """A copy of ``model`` whose every block runs under ``torch.utils.checkpoint`` (non-reentrant),
     as people checkpoint by hand; Hugging Face models through their own
-    ``gradient_checkpointing_enable()``. The model itself is left as it is.
+    ``gradient_checkpointing_enable()``. The model itself is left as it is. With ``selective``,
+    selective checkpointing: each block keeps the outputs of the operators of
+    :data:`SAVED_BY_POLICY` and recomputes the rest.
 
     A block is a submodule with children of its own whose class repeats among its siblings
     in a container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``): ResNet's
@@ -110,23 +126,26 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no such blocks.
     """
+    options: dict[str, Any] = {"use_reentrant": False}
+    if selective:
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, list(SAVED_BY_POLICY))
     blocks_copy = copy.deepcopy(model)
     if getattr(blocks_copy, "supports_gradient_checkpointing", False):
-        blocks_copy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        blocks_copy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         return blocks_copy
     blocks = [b for r in _repeated(blocks_copy) for b in _innermost(r)] or _blocks(blocks_copy)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no repeated blocks to checkpoint")
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward)
+        block.forward = functools.partial(_checkpointed, block.forward, options)
     return blocks_copy
 
 
-def _checkpointed(forward: Callable, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(forward: Callable, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
     # The recompute reads the arguments again: lists the caller appends to later (DenseNet's
     # features) are copied as they are now.
     args = tuple(list(a) if isinstance(a, list) else a for a in args)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, *args, **options, **kwargs)
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
@@ -156,12 +175,17 @@ def _checkpoint_blocks(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) 
     return checkpoint_blocks(model), 0.0
 
 
+def _selective_blocks(model: nn.Module, inputs: tuple, loss_fn: LossFn | None) -> tuple[nn.Module, float]:
+    return checkpoint_blocks(model, selective=True), 0.0
+
+
 #: name -> (model, inputs, loss_fn) -> (module to train, solve seconds)
 STRATEGIES: dict[str, Callable[[nn.Module, tuple, LossFn | None], tuple[nn.Module, float]]] = {
     "none": _none,
     "sqrt": _sqrt,
     "per-block": _per_block,
     "checkpoint-blocks": _checkpoint_blocks,
+    "selective-blocks": _selective_blocks,
     "remat": _remat,
 }
 
