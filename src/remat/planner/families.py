@@ -90,15 +90,17 @@ def front(
     below: int | None = None,
     until: Callable[[ChainSolution], bool] | None = None,
     envelope: bool = True,
+    step_bytes: int = 1,
 ) -> list[ChainSolution]:
     """The chain's Pareto front of plans (peak descending, recompute ascending), with the stored
     and selective segments of the chain cut at single tensors where that chain is small enough.
-    ``below`` and ``until`` bound each walk (:func:`remat.solvers.checkpoints.pareto_front`).
+    ``below``, ``until`` and ``step_bytes`` bound and sample each walk
+    (:func:`remat.solvers.checkpoints.pareto_front`).
     Without ``envelope``, the plans of both walks, those the other walk's beat on peak and
     FLOPs too (one may still be faster: fewer regions or selective stages)."""
-    front = pareto_front(profiled.chain, below=below, until=until)
+    front = pareto_front(profiled.chain, below=below, until=until, step_bytes=step_bytes)
     if profiled.plain().chain.n <= MAX_NESTED_STAGES:
-        richer = pareto_front(profiled.plain().selective_chain(), store=True, below=below, until=until)
+        richer = pareto_front(profiled.plain().selective_chain(), store=True, below=below, until=until, step_bytes=step_bytes)
         front += [s for s in richer if s.stored or s.selective]
         if envelope:
             front = lower_envelope(front, lambda s: s.peak_bytes)

@@ -16,13 +16,16 @@ from remat.plan import Plan
 from remat.planner.families import front
 from remat.planner.profiled import Objective, ProfiledModel, sort_key
 
-__all__ = ["MAX_COSTLY_KINDS", "MAX_TRADES", "best_remade", "costly_calls_of", "costly_worth", "remade_costly", "simulate_remade"]
+__all__ = ["FRONT_SAMPLES", "MAX_COSTLY_KINDS", "MAX_TRADES", "best_remade", "costly_calls_of", "costly_worth", "remade_costly", "simulate_remade"]
 
 #: ones with the most output bytes; measuring what each saves costs one simulated step.
 MAX_COSTLY_KINDS = 8
 #: Trades of remade costly calls (:func:`_traded`) a budget plan takes at most: each
 #: one tried costs a simulated step.
 MAX_TRADES = 4
+#: Plans of the front above a budget the time objective's remade search walks to at most
+#: (see ``_cheaper_front``); each is a solve of the chain's dynamic program.
+FRONT_SAMPLES = 32
 
 
 
@@ -120,8 +123,14 @@ def _cheaper_front(
     With ``to_beat`` (seconds), the walk down the front also ends at the first plan that,
     remade, could not be predicted faster than that (:func:`_remade_can_be_faster`):
     remaking only adds to a plan's work, and the predicted times grow along the front
-    with its recompute.
+    with its recompute. The walk then takes a sample of the front, a plan every
+    1/:data:`FRONT_SAMPLES` of the peaks between the budget and storing everything: the
+    search bisects along it, and a step too few bytes above the budget to fit remade is
+    as good as the plan next to it.
     """
+    step_bytes = 1
+    if to_beat is not None:
+        step_bytes = max(1, (profiled.baseline.peak_bytes - budget_bytes) // FRONT_SAMPLES)
 
     def until(solution: ChainSolution) -> bool:
         if chosen is not None and solution.recompute_flops >= chosen.recompute_flops:
@@ -132,7 +141,8 @@ def _cheaper_front(
 
     return [
         profiled.to_plan(s, 0.0, budget_bytes)
-        for s in front(profiled, until=until) if chosen is None or s.recompute_flops < chosen.recompute_flops
+        for s in front(profiled, until=until, step_bytes=step_bytes)
+        if chosen is None or s.recompute_flops < chosen.recompute_flops
     ]
 
 
@@ -202,10 +212,15 @@ def remade_costly(
             census[index] = costly_calls_of(profiled, front[index])
         return census[index]
 
-    if to_beat is not None and not _costly_can_be_faster(profiled, front, census_of(0), budget_bytes, to_beat):
+    if to_beat is not None and not _costly_can_be_faster(profiled, front, budget_bytes, to_beat, _by_outputs(census_of(0))):
         return None
     worth = costly_worth(profiled, front[0], census_of(0))
     best_first = sorted((kind for kind, w in worth.items() if w > 0), key=worth.get, reverse=True)
+    # Measured, the bytes a kind's calls save per FLOP price the search more closely.
+    if to_beat is not None and best_first and not _costly_can_be_faster(
+        profiled, front, budget_bytes, to_beat, lambda to_free: to_free / worth[best_first[0]]
+    ):
+        return None
     rank = {kind: i for i, kind in enumerate(best_first)}
     calls: dict[int, list[CostlyCall]] = {}
 
@@ -237,29 +252,44 @@ def remade_costly(
 
 
 def _costly_can_be_faster(
-    profiled: ProfiledModel, front: list[Plan], calls: list[CostlyCall], budget_bytes: int, seconds: float
+    profiled: ProfiledModel,
+    front: list[Plan],
+    budget_bytes: int,
+    seconds: float,
+    flops_to_free: Callable[[int], float],
 ) -> bool:
-    """Whether a plan of ``front`` (without selective stages, by recompute ascending) with some of
-    ``calls`` remade could fit ``budget_bytes`` and be predicted faster than ``seconds``.
+    """Whether a plan of ``front`` (without selective stages, by recompute ascending) with costly
+    calls remade could fit ``budget_bytes`` and be predicted faster than ``seconds``, where
+    ``flops_to_free(b)`` estimates the least FLOPs of the calls whose remaking frees ``b`` bytes.
 
-    An estimate, not a bound: remaking a call frees about its output (copies of it may go
-    too), and the front's remade peaks fall along it. The last plan's, simulated, less the
-    budget is then what a fitting plan must free, at the FLOPs of the calls with the most
-    output bytes per FLOP at least; the plan takes at least the front's least predicted
-    time, what remaking added to the first plan (simulated) and those FLOPs' time.
+    An estimate, not a bound. The front's remade peaks fall along it: the last plan's,
+    simulated, less the budget is what a fitting plan must free. The plan then takes at
+    least the front's least predicted time, what remaking added to the first plan
+    (simulated) and those FLOPs' time.
     """
     speed = profiled.speed
     first, last = simulate_remade(profiled, front[0]), simulate_remade(profiled, front[-1])
     if speed is None or first is None or last is None or any(p.predicted_seconds is None for p in [first, *front]):
         return True
-    to_free, flops = last.predicted_peak_bytes - budget_bytes, 0
-    for call in sorted(calls, key=lambda c: c.flops / max(c.output_bytes, 1)):
-        if to_free <= 0:
-            break
-        to_free -= call.output_bytes
-        flops += call.flops
+    flops = flops_to_free(last.predicted_peak_bytes - budget_bytes)
     added = first.predicted_seconds - front[0].predicted_seconds
     return min(p.predicted_seconds for p in front) + added + speed.seconds(Work(flops=flops)) < seconds
+
+
+def _by_outputs(calls: list[CostlyCall]) -> Callable[[int], float]:
+    """``flops_to_free`` for :func:`_costly_can_be_faster` before remaking any: a remade call frees
+    about its output (its copies may go too), the calls with the most output bytes per FLOP first."""
+
+    def flops_to_free(to_free: int) -> float:
+        flops = 0
+        for call in sorted(calls, key=lambda c: c.flops / max(c.output_bytes, 1)):
+            if to_free <= 0:
+                break
+            to_free -= call.output_bytes
+            flops += call.flops
+        return flops
+
+    return flops_to_free
 
 
 def _traded(profiled: ProfiledModel, base: Plan, found: Plan, calls: list[CostlyCall], budget_bytes: int) -> Plan:

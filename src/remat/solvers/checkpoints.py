@@ -200,6 +200,7 @@ def pareto_front(
     store: bool = False,
     below: int | None = None,
     until: Callable[[ChainSolution], bool] | None = None,
+    step_bytes: int = 1,
 ) -> list[ChainSolution]:
     """Every plan worth having: for each peak, the least recompute, from storing everything to the least peak.
 
@@ -219,7 +220,8 @@ def pareto_front(
     With ``store=True``, over the plans of ``min_recompute(..., store=True)``. With
     ``below``, only the plans whose peak is at most ``below`` bytes (the walk starts
     there); ``until(solution)`` true ends the walk after that plan (the plans after it
-    recompute at least as much).
+    recompute at least as much). With ``step_bytes``, each budget is that far below the last
+    plan's peak: a sample of the front, a plan at least every ``step_bytes`` of peak.
     """
     front: list[ChainSolution] = []
     solve = _recompute_solver(chain, "linear", offload, store, None)
@@ -233,7 +235,7 @@ def pareto_front(
         front.append(solution)
         if until is not None and until(solution):
             break
-        solution = solve(solution.peak_bytes - 1)
+        solution = solve(solution.peak_bytes - max(step_bytes, 1))
     return front
 
 
