@@ -20,21 +20,15 @@ a subset (printed; written only with ``--out``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import signal
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 import remat
 from remat import InfeasibleBudget, measure_step
 from remat.tools import models
 from remat.report import format_bytes
 from remat.tools.strategies import TorchBudgetSearch
-from machine import pick_models, results_header
+from machine import each_model, pick_models, results_header, write_results
 
 # (short name, spec, batch, per-sample input shape or None): the standard sizes of e2e_models.py
 MODELS = [
@@ -47,22 +41,6 @@ FRACTIONS = [0.9, 0.7, 0.5, 0.3]
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results" / "compile_budget.md"
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Raise TimeoutError in this (main) thread after ``seconds``."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"over the {seconds} s limit")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def total_flops(m) -> int:
@@ -177,24 +155,12 @@ def main(argv=None) -> int:
     ]
     failed = False
     for name, spec, batch, shape in chosen:
-        start = time.perf_counter()
-        print(f"{name} (batch {batch}) ...", flush=True)
-        try:
-            with time_limit(args.timeout):
-                result = run_one(spec, batch, shape)
-            lines += format_model(name, spec, batch, result)
-        except Exception as error:  # report and go on with the other models
-            failed = True
-            lines += [f"## {name} ({spec}, batch {batch})", "", f"FAILED: {type(error).__name__}: {error}"[:400], ""]
-        torch._dynamo.reset()
-        gc.collect()
-        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+        model_lines, ok = each_model(
+            name, spec, batch, args.timeout, lambda: format_model(name, spec, batch, run_one(spec, batch, shape))
+        )
+        failed |= not ok
+        lines += model_lines
+    write_results(lines, out)
     return 1 if failed else 0
 
 

@@ -23,7 +23,6 @@ written only with ``--out``). Writes ``benchmarks/results/dominance.md``.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,7 @@ from remat.planner.profiled import ProfiledModel
 from remat.report import format_bytes
 from remat.tools import models
 from remat.tools.strategies import strategy
-from compile_budget import time_limit
-from machine import pick_models, results_header
+from machine import each_model, pick_models, results_header, write_results
 
 # (short name, spec, batch, per-sample input shape): one of each family, at standard sizes
 MODELS = [
@@ -168,27 +166,19 @@ def main(argv=None) -> int:
     ]
     failed, losses = False, 0
     for name, spec, batch, shape in chosen:
-        start = time.perf_counter()
-        print(f"{name} (batch {batch}) ...", flush=True)
-        try:
-            with time_limit(args.timeout):
-                result = run_one(spec, batch, shape, fractions)
-            model_lines, lost = format_model(name, spec, batch, result)
-            lines += model_lines
-            losses += lost
-        except Exception as error:  # report and go on with the other models
-            failed = True
-            lines += [f"## {name} ({spec}, batch {batch})", "", f"FAILED: {type(error).__name__}: {error}"[:400], ""]
-        torch._dynamo.reset()
-        gc.collect()
-        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+        found: list[int] = []
+
+        def run() -> list[str]:
+            model_lines, lost = format_model(name, spec, batch, run_one(spec, batch, shape, fractions))
+            found.append(lost)
+            return model_lines
+
+        model_lines, ok = each_model(name, spec, batch, args.timeout, run)
+        failed |= not ok
+        lines += model_lines
+        losses += sum(found)
     lines.insert(len(results_header("", "")), f"- verdicts where a peer wins: {losses}")
-    text = "\n".join(lines)
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_results(lines, out)
     return 1 if failed else 0
 
 

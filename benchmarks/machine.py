@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import platform
+import signal
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -44,3 +50,48 @@ def pick_models(parser, args, models: list, default_out):
             parser.error(f"unknown model(s) {sorted(unknown)}; pick from {[m[0] for m in models]}")
         chosen = [m for m in models if m[0] in wanted]
     return chosen, args.out or (None if args.only else default_out)
+
+
+def write_results(lines: list[str], out) -> None:
+    """Print a results table and write it to ``out`` (a path), if given."""
+    text = "\n".join(lines)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError in this (main) thread after ``seconds``."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"over the {seconds} s limit")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def each_model(name: str, spec: str, batch: int, timeout: int, run: Callable[[], list[str]]) -> tuple[list[str], bool]:
+    """The result lines ``run()`` makes for one model within ``timeout`` seconds and True, or a
+    FAILED section and False (the traceback printed). Compiled graphs and garbage are cleared after."""
+    import torch
+
+    start = time.perf_counter()
+    print(f"{name} (batch {batch}) ...", flush=True)
+    try:
+        with time_limit(timeout):
+            return run(), True
+    except Exception as error:  # reported, and the other models go on
+        traceback.print_exc()
+        return [f"## {name} ({spec}, batch {batch})", "", f"FAILED: {type(error).__name__}: {error}"[:400], ""], False
+    finally:
+        torch._dynamo.reset()
+        gc.collect()
+        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
