@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-heavy bench bench-big bench-llm bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time bench-dominance clean
+.PHONY: demo test test-heavy bench bench-big bench-llm bench-e2e bench-pareto bench-compare bench-compile bench-gap bench-time bench-dominance bench-plan clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,11 @@ bench-time: $(STAMP)
 # 2 cores; --all for every torchvision classifier): writes benchmarks/results/dominance.md
 bench-dominance: $(STAMP)
 	$(PY) benchmarks/dominance.py
+
+# How long plans take to make (least peak and three budgets, capture included; fake tensors,
+# a few minutes): writes benchmarks/results/planning_time.md
+bench-plan: $(STAMP)
+	$(PY) benchmarks/planning_time.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
