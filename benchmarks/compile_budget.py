@@ -19,7 +19,6 @@ a subset (printed; written only with ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from remat import InfeasibleBudget, measure_step
 from remat.tools import models
 from remat.report import format_bytes
 from remat.tools.strategies import TorchBudgetSearch
-from machine import each_model, pick_models, results_header, write_results
+from machine import command_line, each_model, model_parser, pick_models, results_header, write_results
 
 # (short name, spec, batch, per-sample input shape or None): the standard sizes of e2e_models.py
 MODELS = [
@@ -126,14 +125,10 @@ def format_model(name: str, spec: str, batch: int, result: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated short names (e.g. resnet50,gpt2)")
-    parser.add_argument("--out", type=Path, help=f"results file (default {DEFAULT_OUT} for a full run)")
-    parser.add_argument("--timeout", type=int, default=1200, help="seconds per model (default 1200)")
+    parser = model_parser(__doc__, DEFAULT_OUT, timeout=1200)
     args = parser.parse_args(argv)
     chosen, out = pick_models(parser, args, MODELS, DEFAULT_OUT)
-
-    command = "python benchmarks/compile_budget.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    command = command_line("compile_budget.py")
     lines = [
         *results_header("remat budget plans against torch.compile's activation_memory_budget (fake tensors)",
                         command, "bench-compile"),

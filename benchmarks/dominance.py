@@ -22,7 +22,6 @@ written only with ``--out``). Writes ``benchmarks/results/dominance.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from remat.planner.profiled import ProfiledModel
 from remat.report import format_bytes
 from remat.tools import models
 from remat.tools.strategies import strategy
-from machine import each_model, pick_models, results_header, write_results
+from machine import command_line, each_model, model_parser, pick_models, results_header, write_results
 
 # (short name, spec, batch, per-sample input shape): one of each family, at standard sizes
 MODELS = [
@@ -141,18 +140,14 @@ def format_model(name: str, spec: str, batch: int, result: dict) -> tuple[list[s
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated short names (e.g. resnet50,vgg11)")
+    parser = model_parser(__doc__, DEFAULT_OUT, timeout=3600)
     parser.add_argument("--all", action="store_true", help="every torchvision classification model (batch 16)")
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
                         help="torch.compile activation_memory_budget values (default 0.0,0.1,...,1.0)")
-    parser.add_argument("--out", type=Path, help=f"results file (default {DEFAULT_OUT} for a full run)")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per model (default 3600)")
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
     chosen, out = pick_models(parser, args, every_torchvision_model() if args.all else MODELS, DEFAULT_OUT)
-
-    command = "python benchmarks/dominance.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    command = command_line("dominance.py")
     lines = [
         *results_header("remat at every peer's point (fake tensors)", command, "bench-dominance"),
         "",

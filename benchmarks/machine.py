@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import platform
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -95,3 +97,17 @@ def each_model(name: str, spec: str, batch: int, timeout: int, run: Callable[[],
         torch._dynamo.reset()
         gc.collect()
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def model_parser(doc: str, default_out: Path, timeout: int) -> argparse.ArgumentParser:
+    """The options every per-model benchmark takes: ``--only``, ``--out`` and ``--timeout``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated short names (e.g. resnet50,gpt2)")
+    parser.add_argument("--out", type=Path, help=f"results file (default {default_out} for a full run)")
+    parser.add_argument("--timeout", type=int, default=timeout, help=f"seconds per model (default {timeout})")
+    return parser
+
+
+def command_line(script: str) -> str:
+    """The command that ran this benchmark, for its results header."""
+    return f"python benchmarks/{script}" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")

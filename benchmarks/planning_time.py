@@ -12,7 +12,6 @@ Run: ``make bench-plan`` (or ``.venv/bin/python benchmarks/planning_time.py``); 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from remat import measure_step
 from remat.report import format_bytes
 from remat.tools import models
 from remat.tools.strategies import checkpoint_blocks
-from machine import each_model, pick_models, results_header, write_results
+from machine import command_line, each_model, model_parser, pick_models, results_header, write_results
 
 MODELS = [
     ("resnet50", "torchvision:resnet50", 64, (3, 224, 224)),
@@ -63,13 +62,10 @@ def run_one(name: str, spec: str, batch: int, shape) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="comma-separated short names (e.g. resnet50,gpt2)")
-    parser.add_argument("--out", type=Path, help=f"results file (default {DEFAULT_OUT} for a full run)")
-    parser.add_argument("--timeout", type=int, default=1200, help="seconds per model (default 1200)")
+    parser = model_parser(__doc__, DEFAULT_OUT, timeout=1200)
     args = parser.parse_args(argv)
     chosen, out = pick_models(parser, args, MODELS, DEFAULT_OUT)
-    command = "python benchmarks/planning_time.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    command = command_line("planning_time.py")
     lines = [
         *results_header("Planning time (fake tensors)", command, "bench-plan"),
         "",
