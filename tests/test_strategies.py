@@ -44,3 +44,17 @@ def test_a_sequential_of_blocks_checkpoints_each_block():
     checkpointed = checkpoint_blocks(net)
     assert sum("checkpoint" in repr(m.forward) for m in checkpointed.modules()) == 4
     assert_grads_equal(step_grads(net, (x,)), step_grads(checkpointed, (x,)))
+
+
+def test_selective_blocks_keep_matmul_and_convolution_outputs_and_recompute_the_rest():
+    """The selective peer: exact gradients, a lower activation peak than storing everything, and
+    no convolution run again (its policy saves their outputs); plain per-block checkpointing
+    reruns them and goes lower."""
+    torch.manual_seed(0)
+    source = models.load("torchvision:resnet18", 2, input_shape=(3, 32, 32))
+    model, x = source.model, source.example_inputs
+    selective = checkpoint_blocks(model, selective=True)
+    assert_grads_equal(step_grads(model, x), step_grads(selective, x))
+    plain, kept, blocks = (measure_step(m, x, fake=True) for m in (model, selective, checkpoint_blocks(model)))
+    assert blocks.activation_peak_bytes < kept.activation_peak_bytes < plain.activation_peak_bytes
+    assert kept.backward_flops == plain.backward_flops < blocks.backward_flops
