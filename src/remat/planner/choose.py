@@ -77,7 +77,7 @@ def solve(
         fitting += [p for p in (fastest_within(profiled, budget_bytes),) if p is not None]
     chain_plan = chosen
     if remake and not offload and costs == "flops":
-        timed = [by_time(p)[0] for p in (chain_plan, *fitting) if p is not None and p.predicted_seconds is not None]
+        timed = [p.predicted_seconds for p in (chain_plan, *fitting) if p is not None and p.predicted_seconds is not None]
         chosen = best_remade(profiled, chosen, budget_bytes, objective, to_beat=min(timed, default=None))
     if chosen is None:
         least = solve(profiled, None, offload, costs, remake, compiled, objective)
@@ -115,7 +115,7 @@ def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | No
     speed = profiled.speed
     if speed is None or costs != "flops":
         return [_timed(profiled, s, budget_bytes, costs) for s in front(profiled, below=budget_bytes, envelope=False)]
-    timed: dict[int, Plan] = {}
+    timed: dict[ChainSolution, Plan] = {}  # by the solution itself: an id may be reused once the walk drops one
     fastest = by_time(chosen)[0] if chosen is not None and chosen.predicted_seconds is not None else math.inf
     since_fastest, last_recompute = 0, -1
 
@@ -124,7 +124,7 @@ def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | No
         if solution.recompute_flops < last_recompute:  # the next walk (front() walks two chains)
             since_fastest = 0
         last_recompute = solution.recompute_flops
-        timed[id(solution)] = plan = _timed(profiled, solution, budget_bytes, costs)
+        timed[solution] = plan = _timed(profiled, solution, budget_bytes, costs)
         seconds = by_time(plan)[0]
         since_fastest = 0 if seconds < fastest else since_fastest + 1
         fastest = min(fastest, seconds)
@@ -132,7 +132,7 @@ def _fitting_front(profiled: ProfiledModel, budget_bytes: int, chosen: Plan | No
         return floor > fastest or since_fastest >= PATIENCE
 
     solutions = front(profiled, below=budget_bytes, until=slower_from_here, envelope=False)
-    return [timed.get(id(s)) or _timed(profiled, s, budget_bytes, costs) for s in solutions]
+    return [timed.get(s) or _timed(profiled, s, budget_bytes, costs) for s in solutions]
 
 
 def _timed(profiled: ProfiledModel, solution: ChainSolution, budget_bytes: int, costs: Costs) -> Plan:

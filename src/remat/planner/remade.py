@@ -74,20 +74,23 @@ def best_remade(
     remade too (:func:`remade_costly`). Each candidate is one or two simulated steps;
     the front is the chain's (:func:`remat.planner.families.front`), down to ``chosen``.
     With the time objective, ``to_beat`` is the least predicted step time of the plans
-    without remade values: only the plans of the front that could be faster remade are
-    simulated (:func:`_could_be_faster`).
+    without remade values (default ``chosen``'s): only the plans of the front that could
+    be faster remade are simulated (:func:`_could_be_faster`). The FLOPs objective prices
+    nothing before it simulates.
     """
     start = time.perf_counter()
-    if to_beat is None and chosen is not None:
+    if objective != "time":
+        to_beat = None
+    elif to_beat is None and chosen is not None:
         to_beat = chosen.predicted_seconds
     if budget_bytes is None:  # the least-peak plan is there
         best = simulate_remade(profiled, chosen)
         if best is None or best.predicted_peak_bytes >= chosen.predicted_peak_bytes:
             best = chosen
-    elif chosen is not None and objective == "time" and not _remade_can_be_faster(profiled, to_beat):
+    elif chosen is not None and not _remade_can_be_faster(profiled, to_beat):
         return chosen
     else:
-        cheaper = _cheaper_front(profiled, chosen, budget_bytes, to_beat if objective == "time" else None)
+        cheaper = _cheaper_front(profiled, chosen, budget_bytes, to_beat)
 
         def remade(index: int) -> Plan | None:
             return simulate_remade(profiled, cheaper[index])
@@ -99,12 +102,12 @@ def best_remade(
         if _fits(first, budget_bytes):
             candidates = [chosen, first]
         else:
-            if objective == "time" and first is not None:
+            if first is not None:
                 cheaper = _could_be_faster(cheaper, remade, to_beat)
             along = _least_fitting(remade, 1, len(cheaper), budget_bytes)
             candidates = [chosen, along[1] if along else None]
             if first is not None and cheaper:
-                candidates.append(remade_costly(profiled, cheaper, budget_bytes, to_beat if objective == "time" else None))
+                candidates.append(remade_costly(profiled, cheaper, budget_bytes, to_beat))
         best = min((c for c in candidates if c is not None), key=sort_key(objective), default=None)
     if best is None:
         return None
@@ -128,19 +131,21 @@ def _cheaper_front(
     search bisects along it, and a step too few bytes above the budget to fit remade is
     as good as the plan next to it.
     """
-    step_bytes = 1
-    if to_beat is not None:
-        step_bytes = max(1, (profiled.baseline.peak_bytes - budget_bytes) // FRONT_SAMPLES)
+    step_bytes = 1 if to_beat is None else (profiled.baseline.peak_bytes - budget_bytes) // FRONT_SAMPLES
+    plans: dict[ChainSolution, Plan] = {}  # a front solution -> its plan, made once
+
+    def plan_of(solution: ChainSolution) -> Plan:
+        if solution not in plans:
+            plans[solution] = profiled.to_plan(solution, 0.0, budget_bytes)
+        return plans[solution]
 
     def until(solution: ChainSolution) -> bool:
         if chosen is not None and solution.recompute_flops >= chosen.recompute_flops:
             return True
-        if to_beat is None:
-            return False
-        return not _remade_can_be_faster(profiled, to_beat, profiled.to_plan(solution, 0.0, budget_bytes))
+        return to_beat is not None and not _remade_can_be_faster(profiled, to_beat, plan_of(solution))
 
     return [
-        profiled.to_plan(s, 0.0, budget_bytes)
+        plan_of(s)
         for s in front(profiled, until=until, step_bytes=step_bytes)
         if chosen is None or s.recompute_flops < chosen.recompute_flops
     ]
