@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "budget": {"report"},
     "plan": {"report"},
     "measure": {"chain"},
-    "capture": set(),
+    "capture": {"measure"},
     "execute": {"measure"},
     "validate": {"measure"},
     "profile": {"capture", "chain", "execute", "measure", "validate"},

@@ -44,9 +44,13 @@ class Reference:
     def __init__(self, chain: Chain):
         self.c = chain
         n = self.n = chain.n
-        a = [int(v) for v in chain.act_bytes]
+        # A caller-held a(m) is live from its forward to the end of the step: counted in every
+        # moment after it is made (`made_before` in the first forward, `held` from then on).
+        held = [int(v) for v in chain.held_bytes]
+        a = [int(v) - h for v, h in zip(chain.act_bytes, held)]
         self.a = a
         self.a_in = [0, *a[1:]]  # a(0) is the caller's, counted in base_bytes
+        self.made_before = [sum(held[:i]) for i in range(n + 1)]  # per stage i: held a(m), m < i
         self.pinned = chain.output_held and n >= 2
         # a(j) is retained for backward if stage j saves its output or stage j+1 its input.
         self.retained = [0] * (n + 1)
@@ -54,7 +58,7 @@ class Reference:
         self.d = [int(v) for v in chain.live_until] if chain.live_until is not None else list(range(n + 1))
         self.saver = [int(v) for v in chain.later_saver] if chain.later_saver is not None else [0] * (n + 1)
         self.later = [s > 0 for s in self.saver]
-        self.skips = [bool(v) for v in chain.skips_next] if chain.skips_next is not None else [False] * (n + 1)
+        self.first = [int(v) for v in chain.first_reader] if chain.first_reader is not None else list(range(1, n + 2))
         # Retained only by a stage after the next: released once that stage's backward ran.
         self.released_at = [0] * (n + 1)
         for j in range(1, n):
@@ -64,7 +68,7 @@ class Reference:
                 self.released_at[j] = self.saver[j]
         if self.pinned:
             self.retained[n - 1] = 0  # the caller's output: in `held`
-        self.held = a[n] + int(chain.grad_bytes[n]) + (a[n - 1] if self.pinned else 0)
+        self.held = a[n] + int(chain.grad_bytes[n]) + (a[n - 1] if self.pinned else 0) + sum(held)
 
     def H(self, l: int, j: int, backward: bool = False) -> int:
         """What stages l+1..j retain for backward, a(l) and a(j) excluded (in the
@@ -88,7 +92,7 @@ class Reference:
         bounds = [0, *checkpoints, self.n]
         return all(
             self.d[m] < r for l, r in zip(bounds[:-1], bounds[1:]) for m in range(l + 1, r)
-        ) and not any(self.skips[l] for l in bounds[:-2]) and not (
+        ) and all(self.first[l] <= r for l, r in zip(bounds[:-2], bounds[1:-1])) and not (
             self.c.stranded_bytes and self.n - 1 in checkpoints  # see Chain.stranded_bytes
         )
 
@@ -128,7 +132,8 @@ class Reference:
             # tensor with early stop), then backward.
             a_l = self.a_in[l]
             for i in range(l + 1, r + 1):
-                peaks.append(a_l + prev(i) + self.carried_in(l, i - 1, False) + int(c.fwd_nosave_peak[i - 1]))
+                peaks.append(a_l + prev(i) + self.carried_in(l, i - 1, False) + int(c.fwd_nosave_peak[i - 1])
+                             + self.made_before[i])
             extra = self.held + self.W_after(r) + self.g(r) + self.stranded(r)
             peaks.append(a_l + extra)
             j = self.stop(l, r, whole)
@@ -145,11 +150,11 @@ class Reference:
         kept = self.a_in[l] if (c.saves_input[l] or self.later[l]) else 0
         if self.pinned and l == self.n - 1:
             kept = 0
-        peaks.append(self.a_in[l] + int(c.fwd_save_peak[l]))
+        peaks.append(self.a_in[l] + int(c.fwd_save_peak[l]) + self.made_before[l + 1])
         for i in range(l + 2, r + 1):
             read_on = self.a_in[l] if not kept and self.d[l] >= i - 1 else 0
             peaks.append(kept + read_on + self.H(l, i - 1) + a[i - 1] + self.carried_in(l, i - 1, True)
-                         + int(c.fwd_save_peak[i - 1]))
+                         + int(c.fwd_save_peak[i - 1]) + self.made_before[i])
         for i in range(l + 1, r + 1):
             peaks.append(self.backward(l, i, kept, last=True))
         return max(peaks)
@@ -193,8 +198,8 @@ class Reference:
             if best[0] is None or last < best[0]:
                 best[0] = last
             for r in range(l + 1, n):
-                if any(self.d[m] >= r for m in range(l + 1, r)) or self.skips[l]:
-                    continue  # r would need an activation made inside (l, r), or a(l) is not read next
+                if any(self.d[m] >= r for m in range(l + 1, r)) or self.first[l] > r:
+                    continue  # r would need an activation made inside (l, r), or (l, r] does not read a(l)
                 if self.c.stranded_bytes and r == n - 1:
                     continue  # see Chain.stranded_bytes
                 seg_flops = flops + self.segment_flops(l, r, offload)
@@ -446,6 +451,56 @@ def assert_budgets_exact(chains, budgets: int) -> None:
 
 def test_budget_solver_is_exact_with_carried_activations():
     assert_budgets_exact(carried_chains()[::3], 4)
+
+
+# -- caller-held boundaries: model outputs that later stages read (an encoder's output) --
+
+
+def held_chains():
+    """200 plain and carried random chains of 3-12 stages, the caller holding 1 or 2 of their boundaries."""
+    chains = []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        chain = random_chain(3 + seed % 10, seed, carried=seed % 2 == 1, early_stop=seed % 3 == 0)
+        held = rng.choice(np.arange(1, chain.n - 1), size=min(1 + seed % 2, chain.n - 2), replace=False)
+        chains.append(chain.holding(sorted(int(m) for m in held)))
+    return chains
+
+
+def test_reference_matches_peak_of_with_caller_held_boundaries():
+    rng = random.Random(3)
+    checked = 0
+    for chain in held_chains():
+        ref = Reference(chain)
+        plans = [cps for cps in all_plans(chain.n) if ref.valid(cps)]
+        for cps in rng.sample(plans, min(6, len(plans))):
+            assert ref.peak(cps) == peak_of(chain, cps), (chain.n, cps)
+            checked += 1
+    assert checked > 800
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_solvers_find_the_exhaustive_optimum_with_caller_held_boundaries(method):
+    for chain in held_chains():
+        sol = min_peak(chain, method)
+        assert (sol.peak_bytes, sol.recompute_flops) == Reference(chain).best(), (chain.n, sol)
+
+
+def test_budget_solver_is_exact_with_caller_held_boundaries():
+    assert_budgets_exact(held_chains()[::4], 4)
+
+
+def test_a_caller_held_boundary_is_never_made_again():
+    # The caller holds a(2) of a 5-stage chain: a recomputed segment through it would make a
+    # second copy, so a plan that keeps a later boundary keeps 2.
+    chain = random_chain(5, seed=4).holding([2])
+    with pytest.raises(ValueError, match=r"checkpoint 3 needs a\(2\).*keep 2 too"):
+        peak_of(chain, [1, 3])
+    assert peak_of(chain, [1, 2, 3]) > 0
+    # It counts once however it is kept, from its forward to the end of the step.
+    assert peak_of(chain, [2]) == Reference(chain).peak([2])
+    with pytest.raises(ValueError, match="caller-held boundaries must lie in 1..3"):
+        random_chain(5, seed=4).holding([4])
 
 
 # -- stranded bytes: what the last model stage saves for outputs the loss ignores --

@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from remat.capture.graph import Piece, opaque_modules, piece_module, span_module, split_linear, trace
+from remat.capture.hoist import hoist_shared_values
 
 __all__ = ["Captured", "capture", "fingerprint", "input_shapes"]
 
@@ -101,6 +102,7 @@ class Captured:
 def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True) -> Captured:
     """Trace ``model`` and cut it into a chain of pieces (see :func:`split_linear`)."""
     gm = trace(model, example_inputs)
+    hoist_shared_values(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     pieces = split_linear(gm, carried=carried)
     model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}

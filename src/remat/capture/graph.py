@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from remat.measure.flops import flop_formula
+
 __all__ = [
     "TraceError",
     "Piece",
@@ -165,6 +167,7 @@ class Piece:
     nodes: tuple[fx.Node, ...]
     inputs: tuple[fx.Node, ...]
     output: fx.Node
+    held: bool = False  # the caller holds the output (the model returns it, or a view of it)
 
     @property
     def name(self) -> str:
@@ -258,10 +261,18 @@ def input_only_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     Attention masks and position ids are such values: every layer reads them.
     Each piece that needs one recomputes it, so they never block a cut. Not
     such values: random ones (dropout of an input: a recompute would draw
-    another mask), and values changed in place later, directly or through a
-    view (``f = x * 0.5; f[:, :4].add_(h)``): a recompute would give their
-    value before the change.
+    another mask), and values changed in place after another node read them,
+    directly or through a view (``f = x * 0.5; f[:, :4].add_(h)``): a
+    recompute would give their value before the change. A value that only its
+    own updates read is one (T5's ``buckets += ...``): each piece makes it
+    and updates it again.
     """
+    return made_without_activations(gm)[0]
+
+
+def made_without_activations(gm: fx.GraphModule) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The input-only values (:func:`input_only_nodes`), and the values made from those and
+    parameters that cost no FLOPs (T5's position bias, an embedding of a parameter)."""
     parameters = {name for name, _ in gm.named_parameters()}
     changed: set[fx.Node] = set()
     for n in gm.graph.nodes:
@@ -270,14 +281,28 @@ def input_only_nodes(gm: fx.GraphModule) -> set[fx.Node]:
             changed.add(target)
             base = target.args[0] if target.args and isinstance(target.args[0], fx.Node) else None
             target = base if _is_view(target) else None
-    result: set[fx.Node] = set()
+    input_only: set[fx.Node] = set()
+    derived: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n not in changed and not _is_random(n) and all(
-            a.op == "placeholder" or a in result or (a.op == "get_attr" and a.target not in parameters)
-            for a in n.all_input_nodes
-        ):
-            result.add(n)
-    return result
+        rewritten_only = all(_mutates(user, gm) is n for user in n.users)  # read only by its own updates
+        if n.op != "call_function" or (n in changed and not rewritten_only) or _is_random(n):
+            continue
+        inputs = n.all_input_nodes
+        if not all(a.op in ("placeholder", "get_attr") or a in input_only or a in derived for a in inputs):
+            continue
+        if any((a.op == "get_attr" and a.target in parameters) or a in derived for a in inputs):
+            if _is_cheap(n):
+                derived.add(n)
+        else:
+            input_only.add(n)
+    return input_only, derived
+
+
+def _is_cheap(node: fx.Node) -> bool:
+    """Whether making ``node`` costs no FLOPs: an ATen operator that counts none, or a view."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return flop_formula(node.target) is None
+    return _is_view(node)
 
 
 def _output_storages(output: fx.Node) -> set[fx.Node]:
@@ -294,7 +319,7 @@ def _output_storages(output: fx.Node) -> set[fx.Node]:
     return held
 
 
-def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
+def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx.Node] = frozenset()) -> list[Piece]:
     """Cut ``gm``'s graph into a chain of pieces.
 
     A cut after position ``k`` (in graph order) is valid when, of the
@@ -302,13 +327,16 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
     values computed from the inputs alone, which pieces recompute), exactly
     one is new: every other is the output of an earlier cut (a residual
     block's input, earlier DenseNet features), so a plan that keeps the new
-    value keeps what it needs with it. The new value must not be one of the
-    model's outputs nor viewed by one, and nothing after ``k`` may write to a
-    value live across the cut (a kept tensor must not change). With
-    ``carried=False``, only single-tensor cuts (nothing else live).
+    value keeps what it needs with it. Nothing after ``k`` may write to a
+    value live across the cut (a kept tensor must not change). The new value
+    may be one of the model's outputs, or viewed by one (an encoder's output,
+    which every decoder layer reads): its piece is then ``held``. With
+    ``carried=False``, only single-tensor cuts (nothing else live) that the
+    caller does not hold. Values in ``recomputed`` are made again by each piece
+    that reads them, as input-only values are.
     """
     nodes = list(gm.graph.nodes)
-    input_only = input_only_nodes(gm)
+    input_only = input_only_nodes(gm) | recomputed
     held_by_caller = _output_storages(nodes[-1])
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {}
@@ -350,23 +378,30 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True) -> list[Piece]:
         (value,) = new
         if any(mutated_after.get(v, -1) > k for v in live):
             continue
-        if value in held_by_caller:
-            # The caller holds it (or a view of it) to the end of the
-            # backward, which a boundary activation is not modelled to be.
+        held = value in held_by_caller
+        if held and not carried:
+            # The caller holds it (or a view of it) to the end of the step: a single-tensor
+            # chain's boundary is not modelled so (see Chain.caller_held).
             continue
         if not _is_tensor_valued(value):
             continue
         members = piece_nodes(start, k + 1)
         owner = _storage_owner(value, gm)
         if owner in cut_values and not (
-            owner is last_cut and reads(members) == (owner,) and owner not in live
+            _storage_owner(last_cut, gm) is owner and reads(members) == (last_cut,) and last_cut not in live
         ):
             # A view of an earlier piece's output (or an update to it in place)
             # is a boundary of no bytes of its own: only the piece just before
-            # may own the storage, and only if nothing else reads it (the
-            # profile merges the two).
+            # may own the storage or view it, and only if nothing else reads
+            # that piece's output (the profile merges them).
             continue
-        pieces.append(Piece(members, reads(members), value))
+        inputs = reads(members)
+        if not inputs and last_cut in live:
+            # It reads no earlier piece's output (T5's position bias, made from parameters and
+            # inputs): it takes the last one, which later pieces read, unused, so that a
+            # recomputed segment starting there holds it, as the chain model has it.
+            inputs = (last_cut,)
+        pieces.append(Piece(members, inputs, value, held))
         cut_values[value] = len(cut_values)
         last_cut = value
         start = k + 1

@@ -93,10 +93,11 @@ def _validate(chain: Chain, checkpoints: Sequence[int]) -> tuple[int, ...]:
         )
     if chain.carries:
         for l, r in _segments(chain.n, cps):
-            if r < chain.n and chain.skips_next is not None and chain.skips_next[l]:
+            if r < chain.n and chain.first_reader is not None and chain.first_reader[l] > r:
                 raise ValueError(
-                    f"checkpoint {l} starts a recomputed segment whose first stage does not read a({l}): "
-                    f"keep {l + 1} instead, or make ({l}, {r}] the last segment"
+                    f"checkpoint {l} starts a recomputed segment ({l}, {r}] that does not read a({l}) "
+                    f"(stage {chain.first_reader[l]} does first): keep {l + 1} instead, or a checkpoint "
+                    f"after {chain.first_reader[l]} rather than {r}"
                 )
             inside = [m for m in range(l + 1, r) if chain.live_until[m] >= r]
             if inside:

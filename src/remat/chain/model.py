@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -10,7 +11,9 @@ import numpy as np
 Inner = tuple[tuple[int, int, tuple[int, ...]], ...]
 
 # Arrays with one entry per boundary (0..n) rather than per stage.
-_BOUNDARY_FIELDS = ("act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "skips_next")
+_BOUNDARY_FIELDS = (
+    "act_bytes", "grad_bytes", "live_until", "later_saver", "carried_grad_bytes", "first_reader", "caller_held",
+)
 # Per-stage arrays measured again for stages run selectively (``Chain.selective_*``).
 _SELECTIVE_FIELDS = ("fwd_save_peak", "saved_bytes", "saves_input", "saves_output", "bwd_peak")
 # Per-stage arrays of a recompute that stops at its last saved tensor (``Chain.early_stop``).
@@ -59,12 +62,20 @@ class Chain:
         later_saver: the first stage after ``m + 1`` that saves ``a(m)``
             for backward (a residual input saved by a projection), 0 if
             none; its backward releases ``a(m)``.
-        skips_next: ``a(m)`` is read by later stages but not by stage
-            ``m + 1``: no recomputed segment may start at ``m`` (its
-            checkpoint would not hold ``a(m)``, which the cost model assumes).
+        first_reader: the first stage that reads ``a(m)``: ``m + 1``, or a
+            later one (T5's position bias, made before the layer norm that
+            does not read it). A recomputed segment ``(m, r]`` must reach
+            it, so that its checkpoint holds ``a(m)``, as the cost model
+            assumes.
         carried_grad_bytes: bytes of the gradients of the activations made
             before ``m`` that are live at boundary ``m``, alive when the
             backward reaches it (each counted once where they share storage).
+        caller_held: boundaries ``a(m)``, ``0 < m < n - 1``, that the model
+            returns (an encoder's output, which every decoder layer reads):
+            the caller holds them from their forward to the end of the step,
+            so they are live then whatever the plan, and a recomputed
+            segment may not make them again (``live_until[m]`` is ``n - 1``:
+            a plan that keeps a later boundary keeps ``m``). ``None``: none.
         stranded_bytes: what stage ``n - 1`` saves for model outputs the
             loss ignores: their backward never runs, so these bytes stay
             from that stage's backward to the end of the step. A chain
@@ -114,7 +125,8 @@ class Chain:
     live_until: np.ndarray | None = None
     later_saver: np.ndarray | None = None
     carried_grad_bytes: np.ndarray | None = None
-    skips_next: np.ndarray | None = None
+    first_reader: np.ndarray | None = None
+    caller_held: np.ndarray | None = None
     stranded_bytes: int = 0
     held_output_bwd_peak: int | None = None
     selective_fwd_save_peak: np.ndarray | None = None
@@ -166,6 +178,36 @@ class Chain:
     def carries(self) -> bool:
         """Whether some activation is read past the next stage (multi-tensor boundaries)."""
         return self.live_until is not None and bool((self.live_until > np.arange(self.n + 1)).any())
+
+    def holding(self, held: Sequence[int]) -> Chain:
+        """This chain with the caller holding ``a(m)`` for each ``m`` in ``held`` (see ``caller_held``)."""
+        n = self.n
+        if not held:
+            return self
+        if any(not 0 < m < n - 1 for m in held):
+            raise ValueError(f"caller-held boundaries must lie in 1..{n - 2}, got {sorted(held)}")
+        caller_held = np.zeros(n + 1, dtype=bool)
+        caller_held[list(held)] = True
+        bounds = np.arange(n + 1)
+        live_until = bounds.copy() if self.live_until is None else self.live_until.copy()
+        live_until[caller_held] = n - 1
+        carried = {} if self.carries else dict(
+            later_saver=np.zeros(n + 1, dtype=np.int64), carried_grad_bytes=np.zeros(n + 1, dtype=np.int64)
+        )
+        # A segment may start at a held boundary that it does not read (a decoder's embedding
+        # after the encoder's output): the caller holds it, whatever the checkpoint holds.
+        first_reader = bounds + 1 if self.first_reader is None else self.first_reader.copy()
+        first_reader[caller_held] = bounds[caller_held] + 1
+        return dataclasses.replace(
+            self, caller_held=caller_held, live_until=live_until, first_reader=first_reader, **carried
+        )
+
+    @property
+    def held_bytes(self) -> np.ndarray:
+        """Per boundary: the bytes of ``a(m)`` where the caller holds it (``caller_held``), else 0."""
+        if self.caller_held is None:
+            return np.zeros(self.n + 1, dtype=np.int64)
+        return np.where(self.caller_held, self.act_bytes, 0).astype(np.int64)
 
     @property
     def early_stop(self) -> bool:
@@ -244,7 +286,8 @@ class Chain:
             elif value is None:
                 converted[key] = None
             elif key in (
-                "saves_input", "saves_output", "skips_next", "selective_saves_input", "selective_saves_output", "saves_any"
+                "saves_input", "saves_output", "selective_saves_input", "selective_saves_output", "saves_any",
+                "caller_held",
             ):
                 converted[key] = np.asarray(value, dtype=bool)
             else:

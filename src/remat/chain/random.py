@@ -51,8 +51,11 @@ def random_chain(
         carried_grad = np.zeros(n + 1, dtype=np.int64)
         for m in range(1, n + 1):
             carried_grad[m + 1 : live[m] + 1] += grad[m]
-        skips = (live >= bounds + 2) & (rng.random(n + 1) < 0.2)
-        extra = dict(live_until=live, later_saver=later, carried_grad_bytes=carried_grad, skips_next=skips)
+        # a(m) may be read first by a later stage than m + 1, up to its last reader.
+        skips = (live >= bounds + 1) & (rng.random(n + 1) < 0.2)
+        first = bounds + 1 + (rng.random(n + 1) * (live - bounds + 1)).astype(np.int64)
+        first_reader = np.where(skips, np.minimum(np.maximum(first, bounds + 2), live + 1), bounds + 1)
+        extra = dict(live_until=live, later_saver=later, carried_grad_bytes=carried_grad, first_reader=first_reader)
     if selective:
         kept_output = saves_output & (rng.random(n) < 0.5)
         kept = saved // rng.integers(1, 5, size=n)

@@ -49,14 +49,19 @@ class SegmentTerms:
     def __init__(self, chain: Chain):
         n = chain.n
         self._rows: dict[tuple, object] = {}  # see _cached_row
-        a = chain.act_bytes.astype(np.int64)
+        # A caller-held a(m) (Chain.caller_held) is live from its forward to the end of the step
+        # whatever the plan: never counted as kept, retained or live, but in every moment after
+        # it is made, `made_before` in the first forward, `held` from then on.
+        held_bytes = chain.held_bytes
+        a = chain.act_bytes.astype(np.int64) - held_bytes
         g = chain.grad_bytes.astype(np.int64)
         pad = lambda v: np.concatenate([[0], np.asarray(v, dtype=np.int64)])  # noqa: E731
+        made_before = np.concatenate([[0], np.cumsum(held_bytes)[:n]])  # per stage i: held a(m), m < i
         self.n = n
         self.a = a
         self.a_in = a.copy()
         self.a_in[0] = 0  # the input belongs to the caller: counted in base_bytes
-        self.f_ns = pad(chain.fwd_nosave_peak)
+        self.f_ns = pad(chain.fwd_nosave_peak) + made_before  # run only in the first forward
         self.f_s = pad(chain.fwd_save_peak)
         self.keeps_in = np.concatenate([[False], chain.saves_input, [False]])
         keeps_out = self.keeps_out = np.concatenate([[False], chain.saves_output])
@@ -85,7 +90,7 @@ class SegmentTerms:
         # Held through the whole backward: the loss a(n), its gradient g(n)
         # (autograd.backward keeps the root gradient until it returns) and a
         # caller-held output.
-        self.held = int(a[n] + g[n]) + (int(a[n - 1]) if pinned else 0)
+        self.held = int(a[n] + g[n]) + (int(a[n - 1]) if pinned else 0) + int(held_bytes.sum())
         if chain.carried_grad_bytes is not None:
             g = g + chain.carried_grad_bytes  # every gradient live at the boundary
         g_bw = g.copy()
@@ -95,6 +100,9 @@ class SegmentTerms:
         self.T_rc = np.zeros(n + 1, dtype=np.int64)
         self.T_ns[1:] = a[:-1] + self.f_ns[1:]
         self.T_rc[1:] = self.HH[:-1] + a[:-1] + self.f_s[1:]
+        # The same stages run saving in the first forward (the last segment, stored segments).
+        self.f_first = self.f_s + made_before
+        self.T_first = self.T_rc + made_before
         self.T_bw = w_after + self.HH + out_kept + g_bw + pad(chain.bwd_peak)
         self.T_bw[0] = 0
         # Early stop: the recompute of a segment ending at r stops in stage J[r], the last
@@ -126,7 +134,7 @@ class SegmentTerms:
             self.E[n - 1] = UNREACHABLE
         # S(l), the local cost of the last segment (l, n], for every l at once.
         suffix_max = lambda t: np.maximum.accumulate(t[::-1])[::-1]  # noqa: E731
-        rc_after = np.concatenate([suffix_max(self.T_rc[2:]), [0, 0]])[: n + 1]  # max T_rc[l+2..n]
+        rc_after = np.concatenate([suffix_max(self.T_first[2:]), [0, 0]])[: n + 1]  # max T_first[l+2..n]
         # In the last segment a(n-1) is the caller's (in `held`), not a recomputed copy.
         T_bw_last = self.T_bw.copy()
         kept = np.where(self.keeps_in[1 : n + 1], self.a_in[:n], 0)
@@ -144,7 +152,7 @@ class SegmentTerms:
         self.carrying = np.nonzero(self.live_until > bounds)[0]
         if not self.carries:
             tail = np.maximum(rc_after[:n] - self.Q[:n], self.held + bw_after - self.Q[:n])
-            self.S = np.maximum(self.a_in[:n] + self.f_s[1 : n + 1], kept + tail)
+            self.S = np.maximum(self.a_in[:n] + self.f_first[1 : n + 1], kept + tail)
             return
         # Made before the segment start l, they are kept; made inside, they
         # are live while read, and retained for backward only if saved.
@@ -155,7 +163,7 @@ class SegmentTerms:
         self.lo = np.zeros(n + 1, dtype=np.int64)
         for m in self.carrying:
             self.lo[m + 1 : self.live_until[m] + 1] = m
-        self.skips_next = np.zeros(n + 1, dtype=bool) if chain.skips_next is None else chain.skips_next
+        self.first_reader = bounds + 1 if chain.first_reader is None else chain.first_reader.astype(np.int64)
         # The last segment holds a(l) if a later stage saves it, else only while it is read.
         kept = np.where(later[:n], self.a_in[:n], kept)
         S = np.empty(n, dtype=np.int64)
@@ -163,10 +171,10 @@ class SegmentTerms:
             live = self.in_segment(l, self.unretained)
             if not kept[l]:
                 live[l + 1 : self.live_until[l] + 1] += self.a_in[l]
-            rc = (self.T_rc[l + 2 : n + 1] + live[l + 1 : n]).max(initial=np.iinfo(np.int64).min // 4)
+            rc = (self.T_first[l + 2 : n + 1] + live[l + 1 : n]).max(initial=np.iinfo(np.int64).min // 4)
             bw = (T_bw_last[l + 1 : n + 1] - self.released_early(l)[l + 1 : n + 1]).max()
             tail = max(rc - self.Q[l], self.held + bw - self.Q[l])
-            S[l] = max(self.a_in[l] + self.f_s[l + 1], kept[l] + tail)
+            S[l] = max(self.a_in[l] + self.f_first[l + 1], kept[l] + tail)
         self.S = S
 
     def in_segment(self, l: int, weights: np.ndarray) -> np.ndarray:
@@ -196,8 +204,8 @@ class SegmentTerms:
 
     def allowed(self, l: int, r: int) -> bool:
         """Whether a segment (l, r] may be recomputed: all it carries over r is kept,
-        and its first stage reads a(l)."""
-        return not self.carries or (self.lo[r] <= l and not self.skips_next[l])
+        and one of its stages reads a(l)."""
+        return not self.carries or (self.lo[r] <= l and self.first_reader[l] <= r)
 
     # Local costs, each including the segment input a(l) where it is held.
     def recompute_segment(self, l: int, r: int) -> int:
@@ -271,8 +279,8 @@ class SegmentTerms:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         kept = int(self.a_in[l]) if self.keeps_in[l + 1] else 0
         cm = np.maximum.accumulate
-        rc = np.concatenate([[0], np.maximum(cm(self.T_rc[l + 2 : n - 1]), 0)])  # max T_rc[l+2..r], at least 0
-        fwd = np.maximum(int(self.a_in[l] + self.f_s[l + 1]), kept + rc - self.Q[l])
+        rc = np.concatenate([[0], np.maximum(cm(self.T_first[l + 2 : n - 1]), 0)])  # max T_first[l+2..r], at least 0
+        fwd = np.maximum(int(self.a_in[l] + self.f_first[l + 1]), kept + rc - self.Q[l])
         bw = kept + self.held + cm(self.T_bw_last[l + 1 : n - 1]) - self.Q[l]
         return np.maximum(fwd, bw), kept + self.HH[l + 1 : n - 1] - self.Q[l]
 
@@ -309,7 +317,7 @@ class SegmentTerms:
         r = np.arange(l + 1, n + 1)
         recompute = a_l + np.maximum(np.maximum(fns, self.E[r] + rc), self.held + bw)
         if self.carries:
-            recompute[(self.lo[r] > l) | self.skips_next[l]] = UNREACHABLE
+            recompute[(self.lo[r] > l) | (self.first_reader[l] > r)] = UNREACHABLE
         return recompute[:-1], self.last_segment(l)
 
     def _recompute_parts(self, l: int, T_rc: np.ndarray) -> np.ndarray:

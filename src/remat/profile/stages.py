@@ -397,9 +397,12 @@ def _chain_of(
                 if live_until[m] >= k and m in grads_of and grads_of[m][-1][0] > k
             )
             carried[k] = sum(storages.values()) - grad[k]
-        skips_next = [0 < m < n and m not in reads[m] for m in range(n + 1)]
+        first_reader = list(range(1, n + 2))
+        for i in reversed(range(1, n + 1)):  # the earliest reader last
+            for m in reads[i - 1]:
+                first_reader[m] = i
         extra = dict(
-            live_until=live_until, later_saver=later_saver, carried_grad_bytes=carried, skips_next=skips_next
+            live_until=live_until, later_saver=later_saver, carried_grad_bytes=carried, first_reader=first_reader
         )
     return Chain.from_arrays(
         act_bytes=act,
