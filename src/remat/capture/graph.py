@@ -167,7 +167,7 @@ class Piece:
     nodes: tuple[fx.Node, ...]
     inputs: tuple[fx.Node, ...]
     output: fx.Node
-    held: bool = False  # the caller holds the output (the model returns it, or a view of it)
+    held: bool = False  # the model may return the output, or a view of it (the profile sees which)
 
     @property
     def name(self) -> str:
@@ -295,6 +295,15 @@ def made_without_activations(gm: fx.GraphModule) -> tuple[set[fx.Node], set[fx.N
                 derived.add(n)
         else:
             input_only.add(n)
+    # A value changed in place counts only with its updates: an update that reads an
+    # activation (an in-place ReLU module on the sum of two inputs) makes an activation.
+    dropped = True
+    while dropped:
+        dropped = False
+        for made in (input_only, derived):
+            for n in [n for n in made if n in changed and any(u not in input_only | derived for u in n.users)]:
+                made.discard(n)
+                dropped = True
     return input_only, derived
 
 
@@ -363,6 +372,7 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx
 
     pieces: list[Piece] = []
     cut_values: dict[fx.Node, int] = {}  # outputs of the pieces so far -> their order
+    cut_storages: set[fx.Node] = set()  # the nodes that made their storages (see _storage_owner)
     last_cut: fx.Node | None = None
     start = 0
     live: set[fx.Node] = set()
@@ -387,7 +397,7 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx
             continue
         members = piece_nodes(start, k + 1)
         owner = _storage_owner(value, gm)
-        if owner in cut_values and not (
+        if owner in cut_storages and not (
             _storage_owner(last_cut, gm) is owner and reads(members) == (last_cut,) and last_cut not in live
         ):
             # A view of an earlier piece's output (or an update to it in place)
@@ -403,6 +413,7 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx
             inputs = (last_cut,)
         pieces.append(Piece(members, inputs, value, held))
         cut_values[value] = len(cut_values)
+        cut_storages.add(owner)
         last_cut = value
         start = k + 1
     members = piece_nodes(start, len(nodes))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import fx
 
 from remat.capture.graph import made_without_activations, split_linear
@@ -11,7 +13,8 @@ __all__ = ["hoist_shared_values"]
 
 def hoist_shared_values(gm: fx.GraphModule) -> None:
     """Move each value made from parameters without FLOPs that several pieces read to the start
-    of the first of them, so that it is a cut of its own (in place; ``gm`` is recompiled).
+    of a piece up to the first that reads it, so that it is a cut of its own (in place; ``gm``
+    is recompiled).
 
     T5's position bias is made inside the first layer, from a parameter, and every later
     layer reads it: there it is a second new value across every layer boundary, and no
@@ -20,6 +23,8 @@ def hoist_shared_values(gm: fx.GraphModule) -> None:
     gradient summed as before.
     """
     input_only, derived = made_without_activations(gm)
+    if not derived:
+        return
     pieces = split_linear(gm, recomputed=derived)
     needed_by: dict[fx.Node, list[int]] = {}  # derived value -> the pieces that would make it again
     for k, piece in enumerate(pieces):
@@ -33,11 +38,12 @@ def hoist_shared_values(gm: fx.GraphModule) -> None:
     # value at most is live besides those the caller holds (a layer's input, not inside its
     # attention, where a plan keeping the new cut would keep the queries, keys and values too).
     last_reader = {value: k for k, piece in enumerate(pieces) for value in piece.inputs}
-    held = {piece.output for piece in pieces if piece.held}
-    live_at = [
-        sum(1 for q in pieces[:k] if last_reader.get(q.output, -1) >= k and q.output not in held)
-        for k in range(len(pieces))
-    ]
+    starts = [0] * (len(pieces) + 1)  # live_at[k]: outputs of pieces before k that k or later reads
+    for q, piece in enumerate(pieces):
+        if not piece.held and last_reader.get(piece.output, -1) > q:
+            starts[q + 1] += 1
+            starts[last_reader[piece.output] + 1] -= 1
+    live_at = list(itertools.accumulate(starts))
     moved = False
     for value in frontier:
         index = {n: i for i, n in enumerate(gm.graph.nodes)}

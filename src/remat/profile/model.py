@@ -93,21 +93,11 @@ def profile_model(
             # untraced code may branch on values, so then every stage runs on the real ones.
             keys = None if captured.opaque else keys
             chain, stage_pieces = profile_stages(specs, fake_inputs, loss_fn, keys=keys, reads=captured.reads, **common)
-            return _held_by_caller(chain, stage_pieces, captured), stage_pieces, frozenset()
+            return chain, stage_pieces, frozenset()
         selective, stage_keys, reads = _stage_specs(fake_host, specs, keys, selective_stages, captured, True)
         plain, _, _ = _stage_specs(fake_host, specs, keys, selective_stages, captured, False)
         keys = None if captured.opaque else stage_keys
-        chain, stage_pieces, plainly = profile_selectively(
-            selective, plain, fake_inputs, loss_fn, keys=keys, reads=reads, **common
-        )
-        return _held_by_caller(chain, stage_pieces, captured), stage_pieces, plainly
-
-
-def _held_by_caller(chain: Chain, stage_pieces: list[list[int]], captured: Captured) -> Chain:
-    """``chain`` with the boundaries that the model returns marked (``Chain.caller_held``); the
-    last model stage's output is ``Chain.output_held``'s."""
-    held = [k + 1 for k, pieces in enumerate(stage_pieces) if any(captured.pieces[p].held for p in pieces)]
-    return chain.holding([m for m in held if m < chain.n - 1])
+        return profile_selectively(selective, plain, fake_inputs, loss_fn, keys=keys, reads=reads, **common)
 
 
 def _stage_specs(

@@ -15,7 +15,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from remat.chain.time import Work
-from remat.measure.tracker import MemoryTracker, rounded_bytes, track_memory, unique_storage_bytes
+from remat.measure.tracker import MemoryTracker, has_storage, rounded_bytes, track_memory, unique_storage_bytes
 
 
 __all__ = ["PASSED_ON", "StageCost", "leaf", "profile_stage", "tensors_of"]
@@ -59,6 +59,9 @@ class StageCost:
     # that ends with this stage stops (see NOTE [early stop] in remat.execute.engine): the
     # peak of new bytes and the work done by then; None if it saves nothing.
     to_last_save: tuple[int, Work] | None = None
+    # Per input tensor, by position: whether an output shares its storage (a value handed on,
+    # or a view of one): the model's output may hold an earlier stage's output so.
+    inputs_returned: tuple[bool, ...] = ()
 
 
 def tensors_of(tree: Any) -> list[torch.Tensor]:
@@ -202,6 +205,8 @@ def profile_stage(
             y = run(x)
     y_storages = _storage_ids(y)
     out_aliases_input = bool(y_storages) and y_storages <= x_storages
+    returned = {t.untyped_storage()._cdata for t in tensors_of(y) if has_storage(t)}
+    inputs_returned = tuple(has_storage(t) and t.untyped_storage()._cdata in returned for t in tensors_of(x))
     out_bytes = sum(r.nbytes for r in {id(r): r for r in map(nosave.record_of, tensors_of(y)) if r}.values())
     fwd_nosave, fwd_flops, fwd_work = nosave.peak_bytes, nosave.flops, nosave.work()
     # The next stage's input; the copy made below is let go before its backward.
@@ -326,6 +331,7 @@ def profile_stage(
         grad_bytes,
         fwd_work,
         to_last_save[0] if to_last_save else None,
+        inputs_returned,
     )
     return cost, output
 

@@ -61,6 +61,7 @@ def profile_stages(
     accumulated: list[tuple[bool, ...]] = []  # per stage: see profile_stage
     cache: dict[Hashable, tuple[StageCost, Any]] = {}
     outputs: list[Any] = []
+    returns: list[tuple[bool, ...]] = []  # per stage: its input tensors its output holds
 
     # A parameter's gradient is created by the last stage that uses it (the first in backward).
     last_use = {id(p): index for index, (_, _, params) in enumerate(stages) for p in params}
@@ -110,6 +111,7 @@ def profile_stages(
         requires_grad = first_requires_grad or index > 0
         current, added = input_of(index), added_into(index)
         cost, output = profile(key, run, current, requires_grad, params, index, added)
+        returns.append(cost.inputs_returned)
         if cost.out_aliases_input and costs and mergeable(index):
             # A view or an in-place op: merged into the stage before, and the
             # merged stage profiled again as one (its backward frees the
@@ -183,7 +185,29 @@ def profile_stages(
     if any(read != (i,) for i, read in enumerate(stage_reads)):  # stage i + 1 reads more than a(i)
         ends = [outputs[pieces[-1]] for pieces in stage_pieces]
         _check_backward_reaches(costs, stage_reads, ends, names)
-    return _chain_of(costs, x_bytes, base_bytes, names, stage_reads, held_cost), stage_pieces
+    chain = _chain_of(costs, x_bytes, base_bytes, names, stage_reads, held_cost)
+    held = _returned_pieces(returns, outputs, reads)
+    return chain.holding([k + 1 for k, pieces in enumerate(stage_pieces[:-1]) if pieces[-1] in held]), stage_pieces
+
+
+def _returned_pieces(
+    returns: list[tuple[bool, ...]], outputs: list[Any], reads: Sequence[tuple[int, ...]] | None
+) -> set[int]:
+    """The stages whose output storage the model's output holds: handed on by the last stage,
+    or by a stage whose own output is held (a view of a view), as the stages' runs showed
+    (``StageCost.inputs_returned``; capture only knows what may be a view)."""
+    held: set[int] = set()
+    todo = [len(outputs) - 1]
+    while todo:
+        index = todo.pop()
+        if index == 0 or reads is None:
+            continue
+        positions = [q for q in reads[index] for _ in tensors_of(outputs[q])]  # the piece of each input tensor
+        for q, returned in zip(positions, returns[index]):
+            if returned and q not in held:
+                held.add(q)
+                todo.append(q)
+    return held
 
 
 def _last_boundary_without_gradient(
