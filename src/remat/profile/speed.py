@@ -49,7 +49,7 @@ ASSUMED_CUDA = Speed(
     seconds_per_recorded_op=4e-5,
     source="assumed (no CUDA device to measure)",
 )
-_REPEATS = 5
+_REPEATS = 7
 
 
 def measure_speed(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Speed:
@@ -105,16 +105,25 @@ def _step(forward: Callable[[], torch.Tensor]) -> None:
 
 def _timed(step: Callable[[], None], device: str) -> float:
     """Median seconds of ``step`` (after a warm-up run)."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     step()
-    times = []
-    for _ in range(_REPEATS):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_once(step, device) for _ in range(_REPEATS))
+
+
+def _extra_seconds(base: Callable[[], None], step: Callable[[], None], device: str) -> float:
+    """Median over rounds of ``step``'s seconds less ``base``'s, the two run in turn in each
+    round (after a warm-up of each): load and drift on a shared machine hit both alike."""
+    base()
+    step()
+    return statistics.median(_once(step, device) - _once(base, device) for _ in range(_REPEATS))
+
+
+def _once(step: Callable[[], None], device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start
 
 
 def _counted(step: Callable[[], None], device: str) -> Work:
@@ -186,7 +195,7 @@ def _per_region(on: dict, op: float) -> float:
 
     plain, regions = run(False), run(True)
     extra = _counted(regions, on["device"]).ops - _counted(plain, on["device"]).ops
-    seconds = _timed(regions, on["device"]) - _timed(plain, on["device"]) - extra * op
+    seconds = _extra_seconds(plain, regions, on["device"]) - extra * op
     return max(seconds, 0.0) / blocks
 
 
@@ -210,7 +219,7 @@ def _per_dispatched_op(on: dict, op: float, run: Callable[[torch.Tensor, int], t
         plain = lambda: _step(lambda: _chain(x, ops))  # noqa: E731
         dispatched = lambda: _step(lambda: run(x, ops))  # noqa: E731
         extra = _counted(dispatched, on["device"]).ops - _counted(plain, on["device"]).ops
-        extra_seconds.append(_timed(dispatched, on["device"]) - _timed(plain, on["device"]) - extra * op)
+        extra_seconds.append(_extra_seconds(plain, dispatched, on["device"]) - extra * op)
     slope = (extra_seconds[1] - extra_seconds[0]) / (lengths[1] - lengths[0])
     intercepted = 2 if run is _selective else 1  # selective checkpointing's forward and recompute
     return max(slope, 0.0) / intercepted
