@@ -198,13 +198,10 @@ SMALL_LM = "hidden_size=64&num_hidden_layers=2&num_attention_heads=4&intermediat
     "spec",
     [
         f"hf:llama?{SMALL_LM}&num_key_value_heads=2",
-        pytest.param(
-            "hf:t5?d_model=64&d_ff=128&num_layers=2&num_heads=4&d_kv=16&vocab_size=256&decoder_start_token_id=0"
-            "&pad_token_id=0",
-            # Known: with an attention mask at 16 tokens, T5's measured step peak is 3.7% above the
-            # prediction (1.4% before caller-held boundaries cut its decoder); exact at 512 tokens.
-            marks=pytest.mark.xfail(strict=True, reason="T5 with an attention mask is under-predicted"),
-        ),
+        # T5 shares its embedding between encoder, decoder and lm_head: the last part of its
+        # gradient, added out of place, makes this tiny model's peak.
+        "hf:t5?d_model=64&d_ff=128&num_layers=2&num_heads=4&d_kv=16&vocab_size=256&decoder_start_token_id=0"
+        "&pad_token_id=0",
     ],
     ids=["llama", "t5"],
 )

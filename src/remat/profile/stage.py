@@ -68,6 +68,10 @@ def tensors_of(tree: Any) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+def _drop_grad(parameter: torch.Tensor) -> None:
+    parameter.grad = None
+
+
 def _storage_ids(tree: Any) -> set[int]:
     return {id(t.untyped_storage()) for t in tensors_of(tree)}
 
@@ -179,8 +183,9 @@ def profile_stage(
     end of the backward (the chain counts it as held). ``owned[k]``: the
     gradient of ``params[k]`` is created by this stage's backward (it is the
     last stage to use it); other stages' contributions to a shared parameter
-    (tied weights) are added into it in place and freed, so they count in the
-    stage's backward peak but not as a gradient held afterwards. ``exact``:
+    (tied weights) are added into it out of place (under a dispatch mode, as
+    when remat measures), so the part and the sum count in the stage's backward
+    peak, but no gradient held afterwards. ``exact``:
     count at the dispatcher; otherwise, on a CUDA device, the allocator's
     figures (which include workspaces allocated inside operators).
     ``seeded[k]``: whether output ``k`` (of those requiring grad) gets a
@@ -287,11 +292,23 @@ def profile_stage(
             if id(t.untyped_storage()) not in callers
         }
         del x
+        # Parameters a later stage uses too (tied weights): in the step, their gradient so far
+        # waits in autograd's buffer, which adds this stage's part into it out of place while a
+        # dispatch mode is active: the sum is made while the part lives, then replaces the
+        # earlier gradient (the chain counts that one). A clone stands for the sum.
+        hooks = [
+            hook
+            for p, own in zip(params, owned or [True] * len(params))
+            if not own and p.requires_grad
+            for hook in (p.register_hook(torch.clone), p.register_post_accumulate_grad_hook(_drop_grad))
+        ]
         live_at_start = mem.current_bytes
         mem.mark()
         inputs = [t for t in [*tensors_of(leaves), *params] if t.requires_grad]
         if seeds and inputs:
             torch.autograd.backward(seeds, grads, inputs=inputs)
+        for hook in hooks:
+            hook.remove()
         del grads, seeds
         if root:
             del y, outputs
