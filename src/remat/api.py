@@ -27,7 +27,7 @@ from remat.measure.step import has_meta, positional, without_weights
 from remat.plan import Plan
 from remat.planner.choose import pareto_plans, solve
 from remat.planner.profiled import Costs, Objective, ProfiledModel
-from remat.profile.model import Profile
+from remat.profile.model import CUT_MODES, Profile
 from remat.validate import check_choice, check_model_and_inputs, offload_possible
 
 __all__ = ["plan", "optimize", "pareto", "max_batch"]
@@ -348,7 +348,12 @@ def _apply(model: nn.Module, inputs: tuple, plan: Plan) -> DropInModule:
             f"this plan was made for another model: {type(model).__name__}'s parameter or buffer names, shapes "
             "or dtypes differ from those it was planned with; call remat.optimize without plan= to make a new one"
         )
-    captured = capture(model, inputs, carried=plan.cuts == "carried")
+    if plan.cuts not in CUT_MODES:
+        raise ValueError(
+            f"this plan's cut mode {plan.cuts!r} is not one of {sorted(CUT_MODES)} (a plan from another remat "
+            "version?): call remat.optimize without plan= to make a new one"
+        )
+    captured = capture(model, inputs, **CUT_MODES[plan.cuts])
     if [p for stage in plan.stage_pieces for p in stage] != list(range(len(captured.pieces))):
         raise ValueError(
             f"this plan's stages hold {sum(map(len, plan.stage_pieces))} pieces, but the model is cut into "

@@ -24,9 +24,11 @@ class Plan:
             order: with ``cuts``, what a saved plan needs to run the model
             without profiling it again.
         cuts: how the model was cut into pieces: ``"carried"`` (also inside
-            blocks, where several tensors live across a cut) or ``"single"``
-            (only where one tensor is live: plans with nested checkpoints,
-            stored or selective segments, or offload).
+            blocks, where several tensors live across a cut, and at values the
+            model returns that later stages read), ``"carried-unheld"`` (not at
+            those: where the loss reads several outputs) or ``"single"`` (only
+            where one tensor is live: plans with nested checkpoints, stored or
+            selective segments, or offload).
         checkpoints: indices (1..len(stage_names)-1) of the stage outputs kept
             in the forward pass; everything before the last one is recomputed
             in backward.

@@ -99,12 +99,12 @@ class Captured:
         ]
 
 
-def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True) -> Captured:
+def capture(model: nn.Module, example_inputs: tuple, *, carried: bool = True, held: bool = True) -> Captured:
     """Trace ``model`` and cut it into a chain of pieces (see :func:`split_linear`)."""
     gm = trace(model, example_inputs)
     hoist_shared_values(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    pieces = split_linear(gm, carried=carried)
+    pieces = split_linear(gm, carried=carried, held=held)
     model_tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     model_tensors |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
     modules = [piece_module(gm, p, placeholders, model_tensors) for p in pieces]

@@ -328,7 +328,9 @@ def _output_storages(output: fx.Node) -> set[fx.Node]:
     return held
 
 
-def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx.Node] = frozenset()) -> list[Piece]:
+def split_linear(
+    gm: fx.GraphModule, *, carried: bool = True, held: bool = True, recomputed: set[fx.Node] = frozenset()
+) -> list[Piece]:
     """Cut ``gm``'s graph into a chain of pieces.
 
     A cut after position ``k`` (in graph order) is valid when, of the
@@ -339,9 +341,9 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx
     value keeps what it needs with it. Nothing after ``k`` may write to a
     value live across the cut (a kept tensor must not change). The new value
     may be one of the model's outputs, or viewed by one (an encoder's output,
-    which every decoder layer reads): its piece is then ``held``. With
-    ``carried=False``, only single-tensor cuts (nothing else live) that the
-    caller does not hold. Values in ``recomputed`` are made again by each piece
+    which every decoder layer reads): its piece is then ``held``; not with
+    ``held=False``. With ``carried=False``, only single-tensor cuts (nothing
+    else live) that the caller does not hold. Values in ``recomputed`` are made again by each piece
     that reads them, as input-only values are.
     """
     nodes = list(gm.graph.nodes)
@@ -388,8 +390,8 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx
         (value,) = new
         if any(mutated_after.get(v, -1) > k for v in live):
             continue
-        held = value in held_by_caller
-        if held and not carried:
+        returned = value in held_by_caller
+        if returned and not (carried and held):
             # The caller holds it (or a view of it) to the end of the step: a single-tensor
             # chain's boundary is not modelled so (see Chain.caller_held).
             continue
@@ -411,7 +413,7 @@ def split_linear(gm: fx.GraphModule, *, carried: bool = True, recomputed: set[fx
             # inputs): it takes the last one, which later pieces read, unused, so that a
             # recomputed segment starting there holds it, as the chain model has it.
             inputs = (last_cut,)
-        pieces.append(Piece(members, inputs, value, held))
+        pieces.append(Piece(members, inputs, value, returned))
         cut_values[value] = len(cut_values)
         cut_storages.add(owner)
         last_cut = value

@@ -64,7 +64,7 @@ class ProfiledModel:
     chain: Chain
     stage_pieces: list[list[int]]
     capture_seconds: float
-    carried: bool = True  # cut inside blocks too (the capture's cut mode)
+    cuts: str = "carried"  # the capture's cut mode (remat.profile.model.CUT_MODES)
     baseline: Any = None
     fake: bool = True  # measured on fake tensors
     _seconds: np.ndarray | None = None  # forward seconds per stage, for costs="profile"
@@ -93,10 +93,10 @@ class ProfiledModel:
         check_model_and_inputs(model, inputs)
         loss_fn = loss_fn or default_loss
         start = time.perf_counter()
-        captured, chain, stage_pieces, profile, carried = capture_and_profile(model, inputs, loss_fn, profile, carried)
+        captured, chain, stage_pieces, profile, cuts = capture_and_profile(model, inputs, loss_fn, profile, carried)
         elapsed = time.perf_counter() - start
         profiled = cls(
-            model, inputs, loss_fn, captured, chain, stage_pieces, elapsed, carried,
+            model, inputs, loss_fn, captured, chain, stage_pieces, elapsed, cuts,
             baseline=baseline, fake=profile == "fake", grad_accumulation=grad_accumulation, optimizer=optimizer,
         )
         if optimizer is not None:
@@ -178,11 +178,6 @@ class ProfiledModel:
     def fingerprint(self) -> str:
         """The shapes a plan of this model is made for (see :func:`remat.capture.captured.fingerprint`)."""
         return fingerprint(self.model, self.inputs)
-
-    @property
-    def cuts(self) -> str:
-        """The cut mode of this capture (see :attr:`remat.plan.Plan.cuts`)."""
-        return "carried" if self.carried else "single"
 
     def cut_as(self, plan: Plan) -> ProfiledModel:
         """This model's capture in ``plan``'s cut mode."""

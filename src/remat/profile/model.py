@@ -16,38 +16,53 @@ from remat.execute.engine import run_selective
 from remat.execute.module import RematModule
 from remat.measure.step import step_model
 from remat.measure.tracker import round_to_of, track_memory, unique_storage_bytes
-from remat.profile.stages import BackwardSkipsStage, profile_selectively, profile_stages
+from remat.profile.stages import BackwardSkipsStage, LossReadsHeldOutputs, profile_selectively, profile_stages
 from remat.validate import check_choice
 
-__all__ = ["Profile", "capture_and_profile", "profile_model"]
+__all__ = ["CUT_MODES", "Profile", "capture_and_profile", "profile_model"]
 
 Profile = Literal["fake", "device"]
 
 
 def capture_and_profile(
     model: nn.Module, inputs: tuple, loss_fn, profile: Profile, carried: bool
-) -> tuple[Captured, Chain, list[list[int]], Profile, bool]:
+) -> tuple[Captured, Chain, list[list[int]], Profile, str]:
     """Capture and profile ``model``: the captured pieces, the chain, the pieces of each chain
-    stage, the profile mode used and the cut mode (``carried``, see below) used.
+    stage, the profile mode used and the cut mode used (:data:`CUT_MODES`).
 
     ``carried``: cut inside blocks too (several tensors live across a cut).
     Offloaded plans use single-tensor cuts only: the offload cost model moves
     each segment's one input tensor to the host.
     """
-    captured = capture(model, inputs, carried=carried)
-    if captured.opaque:
-        # Untraced code may branch on values, which fake tensors do not have: measure
-        # on the real ones; the plan is exact for the branches the example inputs take.
-        profile = "device"
-    try:
-        chain, stage_pieces, _ = profile_model(model, captured, inputs, loss_fn, profile)
-    except BackwardSkipsStage:
-        # A branch the loss ignores: cut only where a single tensor is live,
-        # so that branch stays inside a stage whose profile sees it.
-        carried = False
-        captured = capture(model, inputs, carried=carried)
-        chain, stage_pieces, _ = profile_model(model, captured, inputs, loss_fn, profile)
-    return captured, chain, stage_pieces, profile, carried
+    cuts = "carried" if carried else "single"
+    while True:
+        captured = capture(model, inputs, **CUT_MODES[cuts])
+        if captured.opaque:
+            # Untraced code may branch on values, which fake tensors do not have: measure
+            # on the real ones; the plan is exact for the branches the example inputs take.
+            profile = "device"
+        try:
+            chain, stage_pieces, _ = profile_model(model, captured, inputs, loss_fn, profile)
+            return captured, chain, stage_pieces, profile, cuts
+        except LossReadsHeldOutputs:
+            cuts = "carried-unheld"
+        except BackwardSkipsStage:
+            if cuts == "single":
+                raise
+            # A branch the loss ignores: cut only where a single tensor is live,
+            # so that branch stays inside a stage whose profile sees it.
+            cuts = "single"
+
+
+#: Cut modes (``Plan.cuts``) as :func:`remat.capture.captured.capture`'s options: ``carried``
+#: cuts inside blocks too and at values the model returns that later stages read (caller-held
+#: boundaries); ``carried-unheld`` not at those (where the loss reads several outputs);
+#: ``single`` only where one tensor is live.
+CUT_MODES = {
+    "carried": dict(carried=True, held=True),
+    "carried-unheld": dict(carried=True, held=False),
+    "single": dict(carried=False, held=False),
+}
 
 
 def profile_model(

@@ -18,7 +18,7 @@ from remat.chain.model import Chain
 from remat.chain.time import Work
 from remat.profile.stage import PASSED_ON, StageCost, leaf, profile_stage, tensors_of
 
-__all__ = ["BackwardSkipsStage", "profile_selectively", "profile_stages"]
+__all__ = ["BackwardSkipsStage", "LossReadsHeldOutputs", "profile_selectively", "profile_stages"]
 
 
 def profile_stages(
@@ -187,7 +187,12 @@ def profile_stages(
         _check_backward_reaches(costs, stage_reads, ends, names)
     chain = _chain_of(costs, x_bytes, base_bytes, names, stage_reads, held_cost)
     held = _returned_pieces(returns, outputs, reads)
-    return chain.holding([k + 1 for k, pieces in enumerate(stage_pieces[:-1]) if pieces[-1] in held]), stage_pieces
+    held_boundaries = [k + 1 for k, pieces in enumerate(stage_pieces[:-1]) if pieces[-1] in held]
+    if held_boundaries and sum(seeded) > 1:
+        raise LossReadsHeldOutputs(
+            f"the loss reads several outputs, and later stages read the output of {names[held_boundaries[0] - 1]}"
+        )
+    return chain.holding(held_boundaries), stage_pieces
 
 
 def _returned_pieces(
@@ -240,6 +245,15 @@ def _merge_prefix(
     merged = [(name, _chained(runs), params), *stages[upto + 1 :]]
     merged_reads = None if reads is None else [reads[0], *((i - 1,) for i in range(1, len(merged)))]
     return merged, [None, *keys[upto + 1 :]], merged_reads
+
+
+class LossReadsHeldOutputs(ValueError):
+    """The loss reads several of the model's outputs, and later stages read one of them too.
+
+    The gradient the loss sends straight into a caller-held boundary is not
+    followed by the chain model: plan such a model without caller-held
+    boundaries (cuts at values the model returns).
+    """
 
 
 class BackwardSkipsStage(ValueError):
