@@ -46,17 +46,15 @@ HEAVY_SEEDS = range(300, 2300)
 # under "Several outputs").
 PEAK_REASON = "chain cost model off by more than 2% on this graph"
 KNOWN_PEAK_FAILURES: set[int] = {55, 117, 120}
-# The heavy seeds (-m heavy) whose peak check fails, gradients exact on all 2000: 43, i.e.
-# 2.1% (was 38 before caller-held boundaries; 20 of those now pass, 25 others fail):
-# 8 under by up to 7.7% (2 over their budget), 8 over by up to 5.5%, and 7 budgets refused as
-# infeasible although the least peak, a plan with remade values and no checkpoint, fits them
-# (the remade search walks the front below storing everything); gradient aliasing and
-# over-counts of the kinds docs/design.md lists under "Several outputs"; not each traced.
+# The heavy seeds (-m heavy) whose peak check fails, gradients exact on all 2000: 36, i.e.
+# 1.8% (was 38 before caller-held boundaries; 20 of those now pass, 18 others fail):
+# 8 under by up to 7.7% (2 over their budget), 8 over by up to 5.5%: gradient aliasing and
+# over-counts of the kinds docs/design.md lists under "Several outputs", not each traced.
 HEAVY_REASON = "chain cost model off by more than 2% on this multi-output graph"
 KNOWN_HEAVY_PEAK_FAILURES: set[int] = {
-    423, 490, 604, 659, 671, 717, 734, 782, 913, 983, 1102, 1222, 1262, 1297, 1343, 1382, 1400,
-    1416, 1418, 1468, 1510, 1602, 1605, 1614, 1631, 1632, 1651, 1659, 1717, 1778, 1835, 1857,
-    1997, 2019, 2030, 2069, 2072, 2110, 2122, 2234, 2262, 2282, 2284,
+    423, 490, 604, 659, 671, 717, 734, 782, 913, 983, 1102, 1222, 1262, 1343, 1382, 1400, 1416,
+    1418, 1468, 1510, 1631, 1632, 1651, 1659, 1717, 1778, 1835, 1997, 2019, 2030, 2069, 2110,
+    2122, 2234, 2282, 2284,
 }
 
 

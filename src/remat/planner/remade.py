@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+from remat.chain.cost import make_solution
 from remat.chain.model import ChainSolution
 from remat.chain.time import Work
 from remat.execute.remake import CostlyCall, costly_calls
@@ -144,11 +145,13 @@ def _cheaper_front(
             return True
         return to_beat is not None and not _remade_can_be_faster(profiled, to_beat, plan_of(solution))
 
-    return [
-        plan_of(s)
-        for s in front(profiled, until=until, step_bytes=step_bytes)
-        if chosen is None or s.recompute_flops < chosen.recompute_flops
-    ]
+    solutions = front(profiled, until=until, step_bytes=step_bytes)
+    # Storing everything, remade, is the least peak of many models, but the front may leave it
+    # out where stored or selective segments reach a lower peak at no FLOPs without remaking.
+    store = make_solution(profiled.planned(profiled.chain), (), "store everything")
+    if all(s.checkpoints or s.stored or s.selective for s in solutions):
+        solutions.insert(0, store)
+    return [plan_of(s) for s in solutions if chosen is None or s.recompute_flops < chosen.recompute_flops]
 
 
 def _remade_can_be_faster(profiled: ProfiledModel, seconds: float | None, plan: Plan | None = None) -> bool:
