@@ -299,9 +299,10 @@ def made_without_activations(gm: fx.GraphModule) -> tuple[set[fx.Node], set[fx.N
     # activation (an in-place ReLU module on the sum of two inputs) makes an activation.
     dropped = True
     while dropped:
+        known = input_only | derived
         dropped = False
         for made in (input_only, derived):
-            for n in [n for n in made if n in changed and any(u not in input_only | derived for u in n.users)]:
+            for n in [n for n in made if n in changed and any(u not in known for u in n.users)]:
                 made.discard(n)
                 dropped = True
     return input_only, derived

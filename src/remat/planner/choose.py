@@ -77,7 +77,9 @@ def solve(
         fitting += [p for p in (fastest_within(profiled, budget_bytes),) if p is not None]
     chain_plan = chosen
     if remake and not offload and costs == "flops":
-        timed = [p.predicted_seconds for p in (chain_plan, *fitting) if p is not None and p.predicted_seconds is not None]
+        timed = [
+            p.predicted_seconds for p in (chain_plan, *fitting) if p is not None and p.predicted_seconds is not None
+        ]
         chosen = best_remade(profiled, chosen, budget_bytes, objective, to_beat=min(timed, default=None))
     if chosen is None:
         least = solve(profiled, None, offload, costs, remake, compiled, objective)

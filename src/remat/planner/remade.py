@@ -148,9 +148,8 @@ def _cheaper_front(
     solutions = front(profiled, until=until, step_bytes=step_bytes)
     # Storing everything, remade, is the least peak of many models, but the front may leave it
     # out where stored or selective segments reach a lower peak at no FLOPs without remaking.
-    store = make_solution(profiled.planned(profiled.chain), (), "store everything")
     if all(s.checkpoints or s.stored or s.selective for s in solutions):
-        solutions.insert(0, store)
+        solutions.insert(0, make_solution(profiled.planned(profiled.chain), (), "store everything"))
     return [plan_of(s) for s in solutions if chosen is None or s.recompute_flops < chosen.recompute_flops]
 
 
