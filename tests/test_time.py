@@ -47,11 +47,17 @@ def test_plan_work_counts_recomputes_regions_and_selective_stages():
     assert work.flops == int(chain.fwd_flops[:2].sum())
     assert work.ops == 10 + 20 + 7 * 3  # stages 1, 2 recomputed; stage 3's cheap operators run again
     assert work.written_bytes == 1000 + 2000 + 600 * 3
-    assert work.regions == 2 and work.intercepted_ops == 2 * 30 and work.recorded_ops == 0
+    # One region for the recomputed segment, one for the selective stage.
+    assert work.regions == 2 and work.checkpoint_calls == 0
+    assert work.intercepted_ops == 2 * 30 and work.recorded_ops == 0
     assert plan_work(chain, ()) == Work()
-    # Nested: (0, 4] recomputed, and (0, 2] once more inside it: two regions more.
+    # Nested: (0, 4] recomputed, and (0, 2] once more inside it: two more, all checkpoint calls.
     nested = plan_work(chain, (4,), inner=((0, 4, (1, 2)),))
-    assert nested.regions == 3 and nested.flops == int(chain.fwd_flops[:4].sum() + chain.fwd_flops[:2].sum())
+    assert nested.regions == 0 and nested.checkpoint_calls == 3
+    assert nested.flops == int(chain.fwd_flops[:4].sum() + chain.fwd_flops[:2].sum())
+    # Offloaded checkpoints run under torch's checkpoint too.
+    offloaded = plan_work(chain, (2, 4), offload=True)
+    assert offloaded.regions == 0 and offloaded.checkpoint_calls == 2
 
 
 def test_speed_prices_each_kind_of_work():
@@ -59,6 +65,10 @@ def test_speed_prices_each_kind_of_work():
     assert speed.seconds(Work(flops=10**9)) == pytest.approx(1.0)
     assert speed.seconds(Work(written_bytes=10**8, ops=10**6)) == pytest.approx(2.0)
     assert speed.seconds(Work(regions=10, intercepted_ops=100, recorded_ops=50)) == pytest.approx(1e-3 + 1e-3 + 1e-3)
+    # A checkpoint call costs a region's unless measured apart.
+    assert speed.seconds(Work(checkpoint_calls=10)) == pytest.approx(1e-3)
+    apart = dataclasses.replace(speed, seconds_per_checkpoint_call=3e-4)
+    assert apart.seconds(Work(regions=1, checkpoint_calls=10)) == pytest.approx(1e-4 + 3e-3)
     assert Work(1, 2, 3) + Work(1, 1, 1) - Work(2, 3, 4) == Work()
 
 
@@ -72,6 +82,7 @@ def test_cpu_rates_are_measured_once_and_leave_the_generator_alone():
     assert 1 / speed.flops_per_second < speed.seconds_per_op < speed.seconds_per_region
     assert 1 / speed.bytes_per_second < speed.seconds_per_op
     assert speed.seconds_per_intercepted_op > 0 and speed.seconds_per_recorded_op > 0
+    assert speed.seconds_per_checkpoint_call > speed.seconds_per_op
 
 
 def test_devices_without_rates():

@@ -4,12 +4,15 @@ A training step's time is modelled as the work it does priced at a device's
 rates (:class:`Speed`): FLOPs, operators launched, bytes written (what
 memory-bound operators cost; normalizations, slower per byte on some devices,
 apart), and the executor's own costs, each a count
-(:class:`Work`): checkpoint regions entered, and operators run under a Python
-dispatch mode (selective checkpointing's, or the recorder of remade values).
-A plan's time is the store-everything step's plus what the plan adds
+(:class:`Work`): recompute regions entered (remat's own, or
+``torch.utils.checkpoint`` calls), and operators run under a Python dispatch
+mode (selective checkpointing's, or the recorder of remade values). A plan's
+time is the store-everything step's plus what the plan adds
 (:func:`plan_work`): its recomputed stages' forward work, one region per
-recomputed segment and per selective stage, and a selective stage's operators
-intercepted twice (forward and recompute) with those without FLOPs run again.
+recomputed segment (a checkpoint call in plans with nested checkpoints or
+offload) and per selective stage, and a selective stage's operators
+intercepted twice (forward and recompute) with those without FLOPs run
+again.
 
 Example:
     >>> speed = Speed(flops_per_second=1e11, bytes_per_second=1e10, seconds_per_op=5e-6,
@@ -39,9 +42,12 @@ class Work:
     GroupNorm, forward and backward) write. ``cheap_ops`` and
     ``cheap_written_bytes`` are the part of ``ops`` and ``written_bytes`` of
     operators without FLOPs (what selective checkpointing runs again);
-    ``regions`` are checkpoint regions entered, ``intercepted_ops``
-    operators run under selective checkpointing's dispatch modes and
-    ``recorded_ops`` under the recorder of remade values.
+    ``regions`` are remat's own recompute regions entered
+    (:mod:`remat.execute.recompute`), ``checkpoint_calls`` calls of
+    ``torch.utils.checkpoint`` (the segments of plans with nested checkpoints
+    or offload), ``intercepted_ops`` operators run under
+    selective checkpointing's dispatch modes and ``recorded_ops`` under the
+    recorder of remade values.
     """
 
     flops: int = 0
@@ -53,6 +59,7 @@ class Work:
     regions: int = 0
     intercepted_ops: int = 0
     recorded_ops: int = 0
+    checkpoint_calls: int = 0
 
     def __add__(self, other: Work) -> Work:
         return Work(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -68,11 +75,12 @@ class Speed:
     flops_per_second: float
     bytes_per_second: float  # written by memory-bound operators
     seconds_per_op: float  # an operator's launch, dispatch and autograd bookkeeping
-    seconds_per_region: float  # one checkpoint region: its hooks, frame and RNG state
+    seconds_per_region: float  # one recompute region: its hooks, RNG state and recompute call
     seconds_per_intercepted_op: float  # an operator under selective checkpointing's dispatch mode
     seconds_per_recorded_op: float  # an operator under the recorder of remade values
     source: str = ""  # where the rates come from, for reports
     norm_bytes_per_second: float | None = None  # written by normalizations (None: bytes_per_second)
+    seconds_per_checkpoint_call: float | None = None  # one torch.utils.checkpoint call (None: a region's)
 
     def seconds(self, work: Work) -> float:
         return (
@@ -81,6 +89,7 @@ class Speed:
             + work.norm_bytes / (self.norm_bytes_per_second or self.bytes_per_second)
             + work.ops * self.seconds_per_op
             + work.regions * self.seconds_per_region
+            + work.checkpoint_calls * (self.seconds_per_checkpoint_call or self.seconds_per_region)
             + work.intercepted_ops * self.seconds_per_intercepted_op
             + work.recorded_ops * self.seconds_per_recorded_op
         )
@@ -149,7 +158,7 @@ def early_stop_shares(chain: Chain) -> np.ndarray:
 
 
 def _regions(checkpoints: Sequence[int], stored: Sequence[int], inner: Inner) -> int:
-    """Checkpoint regions of the recomputed segments, nested ones included."""
+    """Regions of the recomputed segments, nested ones included."""
     starts = (0, *checkpoints)[: len(checkpoints)]  # each segment that ends at a checkpoint
     return len([l for l in starts if l not in set(stored)]) + sum(len(cs) for _, _, cs in inner)
 
@@ -160,10 +169,13 @@ def plan_work(
     stored: Sequence[int] = (),
     inner: Inner = (),
     selective_stages: Sequence[int] = (),
+    offload: bool = False,
 ) -> Work:
     """What a plan adds to the store-everything step: its recomputed forwards, and the
-    regions and dispatch-mode work of its recomputed segments and selective stages
-    (1-based). Operator and byte counts are zero where the chain has none measured."""
+    regions, checkpoint calls and dispatch-mode work of its recomputed segments and
+    selective stages (1-based); with nested checkpoints or ``offload``, each recomputed
+    segment is a checkpoint call. Operator and byte counts are zero where the chain has
+    none measured."""
     counts = recompute_counts(chain.n, checkpoints, stored, inner)
     zeros = np.zeros(chain.n, dtype=np.int64)
 
@@ -172,6 +184,7 @@ def plan_work(
 
     picked = np.zeros(chain.n, dtype=np.int64)
     picked[[i - 1 for i in selective_stages]] = 1
+    segments = _regions(checkpoints, stored, inner)
     work = Work(
         flops=per_stage(chain.fwd_flops, counts),
         ops=per_stage(chain.fwd_ops, counts) + per_stage(chain.fwd_cheap_ops, picked),
@@ -181,7 +194,8 @@ def plan_work(
         cheap_ops=per_stage(chain.fwd_cheap_ops, counts + picked),
         cheap_written_bytes=per_stage(chain.fwd_cheap_written_bytes, counts + picked),
         norm_bytes=per_stage(chain.fwd_norm_bytes, counts + picked),
-        regions=_regions(checkpoints, stored, inner) + len(selective_stages),
+        regions=(0 if inner or offload else segments) + len(selective_stages),
+        checkpoint_calls=segments if inner or offload else 0,
         intercepted_ops=2 * per_stage(chain.fwd_ops, picked),
     )
     if chain.early_stop and not inner:

@@ -6,10 +6,11 @@ Both drop-in modules run on it: :class:`~remat.execute.module.RematModule`
 engine does the rest.
 
 NOTE [recompute]
-    A recomputed segment runs under ``torch.utils.checkpoint`` (non-reentrant,
-    RNG state restored, so dropout masks are the same). BatchNorm runs with
-    momentum 0 during the recompute, so its running statistics move once per
-    step.
+    A recomputed segment is a region of :mod:`remat.execute.recompute`
+    (non-reentrant checkpointing, RNG state restored, so dropout masks are the
+    same; NOTE [a region of our own]); with nested checkpoints or offload, a
+    ``torch.utils.checkpoint`` call. BatchNorm runs with momentum 0 during the
+    recompute, so its running statistics move once per step.
 
 NOTE [early stop]
     A recompute stops at the last tensor the segment's backward needs
@@ -20,12 +21,11 @@ NOTE [early stop]
     chain model prices them.
 
 NOTE [recompute first]
-    The segment's backward starts by unpacking a tensor saved for it, which
-    starts the recompute. Otherwise backward nodes that need no saved tensor
-    (views, adds) run first and hold their gradients through the recompute.
-    With early stop, that tensor is saved first, at the segment's start (an
-    anchor), and unpacked by an identity on the segment's outputs; without,
-    the identity saves it, last.
+    A segment's backward starts with its recompute. Otherwise backward nodes
+    that need no saved tensor (views, reshapes, adds) run first and hold their
+    gradients through the recompute. A region starts it from a gradient hook
+    on its outputs; under ``torch.utils.checkpoint``, an identity on each
+    output unpacks a tensor it saved, last.
 
 NOTE [one call per span]
     Pieces run back to back (a segment, or the stages between selective ones)
@@ -42,8 +42,7 @@ NOTE [what stays alive]
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -57,6 +56,7 @@ from torch.utils.checkpoint import (
 )
 
 from remat.execute.offload import CheckpointOffload, saving
+from remat.execute.recompute import RunningStatsFrozen, batch_norms, run_recomputed
 from remat.measure.flops import flop_formula
 
 __all__ = [
@@ -137,42 +137,10 @@ def _check_combination(nested: dict, stored: frozenset[int], offload: Checkpoint
         raise ValueError("stored and selective segments are planned without nested checkpoints or offload")
 
 
-class _RunningStatsFrozen:
-    """Recompute BatchNorm without changing its running statistics.
-
-    With momentum 0 the update ``(1 - m) * running + m * batch`` leaves the
-    running statistics exactly as they are, while the batch statistics, the
-    output and the tensors saved for backward stay the same as in the first
-    forward; the ``num_batches_tracked`` increment is undone afterwards where
-    it happened (a recompute that stops early skips the last BatchNorms).
-    Nothing is allocated (a copy-and-restore would show up in the peak). It
-    may be entered again, once per recompute (a second backward through a
-    retained graph recomputes again).
-    """
-
-    def __init__(self, modules: Sequence[nn.Module]):
-        self.norms = [
-            m for root in modules for m in root.modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-        ]
-
-    def __enter__(self) -> None:
-        self.momenta = [m.momentum for m in self.norms]
-        self.counted = [None if m.num_batches_tracked is None else m.num_batches_tracked._version for m in self.norms]
-        for m in self.norms:
-            m.momentum = 0.0
-
-    def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for m, momentum, version in zip(self.norms, self.momenta, self.counted):
-                m.momentum = momentum
-                if version is not None and m.num_batches_tracked._version != version:
-                    m.num_batches_tracked.sub_(1)
-
-
-def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *args, early_stop: bool = True):
+def run_segment_recomputed(function: Callable, norms: Sequence[nn.Module], *args, early_stop: bool = True):
     """Run ``function(*args)`` saving nothing for backward; recompute it in backward, up to
-    the last tensor its backward needs if ``early_stop`` (NOTE [early stop])."""
+    the last tensor its backward needs if ``early_stop`` (NOTE [early stop]). ``norms``: the
+    BatchNorms it may run (:func:`~remat.execute.recompute.batch_norms`)."""
 
     if torch.compiler.is_compiling():
         # Under torch.compile the checkpoint becomes a higher-order op: the
@@ -180,17 +148,20 @@ def run_segment_recomputed(function: Callable, modules: Sequence[nn.Module], *ar
         # buffer mutations (BatchNorm statistics) are not replayed. Dynamo
         # cannot trace set_checkpoint_early_stop nor an arbitrary context_fn.
         return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=True)
+    if early_stop:
+        return run_recomputed(function, norms, *args)
 
+    # Nested checkpoints and offload: torch's checkpoint (NOTE [a region of our own]), its
+    # recompute started first.
     def contexts():
-        return contextlib.nullcontext(), _RunningStatsFrozen(modules)
+        return contextlib.nullcontext(), RunningStatsFrozen(norms)
 
     def recompute_first(*inputs):
-        anchor = [_Anchor.apply(torch.empty(0, requires_grad=True)).grad_fn] if early_stop else None
         return pytree.tree_map_only(
-            torch.Tensor, lambda t: _RecomputeFirst.apply(t, anchor) if t.requires_grad else t, function(*inputs)
+            torch.Tensor, lambda t: _RecomputeFirst.apply(t) if t.requires_grad else t, function(*inputs)
         )
 
-    with set_checkpoint_early_stop(early_stop):
+    with set_checkpoint_early_stop(False):
         return checkpoint(
             recompute_first, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts
         )
@@ -202,93 +173,47 @@ def _save_what_has_flops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if flop_formula(op) is not None else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# Newer torch asks whether SAC's cached tensors go through saved-tensor hooks around the
-# region (and warns when it is not told): they do not, as in older releases.
-_SAC_HOOKS = (
-    {"respect_saved_tensors_hooks": False}
-    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
-    else {}
-)
-
-
-def run_selective(function: Callable, modules: Sequence[nn.Module], *args):
+def run_selective(function: Callable, norms: Sequence[nn.Module], *args):
     """Run ``function(*args)`` keeping only its inputs and what its costly operators make.
 
-    Selective checkpointing (``torch.utils.checkpoint`` with
-    :func:`~torch.utils.checkpoint.create_selective_checkpoint_contexts`):
+    Selective checkpointing (a region of :mod:`remat.execute.recompute` with
+    :func:`~torch.utils.checkpoint.create_selective_checkpoint_contexts`'s modes):
     the outputs of operators that count FLOPs are cached, everything else
     the backward needs is recomputed from them when the backward reaches
     the region, at no FLOPs. Dropout is replayed with the same RNG state and
     BatchNorm recomputed without touching its running statistics, so
-    gradients and buffers are exactly those of a plain run.
+    gradients and buffers are exactly those of a plain run. ``norms``: the
+    BatchNorms it may run (:func:`~remat.execute.recompute.batch_norms`).
     """
     if torch.compiler.is_compiling():
         # The compiler's partitioner chooses what to save in compiled graphs.
         return function(*args)
 
-    def contexts():
-        forward, recompute = create_selective_checkpoint_contexts(_save_what_has_flops)
-        # The statistics are put back after the recompute mode is left: outside the region.
-        return forward, _entered_together(_RunningStatsFrozen(modules), recompute)
-
-    with set_checkpoint_early_stop(True):
-        return checkpoint(
-            function, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts, **_SAC_HOOKS
-        )
-
-
-@contextlib.contextmanager
-def _entered_together(*managers) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for manager in managers:
-            stack.enter_context(manager)
-        yield
-
-
-class _Anchor(torch.autograd.Function):
-    """Identity that saves its input: the first tensor a segment saves (NOTE [recompute first])."""
-
-    @staticmethod
-    def forward(ctx, leaf: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(leaf)
-        return leaf.view_as(leaf)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+    forward, recompute = create_selective_checkpoint_contexts(_save_what_has_flops)
+    # What it caches bypasses the saved-tensor hooks around it, as in older torch (newer torch
+    # asks, and warns when it is not told).
+    forward.respect_saved_tensors_hooks = False
+    return run_recomputed(function, norms, *args, contexts=(forward, recompute))
 
 
 class _RecomputeFirst(torch.autograd.Function):
-    """Identity on a segment's output whose backward, the segment's first, starts its recompute.
+    """Identity on a segment's output whose backward, the segment's first, starts its recompute
+    under ``torch.utils.checkpoint`` (NOTE [recompute first]).
 
-    Checkpoint recomputes a segment when backward first needs one of its saved
-    tensors; backward nodes that need none (views, reshapes, adds) would run
-    before that and hold their gradients through the recompute, which the
-    cost model (recompute, then backward) does not count. Unpacking a tensor
-    here makes the recompute the first thing the segment's backward does: the
-    one the segment's anchor saved (``anchor`` holds the node of an
-    :class:`_Anchor`, shared by the segment's outputs: the first to run its
-    backward unpacks it and lets it go, and with it the checkpoint, which its
-    saved tensor refers to), or else one saved here. It is an empty one, not
-    the output: the recompute keeps whatever it saves until its backward,
+    It unpacks a tensor saved here, last in the segment: an empty one, not the
+    output, since the recompute keeps whatever it saves until its backward,
     which never comes for an output the loss ignores.
     """
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, anchor: list | None) -> torch.Tensor:
-        ctx.anchor = anchor
-        if anchor is None:
-            ctx.save_for_backward(output.new_empty(0))
+    def forward(ctx, output: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(output.new_empty(0))
         return output
 
     @staticmethod
     def backward(ctx, grad):
-        # Unpacking starts the recompute.
-        if ctx.anchor is None:
-            ctx.saved_tensors
-        elif ctx.anchor:
-            ctx.anchor.pop().saved_tensors
-        return grad, None
+        ctx.saved_tensors  # unpacking starts the recompute
+        return grad
 
 
 class Program(Protocol):
@@ -301,7 +226,8 @@ class Program(Protocol):
         """The outputs of pieces before ``start`` that pieces ``start..stop-1`` read."""
 
     def submodules(self, start: int, stop: int) -> list[nn.Module]:
-        """The modules pieces ``start..stop-1`` call (their BatchNorms are frozen in a recompute)."""
+        """The modules pieces ``start..stop-1`` call (their BatchNorms are frozen in a recompute);
+        asked once per segment."""
 
     def reads_inputs(self, start: int) -> bool:
         """Whether a segment starting at piece ``start`` reads the model's inputs."""
@@ -347,6 +273,7 @@ class SegmentEngine:
         self.selective = selective
         self.stage_starts = tuple(stage_starts)
         self.early_stop = not self.nested and offload is None  # (NOTE [early stop])
+        self._segment_norms: dict[tuple[int, int], list[nn.Module]] = {}
         _check_combination(self.nested, stored | selective, offload)
         _check_selective([0, *self.boundaries, size], stored, selective)
 
@@ -366,7 +293,7 @@ class SegmentEngine:
             else:
                 with saving(offload, kept.get(start - 1)):
                     kept[stop - 1] = run_segment_recomputed(
-                        self._run, program.submodules(start, stop), *args, early_stop=self.early_stop
+                        self._run, self._norms(start, stop), *args, early_stop=self.early_stop
                     )
             self._forget_read(kept, stop)
         return self._run_kept(bounds[-2], bounds[-1], kept, inputs)
@@ -419,7 +346,7 @@ class SegmentEngine:
         for a, b in _stage_ranges(self.stage_starts, start, stop):
             if a in self.selective:
                 args = self._arguments(a, b, kept, inputs)
-                kept[b - 1] = run_selective(self._run_plainly, self.program.submodules(a, b), *args)
+                kept[b - 1] = run_selective(self._run_plainly, self._norms(a, b), *args)
             else:
                 kept[b - 1] = self.run_pieces(a, b, kept, inputs)
             self._forget_read(kept, b)
@@ -428,6 +355,13 @@ class SegmentEngine:
     def _run_plainly(self, start: int, stop: int, outside: tuple[int, ...], *args):
         """Pieces ``start..stop-1`` as :meth:`_run` has them, run as they are."""
         return self.run_pieces(start, stop, dict(zip(outside, args)), args[len(outside) :])
+
+    def _norms(self, start: int, stop: int) -> list[nn.Module]:
+        """The BatchNorms pieces ``start..stop-1`` run, found once."""
+        norms = self._segment_norms.get((start, stop))
+        if norms is None:
+            norms = self._segment_norms[(start, stop)] = batch_norms(self.program.submodules(start, stop))
+        return norms
 
     def _forget_read(self, kept: dict[int, Any], stop: int) -> None:
         """Drop from ``kept`` (in place: a nested caller holds it until its recompute

@@ -219,12 +219,14 @@ class _Pieces:
     def reads_inputs(self, start: int) -> bool:
         return True  # any piece may read the model's inputs (masks, position ids)
 
+    # Pieces are called through ``forward``: ``nn.Module.__call__`` adds hook checks, and
+    # GraphModule's a traceback walk for every exception, a recompute's early stop included.
     def call(self, index: int, read: tuple, inputs: tuple):
-        return self.captured.modules[index](read, self.root, *inputs)
+        return self.captured.modules[index].forward(read, self.root, *inputs)
 
     def span(self, start: int, stop: int):
         module, returned = self.captured.span(start, stop)
-        return (lambda boxed, inputs: module(boxed, self.root, *inputs)), returned
+        return (lambda boxed, inputs: module.forward(boxed, self.root, *inputs)), returned
 
 
 def module_for_plan(model: nn.Module, captured: Any, plan: Any) -> RematModule:

@@ -207,14 +207,17 @@ class ProfiledModel:
         if speed is None:
             return plan
         chain = self.cut_as(plan).chain.run_as(nested=bool(plan.inner), offload=plan.offload)
-        added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective)
+        added = plan_work(chain, plan.checkpoints, plan.stored, plan.inner, plan.selective, plan.offload)
         if step is None:
             work = self.baseline.work + added
         elif plan.compiled:  # no regions, no dispatch modes: the compiled graphs' operators are the step's
             work = step.work
         else:
             recorded = step.forward_ops if plan.remake else 0
-            work = step.work + Work(regions=added.regions, intercepted_ops=added.intercepted_ops, recorded_ops=recorded)
+            work = step.work + Work(
+                regions=added.regions, checkpoint_calls=added.checkpoint_calls,
+                intercepted_ops=added.intercepted_ops, recorded_ops=recorded,
+            )
         seconds = speed.seconds(work)
         source = speed.source
         if recompute_seconds is not None:

@@ -13,6 +13,7 @@ from remat.capture.captured import Captured, capture
 from remat.capture.graph import structure_key
 from remat.chain.model import Chain
 from remat.execute.engine import run_selective
+from remat.execute.recompute import batch_norms
 from remat.execute.module import RematModule
 from remat.measure.step import step_model
 from remat.measure.tracker import round_to_of, track_memory, unique_storage_bytes
@@ -134,7 +135,7 @@ def _stage_specs(
         leaves, spec = tree_flatten(x)
         if not selectively:
             return run_stage(pieces, spec, *leaves)
-        return run_selective(functools.partial(run_stage, pieces, spec), modules, *leaves)
+        return run_selective(functools.partial(run_stage, pieces, spec), batch_norms(modules), *leaves)
 
     grouped = []
     for pieces in stage_pieces:

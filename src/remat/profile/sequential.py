@@ -12,6 +12,7 @@ from torch import nn
 
 from remat.profile.stages import profile_selectively, profile_stages
 from remat.execute.engine import run_selective
+from remat.execute.recompute import batch_norms
 from remat.measure.step import as_tuple, default_loss, step_model
 from remat.measure.tracker import round_to_of, unique_storage_bytes
 from remat.chain.model import Chain
@@ -94,7 +95,7 @@ def profile_sequential(
                     modules = [copy[i] for i in pieces]
                     run = functools.partial(_run_all, modules)
                     if selectively:
-                        run = functools.partial(run_selective, run, modules)
+                        run = functools.partial(run_selective, run, batch_norms(modules))
                     params = [p for m in modules for p in m.parameters() if p.requires_grad]
                     out.append((" + ".join(specs[i][0] for i in pieces), run, params))
                 return out

@@ -11,8 +11,9 @@ prices exactly what the tracker counts in a model's step:
   cost and the other bytes its step writes (LayerNorm runs faster per byte on CPUs, up to
   twice: priced so, its recompute is overrated, never underrated);
 * per FLOP: matmuls and convolutions, less their operators' and bytes' cost;
-* per checkpoint region: the engine's recomputed segment around a tiny block,
-  less the block's own cost;
+* per recompute region: the engine's recomputed segment around a tiny block,
+  less the block's own cost; per ``torch.utils.checkpoint`` call the same, run
+  as plans with nested checkpoints or offload run it;
 * per operator under selective checkpointing's modes, and under the recorder of
   remade values: the slope of the step's time over the number of operators run
   in one region, less what those operators cost anyway.
@@ -44,7 +45,8 @@ ASSUMED_CUDA = Speed(
     bytes_per_second=1.5e12,
     norm_bytes_per_second=1e12,  # a normalization reads its input twice
     seconds_per_op=8e-6,
-    seconds_per_region=1.5e-4,
+    seconds_per_region=5e-5,
+    seconds_per_checkpoint_call=1.5e-4,
     seconds_per_intercepted_op=1.5e-5,
     seconds_per_recorded_op=4e-5,
     source="assumed (no CUDA device to measure)",
@@ -83,7 +85,8 @@ def _measured(device: str, dtype: torch.dtype, threads: int) -> Speed:
     per_byte = _per_byte(on, op)
     per_flop = _per_flop(on, op, per_byte)
     per_norm_byte = _per_norm_byte(on, op, per_byte)
-    region = _per_region(on, op)
+    region = _per_region(on, op, early_stop=True)
+    checkpoint_call = _per_region(on, op, early_stop=False)
     intercepted = _per_dispatched_op(on, op, _selective)
     recorded = _per_dispatched_op(on, op, _remade)
     kind = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu, {threads} threads"
@@ -93,6 +96,7 @@ def _measured(device: str, dtype: torch.dtype, threads: int) -> Speed:
         norm_bytes_per_second=1 / per_norm_byte,
         seconds_per_op=op,
         seconds_per_region=region,
+        seconds_per_checkpoint_call=checkpoint_call,
         seconds_per_intercepted_op=intercepted,
         seconds_per_recorded_op=recorded,
         source=f"measured ({kind}, {str(dtype).removeprefix('torch.')})",
@@ -180,7 +184,7 @@ def _per_flop(on: dict, op: float, per_byte: float) -> float:
     return max(_timed(step, on["device"]) - rest, 0.0) / work.flops
 
 
-def _per_region(on: dict, op: float) -> float:
+def _per_region(on: dict, op: float, early_stop: bool) -> float:
     x = torch.ones(1, 1, requires_grad=True, **on)
     blocks = 50
 
@@ -188,7 +192,7 @@ def _per_region(on: dict, op: float) -> float:
         def forward():
             y = x
             for _ in range(blocks):
-                y = run_segment_recomputed(_chain, [], y, 2) if recomputed else _chain(y, 2)
+                y = run_segment_recomputed(_chain, [], y, 2, early_stop=early_stop) if recomputed else _chain(y, 2)
             return y
 
         return lambda: _step(forward)
