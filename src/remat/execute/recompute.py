@@ -171,6 +171,7 @@ class _Region:
                     "change a copy instead, or plan without recompute"
                 )
         holders, filled = self.holders, 0
+        args = self._inputs()  # before the contexts: unpacking may remake them, running operators
 
         def fill(tensor: torch.Tensor) -> None:
             nonlocal filled
@@ -190,7 +191,7 @@ class _Region:
             self.recompute_context,
         ):
             try:
-                self.function(*self._inputs())
+                self.function(*args)
             except _StopRecompute:
                 return
         raise RuntimeError(
