@@ -479,35 +479,31 @@ def _costly_call(index: int, func, args: tuple, kwargs: dict, outputs) -> Costly
 def _unpack(saved: Any) -> torch.Tensor:
     if not isinstance(saved, _Recipe):
         return saved
-    with torch.no_grad(), _autocast_off(), _room_to_recurse(saved.call.span):
-        return saved.make().detach()
+    # Remaking a chain recurses once per operator, and a chain may be SPAN_PER_DEPTH * max_depth
+    # long (512 by default): deeper than Python's default limit allows (GPT-2's residual
+    # stream, through remade costly calls). (Inline, not a context manager: every unpack pays.)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _FRAMES_PER_OPERATOR * saved.call.span)
+    try:
+        with torch.no_grad(), _autocast_off():
+            return saved.make().detach()
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 #: Python frames that remaking one operator of a chain takes (make, output, its arguments).
 _FRAMES_PER_OPERATOR = 8
 
 
-@contextlib.contextmanager
-def _room_to_recurse(operators: int) -> Iterator[None]:
-    """Python's recursion limit raised for remaking a chain of ``operators``, one recursion
-    each: a chain may be ``SPAN_PER_DEPTH * max_depth`` long (512 by default), deeper than
-    the default limit allows (GPT-2's residual stream, through remade costly calls)."""
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(limit + _FRAMES_PER_OPERATOR * operators)
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(limit)
-
-
-@contextlib.contextmanager
-def _autocast_off() -> Iterator[None]:
+def _autocast_off() -> contextlib.AbstractContextManager:
     """Replay operators as recorded: their dtypes were already chosen by autocast in the forward."""
-    with contextlib.ExitStack() as stack:
-        for device in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device):
-                stack.enter_context(torch.autocast(device, enabled=False))
-        yield
+    enabled = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    if not enabled:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for device in enabled:
+        stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 @contextlib.contextmanager
