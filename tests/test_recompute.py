@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from remat.execute.engine import run_selective
 from remat.execute.recompute import batch_norms, run_recomputed
 from remat.execute.remake import remake_cheap
 
@@ -127,17 +126,16 @@ def test_inputs_are_kept_through_the_hooks_around_the_region():
     assert all(torch.equal(a, b) for a, b in zip(expected, [x.grad, *(p.grad for p in block.parameters())]))
 
 
-def test_a_selective_region_whose_input_is_remade():
-    """The region's input comes back from the recorder's recipe before selective
-    checkpointing's recompute mode is entered: remaking it runs operators of its own."""
+def test_an_input_remade_by_the_recorder_around_the_region():
+    """The region keeps its input through the recorder's hooks: a recipe, remade for the recompute."""
     torch.manual_seed(0)
     first, block = nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     x = torch.randn(4, 8, requires_grad=True)
     params = [x, *first.parameters(), *block.parameters()]
 
-    def loss(selective: bool) -> torch.Tensor:
+    def loss(recomputed: bool) -> torch.Tensor:
         h = torch.relu(first(x)) * 2  # cheap values: the recorder keeps recipes of them
-        return (run_selective(block, [], h) if selective else block(h)).sum()
+        return (run_recomputed(block, [], h) if recomputed else block(h)).sum()
 
     expected = torch.autograd.grad(loss(False), params)
     with remake_cheap():

@@ -47,8 +47,8 @@ def test_plan_work_counts_recomputes_regions_and_selective_stages():
     assert work.flops == int(chain.fwd_flops[:2].sum())
     assert work.ops == 10 + 20 + 7 * 3  # stages 1, 2 recomputed; stage 3's cheap operators run again
     assert work.written_bytes == 1000 + 2000 + 600 * 3
-    # One region for the recomputed segment, one for the selective stage.
-    assert work.regions == 2 and work.checkpoint_calls == 0
+    # One region for the recomputed segment, one checkpoint call for the selective stage.
+    assert work.regions == 1 and work.checkpoint_calls == 1
     assert work.intercepted_ops == 2 * 30 and work.recorded_ops == 0
     assert plan_work(chain, ()) == Work()
     # Nested: (0, 4] recomputed, and (0, 2] once more inside it: two more, all checkpoint calls.

@@ -10,9 +10,9 @@ mode (selective checkpointing's, or the recorder of remade values). A plan's
 time is the store-everything step's plus what the plan adds
 (:func:`plan_work`): its recomputed stages' forward work, one region per
 recomputed segment (a checkpoint call in plans with nested checkpoints or
-offload) and per selective stage, and a selective stage's operators
-intercepted twice (forward and recompute) with those without FLOPs run
-again.
+offload), one checkpoint call per selective stage, and a selective stage's
+operators intercepted twice (forward and recompute) with those without FLOPs
+run again.
 
 Example:
     >>> speed = Speed(flops_per_second=1e11, bytes_per_second=1e10, seconds_per_op=5e-6,
@@ -44,8 +44,8 @@ class Work:
     operators without FLOPs (what selective checkpointing runs again);
     ``regions`` are remat's own recompute regions entered
     (:mod:`remat.execute.recompute`), ``checkpoint_calls`` calls of
-    ``torch.utils.checkpoint`` (the segments of plans with nested checkpoints
-    or offload), ``intercepted_ops`` operators run under
+    ``torch.utils.checkpoint`` (selective stages, the segments of plans with
+    nested checkpoints or offload), ``intercepted_ops`` operators run under
     selective checkpointing's dispatch modes and ``recorded_ops`` under the
     recorder of remade values.
     """
@@ -194,8 +194,8 @@ def plan_work(
         cheap_ops=per_stage(chain.fwd_cheap_ops, counts + picked),
         cheap_written_bytes=per_stage(chain.fwd_cheap_written_bytes, counts + picked),
         norm_bytes=per_stage(chain.fwd_norm_bytes, counts + picked),
-        regions=(0 if inner or offload else segments) + len(selective_stages),
-        checkpoint_calls=segments if inner or offload else 0,
+        regions=0 if inner or offload else segments,
+        checkpoint_calls=(segments if inner or offload else 0) + len(selective_stages),
         intercepted_ops=2 * per_stage(chain.fwd_ops, picked),
     )
     if chain.early_stop and not inner:

@@ -35,7 +35,8 @@ NOTE [a region of our own]
       task's id tells them apart).
 
     Plans with nested checkpoints or offload run under ``torch.utils.checkpoint``
-    without early stop, as the chain model prices them.
+    without early stop, as the chain model prices them, and selective stages with
+    its selective checkpointing.
 """
 
 from __future__ import annotations
@@ -109,13 +110,9 @@ class _StopRecompute(Exception):
 class _Region:
     """One recomputed region (NOTE [a region of our own])."""
 
-    def __init__(
-        self, function: Callable, norms: Sequence[nn.Module], args: tuple,
-        recompute_context: contextlib.AbstractContextManager,
-    ):
+    def __init__(self, function: Callable, norms: Sequence[nn.Module], args: tuple):
         self.function = function
         self.norms = norms
-        self.recompute_context = recompute_context
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         # The inputs are kept as autograd would keep them here, through the saved-tensor hooks
         # around the region (remade values, offload), whose unpack gives them back.
@@ -188,7 +185,6 @@ class _Region:
             RunningStatsFrozen(self.norms),
             torch.autograd.graph.saved_tensors_hooks(fill, _never_unpacked),
             torch.enable_grad(),
-            self.recompute_context,
         ):
             try:
                 self.function(*args)
@@ -252,18 +248,14 @@ def run_recomputed(
     function: Callable,
     norms: Sequence[nn.Module],
     *args,
-    contexts: tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager] | None = None,
 ) -> Any:
     """``function(*args)``, saving nothing for backward; its backward recomputes it up to the
     last tensor it needs (NOTE [a region of our own]). ``norms``: the BatchNorms it may run
-    (:func:`batch_norms`), frozen while it recomputes. ``contexts``: entered around the
-    forward and around the recompute, as ``torch.utils.checkpoint``'s ``context_fn`` makes
-    them (selective checkpointing's)."""
+    (:func:`batch_norms`), frozen while it recomputes."""
     if not torch.is_grad_enabled():
         return function(*args)
-    forward_context, recompute_context = contexts or (contextlib.nullcontext(), contextlib.nullcontext())
-    region = _Region(function, norms, args, recompute_context)
-    with torch.autograd.graph.saved_tensors_hooks(region.pack, region.unpack), forward_context:
+    region = _Region(function, norms, args)
+    with torch.autograd.graph.saved_tensors_hooks(region.pack, region.unpack):
         outputs = function(*args)
     if region.holders:  # else its backward needs nothing
         inputs = {id(t) for t in args if isinstance(t, torch.Tensor)}
