@@ -160,7 +160,7 @@ class _Region:
     def recompute(self, task: int) -> None:
         self.task = task
         for tensor, version in self.versions:
-            tensor = tensor()  # none other can have changed
+            tensor = tensor()  # None if it is gone: then nothing changed it
             if tensor is not None and tensor._version != version:
                 raise RuntimeError(
                     "remat: an input of a recomputed segment was changed in place after the segment ran, "
