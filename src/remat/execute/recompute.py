@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["run_recomputed", "RunningStatsFrozen", "batch_norms"]
+__all__ = ["run_recomputed", "RunningStatsFrozen", "RandomState", "batch_norms"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -94,6 +94,32 @@ class RunningStatsFrozen:
                     m.num_batches_tracked.sub_(1)
 
 
+class RandomState:
+    """The state of a device's default generator, to run operators again with the same draws."""
+
+    __slots__ = ("device", "state")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        now = RandomState(self.device)
+        _set_rng_state(self.device, self.state)
+        try:
+            yield
+        finally:
+            _set_rng_state(self.device, now.state)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 class _Holder:
     """What autograd keeps for one tensor the region saved: the tensor, once recomputed."""
 
@@ -124,10 +150,8 @@ class _Region:
                 args[i] = self.hooks[0](args[i])
         self.args = tuple(args)
         self.versions = [(weakref.ref(t), t._version) for t in tensors]
-        devices = {t.device for t in tensors if t.device.type == "cuda"}
-        self.rng = [(None, torch.default_generator.get_state())] + [
-            (d, torch.cuda.get_rng_state(d)) for d in devices
-        ]
+        devices = {torch.device("cpu")} | {t.device for t in tensors if t.device.type == "cuda"}
+        self.rng = [RandomState(d) for d in devices]
         self.autocast = [
             (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES
         ]
@@ -180,7 +204,7 @@ class _Region:
                 raise _StopRecompute
 
         with (
-            _Replayed(self.rng),
+            self._replayed(),
             self._autocast(),
             RunningStatsFrozen(self.norms),
             torch.autograd.graph.saved_tensors_hooks(fill, _never_unpacked),
@@ -207,6 +231,13 @@ class _Region:
             args[i] = tensor.detach().requires_grad_() if requires_grad and not tensor.requires_grad else tensor
         return tuple(args)
 
+    def _replayed(self) -> contextlib.AbstractContextManager:
+        """The generators of the forward's devices set to their states then, put back after."""
+        stack = contextlib.ExitStack()
+        for state in self.rng:
+            stack.enter_context(state.replayed())
+        return stack
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         """The forward's autocast settings, where they differ from those of now."""
         stack = contextlib.ExitStack()
@@ -220,35 +251,7 @@ def _never_unpacked(_packed: None) -> None:
     raise AssertionError("remat: the graph a recompute builds is never run backward")
 
 
-class _Replayed:
-    """The generators set to ``states`` (CPU first, then CUDA devices), and put back after."""
-
-    def __init__(self, states: list):
-        self.states = states
-
-    def __enter__(self) -> None:
-        self.now = [(None, torch.default_generator.get_state())] + [
-            (d, torch.cuda.get_rng_state(d)) for d, _ in self.states[1:]
-        ]
-        _set_states(self.states)
-
-    def __exit__(self, *exc) -> None:
-        _set_states(self.now)
-
-
-def _set_states(states: list) -> None:
-    for device, state in states:
-        if device is None:
-            torch.default_generator.set_state(state)
-        else:
-            torch.cuda.set_rng_state(state, device)
-
-
-def run_recomputed(
-    function: Callable,
-    norms: Sequence[nn.Module],
-    *args,
-) -> Any:
+def run_recomputed(function: Callable, norms: Sequence[nn.Module], *args) -> Any:
     """``function(*args)``, saving nothing for backward; its backward recomputes it up to the
     last tensor it needs (NOTE [a region of our own]). ``norms``: the BatchNorms it may run
     (:func:`batch_norms`), frozen while it recomputes."""

@@ -64,6 +64,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from remat.execute.recompute import RandomState
 from remat.measure.flops import flop_formula
 
 __all__ = ["remake_cheap", "costly_calls", "CostlyCall", "DEFAULT_MAX_DEPTH"]
@@ -90,7 +91,7 @@ class _Call:
     )
 
     def __init__(
-        self, func, args, kwargs, depth: int, span: int, keeps: int, versions: tuple, rng: _RandomState | None,
+        self, func, args, kwargs, depth: int, span: int, keeps: int, versions: tuple, rng: RandomState | None,
         costly: bool, views_costly: bool,
     ):
         self.func = func
@@ -147,32 +148,6 @@ class _Call:
             outputs = [self.output(i) if r is not None else None for i, r in enumerate(self.results)]
             self.pinned = [None if t is None else (t, t._version) for t in outputs]
             self.args = self.kwargs = self.versions = ()  # the inputs are no longer needed
-
-
-class _RandomState:
-    """The state of a device's default generator, to run a random operator again with the same draws."""
-
-    __slots__ = ("device", "state")
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-    @contextlib.contextmanager
-    def replayed(self) -> Iterator[None]:
-        now = _RandomState(self.device)
-        _set_rng_state(self.device, self.state)
-        try:
-            yield
-        finally:
-            _set_rng_state(self.device, now.state)
-
-
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 class _Recipe:
@@ -390,7 +365,7 @@ class _Recorder(TorchDispatchMode):
             if device is None or device.type not in ("cpu", "cuda"):
                 replay = None  # a generator it has no state of
             else:
-                rng = _RandomState(device)
+                rng = RandomState(device)
         outputs = func(*args, **kwargs)
         if replay is not None:
             self._record(replay, rng, outputs)
@@ -411,7 +386,7 @@ class _Recorder(TorchDispatchMode):
                         if call is not None:
                             call.pin()
 
-    def _record(self, replay: _Replay, rng: _RandomState | None, outputs) -> None:
+    def _record(self, replay: _Replay, rng: RandomState | None, outputs) -> None:
         func, args, kwargs, in_place = replay.func, replay.args, replay.kwargs, replay.in_place
         flat = _flat(outputs)
         inputs = [t for t in _arguments(args, kwargs) if isinstance(t, torch.Tensor)]
